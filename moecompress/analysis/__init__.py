@@ -1,0 +1,1 @@
+"""Scores computed from calibration statistics (super experts, frequency, REAP, TCESS, CAMERA energies)."""

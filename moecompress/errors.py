@@ -1,0 +1,25 @@
+"""Errors that reach the user. Each message names the problem and the fix."""
+
+
+class MoECompressError(Exception):
+    """Base class: every error moecompress raises on purpose derives from it (the CLI prints it without a traceback)."""
+
+
+class UnsupportedModelError(MoECompressError):
+    """The model is dense, or an MoE family we have no adapter for."""
+
+
+class CheckpointError(MoECompressError):
+    """A checkpoint folder or file is missing, unreadable or corrupt."""
+
+
+class RecipeError(MoECompressError):
+    """A recipe has an unknown method or key, a wrong type, or an impossible value."""
+
+
+class CalibrationError(MoECompressError):
+    """Calibration data is missing, empty or unusable."""
+
+
+class TaskError(MoECompressError):
+    """An evaluation task is missing, or its data file or fields are wrong."""

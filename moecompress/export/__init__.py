@@ -1,0 +1,1 @@
+"""Save and load compressed checkpoints (native, compressed-tensors, plain HF)."""

@@ -1,0 +1,252 @@
+"""One uniform view of an MoE block, whatever the family.
+
+Methods never touch architecture details: they ask a :class:`MoEBlockView` for routing (``route``), expert
+weights in one canonical layout (``expert_weights``), expert computation (``expert_forward``) and the shared
+experts. Family adapters (``moecompress.models.families``) build the view from a module and its config.
+
+Canonical layout of expert ``e`` (whatever the storage: fused, transposed, interleaved):
+    gate ``[I, d]``, up ``[I, d]``, down ``[d, I]``, optional biases gate ``[I]``, up ``[I]``, down ``[d]``,
+    and ``E_e(x) = down @ act(gate @ x + b_g) * (up @ x + b_u) + b_d`` (``activation`` may be a clamped GLU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RoutingSpec:
+    """How a router turns logits into top-k expert choices and combine weights.
+
+    scoring: ``softmax`` or ``sigmoid`` of the router logits.
+    top_k: experts per token.
+    renormalize: the selected weights are divided by their sum (Mixtral, Qwen3 with ``norm_topk_prob``, DS-V3).
+    n_group, topk_group: group-limited routing (DeepSeek); ``n_group == 1`` means no groups.
+    group_score: how a group is scored: ``max`` (DeepSeek-V2) or ``top2_sum`` (DeepSeek-V3).
+    routed_scaling_factor: multiplies the final combine weights (DeepSeek).
+    softmax_after_topk: GPT-OSS picks top-k on raw logits and takes the softmax over those k only.
+    selection_bias: DeepSeek-V3's ``e_score_correction_bias``: added to scores for *selection only*.
+    """
+
+    scoring: Literal["softmax", "sigmoid"]
+    top_k: int
+    renormalize: bool
+    n_group: int = 1
+    topk_group: int = 1
+    group_score: Literal["max", "top2_sum"] = "max"
+    routed_scaling_factor: float = 1.0
+    softmax_after_topk: bool = False
+    has_selection_bias: bool = False
+
+
+@dataclass
+class RouterOutput:
+    """logits ``[T, E]`` (pre-activation, fp32), top_k_index ``[T, k]`` (long), top_k_weights ``[T, k]`` (fp32)."""
+
+    logits: torch.Tensor
+    top_k_index: torch.Tensor
+    top_k_weights: torch.Tensor
+
+
+@dataclass
+class ExpertWeights:
+    """One expert in canonical layout. gate/up ``[I, d]``, down ``[d, I]``; biases optional."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+    gate_bias: torch.Tensor | None = None
+    up_bias: torch.Tensor | None = None
+    down_bias: torch.Tensor | None = None
+
+
+@dataclass
+class SharedExpert:
+    """A dense shared expert (always on) and its optional scalar sigmoid gate (Qwen2-MoE: ``Linear(d, 1)``)."""
+
+    module: nn.Module  # has gate_proj / up_proj / down_proj Linears and act_fn
+    gate: nn.Module | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states ``[T, d]`` -> ``[T, d]``, gate applied."""
+        out = self.module(hidden_states)
+        if self.gate is not None:
+            out = torch.sigmoid(self.gate(hidden_states)) * out
+        return out
+
+
+@dataclass
+class MoEBlockView:
+    """Uniform view of one MoE block.
+
+    Attributes:
+        layer_index: decoder layer index in the model.
+        path: dotted module path of the block (``model.layers.3.mlp``).
+        family: adapter name (``qwen3_moe``, ``mixtral``, ``deepseek_v3``, ...).
+        block / router / experts: the live HF modules (edits go through ``moecompress.models.edits``).
+        routing: :class:`RoutingSpec`.
+        activation: elementwise activation of the gate branch (``act_fn`` of the experts module).
+        glu: ``fn(gate_out, up_out) -> h`` (default ``act(gate) * up``; GPT-OSS uses a clamped variant).
+        shared_experts: always-on experts (may be empty).
+        storage: how the fused tensors are laid out: ``concatenated`` (``[E, 2I, d]`` gate rows then up rows,
+            down ``[E, d, I]``), ``transposed_interleaved`` (GPT-OSS: ``[E, d, 2I]`` gate/up interleaved,
+            down ``[E, I, d]``), ``transposed`` (``[E, d, 2I]`` concatenated, down ``[E, I, d]``).
+    """
+
+    layer_index: int
+    path: str
+    family: str
+    block: nn.Module
+    router: nn.Module
+    experts: nn.Module
+    routing: RoutingSpec
+    activation: Callable[[torch.Tensor], torch.Tensor]
+    storage: Literal["concatenated", "transposed", "transposed_interleaved"] = "concatenated"
+    shared_experts: list[SharedExpert] = field(default_factory=list)
+    glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    # Optional family hooks (set by adapters that need them).
+    router_logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    # ----- sizes -----------------------------------------------------------------------------------------------
+    @property
+    def num_experts(self) -> int:
+        return int(self.experts.gate_up_proj.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.router_weight.shape[1])
+
+    @property
+    def intermediate_size(self) -> int:
+        """Expert intermediate size ``I``."""
+        gate_up = self.experts.gate_up_proj
+        return int(gate_up.shape[1] if self.storage == "concatenated" else gate_up.shape[2]) // 2
+
+    # ----- router ----------------------------------------------------------------------------------------------
+    @property
+    def router_weight(self) -> torch.Tensor:
+        """``[E, d]``."""
+        return self.router.weight
+
+    @property
+    def router_bias(self) -> torch.Tensor | None:
+        """``[E]`` bias added to the logits (GPT-OSS), else None."""
+        bias = getattr(self.router, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
+
+    @property
+    def selection_bias(self) -> torch.Tensor | None:
+        """``[E]`` DeepSeek-V3 ``e_score_correction_bias`` (selection only), else None."""
+        return getattr(self.router, "e_score_correction_bias", None) if self.routing.has_selection_bias else None
+
+    def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """hidden_states ``[T, d]`` -> logits ``[T, E]`` in fp32."""
+        if self.router_logits_fn is not None:
+            return self.router_logits_fn(hidden_states)
+        logits = torch.nn.functional.linear(hidden_states.float(), self.router_weight.float())
+        if self.router_bias is not None:
+            logits = logits + self.router_bias.float()
+        return logits
+
+    def route(self, hidden_states: torch.Tensor) -> RouterOutput:
+        """Reproduce the family's routing from the uniform spec. hidden_states ``[T, d]``."""
+        logits = self.router_logits(hidden_states)
+        return route_from_logits(logits, self.routing, self.selection_bias)
+
+    # ----- experts ---------------------------------------------------------------------------------------------
+    def expert_weights(self, expert: int) -> ExpertWeights:
+        """Expert ``expert`` in canonical layout (views into the fused tensors where the layout allows)."""
+        experts = self.experts
+        gate_up = experts.gate_up_proj[expert]
+        down = experts.down_proj[expert]
+        gate_up_bias = getattr(experts, "gate_up_proj_bias", None)
+        down_bias = getattr(experts, "down_proj_bias", None)
+        gate_bias = up_bias = None
+        if self.storage == "concatenated":
+            gate, up = gate_up.chunk(2, dim=0)
+            if gate_up_bias is not None:
+                gate_bias, up_bias = gate_up_bias[expert].chunk(2, dim=0)
+        elif self.storage == "transposed":
+            gate, up = gate_up.t().chunk(2, dim=0)
+            down = down.t()
+            if gate_up_bias is not None:
+                gate_bias, up_bias = gate_up_bias[expert].chunk(2, dim=0)
+        else:  # transposed_interleaved (GPT-OSS): columns 0,2,4.. gate; 1,3,5.. up
+            gate, up = gate_up[:, 0::2].t(), gate_up[:, 1::2].t()
+            down = down.t()
+            if gate_up_bias is not None:
+                gate_bias, up_bias = gate_up_bias[expert][0::2], gate_up_bias[expert][1::2]
+        return ExpertWeights(
+            gate=gate,
+            up=up,
+            down=down,
+            gate_bias=gate_bias,
+            up_bias=up_bias,
+            down_bias=down_bias[expert] if down_bias is not None else None,
+        )
+
+    def expert_intermediate(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``h = glu(gate x, up x)``: hidden_states ``[n, d]`` -> ``[n, I]`` (the micro-expert activations)."""
+        weights = self.expert_weights(expert)
+        x = hidden_states.to(weights.gate.dtype)
+        gate_out = torch.nn.functional.linear(x, weights.gate, weights.gate_bias)
+        up_out = torch.nn.functional.linear(x, weights.up, weights.up_bias)
+        if self.glu is not None:
+            return self.glu(gate_out, up_out)
+        return self.activation(gate_out) * up_out
+
+    def expert_forward(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``E_e(x)``: hidden_states ``[n, d]`` -> ``[n, d]`` (combine weight not applied)."""
+        weights = self.expert_weights(expert)
+        intermediate = self.expert_intermediate(expert, hidden_states)
+        return torch.nn.functional.linear(intermediate, weights.down, weights.down_bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Our own block forward from the uniform view (the reference the equivalence tests check against HF).
+
+        hidden_states ``[T, d]`` -> ``[T, d]``: routed experts weighted by the combine weights, plus shared experts.
+        """
+        routing = self.route(hidden_states)
+        output = torch.zeros_like(hidden_states, dtype=torch.float32)
+        for expert in routing.top_k_index.unique().tolist():
+            token_idx, slot = torch.where(routing.top_k_index == expert)
+            expert_out = self.expert_forward(expert, hidden_states[token_idx]).float()
+            output.index_add_(0, token_idx, expert_out * routing.top_k_weights[token_idx, slot, None])
+        for shared in self.shared_experts:
+            output = output + shared.forward(hidden_states).float()
+        return output.to(hidden_states.dtype)
+
+
+def route_from_logits(
+    logits: torch.Tensor, spec: RoutingSpec, selection_bias: torch.Tensor | None = None
+) -> RouterOutput:
+    """Top-k selection and combine weights from router logits ``[T, E]`` (the math of every supported family)."""
+    logits = logits.float()
+    num_experts = logits.shape[-1]
+    if spec.softmax_after_topk:  # GPT-OSS
+        top_logits, top_k_index = torch.topk(logits, spec.top_k, dim=-1)
+        weights = torch.softmax(top_logits, dim=-1)
+        return RouterOutput(logits, top_k_index, weights)
+
+    scores = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
+    choice = scores if selection_bias is None else scores + selection_bias.float()
+    if spec.n_group > 1:
+        grouped = choice.view(-1, spec.n_group, num_experts // spec.n_group)
+        if spec.group_score == "top2_sum":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+        else:
+            group_scores = grouped.max(dim=-1).values
+        group_index = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False).indices
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_index, 1.0)
+        expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, num_experts).bool()
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    top_k_index = torch.topk(choice, spec.top_k, dim=-1).indices
+    weights = scores.gather(1, top_k_index)
+    if spec.renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * spec.routed_scaling_factor
+    return RouterOutput(logits, top_k_index, weights)

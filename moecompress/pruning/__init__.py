@@ -1,0 +1,1 @@
+"""Expert-level and micro-expert pruning and merging."""

@@ -1,0 +1,1 @@
+"""Quantizers, bit allocation and packed weight formats."""
