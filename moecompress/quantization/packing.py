@@ -1,0 +1,267 @@
+"""Packed low-bit weight format (2, 3, 4, 8 bits; group-wise scales; symmetric or asymmetric).
+
+The layout is compressed-tensors' ``pack-quantized`` layout, so export can write it unchanged:
+
+* Quantised values ``q`` are **signed** integers in ``[-2^(b-1), 2^(b-1) - 1]`` (int8 in memory).
+* A weight is ``w = (q - zero_point) * scale`` per group of ``group_size`` input columns; symmetric schemes have
+  ``zero_point = 0`` and store no zero-point tensor; asymmetric zero points are signed integers in the same range.
+* Packing adds the offset ``2^(b-1)`` (unsigned code ``u = q + 2^(b-1)`` in ``[0, 2^b)``) and writes each row as a
+  dense little-endian bit stream of 32-bit words: element ``k`` of a row occupies bits ``[k*b, k*b + b)``; 3-bit values
+  straddle word boundaries. ``weight_packed`` is int32 ``[out, ceil(in * b / 32)]`` (for 2/4/8 bits this is the
+  classic "32/b values per word, element j at shift b*j" layout).
+* ``weight_scale`` is ``[out, ceil(in / group_size)]``; ``weight_zero_point`` (asymmetric only) is packed along dim 0:
+  int32 ``[ceil(out * b / 32), n_groups]``; ``weight_shape`` is int ``[out, in]``.
+
+So a kernel dequantises with ``w = (u - 2^(b-1) - zero_point) * scale``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
+
+
+def packed_width(num_values: int, bits: int) -> int:
+    """int32 words that hold ``num_values`` values of ``bits`` bits in a dense bit stream."""
+    return math.ceil(num_values * bits / 32)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack unsigned codes along the last dimension into a dense little-endian bit stream of int32 words.
+
+    codes: integer tensor ``[..., K]`` with values in ``[0, 2^bits)``. Returns int32 ``[..., ceil(K*bits/32)]``.
+    Each row starts a new word (rows never share a word), like compressed-tensors' ``pack_to_int32``.
+    """
+    _check_bits(bits)
+    codes = codes.to(torch.int64)
+    if codes.numel() and (codes.min() < 0 or codes.max() >= (1 << bits)):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
+    *lead, num_values = codes.shape
+    words = packed_width(num_values, bits)
+    bit_positions = torch.arange(bits, device=codes.device)
+    # [..., K, bits] bit planes, flattened into one stream per row, padded to whole words.
+    bit_stream = ((codes.unsqueeze(-1) >> bit_positions) & 1).reshape(*lead, num_values * bits)
+    bit_stream = torch.nn.functional.pad(bit_stream, (0, words * 32 - num_values * bits))
+    word_bits = bit_stream.reshape(*lead, words, 32)
+    word_values = (word_bits << torch.arange(32, device=codes.device)).sum(dim=-1)  # int64 in [0, 2^32)
+    # Reinterpret as signed 32-bit (two's complement), which is how safetensors and the kernels store it.
+    word_values = torch.where(word_values >= 2**31, word_values - 2**32, word_values)
+    return word_values.to(torch.int32)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, num_values: int) -> torch.Tensor:
+    """Inverse of :func:`pack_codes`: int32 ``[..., W]`` -> unsigned codes uint8 ``[..., num_values]``."""
+    _check_bits(bits)
+    if packed.dtype != torch.int32:
+        raise ValueError(f"packed weights must be int32, got {packed.dtype}")
+    if packed.shape[-1] != packed_width(num_values, bits):
+        raise ValueError(
+            f"packed row has {packed.shape[-1]} words but {num_values} values of {bits} bits need "
+            f"{packed_width(num_values, bits)}; check the weight shape and bit-width"
+        )
+    *lead, words = packed.shape
+    unsigned_words = packed.to(torch.int64) & 0xFFFFFFFF
+    bit_stream = ((unsigned_words.unsqueeze(-1) >> torch.arange(32, device=packed.device)) & 1).reshape(*lead, words * 32)
+    value_bits = bit_stream[..., : num_values * bits].reshape(*lead, num_values, bits)
+    codes = (value_bits << torch.arange(bits, device=packed.device)).sum(dim=-1)
+    return codes.to(torch.uint8)
+
+
+def pack_signed(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed ``q`` in ``[-2^(b-1), 2^(b-1))`` ``[..., K]`` -> int32 ``[..., W]`` (adds the offset ``2^(b-1)``)."""
+    return pack_codes(values.to(torch.int64) + (1 << (bits - 1)), bits)
+
+
+def unpack_signed(packed: torch.Tensor, bits: int, num_values: int) -> torch.Tensor:
+    """int32 ``[..., W]`` -> signed int8 ``[..., num_values]`` (subtracts the offset ``2^(b-1)``)."""
+    return (unpack_codes(packed, bits, num_values).to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    """Groups along the input dimension; ``group_size <= 0`` means one group per row (per-channel)."""
+    return 1 if group_size <= 0 else math.ceil(in_features / group_size)
+
+
+@dataclass
+class PackedLinearWeight:
+    """One packed linear weight ``W [out, in]`` (``y = x @ W^T``).
+
+    packed: int32 ``[..., out, ceil(in*bits/32)]`` (leading dims allowed: a stack of experts).
+    scales: float ``[..., out, n_groups]`` (fp16/bf16/fp32: the compute dtype of the dequantised weight).
+    zeros: signed int8 zero points ``[..., out, n_groups]``, or None for symmetric (zero point 0).
+    bits: 2, 3, 4 or 8. group_size: input columns per scale (``-1``: one group per row).
+    shape: ``(out, in)`` of one matrix.
+    """
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bits: int
+    group_size: int
+    shape: tuple[int, int]
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits)
+        out_features, in_features = self.shape
+        if self.packed.dtype != torch.int32 or tuple(self.packed.shape[-2:]) != (
+            out_features,
+            packed_width(in_features, self.bits),
+        ):
+            raise ValueError(
+                f"packed must be int32 [..., {out_features}, {packed_width(in_features, self.bits)}] for shape "
+                f"{self.shape} at {self.bits} bits, got {self.packed.dtype} {tuple(self.packed.shape)}"
+            )
+        groups = num_groups(in_features, self.group_size)
+        if tuple(self.scales.shape[-2:]) != (out_features, groups):
+            raise ValueError(f"scales must be [..., {out_features}, {groups}], got {tuple(self.scales.shape)}")
+        if self.zeros is not None and self.zeros.shape != self.scales.shape:
+            raise ValueError(f"zeros must match scales {tuple(self.scales.shape)}, got {tuple(self.zeros.shape)}")
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zeros is None
+
+    @property
+    def effective_group_size(self) -> int:
+        """Columns per group, with per-channel (``group_size <= 0``) resolved to the input width."""
+        return self.shape[1] if self.group_size <= 0 else self.group_size
+
+    def codes(self) -> torch.Tensor:
+        """Signed quantised values int8 ``[..., out, in]``."""
+        return unpack_signed(self.packed, self.bits, self.shape[1])
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Torch reference: ``W = (q - zero) * scale`` ``[..., out, in]`` in ``dtype`` (default: the scales' dtype)."""
+        values = self.codes().float()
+        if self.zeros is not None:
+            values = values - self._expand_groups(self.zeros.float())
+        weight = values * self._expand_groups(self.scales.float())
+        return weight.to(dtype or self.scales.dtype)
+
+    def _expand_groups(self, per_group: torch.Tensor) -> torch.Tensor:
+        """``[..., out, n_groups]`` -> ``[..., out, in]`` (each group value repeated over its columns)."""
+        return per_group.repeat_interleave(self.effective_group_size, dim=-1)[..., : self.shape[1]]
+
+    def select(self, index) -> "PackedLinearWeight":
+        """Slice leading (stack) dimensions, e.g. one expert of a stack: ``stack.select(3)``."""
+        return PackedLinearWeight(
+            self.packed[index],
+            self.scales[index],
+            None if self.zeros is None else self.zeros[index],
+            self.bits,
+            self.group_size,
+            self.shape,
+        )
+
+    def rows(self, start: int, stop: int) -> "PackedLinearWeight":
+        """Output rows ``[start, stop)`` (rows are packed independently, so this is a plain slice)."""
+        return PackedLinearWeight(
+            self.packed[..., start:stop, :],
+            self.scales[..., start:stop, :],
+            None if self.zeros is None else self.zeros[..., start:stop, :],
+            self.bits,
+            self.group_size,
+            (stop - start, self.shape[1]),
+        )
+
+    def to(self, device: torch.device | str) -> "PackedLinearWeight":
+        return PackedLinearWeight(
+            self.packed.to(device),
+            self.scales.to(device),
+            None if self.zeros is None else self.zeros.to(device),
+            self.bits,
+            self.group_size,
+            self.shape,
+        )
+
+    def nbytes(self) -> int:
+        """Bytes a kernel reads to use this weight (packed words, scales, zero points)."""
+        total = self.packed.numel() * 4 + self.scales.numel() * self.scales.element_size()
+        if self.zeros is not None:
+            total += self.zeros.numel() * self.zeros.element_size()
+        return total
+
+    def to_compressed_tensors(self) -> dict[str, torch.Tensor]:
+        """compressed-tensors ``pack-quantized`` tensors for one 2-D weight (names without the module prefix)."""
+        if self.packed.dim() != 2:
+            raise ValueError("to_compressed_tensors() takes one matrix; use select(i) on a stack first")
+        state = {
+            "weight_packed": self.packed.contiguous(),
+            "weight_scale": self.scales.contiguous(),
+            "weight_shape": torch.tensor(list(self.shape), dtype=torch.int32),
+        }
+        if self.zeros is not None:
+            # compressed-tensors packs group zero points along the output dimension (dim 0).
+            state["weight_zero_point"] = pack_signed(self.zeros.t(), self.bits).t().contiguous()
+        return state
+
+    @classmethod
+    def from_compressed_tensors(
+        cls, state: dict[str, torch.Tensor], bits: int, group_size: int
+    ) -> "PackedLinearWeight":
+        """Inverse of :meth:`to_compressed_tensors`."""
+        shape = tuple(int(v) for v in state["weight_shape"].tolist())
+        zeros = None
+        if "weight_zero_point" in state:
+            zeros = unpack_signed(state["weight_zero_point"].t().contiguous(), bits, shape[0]).t().contiguous()
+        return cls(state["weight_packed"], state["weight_scale"], zeros, bits, group_size, shape)
+
+
+def quantize_rtn(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int = 128,
+    symmetric: bool = True,
+    scale_dtype: torch.dtype | None = None,
+) -> PackedLinearWeight:
+    """Round-to-nearest quantisation of ``weight [..., out, in]`` with compressed-tensors' scale/zero-point rules.
+
+    Symmetric: ``scale = absmax / ((2^b - 1) / 2)``, ``zero = 0``. Asymmetric: ``scale = (max - min) / (2^b - 1)``,
+    ``zero = round(qmin - min / scale)``; min/max include 0 so zero is representable. ``group_size <= 0``:
+    per-channel. The last group may be shorter than ``group_size`` when it does not divide ``in``.
+    scale_dtype defaults to the weight's dtype (fp16/bf16 checkpoints keep their dtype; fp32 stays fp32).
+    """
+    _check_bits(bits)
+    if weight.dim() < 2:
+        raise ValueError(f"weight must be [..., out, in], got shape {tuple(weight.shape)}")
+    *lead, out_features, in_features = weight.shape
+    groups = num_groups(in_features, group_size)
+    width = in_features if group_size <= 0 else group_size
+    padded = torch.nn.functional.pad(weight.float(), (0, groups * width - in_features))
+    grouped = padded.reshape(*lead, out_features, groups, width)
+    # Padding columns are zeros, which never change min/max once 0 is included.
+    min_vals = grouped.amin(dim=-1).clamp(max=0.0)
+    max_vals = grouped.amax(dim=-1).clamp(min=0.0)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    scale_dtype = scale_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
+    if symmetric:
+        scales = torch.maximum(min_vals.abs(), max_vals) / ((qmax - qmin) / 2)
+        zeros = None
+    else:
+        scales = (max_vals - min_vals) / (qmax - qmin)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    # Round the scale to its storage dtype first so quantisation uses the exact scale the kernels will read.
+    scales = scales.to(scale_dtype).float()
+    if not symmetric:
+        zeros = torch.round(qmin - min_vals / scales).clamp(qmin, qmax)
+    shifted = grouped / scales.unsqueeze(-1)
+    if zeros is not None:
+        shifted = shifted + zeros.unsqueeze(-1)
+    values = torch.round(shifted).clamp(qmin, qmax).reshape(*lead, out_features, groups * width)[..., :in_features]
+    return PackedLinearWeight(
+        packed=pack_signed(values.to(torch.int64), bits),
+        scales=scales.to(scale_dtype),
+        zeros=None if zeros is None else zeros.to(torch.int8),
+        bits=bits,
+        group_size=group_size,
+        shape=(out_features, in_features),
+    )
