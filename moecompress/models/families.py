@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import nn
 
 from moecompress.errors import UnsupportedModelError
@@ -21,14 +22,21 @@ from moecompress.models.view import MoEBlockView, RoutingSpec, SharedExpert
 class FamilyAdapter:
     """How one family spells its MoE surface.
 
-    model_type: ``config.model_type``.
-    block_attr: attribute of a decoder layer holding the MoE block (``mlp``).
-    routing: ``fn(config, router_module) -> RoutingSpec``.
+    model_type: ``config.model_type`` (of the text config for multimodal models).
+    routing: ``fn(config, router_module) -> RoutingSpec``; reads the router's own attributes first (edits update
+        them per layer), the config second.
+    block_attr: attribute of a decoder layer holding the MoE block (``mlp``; GraniteMoE ``block_sparse_moe``).
+    router_attr / experts_attr: attributes of the block holding the router and the fused experts.
     shared_attr: attribute of the block holding shared experts (``shared_experts``/``shared_expert``) or None.
     shared_gate_attr: attribute holding the scalar shared-expert gate (``shared_expert_gate``) or None.
+    shared_count_field: config field with how many shared experts are fused into that MLP (DeepSeek), or None (1).
     storage: fused tensor layout, see :class:`MoEBlockView`.
     count_fields: config fields that hold the routed-expert count (all are updated on pruning).
     intermediate_field: config field of the expert intermediate size.
+    intermediate_field_shared: the intermediate field also sizes other modules (DeepSeek's shared experts are
+        ``moe_intermediate_size * n_shared_experts`` wide), so slicing routed channels must not rewrite it.
+    glu: ``fn(experts_module) -> (activation, glu)`` for experts without a plain ``act_fn`` (GPT-OSS).
+    group_fields: config fields of group-limited routing (``n_group``, ``topk_group``) or None.
     """
 
     model_type: str
@@ -38,9 +46,13 @@ class FamilyAdapter:
     experts_attr: str = "experts"
     shared_attr: str | None = None
     shared_gate_attr: str | None = None
+    shared_count_field: str | None = None
     storage: str = "concatenated"
     count_fields: tuple[str, ...] = ("num_experts",)
     intermediate_field: str = "moe_intermediate_size"
+    intermediate_field_shared: bool = False
+    glu: Callable[[nn.Module], tuple[Callable, Callable | None]] | None = None
+    group_fields: tuple[str, str] | None = None
     display_name: str = ""
 
     def is_moe_block(self, block: nn.Module) -> bool:
@@ -53,7 +65,12 @@ class FamilyAdapter:
         shared = []
         if self.shared_attr is not None and getattr(block, self.shared_attr, None) is not None:
             gate = getattr(block, self.shared_gate_attr) if self.shared_gate_attr else None
-            shared.append(SharedExpert(module=getattr(block, self.shared_attr), gate=gate))
+            count = int(getattr(model_config, self.shared_count_field, 1) or 1) if self.shared_count_field else 1
+            shared.append(SharedExpert(module=getattr(block, self.shared_attr), gate=gate, count=count))
+        if self.glu is not None:
+            activation, glu = self.glu(experts)
+        else:
+            activation, glu = experts.act_fn, None
         return MoEBlockView(
             layer_index=layer_index,
             path=path,
@@ -62,25 +79,52 @@ class FamilyAdapter:
             router=router,
             experts=experts,
             routing=self.routing(model_config, router),
-            activation=experts.act_fn,
+            activation=activation,
             storage=self.storage,  # type: ignore[arg-type]
             shared_experts=shared,
+            glu=glu,
         )
+
+
+def _renormalize_flag(config, router: nn.Module) -> bool:
+    """``norm_topk_prob`` as the router module holds it (Qwen2/3, OLMoE), else as the config spells it."""
+    flag = getattr(router, "norm_topk_prob", None)
+    if flag is None:
+        flag = getattr(config, "norm_topk_prob", False)
+    return bool(flag)
 
 
 def _softmax_routing(always_renormalize: bool = False) -> Callable[[object, nn.Module], RoutingSpec]:
     def routing(config, router: nn.Module) -> RoutingSpec:
-        renormalize = always_renormalize or bool(getattr(config, "norm_topk_prob", False))
+        renormalize = always_renormalize or _renormalize_flag(config, router)
         return RoutingSpec(scoring="softmax", top_k=int(router.top_k), renormalize=renormalize)
 
     return routing
+
+
+def _softmax_over_top_logits_routing(config, router: nn.Module) -> RoutingSpec:
+    """GPT-OSS, GraniteMoE: top-k of the logits, softmax over those k (= renormalised top-k softmax)."""
+    return RoutingSpec(scoring="softmax", top_k=int(router.top_k), renormalize=True, softmax_after_topk=True)
+
+
+def _deepseek_v2_routing(config, router: nn.Module) -> RoutingSpec:
+    grouped = getattr(router, "topk_method", "greedy") == "group_limited_greedy"
+    return RoutingSpec(
+        scoring="softmax",
+        top_k=int(router.top_k),
+        renormalize=False,  # DeepSeek-V2's router never renormalises (no norm_topk_prob in its forward)
+        n_group=int(router.num_group) if grouped else 1,
+        topk_group=int(router.topk_group) if grouped else 1,
+        group_score="max",
+        routed_scaling_factor=float(router.routed_scaling_factor),
+    )
 
 
 def _deepseek_v3_routing(config, router: nn.Module) -> RoutingSpec:
     return RoutingSpec(
         scoring="sigmoid",
         top_k=int(router.top_k),
-        renormalize=bool(config.norm_topk_prob),
+        renormalize=_renormalize_flag(config, router),
         n_group=int(router.num_group),
         topk_group=int(router.topk_group),
         group_score="top2_sum",
@@ -89,11 +133,39 @@ def _deepseek_v3_routing(config, router: nn.Module) -> RoutingSpec:
     )
 
 
+def _phimoe_routing(config, router: nn.Module) -> RoutingSpec:
+    # sparsemixer always makes two picks, whatever num_experts_per_tok says (router.top_k is not used by HF).
+    return RoutingSpec(
+        scoring="softmax",
+        top_k=2,
+        renormalize=False,
+        selection="sparsemixer",
+        sparsemixer_eps=float(router.router_jitter_noise),
+    )
+
+
+def _gpt_oss_glu(experts: nn.Module) -> tuple[Callable, Callable]:
+    """GPT-OSS's clamped SwiGLU: ``(clamp(up, ±limit) + 1) * g * sigmoid(alpha g)`` with ``g = min(gate, limit)``."""
+    alpha, limit = float(experts.alpha), float(experts.limit)
+
+    def activation(gate_out: torch.Tensor) -> torch.Tensor:
+        gate_out = gate_out.clamp(max=limit)
+        return gate_out * torch.sigmoid(gate_out * alpha)
+
+    def glu(gate_out: torch.Tensor, up_out: torch.Tensor) -> torch.Tensor:
+        return (up_out.clamp(min=-limit, max=limit) + 1) * activation(gate_out)
+
+    return activation, glu
+
+
 ADAPTERS: dict[str, FamilyAdapter] = {}
 
 
-def register_adapter(adapter: FamilyAdapter) -> FamilyAdapter:
+def register_adapter(adapter: FamilyAdapter, *aliases: str) -> FamilyAdapter:
+    """Make ``adapter`` available for its ``model_type`` (and for alias model types, e.g. a multimodal wrapper)."""
     ADAPTERS[adapter.model_type] = adapter
+    for alias in aliases:
+        ADAPTERS[alias] = adapter
     return adapter
 
 
@@ -108,6 +180,15 @@ register_adapter(
 )
 register_adapter(
     FamilyAdapter(
+        model_type="qwen2_moe",
+        routing=_softmax_routing(),
+        shared_attr="shared_expert",
+        shared_gate_attr="shared_expert_gate",
+        display_name="Qwen2-MoE",
+    )
+)
+register_adapter(
+    FamilyAdapter(
         model_type="qwen3_moe",
         routing=_softmax_routing(),
         count_fields=("num_experts",),
@@ -116,18 +197,93 @@ register_adapter(
 )
 register_adapter(
     FamilyAdapter(
+        model_type="qwen3_5_moe_text",
+        routing=_softmax_routing(always_renormalize=True),  # its router renormalises unconditionally
+        shared_attr="shared_expert",
+        shared_gate_attr="shared_expert_gate",
+        display_name="Qwen3.5-MoE",
+    ),
+    "qwen3_5_moe",
+)
+register_adapter(
+    FamilyAdapter(
+        model_type="qwen3_next",
+        routing=_softmax_routing(),
+        shared_attr="shared_expert",
+        shared_gate_attr="shared_expert_gate",
+        display_name="Qwen3-Next",
+    )
+)
+register_adapter(
+    FamilyAdapter(
+        model_type="olmoe",
+        routing=_softmax_routing(),
+        intermediate_field="intermediate_size",
+        display_name="OLMoE",
+    )
+)
+register_adapter(
+    FamilyAdapter(
+        model_type="deepseek_v2",
+        routing=_deepseek_v2_routing,
+        shared_attr="shared_experts",
+        shared_count_field="n_shared_experts",
+        count_fields=("n_routed_experts",),
+        intermediate_field_shared=True,
+        group_fields=("n_group", "topk_group"),
+        display_name="DeepSeek-V2",
+    )
+)
+register_adapter(
+    FamilyAdapter(
         model_type="deepseek_v3",
         routing=_deepseek_v3_routing,
         shared_attr="shared_experts",
+        shared_count_field="n_shared_experts",
         count_fields=("n_routed_experts",),
+        intermediate_field_shared=True,
+        group_fields=("n_group", "topk_group"),
         display_name="DeepSeek-V3",
+    )
+)
+register_adapter(
+    FamilyAdapter(
+        model_type="gpt_oss",
+        routing=_softmax_over_top_logits_routing,
+        router_attr="router",
+        storage="transposed_interleaved",
+        count_fields=("num_local_experts",),
+        intermediate_field="intermediate_size",
+        glu=_gpt_oss_glu,
+        display_name="GPT-OSS",
+    )
+)
+register_adapter(
+    FamilyAdapter(
+        model_type="phimoe",
+        routing=_phimoe_routing,
+        router_attr="router",
+        count_fields=("num_local_experts",),
+        intermediate_field="intermediate_size",
+        display_name="PhiMoE",
+    )
+)
+register_adapter(
+    FamilyAdapter(
+        model_type="granitemoe",
+        routing=_softmax_over_top_logits_routing,
+        block_attr="block_sparse_moe",
+        router_attr="router",
+        count_fields=("num_local_experts",),
+        intermediate_field="intermediate_size",
+        display_name="GraniteMoE",
     )
 )
 
 
 def supported_families() -> list[str]:
     """Human-readable names of every supported family, for error messages and docs."""
-    return sorted(adapter.display_name or adapter.model_type for adapter in ADAPTERS.values())
+    return sorted({adapter.display_name or adapter.model_type for adapter in ADAPTERS.values()})
 
 
 def text_config(config):

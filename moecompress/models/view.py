@@ -28,8 +28,12 @@ class RoutingSpec:
     n_group, topk_group: group-limited routing (DeepSeek); ``n_group == 1`` means no groups.
     group_score: how a group is scored: ``max`` (DeepSeek-V2) or ``top2_sum`` (DeepSeek-V3).
     routed_scaling_factor: multiplies the final combine weights (DeepSeek).
-    softmax_after_topk: GPT-OSS picks top-k on raw logits and takes the softmax over those k only.
-    selection_bias: DeepSeek-V3's ``e_score_correction_bias``: added to scores for *selection only*.
+    softmax_after_topk: GPT-OSS / GraniteMoE pick top-k on raw logits and take the softmax over those k only
+        (the same numbers as a renormalised softmax, so such families report ``renormalize=True``).
+    has_selection_bias: DeepSeek-V3's ``e_score_correction_bias``: added to scores for *selection only*.
+    selection: ``topk`` (every family but one) or ``sparsemixer`` (PhiMoE: two sequential argmax picks, each
+        weighted by a softmax over the logits within ``2 * sparsemixer_eps`` relative distance of the pick).
+    sparsemixer_eps: PhiMoE's ``router_jitter_noise`` (the relative threshold of sparsemixer's mask).
     """
 
     scoring: Literal["softmax", "sigmoid"]
@@ -41,6 +45,8 @@ class RoutingSpec:
     routed_scaling_factor: float = 1.0
     softmax_after_topk: bool = False
     has_selection_bias: bool = False
+    selection: Literal["topk", "sparsemixer"] = "topk"
+    sparsemixer_eps: float = 0.0
 
 
 @dataclass
@@ -70,6 +76,7 @@ class SharedExpert:
 
     module: nn.Module  # has gate_proj / up_proj / down_proj Linears and act_fn
     gate: nn.Module | None = None
+    count: int = 1  # DeepSeek fuses ``n_shared_experts`` experts into one wider MLP; this records how many
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states ``[T, d]`` -> ``[T, d]``, gate applied."""
@@ -114,7 +121,22 @@ class MoEBlockView:
     # ----- sizes -----------------------------------------------------------------------------------------------
     @property
     def num_experts(self) -> int:
+        """Routed experts stored in this block (after merging: the merged count)."""
         return int(self.experts.gate_up_proj.shape[0])
+
+    @property
+    def num_router_outputs(self) -> int:
+        """Rows of the router: equals ``num_experts`` unless a merge kept the full router (``expert_id_map``)."""
+        return int(self.router_weight.shape[0])
+
+    @property
+    def expert_id_map(self) -> torch.Tensor | None:
+        """``[num_router_outputs]`` long: router output -> stored expert, installed by a ``remap`` merge, else None."""
+        return getattr(self.experts, EXPERT_ID_MAP_ATTR, None)
+
+    @property
+    def num_shared_experts(self) -> int:
+        return sum(shared.count for shared in self.shared_experts)
 
     @property
     def hidden_size(self) -> int:
@@ -153,9 +175,17 @@ class MoEBlockView:
         return logits
 
     def route(self, hidden_states: torch.Tensor) -> RouterOutput:
-        """Reproduce the family's routing from the uniform spec. hidden_states ``[T, d]``."""
+        """Reproduce the family's routing from the uniform spec. hidden_states ``[T, d]``.
+
+        ``top_k_index`` holds *stored expert* ids: after a ``remap`` merge, router outputs are mapped through
+        :attr:`expert_id_map` (two picks of one token may then name the same merged expert; their weights add).
+        """
         logits = self.router_logits(hidden_states)
-        return route_from_logits(logits, self.routing, self.selection_bias)
+        routed = route_from_logits(logits, self.routing, self.selection_bias)
+        id_map = self.expert_id_map
+        if id_map is not None:
+            routed.top_k_index = id_map.to(routed.top_k_index.device)[routed.top_k_index]
+        return routed
 
     # ----- experts ---------------------------------------------------------------------------------------------
     def expert_weights(self, expert: int) -> ExpertWeights:
@@ -221,12 +251,19 @@ class MoEBlockView:
         return output.to(hidden_states.dtype)
 
 
+# Attribute of an experts module holding the router-output -> stored-expert map of a ``remap`` merge.
+EXPERT_ID_MAP_ATTR = "moecompress_expert_id_map"
+
+
 def route_from_logits(
     logits: torch.Tensor, spec: RoutingSpec, selection_bias: torch.Tensor | None = None
 ) -> RouterOutput:
     """Top-k selection and combine weights from router logits ``[T, E]`` (the math of every supported family)."""
     logits = logits.float()
     num_experts = logits.shape[-1]
+    if spec.selection == "sparsemixer":
+        top_k_index, weights = _sparsemixer_select(logits, spec.top_k, spec.sparsemixer_eps)
+        return RouterOutput(logits, top_k_index, weights)
     if spec.softmax_after_topk:  # GPT-OSS
         top_logits, top_k_index = torch.topk(logits, spec.top_k, dim=-1)
         weights = torch.softmax(top_logits, dim=-1)
@@ -250,3 +287,21 @@ def route_from_logits(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * spec.routed_scaling_factor
     return RouterOutput(logits, top_k_index, weights)
+
+
+def _sparsemixer_select(logits: torch.Tensor, top_k: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's inference-time sparsemixer: pick the arg-max, then the arg-max of the rest, ``top_k`` times.
+
+    Each pick's weight is a softmax over the logits that lie within a relative distance ``2 * eps`` of that pick
+    (``(pick - z) / max(|z|, pick) <= 2 eps``), logits already picked excluded. Returns index and weights ``[T, k]``.
+    """
+    remaining = logits.clone()
+    indices, weights = [], []
+    for _ in range(top_k):
+        best_logit, best_index = remaining.max(dim=-1, keepdim=True)
+        relative_gap = (best_logit - logits) / logits.abs().clamp(min=best_logit)
+        candidates = remaining.masked_fill(relative_gap > 2 * eps, float("-inf"))
+        weights.append(torch.softmax(candidates, dim=-1).gather(-1, best_index))
+        indices.append(best_index)
+        remaining = remaining.scatter(-1, best_index, float("-inf"))
+    return torch.cat(indices, dim=-1), torch.cat(weights, dim=-1)

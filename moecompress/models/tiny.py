@@ -1,0 +1,159 @@
+"""Tiny random models of every supported family, built from each family's own transformers config class.
+
+They exist so that tests (ours and every other module's) can check a behaviour on each architecture in
+milliseconds: hidden size 32, two decoder layers, eight routed experts. Their weights are random (seeded), so
+they check semantics (equivalence, edits, save/reload), never quality.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+# Sizes common to every tiny model.
+_COMMON = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+# family model_type -> (config class name, family-specific fields). Routing options are set to the non-default
+# branch where a family has one (groups on for DeepSeek, no renormalisation for Qwen2-MoE / OLMoE) so that the
+# equivalence tests cover it.
+_TINY_SPECS: dict[str, tuple[str, dict]] = {
+    "mixtral": ("MixtralConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            intermediate_size=24,
+            norm_topk_prob=False,
+        ),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24, norm_topk_prob=True),
+    ),
+    "qwen3_5_moe_text": (
+        "Qwen3_5MoeTextConfig",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+    ),
+    "qwen3_next": (
+        "Qwen3NextConfig",
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            intermediate_size=24,
+            norm_topk_prob=True,
+            layer_types=["linear_attention", "full_attention"],
+            linear_num_key_heads=2,
+            linear_num_value_heads=2,
+            linear_key_head_dim=8,
+            linear_value_head_dim=8,
+        ),
+    ),
+    "olmoe": ("OlmoeConfig", dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16, norm_topk_prob=False)),
+    "deepseek_v2": (
+        "DeepseekV2Config",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=24,
+            n_shared_experts=2,
+            first_k_dense_replace=1,
+            topk_method="group_limited_greedy",
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=1.5,
+            kv_lora_rank=16,
+            q_lora_rank=None,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            num_hidden_layers=3,
+        ),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3Config",
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            intermediate_size=24,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            num_hidden_layers=3,
+        ),
+    ),
+    "gpt_oss": (
+        "GptOssConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+    ),
+    "phimoe": ("PhimoeConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16)),
+    "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16)),
+}
+
+
+def tiny_families() -> list[str]:
+    """model_type of every family with a tiny model."""
+    return list(_TINY_SPECS)
+
+
+def tiny_config(model_type: str) -> transformers.PretrainedConfig:
+    """The tiny config of ``model_type`` (a key of :func:`tiny_families`)."""
+    class_name, fields = _TINY_SPECS[model_type]
+    config_class = getattr(transformers, class_name)
+    config = config_class(**{**_COMMON, **fields})
+    config._experts_implementation = "eager"
+    return config
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """A randomly initialised tiny causal LM of ``model_type`` in eval mode, with eager experts.
+
+    Router weights, DeepSeek's selection bias and GPT-OSS's biases are drawn with enough spread that routing
+    decisions are well separated (HF initialises some of them to zero, which would make every top-k a tie).
+    """
+    torch.manual_seed(seed)
+    config = tiny_config(model_type)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith(("router.weight", "gate.weight")) or "experts" in name:
+                tensor.normal_(0.0, 0.3)
+            elif name.endswith(("router.bias", "shared_expert_gate.weight")):
+                tensor.normal_(0.0, 0.3)
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.normal_(0.0, 0.1)
+    return model.eval()
