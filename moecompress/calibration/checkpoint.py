@@ -1,0 +1,164 @@
+"""Lazy, per-module weight loading from safetensors into a meta-device skeleton.
+
+The skeleton is the model class built from its config with parameters on the ``meta`` device (no memory) and real
+buffers (rotary frequencies are computed, not stored). :class:`LazyCheckpoint` then loads one module's weights at a
+time (one decoder layer, the embeddings) straight from the safetensors files, and :func:`release_module` sends
+them back to ``meta`` when the layer is done. Peak memory is therefore about one decoder layer plus the cached
+activations, whatever the checkpoint size.
+
+Checkpoints saved by transformers store experts per expert (``mlp.experts.3.gate_proj.weight``; Mixtral:
+``block_sparse_moe.experts.3.w1.weight``), while the modules hold fused 3-D tensors. :func:`fuse_expert_tensors`
+does the fuse on load, in the storage layout the uniform view declares for the family (gate rows then up rows).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moecompress.errors import CheckpointError
+
+# Checkpoint spellings that transformers' conversion mapping renames on load (``conversion_mapping.py``).
+KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)
+# Per-expert projection names on disk -> canonical role.
+EXPERT_PROJECTION_ROLES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+_PER_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<projection>\w+)\.(?P<kind>weight|bias)$")
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A local folder with ``config.json`` and safetensors, or a hub id resolved through the local HF cache."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json; point at a Hugging Face model folder")
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; point at a Hugging Face model folder or a hub id")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as error:  # hub errors come in many types; one clear message instead
+        raise CheckpointError(
+            f"{source!r} is not a local folder and could not be fetched from the hub ({type(error).__name__}: {error}); "
+            "check the path or hub id, or download the model first (offline mode uses only the local cache)"
+        ) from None
+
+
+class LazyCheckpoint:
+    """Index of a safetensors checkpoint: which file holds which (renamed) key; tensors are read on demand."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        index_file = self.folder / "model.safetensors.index.json"
+        if index_file.is_file():
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+        else:
+            files = sorted(self.folder.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.folder} has no .safetensors files; moecompress reads safetensors checkpoints "
+                                      "(convert .bin checkpoints with transformers' save_pretrained first)")
+            from safetensors import safe_open
+
+            weight_map = {}
+            for file in files:
+                with safe_open(str(file), framework="pt") as handle:
+                    weight_map.update({key: file.name for key in handle.keys()})
+        self.files: dict[str, tuple[str, str]] = {}  # model key -> (file name, key on disk)
+        for disk_key, file_name in weight_map.items():
+            self.files[rename_key(disk_key)] = (file_name, disk_key)
+        self._handles: dict[str, object] = {}
+
+    def keys_under(self, prefix: str) -> list[str]:
+        return [key for key in self.files if key.startswith(prefix)]
+
+    def read(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        file_name, disk_key = self.files[key]
+        handle = self._handles.get(file_name)
+        if handle is None:
+            handle = self._handles[file_name] = safe_open(str(self.folder / file_name), framework="pt")
+        return handle.get_tensor(disk_key)
+
+    def load_module(self, module: nn.Module, prefix: str, *, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Materialise ``module``'s parameters and persistent buffers from the checkpoint (``prefix`` = its path + '.')."""
+        state = {key[len(prefix):]: self.read(key) for key in self.keys_under(prefix)}
+        state = fuse_expert_tensors(state)
+        expected = module.state_dict()
+        missing = [key for key in expected if key not in state]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint {self.folder} lacks {len(missing)} weight(s) of {prefix.rstrip('.')}, e.g. {missing[:3]}; "
+                "the checkpoint does not match its config (re-save it with transformers)"
+            )
+        loaded = {}
+        for key, target in expected.items():
+            tensor = state[key]
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise CheckpointError(f"{prefix}{key} has shape {tuple(tensor.shape)} on disk but the config gives "
+                                      f"{tuple(target.shape)}; the checkpoint does not match its config")
+            wanted_dtype = dtype if tensor.is_floating_point() and target.is_floating_point() else target.dtype
+            loaded[key] = tensor.to(device=device, dtype=wanted_dtype)
+        module.load_state_dict(loaded, strict=True, assign=True)
+
+
+def rename_key(key: str) -> str:
+    for old, new in KEY_RENAMES:
+        key = key.replace(old, new)
+    return key
+
+
+def fuse_expert_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert keys -> fused ``experts.gate_up_proj [E, 2I, d]`` (gate rows, then up rows) and
+    ``experts.down_proj [E, d, I]``; keys that are already fused or not expert weights pass through."""
+    grouped: dict[str, dict[str, dict[int, torch.Tensor]]] = defaultdict(lambda: defaultdict(dict))
+    fused: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        match = _PER_EXPERT_KEY.match(key)
+        role = EXPERT_PROJECTION_ROLES.get(match.group("projection")) if match else None
+        if match is None or role is None:
+            fused[key] = tensor
+            continue
+        suffix = "" if match.group("kind") == "weight" else "_bias"
+        grouped[match.group("prefix")][role + suffix][int(match.group("expert"))] = tensor
+    for prefix, roles in grouped.items():
+        experts = sorted(roles.get("gate", {}))
+        for role in ("gate", "up", "down"):
+            if sorted(roles.get(role, {})) != experts or not experts or experts != list(range(len(experts))):
+                raise CheckpointError(f"{prefix}: per-expert {role} weights are incomplete on disk "
+                                      f"(found experts {sorted(roles.get(role, {}))[:8]}...); the checkpoint is corrupt")
+        fused[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([roles["gate"][e], roles["up"][e]], 0) for e in experts])
+        fused[f"{prefix}.down_proj"] = torch.stack([roles["down"][e] for e in experts])
+        if "gate_bias" in roles:
+            fused[f"{prefix}.gate_up_proj_bias"] = torch.stack(
+                [torch.cat([roles["gate_bias"][e], roles["up_bias"][e]], 0) for e in experts])
+        if "down_bias" in roles:
+            fused[f"{prefix}.down_proj_bias"] = torch.stack([roles["down_bias"][e] for e in experts])
+    return fused
+
+
+def build_skeleton(folder: str | Path, *, dtype: torch.dtype | None = None):
+    """The causal-LM class of ``folder`` with parameters on ``meta`` and real buffers. Returns ``(model, config)``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(folder))
+    except Exception as error:
+        raise CheckpointError(f"could not read the config of {folder} ({error}); is it a Hugging Face model folder?") from None
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.eval()
+    return model, config
+
+
+def release_module(module: nn.Module) -> None:
+    """Drop ``module``'s weights back to the meta device (frees their memory)."""
+    module.to_empty(device="meta")

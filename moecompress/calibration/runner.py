@@ -1,0 +1,240 @@
+"""Layer-by-layer calibration: run the calibration tokens through one decoder layer at a time.
+
+1. *Catch*: replace decoder layer 0 with a catcher and run the model's base forward on each batch; the catcher
+   records what layer 0 would receive (hidden states after the embeddings, and the keyword arguments: position
+   embeddings, causal mask, position ids) and stops the forward.
+2. *Sweep*: for each decoder layer ``l``, put its weights on the compute device (loaded lazily from safetensors when
+   the source is a checkpoint folder), attach the statistics collectors of its MoE block, run every cached batch
+   through it (the outputs replace the cache and feed layer ``l+1``), collect, release the weights.
+
+Only one decoder layer's weights and the cached activations (``num_samples x seq_len x d``) are in memory at a time,
+so a checkpoint larger than RAM can be profiled. The experts run through the calibration backend
+(``moecompress.calibration.backend``), which computes the statistics from the same routed slices as the forward.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from moecompress.calibration.backend import LayerCollector, calibration_backend
+from moecompress.calibration.checkpoint import LazyCheckpoint, build_skeleton, release_module, resolve_checkpoint
+from moecompress.calibration.data import CalibrationSet
+from moecompress.calibration.statistics import LayerStatistics, check_statistic_names
+from moecompress.errors import CalibrationError
+from moecompress.models import decoder_layers, find_moe_blocks
+
+ProgressCallback = Callable[[int, int], None]  # (layers done, total layers)
+
+
+class _StopForward(Exception):
+    """Raised by the layer-0 catcher once it has the layer's inputs."""
+
+
+class _LayerInputCatcher(nn.Module):
+    """Stands in for decoder layer 0: records ``(hidden_states, args, kwargs)`` and stops the forward."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.captured: list[tuple[torch.Tensor, tuple, dict]] = []
+        for attribute in ("attention_type", "layer_idx", "is_sliding"):  # read by some base models' mask logic
+            if hasattr(layer, attribute):
+                setattr(self, attribute, getattr(layer, attribute))
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.captured.append((hidden_states, args, kwargs))
+        raise _StopForward
+
+
+@dataclass
+class CalibrationRun:
+    """What one pass produced: statistics per MoE layer (keyed by decoder-layer index) and its cost."""
+
+    layers: dict[int, LayerStatistics]
+    num_tokens: int
+    seconds: float
+    domain_names: list[str] = field(default_factory=list)
+    num_hidden_layers: int = 0
+    final_hidden_states: list[torch.Tensor] | None = None  # per batch ``[B, S, d]`` after the last layer (if asked)
+
+
+class LayerwiseRunner:
+    """Runs calibration batches through a model layer by layer.
+
+    model: an in-memory causal LM, or a meta-device skeleton with ``checkpoint`` to load layers from.
+    device: where each layer runs (default: CPU, or the model's device).
+    dtype: compute dtype for lazily loaded weights (default: the checkpoint's ``torch_dtype``).
+    """
+
+    def __init__(self, model: nn.Module, *, checkpoint: LazyCheckpoint | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        self.model = model
+        self.checkpoint = checkpoint
+        self.dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if device is None:
+            first = next(model.parameters()).device
+            device = "cpu" if first.type == "meta" else first
+        self.device = torch.device(device)
+        self.layers = decoder_layers(model)
+        self.layers_path = _module_path(model, self.layers)
+        self.views = find_moe_blocks(model)
+
+    @classmethod
+    def from_source(cls, source: nn.Module | str | Path, *, device=None, dtype=None) -> "LayerwiseRunner":
+        """A runner over an in-memory model, or over a checkpoint folder/hub id loaded lazily layer by layer."""
+        if isinstance(source, nn.Module):
+            return cls(source, device=device, dtype=dtype)
+        folder = resolve_checkpoint(source)
+        model, _ = build_skeleton(folder, dtype=dtype)
+        return cls(model, checkpoint=LazyCheckpoint(folder), device=device, dtype=dtype or model.dtype)
+
+    # ----- step 1: layer-0 inputs ------------------------------------------------------------------------------
+    def catch_layer0_inputs(self, input_ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, tuple, dict]]:
+        """``[N, S]`` token ids -> per batch ``(hidden_states [B, S, d], args, kwargs)`` as layer 0 receives them."""
+        base = getattr(self.model, "model", self.model)
+        embeddings = self.model.get_input_embeddings()
+        embeddings_path = _module_path(self.model, embeddings)
+        moved = self._onload(embeddings, embeddings_path)
+        rotary = getattr(base, "rotary_emb", None)
+        if rotary is not None:
+            rotary.to(self.device)
+        catcher = _LayerInputCatcher(self.layers[0])
+        original_layer0 = self.layers[0]
+        self.layers[0] = catcher
+        try:
+            for start in range(0, input_ids.shape[0], batch_size):
+                batch = input_ids[start:start + batch_size].to(self.device)
+                try:
+                    base(input_ids=batch, use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            self.layers[0] = original_layer0
+            self._offload(embeddings, moved)
+        return catcher.captured
+
+    # ----- step 2: the sweep -----------------------------------------------------------------------------------
+    def run(self, calibration: CalibrationSet | torch.Tensor, names: list[str], *, options: dict[str, dict] | None = None,
+            batch_size: int = 8, on_layer: ProgressCallback | None = None,
+            layer_callback: Callable[[int, nn.Module, list[LayerCollector]], None] | None = None,
+            return_hidden_states: bool = False) -> CalibrationRun:
+        """Collect ``names`` for every MoE layer. ``layer_callback(layer_index, layer, collectors)`` runs while the
+        layer's weights are loaded (after its statistics are complete), for stages that act per layer."""
+        names = check_statistic_names(names)
+        input_ids, domain_names, token_domains = _unpack_calibration(calibration)
+        options = {name: dict(value) for name, value in (options or {}).items()}
+        if "expert_token_counts_by_domain" in names:
+            options.setdefault("expert_token_counts_by_domain", {})["num_domains"] = max(len(domain_names), 1)
+        started = time.perf_counter()
+        results: dict[int, LayerStatistics] = {}
+        views_by_layer: dict[int, list] = {}
+        for view in self.views:
+            views_by_layer.setdefault(view.layer_index, []).append(view)
+        with torch.no_grad(), calibration_backend(self.model, self.views):
+            cached = self.catch_layer0_inputs(input_ids, batch_size)
+            batch_domains = _split_domains(token_domains, [hidden.shape[0] * hidden.shape[1] for hidden, _, _ in cached])
+            total = len(self.layers)
+            for layer_index, layer in enumerate(self.layers):
+                moved = self._onload(layer, f"{self.layers_path}.{layer_index}")
+                collectors = [LayerCollector(view, names, options) for view in views_by_layer.get(layer_index, [])]
+                for collector in collectors:
+                    collector.attach()
+                try:
+                    for batch_index, (hidden, args, kwargs) in enumerate(cached):
+                        for collector in collectors:
+                            collector.domain_ids = batch_domains[batch_index]
+                        output = layer(hidden, *args, **kwargs)
+                        output = output[0] if isinstance(output, tuple) else output
+                        cached[batch_index] = (output, args, kwargs)
+                finally:
+                    for collector in collectors:
+                        collector.detach()
+                for collector in collectors:
+                    results[layer_index] = collector.result()
+                if layer_callback is not None:
+                    layer_callback(layer_index, layer, collectors)
+                self._offload(layer, moved)
+                if on_layer is not None:
+                    on_layer(layer_index + 1, total)
+        return CalibrationRun(
+            layers=results,
+            num_tokens=int(input_ids.numel()),
+            seconds=time.perf_counter() - started,
+            domain_names=domain_names,
+            num_hidden_layers=len(self.layers),
+            final_hidden_states=[hidden for hidden, _, _ in cached] if return_hidden_states else None,
+        )
+
+    # ----- weights on and off the compute device ---------------------------------------------------------------
+    def _onload(self, module: nn.Module, path: str):
+        """Put ``module`` on the compute device; returns what :meth:`_offload` needs to undo it."""
+        if self.checkpoint is not None:
+            self.checkpoint.load_module(module, path + "." if path else "", dtype=self.dtype, device=self.device)
+            return "lazy"
+        previous = next(module.parameters()).device
+        if previous != self.device:
+            module.to(self.device)
+        return previous
+
+    def _offload(self, module: nn.Module, moved) -> None:
+        if moved == "lazy":
+            release_module(module)
+        elif moved != self.device:
+            module.to(moved)
+
+
+def collect_statistics(model_or_checkpoint: nn.Module | str | Path, calibration: CalibrationSet | torch.Tensor,
+                       names: list[str], *, options: dict[str, dict] | None = None, device=None,
+                       dtype: torch.dtype | None = None, batch_size: int = 8,
+                       on_layer: ProgressCallback | None = None) -> dict[int, LayerStatistics]:
+    """One layer-by-layer pass collecting ``names`` (see ``moecompress.calibration.statistics``).
+
+    model_or_checkpoint: a loaded model (run in place), or a checkpoint folder / hub id (loaded lazily, one
+    decoder layer at a time). Returns ``{decoder layer index: LayerStatistics}`` for every MoE layer.
+    """
+    runner = LayerwiseRunner.from_source(model_or_checkpoint, device=device, dtype=dtype)
+    return runner.run(calibration, names, options=options, batch_size=batch_size, on_layer=on_layer).layers
+
+
+def _unpack_calibration(calibration) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
+    if isinstance(calibration, CalibrationSet):
+        input_ids = calibration.input_ids
+        token_domains = calibration.domain_ids().repeat_interleave(calibration.seq_len)
+        return input_ids, calibration.domain_names, token_domains
+    if isinstance(calibration, torch.Tensor):
+        if calibration.ndim != 2 or calibration.numel() == 0:
+            raise CalibrationError(f"calibration token ids must be a non-empty [num_samples, seq_len] tensor, "
+                                   f"got shape {tuple(calibration.shape)}")
+        return calibration.long(), [], None
+    raise CalibrationError(f"calibration must be a CalibrationSet or a [N, S] token-id tensor, got {type(calibration).__name__}")
+
+
+def _split_domains(token_domains: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:
+    if token_domains is None:
+        return [None] * len(sizes)
+    return list(torch.split(token_domains, sizes))
+
+
+def _module_path(root: nn.Module, target: nn.Module) -> str:
+    for name, module in root.named_modules():
+        if module is target:
+            return name
+    raise CalibrationError(f"module {type(target).__name__} is not part of the model")
+
+
+def peak_memory_bytes() -> int:
+    """Peak resident memory of this process (and of the GPU, if one was used), in bytes."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak if sys.platform == "darwin" else peak * 1024
+    if torch.cuda.is_available():
+        peak = max(peak, int(torch.cuda.max_memory_allocated()))
+    return int(peak)
+

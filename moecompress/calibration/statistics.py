@@ -1,0 +1,510 @@
+"""Named calibration statistics, each with its own accumulator (methods.md section 7.2).
+
+During a calibration pass every MoE layer gets one accumulator per requested statistic. The pass feeds them three
+kinds of events, all computed once by the calibration experts backend (``moecompress.calibration.backend``):
+
+* :class:`RouterBatch`: a batch of tokens reached the router (fp32 logits, top-k choices, combine weights);
+* :class:`ExpertSlice`: one routed expert ran on its tokens (inputs, intermediate ``h``, unweighted output);
+* :class:`SharedSlice`: a shared expert ran on all tokens.
+
+Consumers ask only for what they need (``collect_statistics(..., names=[...])``); the expensive ones (Hessians,
+all-token expert outputs) cost nothing unless asked. Results are fp32 CPU tensors in a :class:`LayerStatistics`.
+
+Conventions: ``E`` routed experts, ``d`` hidden size, ``I`` expert intermediate size, ``T`` tokens in a batch,
+``k`` top-k. "combine weight" ``c`` is the weight the model multiplies the expert output by (renormalised or not,
+times the routed scaling factor: whatever the family does). "raw" weight is the selection probability before
+renormalisation (softmax or sigmoid score of the expert); "renorm" is the raw weight divided by the token's top-k sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from moecompress.errors import CalibrationError
+from moecompress.models.view import MoEBlockView
+
+TOP2_RATIO_BINS = 1000
+
+
+# ----- events --------------------------------------------------------------------------------------------------
+@dataclass
+class RouterBatch:
+    """hidden_states ``[T, d]`` (router input), logits ``[T, E]`` fp32 (no selection bias, no activation),
+    top_k_index ``[T, k]``, combine_weights ``[T, k]`` fp32, raw_weights ``[T, k]`` fp32 (pre-renormalisation
+    scores of the chosen experts), domain_ids ``[T]`` long or None."""
+
+    hidden_states: torch.Tensor
+    logits: torch.Tensor
+    top_k_index: torch.Tensor
+    combine_weights: torch.Tensor
+    raw_weights: torch.Tensor
+    domain_ids: torch.Tensor | None = None
+
+
+@dataclass
+class ExpertSlice:
+    """Expert ``expert`` on its routed tokens: token_index ``[n]``, inputs ``[n, d]``, intermediate ``[n, I]``
+    (``act(gate x) * up x``), outputs ``[n, d]`` (down-proj output, combine weight NOT applied),
+    combine_weights ``[n]``, raw_weights ``[n]``, renorm_weights ``[n]`` (all fp32)."""
+
+    expert: int
+    token_index: torch.Tensor
+    inputs: torch.Tensor
+    intermediate: torch.Tensor
+    outputs: torch.Tensor
+    combine_weights: torch.Tensor
+    raw_weights: torch.Tensor
+    renorm_weights: torch.Tensor
+
+
+@dataclass
+class SharedSlice:
+    """Shared expert ``index`` on all ``T`` tokens: inputs ``[T, d]``, intermediate ``[T, I_s]``, outputs ``[T, d]``
+    (before its gate), gate ``[T]`` (sigmoid gate, or ones)."""
+
+    index: int
+    inputs: torch.Tensor
+    intermediate: torch.Tensor
+    outputs: torch.Tensor
+    gate: torch.Tensor
+
+
+# ----- registry ------------------------------------------------------------------------------------------------
+class Statistic:
+    """One named statistic of one MoE layer. Subclasses set ``name``/``description`` and override the hooks."""
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    needs_outputs: ClassVar[bool] = False  # needs routed expert outputs (down-proj)
+
+    def __init__(self, view: MoEBlockView, options: dict[str, Any] | None = None) -> None:
+        self.num_experts = view.num_experts
+        self.hidden_size = view.hidden_size
+        self.intermediate_size = view.intermediate_size
+        self.view = view
+        self.options = dict(options or {})
+
+    def on_router(self, batch: RouterBatch) -> None:
+        pass
+
+    def on_expert(self, expert_slice: ExpertSlice) -> None:
+        pass
+
+    def on_shared(self, shared_slice: SharedSlice) -> None:
+        pass
+
+    def result(self) -> Any:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+STATISTICS: dict[str, type[Statistic]] = {}
+
+
+def register_statistic(statistic_class: type[Statistic]) -> type[Statistic]:
+    STATISTICS[statistic_class.name] = statistic_class
+    return statistic_class
+
+
+def check_statistic_names(names) -> list[str]:
+    names = list(dict.fromkeys(names))
+    unknown = [name for name in names if name not in STATISTICS]
+    if unknown:
+        raise CalibrationError(f"unknown calibration statistic(s) {unknown}; known: {sorted(STATISTICS)}")
+    return names
+
+
+@dataclass
+class LayerStatistics:
+    """Every requested statistic of one MoE layer (fp32 CPU tensors), plus its token count."""
+
+    layer_index: int
+    num_experts: int
+    num_tokens: int = 0
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str):
+        if name not in self.values:
+            raise KeyError(f"statistic {name!r} was not collected for layer {self.layer_index}; "
+                           f"collected: {sorted(self.values)}. Ask for it in collect_statistics(names=...)")
+        return self.values[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
+
+
+# ----- router statistics ---------------------------------------------------------------------------------------
+@register_statistic
+class RouterLogitMean(Statistic):
+    name = "router_logit_mean"
+    description = "[E] mean fp32 router logit over all tokens"
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.sum = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.count = 0
+
+    def on_router(self, batch):
+        self.sum += batch.logits.double().sum(0).cpu()
+        self.count += batch.logits.shape[0]
+
+    def result(self):
+        return (self.sum / max(self.count, 1)).float()
+
+
+@register_statistic
+class RouterLogitGram(Statistic):
+    name = "router_logit_gram"
+    description = "[E, E] sum over tokens of z z^T (router logits); cosine similarity of expert logit columns"
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.gram = torch.zeros(self.num_experts, self.num_experts, dtype=torch.float64)
+
+    def on_router(self, batch):
+        logits = batch.logits.double()
+        self.gram += (logits.T @ logits).cpu()
+
+    def result(self):
+        return self.gram.float()
+
+
+def tcess_markers(logits: torch.Tensor, top_k: int, threshold: float = -1.0, phi: str = "identity") -> torch.Tensor:
+    """PreMoe token markers (methods.md section 1): logits ``[T, E]`` fp32 -> markers ``[T, E]``.
+
+    Top-k of the raw logits; with ``threshold > 0`` keep an expert only if its softmax over the token's top-k
+    logits is at least ``threshold``; marker = ``phi(logit)`` (``identity``: v1 code, ``peu``: ``max(s, sigmoid(s))``).
+    """
+    top_logits, top_index = torch.topk(logits, top_k, dim=-1)
+    keep = torch.ones_like(top_logits, dtype=torch.bool)
+    if threshold > 0:
+        keep = torch.softmax(top_logits, dim=-1) >= threshold
+    if phi == "identity":
+        values = top_logits
+    elif phi == "peu":
+        values = torch.maximum(top_logits, torch.sigmoid(top_logits))
+    else:
+        raise CalibrationError(f"unknown TCESS phi {phi!r}; use 'identity' or 'peu'")
+    markers = torch.zeros_like(logits)
+    markers.scatter_(1, top_index, torch.where(keep, values, torch.zeros_like(values)))
+    return markers
+
+
+@register_statistic
+class TcessMarkers(Statistic):
+    name = "tcess_markers"
+    description = "[E] TCESS: mean over all tokens of the PreMoe markers (options: top_k, threshold, phi)"
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.top_k = int(self.options.get("top_k") or view.routing.top_k)
+        self.threshold = float(self.options.get("threshold", -1.0))
+        self.phi = str(self.options.get("phi", "identity"))
+        self.sum = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.count = 0
+
+    def on_router(self, batch):
+        self.sum += tcess_markers(batch.logits, self.top_k, self.threshold, self.phi).double().sum(0).cpu()
+        self.count += batch.logits.shape[0]
+
+    def result(self):
+        return (self.sum / max(self.count, 1)).float()
+
+
+@register_statistic
+class ExpertTokenCounts(Statistic):
+    name = "expert_token_counts"
+    description = "[E] number of tokens routed to each expert (top-k selections)"
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.counts = torch.zeros(self.num_experts, dtype=torch.long)
+
+    def on_router(self, batch):
+        self.counts += torch.bincount(batch.top_k_index.reshape(-1).cpu(), minlength=self.num_experts)[: self.num_experts]
+
+    def result(self):
+        return self.counts.clone()
+
+
+@register_statistic
+class ExpertTokenCountsByDomain(Statistic):
+    name = "expert_token_counts_by_domain"
+    description = "[D, E] routed-token counts per calibration domain (D = number of domains in the set)"
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.num_domains = int(self.options.get("num_domains", 1))
+        self.counts = torch.zeros(self.num_domains, self.num_experts, dtype=torch.long)
+
+    def on_router(self, batch):
+        if batch.domain_ids is None:
+            return
+        k = batch.top_k_index.shape[1]
+        flat = batch.domain_ids.cpu().repeat_interleave(k) * self.num_experts + batch.top_k_index.reshape(-1).cpu()
+        self.counts += torch.bincount(flat, minlength=self.num_domains * self.num_experts).view(self.num_domains, -1)
+
+    def result(self):
+        return self.counts.clone()
+
+
+class _RoutedSum(Statistic):
+    """Base: ``[E]`` sum over routed tokens of ``value(slice)``."""
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.sum = torch.zeros(self.num_experts, dtype=torch.float64)
+
+    def value(self, expert_slice: ExpertSlice) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def on_expert(self, expert_slice):
+        self.sum[expert_slice.expert] += float(self.value(expert_slice).double().sum())
+
+    def result(self):
+        return self.sum.float()
+
+
+@register_statistic
+class RoutingWeightSumsRaw(_RoutedSum):
+    name = "routing_weight_sums_raw"
+    description = "[E] sum over routed tokens of the pre-renormalisation score (softmax prob or sigmoid)"
+
+    def value(self, expert_slice):
+        return expert_slice.raw_weights
+
+
+@register_statistic
+class RoutingWeightSumsRenorm(_RoutedSum):
+    name = "routing_weight_sums_renorm"
+    description = "[E] sum over routed tokens of the score renormalised over the token's top-k"
+
+    def value(self, expert_slice):
+        return expert_slice.renorm_weights
+
+
+@register_statistic
+class CombineWeightSums(_RoutedSum):
+    name = "combine_weight_sums"
+    description = "[E] sum over routed tokens of the model's actual combine weight"
+
+    def value(self, expert_slice):
+        return expert_slice.combine_weights
+
+
+@register_statistic
+class ReapSums(_RoutedSum):
+    name = "reap_sums"
+    description = "[E] REAP numerator: sum over routed tokens of c * ||E_e(x)||_2 (divide by token counts)"
+    needs_outputs = True
+
+    def value(self, expert_slice):
+        return expert_slice.combine_weights * expert_slice.outputs.float().norm(dim=-1)
+
+
+@register_statistic
+class EanSums(_RoutedSum):
+    name = "ean_sums"
+    description = "[E] EAN: sum over routed tokens of ||E_e(x)||_2"
+    needs_outputs = True
+
+    def value(self, expert_slice):
+        return expert_slice.outputs.float().norm(dim=-1)
+
+
+@register_statistic
+class MaxAbsExpertOutput(Statistic):
+    name = "max_abs_expert_output"
+    description = "{'routed': [E], 'shared': [S]} max |down_proj output| (super experts)"
+    needs_outputs = True
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.routed = torch.zeros(self.num_experts)
+        self.shared = torch.zeros(len(view.shared_experts))
+
+    def on_expert(self, expert_slice):
+        value = float(expert_slice.outputs.abs().max()) if expert_slice.outputs.numel() else 0.0
+        self.routed[expert_slice.expert] = max(float(self.routed[expert_slice.expert]), value)
+
+    def on_shared(self, shared_slice):
+        value = float(shared_slice.outputs.abs().max())
+        self.shared[shared_slice.index] = max(float(self.shared[shared_slice.index]), value)
+
+    def result(self):
+        return {"routed": self.routed.clone(), "shared": self.shared.clone()}
+
+
+@register_statistic
+class Top2WeightRatioHist(Statistic):
+    name = "top2_weight_ratio_hist"
+    description = f"[{TOP2_RATIO_BINS}] histogram on [0, 1] of w_1/w_0 (second/first combine weight) per token"
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.bins = int(self.options.get("bins", TOP2_RATIO_BINS))
+        self.hist = torch.zeros(self.bins, dtype=torch.long)
+
+    def on_router(self, batch):
+        if batch.combine_weights.shape[1] < 2:
+            return
+        top2 = torch.topk(batch.combine_weights, 2, dim=-1).values
+        ratio = (top2[:, 1] / top2[:, 0].clamp_min(1e-30)).clamp(0, 1)
+        index = (ratio * self.bins).long().clamp_max(self.bins - 1).cpu()
+        self.hist += torch.bincount(index, minlength=self.bins)
+
+    def result(self):
+        return self.hist.clone()
+
+
+def histogram_quantile(hist: torch.Tensor, q: float) -> float:
+    """Quantile ``q`` of a ``[0, 1]`` histogram (bin centre), e.g. the median of ``top2_weight_ratio_hist``."""
+    total = int(hist.sum())
+    if total == 0:
+        return float("nan")
+    cumulative = torch.cumsum(hist, 0)
+    index = int(torch.searchsorted(cumulative, torch.tensor(q * total, dtype=cumulative.dtype)))
+    return (min(index, len(hist) - 1) + 0.5) / len(hist)
+
+
+@register_statistic
+class MeanExpertOutputAllTokens(Statistic):
+    name = "mean_expert_output_all_tokens"
+    description = "[E, d] mean of E_e(x) over ALL tokens (HC-SMoE; costs E expert FFNs per token: opt-in)"
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.sum = torch.zeros(self.num_experts, self.hidden_size, dtype=torch.float64)
+        self.count = 0
+
+    def on_router(self, batch):
+        for expert in range(self.num_experts):
+            self.sum[expert] += self.view.expert_forward(expert, batch.hidden_states).double().sum(0).cpu()
+        self.count += batch.hidden_states.shape[0]
+
+    def result(self):
+        return (self.sum / max(self.count, 1)).float()
+
+
+class _ChannelEnergy(Statistic):
+    """CAMERA energies over micro-experts (expert, channel): phi = c * h. Shared channels use their gate (or 1)."""
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.routed = torch.zeros(self.num_experts, self.intermediate_size, dtype=torch.float64)
+        self.shared = [torch.zeros(int(s.module.down_proj.in_features), dtype=torch.float64) for s in view.shared_experts]
+
+    def reduce(self, phi_squared: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def combine(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def on_expert(self, expert_slice):
+        phi = expert_slice.combine_weights[:, None] * expert_slice.intermediate.float()
+        self.routed[expert_slice.expert] = self.combine(self.routed[expert_slice.expert], self.reduce(phi.square()).double().cpu())
+
+    def on_shared(self, shared_slice):
+        phi = shared_slice.gate[:, None] * shared_slice.intermediate.float()
+        self.shared[shared_slice.index] = self.combine(self.shared[shared_slice.index], self.reduce(phi.square()).double().cpu())
+
+    def result(self):
+        return {"routed": self.routed.float(), "shared": [s.float() for s in self.shared]}
+
+
+@register_statistic
+class CameraEnergyL2(_ChannelEnergy):
+    name = "camera_energy_l2"
+    description = "{'routed': [E, I], 'shared': [[I_s]]} sum over tokens of phi^2, phi = c * h (CAMERA)"
+
+    def reduce(self, phi_squared):
+        return phi_squared.sum(0)
+
+    def combine(self, old, new):
+        return old + new
+
+
+@register_statistic
+class CameraEnergyMax(_ChannelEnergy):
+    name = "camera_energy_max"
+    description = "{'routed': [E, I], 'shared': [[I_s]]} max over tokens of phi^2 (CAMERA)"
+
+    def reduce(self, phi_squared):
+        return phi_squared.amax(0) if phi_squared.shape[0] else torch.zeros(phi_squared.shape[1])
+
+    def combine(self, old, new):
+        return torch.maximum(old, new)
+
+
+class _Hessian(Statistic):
+    """Per-expert ``sum c^p v v^T`` in fp32 on the compute device (the big ones: only when asked)."""
+
+    power: ClassVar[int] = 0
+
+    def size(self) -> int:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def vectors(self, expert_slice: ExpertSlice) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        device = view.router_weight.device if view.router_weight.device.type != "meta" else torch.device("cpu")
+        self.hessian = torch.zeros(self.num_experts, self.size(), self.size(), dtype=torch.float32, device=device)
+
+    def on_expert(self, expert_slice):
+        vectors = self.vectors(expert_slice).float()
+        if self.power:
+            # weighting each row by sqrt(c) gives sum c v v^T (MoEQuant AGQ)
+            vectors = vectors * expert_slice.combine_weights.float().clamp_min(0).sqrt()[:, None]
+        self.hessian[expert_slice.expert].addmm_(vectors.T.to(self.hessian.device), vectors.to(self.hessian.device))
+
+    def result(self):
+        return self.hessian.cpu()
+
+
+@register_statistic
+class ExpertInputHessian(_Hessian):
+    name = "expert_input_hessian"
+    description = "[E, d, d] sum over routed tokens of x x^T (GPTQ for gate/up)"
+
+    def size(self):
+        return self.hidden_size
+
+    def vectors(self, expert_slice):
+        return expert_slice.inputs
+
+
+@register_statistic
+class ExpertInputHessianAffinity(ExpertInputHessian):
+    name = "expert_input_hessian_affinity"
+    description = "[E, d, d] sum over routed tokens of c x x^T (MoEQuant AGQ for gate/up)"
+    power = 1
+
+
+@register_statistic
+class DownProjHessian(_Hessian):
+    name = "down_proj_hessian"
+    description = "[E, I, I] sum over routed tokens of h h^T (GPTQ for down)"
+
+    def size(self):
+        return self.intermediate_size
+
+    def vectors(self, expert_slice):
+        return expert_slice.intermediate
+
+
+@register_statistic
+class DownProjHessianAffinity(DownProjHessian):
+    name = "down_proj_hessian_affinity"
+    description = "[E, I, I] sum over routed tokens of c h h^T (MoEQuant AGQ for down)"
+    power = 1
+
+
+def statistic_descriptions() -> dict[str, str]:
+    return {name: cls.description for name, cls in sorted(STATISTICS.items())}
+
+
+StatisticFactory = Callable[[MoEBlockView, dict], Statistic]
