@@ -1,5 +1,17 @@
 """The MoE surface of every supported architecture: find MoE blocks, routing semantics, expert tensors, edits."""
 
+from moecompress.models.edits import (
+    EditError,
+    keep_experts,
+    materialize_expert_id_map,
+    merge_experts,
+    merged_expert_ids,
+    remap_expert_ids,
+    restore_expert_id_map,
+    slice_micro_experts,
+    sync_config,
+    zero_micro_experts,
+)
 from moecompress.models.families import (
     ADAPTERS,
     FamilyAdapter,
@@ -8,10 +20,13 @@ from moecompress.models.families import (
     find_moe_blocks,
     supported_families,
 )
+from moecompress.models.loading import load_config, load_model, validate_safetensors
+from moecompress.models.summary import model_summary
 from moecompress.models.view import ExpertWeights, MoEBlockView, RouterOutput, RoutingSpec, SharedExpert, route_from_logits
 
 __all__ = [
     "ADAPTERS",
+    "EditError",
     "ExpertWeights",
     "FamilyAdapter",
     "MoEBlockView",
@@ -21,6 +36,19 @@ __all__ = [
     "adapter_for",
     "decoder_layers",
     "find_moe_blocks",
+    "keep_experts",
+    "load_config",
+    "load_model",
+    "materialize_expert_id_map",
+    "merge_experts",
+    "merged_expert_ids",
+    "model_summary",
+    "remap_expert_ids",
+    "restore_expert_id_map",
     "route_from_logits",
+    "slice_micro_experts",
     "supported_families",
+    "sync_config",
+    "validate_safetensors",
+    "zero_micro_experts",
 ]

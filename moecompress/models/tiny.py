@@ -92,6 +92,7 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
             qk_nope_head_dim=8,
             v_head_dim=8,
             num_hidden_layers=3,
+            num_key_value_heads=4,
         ),
     ),
     "deepseek_v3": (
@@ -107,6 +108,7 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
             topk_group=2,
             routed_scaling_factor=2.5,
             norm_topk_prob=True,
+            num_key_value_heads=4,
             kv_lora_rank=16,
             q_lora_rank=16,
             qk_rope_head_dim=8,

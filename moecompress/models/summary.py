@@ -1,0 +1,80 @@
+"""What an MoE model is made of: per MoE layer routing and sizes, and where the parameters and bytes are.
+
+Works on a model with real weights and on one built on the ``meta`` device (shapes only), which is how
+``moecompress inspect`` describes a checkpoint without reading its weights.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from moecompress.models.families import adapter_for, decoder_layers, find_moe_blocks, text_config
+
+
+def model_summary(model: nn.Module) -> dict:
+    """Describe ``model``'s MoE structure. Returns a JSON-serialisable dict::
+
+        {"family", "model_type", "num_layers", "dense_layers": [layer indices without MoE],
+         "moe_layers": [{"layer", "num_experts", "top_k", "scoring", "renormalize", "num_shared_experts",
+                         "expert_intermediate_size", "router_outputs", "n_group", "topk_group",
+                         "routed_scaling_factor", "routed_expert_params", "shared_expert_params"}],
+         "parameters": {"routed_experts", "shared_experts", "other", "total"},
+         "bytes": {same keys}}
+
+    Parameters are counted once even when tied (embeddings); ``other`` is everything that is not a routed or
+    shared expert (attention, norms, embeddings, routers, dense MLPs). Bytes use each tensor's own dtype.
+    """
+    config = text_config(model.config)
+    adapter = adapter_for(config)
+    views = find_moe_blocks(model)
+    routed_ids: set[int] = set()
+    shared_ids: set[int] = set()
+    rows = []
+    for view in views:
+        routed = list(view.experts.parameters())
+        shared = [p for shared_expert in view.shared_experts for p in _shared_parameters(shared_expert)]
+        routed_ids.update(id(p) for p in routed)
+        shared_ids.update(id(p) for p in shared)
+        spec = view.routing
+        rows.append(
+            {
+                "layer": view.layer_index,
+                "num_experts": view.num_experts,
+                "top_k": spec.top_k,
+                "scoring": spec.scoring,
+                "renormalize": spec.renormalize,
+                "num_shared_experts": view.num_shared_experts,
+                "expert_intermediate_size": view.intermediate_size,
+                "router_outputs": view.num_router_outputs,
+                "n_group": spec.n_group,
+                "topk_group": spec.topk_group,
+                "routed_scaling_factor": spec.routed_scaling_factor,
+                "routed_expert_params": sum(p.numel() for p in routed),
+                "shared_expert_params": sum(p.numel() for p in shared),
+            }
+        )
+    counts = {"routed_experts": 0, "shared_experts": 0, "other": 0}
+    sizes = {"routed_experts": 0, "shared_experts": 0, "other": 0}
+    for parameter in model.parameters():  # deduplicated: tied weights appear once
+        key = "routed_experts" if id(parameter) in routed_ids else "shared_experts" if id(parameter) in shared_ids else "other"
+        counts[key] += parameter.numel()
+        sizes[key] += parameter.numel() * parameter.element_size()
+    counts["total"] = sum(counts.values())
+    sizes["total"] = sum(sizes.values())
+    moe_layer_indices = {view.layer_index for view in views}
+    return {
+        "family": adapter.display_name or adapter.model_type,
+        "model_type": config.model_type,
+        "num_layers": len(decoder_layers(model)),
+        "dense_layers": [i for i in range(len(decoder_layers(model))) if i not in moe_layer_indices],
+        "moe_layers": rows,
+        "parameters": counts,
+        "bytes": sizes,
+    }
+
+
+def _shared_parameters(shared_expert) -> list[nn.Parameter]:
+    parameters = list(shared_expert.module.parameters())
+    if shared_expert.gate is not None:
+        parameters += list(shared_expert.gate.parameters())
+    return parameters
