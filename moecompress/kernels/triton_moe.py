@@ -179,7 +179,7 @@ _autotuned_kernel = None
 def _launcher(config: dict[str, int] | None):
     global _autotuned_kernel
     if interpreting() or config is not None:
-        tiling = config or {"BLOCK_N": 16, "BLOCK_K": 32}
+        tiling = config or {"BLOCK_N": 64, "BLOCK_K": 64}
         return _grouped_packed_kernel, tiling
     if _autotuned_kernel is None:
         _autotuned_kernel = triton.autotune(

@@ -1,0 +1,248 @@
+"""Packed experts as a transformers experts backend.
+
+:class:`PackedExperts` replaces a fused experts module (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``) with
+packed low-bit weights, possibly a different bit-width per expert. Its forward follows the model's
+``config._experts_implementation``, like transformers' own experts classes:
+
+* ``"moecompress_packed"`` (registered in ``ExpertsInterface`` by :func:`register_packed_experts_backend`): the Triton
+  grouped kernel when Triton can run on the activations' device (a GPU, or ``TRITON_INTERPRET=1`` on CPU), else the
+  torch reference; a launch failing with "0 active drivers" drops to the torch path once, with a warning.
+* anything else (``eager``; ``grouped_mm`` cannot read packed weights): the torch reference (dequantise per expert).
+
+State-dict names (one stack per bit-width ``b`` present in the layer; ``E_b`` experts of that width):
+    ``expert_bits`` int32 ``[E]``
+    ``expert_slot_w{b}`` int32 ``[E]`` (slot in the stack, -1 if the expert has another width)
+    ``gate_up_proj_packed_w{b}`` int32 ``[E_b, 2I, ceil(H*b/32)]``, ``gate_up_proj_scale_w{b}`` ``[E_b, 2I, G_H]``,
+    ``gate_up_proj_zero_point_w{b}`` int8 ``[E_b, 2I, G_H]`` (asymmetric only), and the same for ``down_proj``
+    (``[E_b, H, ceil(I*b/32)]``, ``[E_b, H, G_I]``).
+Each matrix row is a compressed-tensors pack-quantized row, so per-expert ``gate_proj``/``up_proj``/``down_proj``
+``weight_packed``/``weight_scale``/``weight_zero_point`` keys are slices (:meth:`PackedExperts.expert_linear`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moecompress.errors import MoECompressError, UnsupportedModelError
+from moecompress.kernels.reference import moe_experts_reference
+from moecompress.kernels.runtime import is_missing_driver_error, triton_available
+from moecompress.quantization.packing import SUPPORTED_BITS, PackedLinearWeight, quantize_rtn
+
+BACKEND_NAME = "moecompress_packed"
+
+
+def _is_silu(act_fn: Callable) -> bool:
+    if isinstance(act_fn, nn.SiLU) or type(act_fn).__name__ in ("SiLU", "SiLUActivation"):
+        return True
+    return act_fn is F.silu
+
+
+class PackedExperts(nn.Module):
+    """Routed experts of one MoE block with packed weights. forward(hidden ``[T, H]``, index/weights ``[T, k]``)."""
+
+    def __init__(
+        self,
+        gate_up: list[PackedLinearWeight],
+        down: list[PackedLinearWeight],
+        act_fn: Callable[[torch.Tensor], torch.Tensor],
+        config=None,
+    ) -> None:
+        super().__init__()
+        if not gate_up or len(gate_up) != len(down):
+            raise MoECompressError("PackedExperts needs one packed gate_up and one packed down weight per expert")
+        self.num_experts = len(gate_up)
+        self.intermediate_dim = gate_up[0].shape[0] // 2
+        self.hidden_dim = gate_up[0].shape[1]
+        self.group_size = gate_up[0].group_size
+        self.symmetric = gate_up[0].symmetric
+        for expert, (gu, dn) in enumerate(zip(gate_up, down)):
+            if gu.shape != (2 * self.intermediate_dim, self.hidden_dim) or dn.shape != (self.hidden_dim, self.intermediate_dim):
+                raise MoECompressError(f"expert {expert}: shapes {gu.shape}/{dn.shape} differ from expert 0's")
+            if gu.bits != dn.bits or {gu.group_size, dn.group_size} != {self.group_size} or (
+                gu.symmetric, dn.symmetric) != (self.symmetric, self.symmetric):
+                raise MoECompressError(
+                    f"expert {expert}: gate_up and down must share bits, and all experts of a layer one group size "
+                    "and symmetry; quantize the layer with one scheme per expert"
+                )
+        self.act_fn = act_fn
+        self.config = config
+        self.fuse_silu_glu = _is_silu(act_fn)
+        bits = torch.tensor([w.bits for w in gate_up], dtype=torch.int32)
+        self.register_buffer("expert_bits", bits)
+        for width in sorted(set(bits.tolist())):
+            members = [e for e in range(self.num_experts) if gate_up[e].bits == width]
+            slot = torch.full((self.num_experts,), -1, dtype=torch.int32)
+            slot[members] = torch.arange(len(members), dtype=torch.int32)
+            self.register_buffer(f"expert_slot_w{width}", slot)
+            for name, weights in (("gate_up_proj", gate_up), ("down_proj", down)):
+                self.register_buffer(f"{name}_packed_w{width}", torch.stack([weights[e].packed for e in members]))
+                self.register_buffer(f"{name}_scale_w{width}", torch.stack([weights[e].scales for e in members]))
+                if not self.symmetric:
+                    self.register_buffer(f"{name}_zero_point_w{width}", torch.stack([weights[e].zeros for e in members]))
+        self._driver_missing = False
+
+    # ----- packed views -----------------------------------------------------------------------------------------
+    @property
+    def bit_widths(self) -> list[int]:
+        return sorted(set(self.expert_bits.tolist()))
+
+    def stack(self, name: str, width: int) -> PackedLinearWeight:
+        """All experts of one width for ``gate_up_proj`` or ``down_proj``: packed ``[E_b, N, K]``."""
+        out_features, in_features = (
+            (2 * self.intermediate_dim, self.hidden_dim) if name == "gate_up_proj" else (self.hidden_dim, self.intermediate_dim)
+        )
+        zeros = None if self.symmetric else getattr(self, f"{name}_zero_point_w{width}")
+        return PackedLinearWeight(
+            getattr(self, f"{name}_packed_w{width}"), getattr(self, f"{name}_scale_w{width}"), zeros,
+            width, self.group_size, (out_features, in_features),
+        )
+
+    def expert_linear(self, expert: int, name: str) -> PackedLinearWeight:
+        """One expert's ``gate_up_proj`` ``[2I, H]`` or ``down_proj`` ``[H, I]`` (slice ``rows()`` for gate/up)."""
+        width = int(self.expert_bits[expert])
+        slot = int(getattr(self, f"expert_slot_w{width}")[expert])
+        return self.stack(name, width).select(slot)
+
+    def expert_stacks(self, name: str):
+        from moecompress.kernels.triton_moe import PackedExpertStack
+
+        return [PackedExpertStack(self.stack(name, w), getattr(self, f"expert_slot_w{w}")) for w in self.bit_widths]
+
+    def extra_repr(self) -> str:
+        counts = {w: int((self.expert_bits == w).sum()) for w in self.bit_widths}
+        return (
+            f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+            f"experts_per_bit_width={counts}, group_size={self.group_size}, symmetric={self.symmetric}"
+        )
+
+    # ----- compute ----------------------------------------------------------------------------------------------
+    def _apply_gate(self, gate_up_out: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+    def forward_reference(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """Torch path: dequantise each hit expert and run the eager loop."""
+        gate_up = [self.expert_linear(e, "gate_up_proj") for e in range(self.num_experts)]
+        down = [self.expert_linear(e, "down_proj") for e in range(self.num_experts)]
+        return moe_experts_reference(hidden_states, top_k_index, top_k_weights, gate_up, down, self._apply_gate)
+
+    def forward_triton(self, hidden_states, top_k_index, top_k_weights, config: dict[str, int] | None = None):
+        """Triton path (raises when Triton cannot launch)."""
+        from moecompress.kernels.triton_moe import moe_experts_triton
+
+        return moe_experts_triton(
+            hidden_states, top_k_index, top_k_weights,
+            self.expert_stacks("gate_up_proj"), self.expert_stacks("down_proj"),
+            self.num_experts, self.intermediate_dim,
+            fuse_silu_glu=self.fuse_silu_glu, apply_gate=self._apply_gate, config=config,
+        )
+
+    def forward_packed(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """Kernels where Triton can run, the torch path otherwise."""
+        if not self._driver_missing and triton_available(hidden_states.device):
+            try:
+                return self.forward_triton(hidden_states, top_k_index, top_k_weights)
+            except RuntimeError as error:
+                if not is_missing_driver_error(error):
+                    raise
+                self._driver_missing = True
+                warnings.warn("Triton found no GPU driver; packed experts run on the torch reference path", stacklevel=2)
+        return self.forward_reference(hidden_states, top_k_index, top_k_weights)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        implementation = getattr(self.config, "_experts_implementation", None)
+        if implementation == BACKEND_NAME:
+            return packed_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        return self.forward_reference(hidden_states, top_k_index, top_k_weights)
+
+
+def packed_experts_forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """The ``moecompress_packed`` experts backend: ``self`` is the experts module of a block.
+
+    Packed experts run on the kernels; experts left unpacked (a layer kept in full precision) run their class's
+    eager forward, the fastest torch path on CPU and correct everywhere.
+    """
+    if isinstance(self, PackedExperts):
+        return self.forward_packed(hidden_states, top_k_index, top_k_weights)
+    eager_forward = getattr(type(self).forward, "__wrapped__", None)
+    if eager_forward is None:
+        raise UnsupportedModelError(
+            f"{type(self).__name__} is not a transformers experts class; set experts_implementation='eager'"
+        )
+    return eager_forward(self, hidden_states, top_k_index, top_k_weights)
+
+
+def register_packed_experts_backend() -> str:
+    """Register ``moecompress_packed`` in transformers' ``ExpertsInterface`` (idempotent); returns the name."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(BACKEND_NAME, packed_experts_forward)
+    return BACKEND_NAME
+
+
+BitsSpec = int | Mapping[tuple[int, int], int] | Callable[[int, int], int]
+
+
+def _bits_for(bits: BitsSpec, layer: int, expert: int) -> int:
+    if isinstance(bits, int):
+        width = bits
+    elif callable(bits):
+        width = bits(layer, expert)
+    else:
+        if (layer, expert) not in bits:
+            raise MoECompressError(
+                f"no bit-width for layer {layer}, expert {expert}: the bits map must cover every (layer, expert) "
+                "pair, or pass an int for a uniform width"
+            )
+        width = bits[(layer, expert)]
+    if width not in SUPPORTED_BITS:
+        raise MoECompressError(f"layer {layer}, expert {expert}: {width} bits is not supported; use {SUPPORTED_BITS}")
+    return int(width)
+
+
+@torch.no_grad()
+def pack_model_experts(
+    model: nn.Module,
+    bits: BitsSpec,
+    group_size: int = 128,
+    symmetric: bool = True,
+    set_implementation: bool = True,
+) -> list[PackedExperts]:
+    """Quantise (RTN) the routed experts of every MoE block and swap in :class:`PackedExperts`.
+
+    bits: one width for all, a ``{(layer_index, expert): bits}`` map, or ``fn(layer_index, expert) -> bits``.
+    group_size: input columns per scale (``-1`` per channel). Scales keep the experts' dtype.
+    set_implementation: register the backend and ``model.set_experts_implementation("moecompress_packed")``.
+    Returns the new modules in layer order. Families whose experts are transposed or biased (GPT-OSS) are refused.
+    """
+    from moecompress.models import find_moe_blocks
+
+    packed_modules = []
+    for view in find_moe_blocks(model):
+        if view.storage != "concatenated" or getattr(view.experts, "has_bias", False):
+            raise UnsupportedModelError(
+                f"{view.family}: packed experts support concatenated, bias-free experts (gate_up [E, 2I, H]); "
+                "keep this family's experts unquantized"
+            )
+        gate_up, down = [], []
+        for expert in range(view.num_experts):
+            width = _bits_for(bits, view.layer_index, expert)
+            weights = view.expert_weights(expert)
+            gate_up.append(quantize_rtn(torch.cat([weights.gate, weights.up]), width, group_size, symmetric))
+            down.append(quantize_rtn(weights.down, width, group_size, symmetric))
+        packed = PackedExperts(gate_up, down, view.experts.act_fn, getattr(view.experts, "config", None))
+        packed.to(view.experts.gate_up_proj.device)
+        attribute = next(name for name, child in view.block.named_children() if child is view.experts)
+        setattr(view.block, attribute, packed)
+        packed_modules.append(packed)
+    if not packed_modules:
+        raise UnsupportedModelError("the model has no MoE blocks to pack")
+    if set_implementation:
+        register_packed_experts_backend()
+        model.set_experts_implementation(BACKEND_NAME)
+    return packed_modules
