@@ -18,6 +18,7 @@ renormalisation (softmax or sigmoid score of the expert); "renorm" is the raw we
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -365,7 +366,8 @@ def histogram_quantile(hist: torch.Tensor, q: float) -> float:
     if total == 0:
         return float("nan")
     cumulative = torch.cumsum(hist, 0)
-    index = int(torch.searchsorted(cumulative, torch.tensor(q * total, dtype=cumulative.dtype)))
+    rank = max(math.ceil(q * total), 1)  # the value at 1-based rank ceil(q * n) of the sorted samples
+    index = int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype)))
     return (min(index, len(hist) - 1) + 0.5) / len(hist)
 
 
