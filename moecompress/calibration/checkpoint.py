@@ -27,7 +27,7 @@ from moecompress.errors import CheckpointError
 KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)
 # Per-expert projection names on disk -> canonical role.
 EXPERT_PROJECTION_ROLES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
-_PER_EXPERT_KEY = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<expert>\d+)\.(?P<projection>\w+)\.(?P<kind>weight|bias)$")
+_PER_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<expert>\d+)\.(?P<projection>\w+)\.(?P<kind>weight|bias)$")
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
