@@ -1,0 +1,254 @@
+"""Evaluation tasks: the bundled offline test-bed tasks, a user's task folder, and lm-eval's own tasks by name.
+
+Task definitions are lm-eval YAML files. The bundled ones live in ``moecompress/evals/tasks/`` with their data in
+``tasks/data/*.jsonl``; their ``data_files`` are written relative to the YAML file. lm-eval would resolve a relative
+path against the working directory, so :func:`resolve_tasks` loads each local YAML itself, rewrites relative data
+paths against the YAML's folder, checks the data (every record has the fields the templates use, the gold index is
+in range) and hands lm-eval a finished config dict. Names that are not local (``hellaswag``...) are passed through
+to lm-eval's built-in task index, which needs the dataset hub unless the data is already cached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.meta
+
+from moecompress.errors import TaskError
+
+BUNDLED_TASK_DIR = Path(__file__).resolve().parent / "tasks"
+
+# Output types whose docs pick one of several choices; their gold index must fall inside the choice list.
+CHOICE_OUTPUT_TYPES = {"multiple_choice"}
+
+
+@dataclass
+class ResolvedTasks:
+    """What lm-eval's ``simple_evaluate`` needs: task specs (config dicts or names) and the manager that knows them.
+
+    specs: one entry per task: a config dict (local tasks, data paths made absolute) or a name (lm-eval tasks,
+        user groups and tags).
+    task_manager: a ``lm_eval.tasks.TaskManager`` indexing the bundled folder, the user's folder and, only when a
+        non-local name was asked for, lm-eval's built-in tasks.
+    names: the task names, in the order asked (tags expanded).
+    """
+
+    specs: list[dict[str, Any] | str]
+    task_manager: Any
+    names: list[str] = field(default_factory=list)
+
+
+def bundled_task_names() -> list[str]:
+    """Names of the tasks shipped with moecompress (one YAML each in ``moecompress/evals/tasks/``)."""
+    return sorted(path.stem for path in BUNDLED_TASK_DIR.glob("*.yaml"))
+
+
+def _task_manager(include_paths: list[Path], include_defaults: bool):
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=[str(path) for path in include_paths], include_defaults=include_defaults)
+
+
+def _offline() -> bool:
+    return any(os.environ.get(name, "0") not in ("", "0", "false", "False") for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def resolve_tasks(task_names: list[str], include_path: str | Path | None = None) -> ResolvedTasks:
+    """Turn task names into lm-eval specs, checking every local task's data before any model work starts.
+
+    task_names: bundled task names (``tb_code_next``), tags (``testbed``, ``testbed_mc``, ``testbed_ppl``), names from
+        ``include_path``, or lm-eval task names (these need the hub, or a cached copy of their data).
+    include_path: a folder of the user's own lm-eval YAML tasks; its tasks win over bundled ones of the same name.
+    """
+    if not task_names:
+        raise TaskError(f"no evaluation task given; pass task names, e.g. one of: {', '.join(bundled_task_names())}")
+    include_paths = [BUNDLED_TASK_DIR]
+    if include_path is not None:
+        user_dir = Path(include_path).expanduser().resolve()
+        if not user_dir.is_dir():
+            raise TaskError(f"task folder {user_dir} does not exist; pass --include-path a folder of lm-eval YAML tasks")
+        include_paths.append(user_dir)
+    local_manager = _task_manager(include_paths, include_defaults=False)
+    local_index = local_manager.task_index
+
+    from lm_eval.tasks._index import Kind
+
+    specs: list[dict[str, Any] | str] = []
+    names: list[str] = []
+    remote_names: list[str] = []
+    for name in task_names:
+        entry = local_index.get(name)
+        if entry is None:
+            remote_names.append(name)
+            specs.append(name)
+            names.append(name)
+        elif entry.kind == Kind.TAG and all(
+            local_index.get(member) is not None and local_index[member].kind == Kind.TASK for member in entry.tags
+        ):
+            for member in sorted(entry.tags):  # expand tags so that each member's data gets checked
+                specs.append(local_task_config(local_index[member].yaml_path))
+                names.append(member)
+        elif entry.kind == Kind.TASK and entry.yaml_path is not None:
+            specs.append(local_task_config(entry.yaml_path))
+            names.append(name)
+        else:  # a user group or a Python task: lm-eval builds it from the index
+            specs.append(name)
+            names.append(name)
+
+    if not remote_names:
+        return ResolvedTasks(specs=specs, task_manager=local_manager, names=names)
+
+    full_manager = _task_manager(include_paths, include_defaults=True)
+    unknown = [name for name in remote_names if name not in full_manager.task_index]
+    if unknown:
+        raise TaskError(
+            f"unknown evaluation task(s): {', '.join(unknown)}. Bundled tasks (offline): "
+            f"{', '.join(bundled_task_names())}; tags: testbed, testbed_mc, testbed_ppl. Your own tasks: pass "
+            "--include-path DIR with lm-eval YAML files. lm-eval's task names (e.g. hellaswag) also work when the "
+            "dataset hub can be reached."
+        )
+    if _offline():
+        # Not an error: the hub data may be cached. Said once, so a failure further down is understood.
+        import warnings
+
+        warnings.warn(
+            f"task(s) {', '.join(remote_names)} come from lm-eval's hub tasks and offline mode is set "
+            "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): they work only if their datasets are already cached",
+            stacklevel=2,
+        )
+    return ResolvedTasks(specs=specs, task_manager=full_manager, names=names)
+
+
+def local_task_config(yaml_path: str | Path) -> dict[str, Any]:
+    """Load one local lm-eval YAML task as a config dict, with its local data files made absolute and checked."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    yaml_path = Path(yaml_path).resolve()
+    try:
+        config = load_yaml(yaml_path, resolve_func=True)
+    except Exception as error:  # yaml syntax, a missing include, a bad !function
+        raise TaskError(f"task file {yaml_path} cannot be read ({error}); fix the YAML") from error
+    for structural_key in ("tag", "group", "task_list"):
+        config.pop(structural_key, None)
+    data_files = _absolute_data_files(config, yaml_path)
+    for split_files in data_files.values():
+        for data_file in split_files:
+            validate_task_data(config, data_file, task_file=yaml_path)
+    return config
+
+
+def _absolute_data_files(config: dict[str, Any], yaml_path: Path) -> dict[str, list[Path]]:
+    """Rewrite ``dataset_kwargs.data_files`` relative to the YAML's folder (in place); return {split: [paths]}."""
+    dataset_kwargs = config.get("dataset_kwargs") or {}
+    data_files = dataset_kwargs.get("data_files")
+    if data_files is None:
+        return {}
+    if isinstance(data_files, (str, list)):
+        data_files = {"train": data_files}
+    resolved: dict[str, list[Path]] = {}
+    rewritten: dict[str, Any] = {}
+    for split, files in data_files.items():
+        file_list = [files] if isinstance(files, str) else list(files)
+        paths = []
+        for data_file in file_list:
+            path = Path(data_file).expanduser()
+            if not path.is_absolute():
+                path = (yaml_path.parent / path).resolve()
+            if not path.is_file():
+                raise TaskError(
+                    f"task {config.get('task', yaml_path.stem)}: data file {path} (split '{split}', from {yaml_path}) "
+                    "does not exist; fix dataset_kwargs.data_files (relative paths are relative to the YAML file)"
+                )
+            paths.append(path)
+        resolved[split] = paths
+        rewritten[split] = [str(path) for path in paths] if isinstance(files, list) else str(paths[0])
+    config["dataset_kwargs"] = {**dataset_kwargs, "data_files": rewritten}
+    return resolved
+
+
+def _template_fields(template: Any) -> set[str]:
+    """Document fields a lm-eval ``doc_to_*`` entry reads: a plain field name, or the variables of a Jinja template."""
+    if not isinstance(template, str) or template == "":
+        return set()  # an int, a list, a callable (!function): nothing to check by name
+    if template.isidentifier():
+        return {template}
+    environment = jinja2.Environment()
+    try:
+        return set(jinja2.meta.find_undeclared_variables(environment.parse(template)))
+    except jinja2.TemplateSyntaxError as error:
+        raise TaskError(f"template {template!r} is not valid Jinja ({error}); fix the task YAML") from error
+
+
+def _read_records(data_file: Path) -> list[dict[str, Any]]:
+    """Records of a .jsonl or .json data file; anything else is left to the ``datasets`` builder."""
+    if data_file.suffix == ".jsonl":
+        records = []
+        with data_file.open(encoding="utf-8") as handle:
+            for line_number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise TaskError(f"{data_file}, line {line_number}: not valid JSON ({error.msg}); fix the line") from error
+                if not isinstance(record, dict):
+                    raise TaskError(f"{data_file}, line {line_number}: expected a JSON object per line, got {type(record).__name__}")
+                records.append(record)
+        return records
+    if data_file.suffix == ".json":
+        try:
+            payload = json.loads(data_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise TaskError(f"{data_file}: not valid JSON ({error.msg}); fix the file") from error
+        return payload if isinstance(payload, list) else []
+    return []
+
+
+def validate_task_data(config: dict[str, Any], data_file: Path, *, task_file: Path | None = None) -> None:
+    """Check a task's data against its definition; raise :class:`TaskError` naming the file, line and field.
+
+    Checks: the file is not empty; every record has each field the ``doc_to_text``/``doc_to_choice``/
+    ``doc_to_target`` templates read; for multiple choice with plain field names, the choices are a non-empty list of
+    strings and the gold index is an integer inside it.
+    """
+    task_name = config.get("task", data_file.stem)
+    records = _read_records(data_file)
+    if data_file.suffix in (".jsonl", ".json") and not records:
+        raise TaskError(f"task {task_name}: data file {data_file} holds no records; fill it or remove the task")
+    templates = {key: config.get(key) for key in ("doc_to_text", "doc_to_choice", "doc_to_target") if key in config}
+    needed = {key: _template_fields(value) for key, value in templates.items()}
+    choice_field = templates.get("doc_to_choice") if isinstance(templates.get("doc_to_choice"), str) else None
+    target_field = templates.get("doc_to_target") if isinstance(templates.get("doc_to_target"), str) else None
+    is_choice_task = config.get("output_type") in CHOICE_OUTPUT_TYPES
+    for line_number, record in enumerate(records, start=1):
+        where = f"task {task_name}: {data_file}, record {line_number}"
+        for key, fields in needed.items():
+            missing = sorted(fields - record.keys())
+            if missing:
+                raise TaskError(
+                    f"{where}: missing field(s) {', '.join(missing)} used by {key} "
+                    f"(record has: {', '.join(sorted(record)) or 'nothing'}); fix the data or the task's {key}"
+                )
+        if not (is_choice_task and choice_field and choice_field.isidentifier()):
+            continue
+        choices = record[choice_field]
+        if not isinstance(choices, list) or not choices or not all(isinstance(choice, str) for choice in choices):
+            raise TaskError(f"{where}: field '{choice_field}' must be a non-empty list of strings, got {choices!r:.80}")
+        if target_field and target_field.isidentifier():
+            gold = record[target_field]
+            if isinstance(gold, bool) or not isinstance(gold, int):
+                if isinstance(gold, str) and gold in choices:
+                    continue  # lm-eval also accepts the gold choice's text
+                raise TaskError(
+                    f"{where}: field '{target_field}' must be the index of the right choice (an integer), got {gold!r}"
+                )
+            if not 0 <= gold < len(choices):
+                raise TaskError(
+                    f"{where}: field '{target_field}' = {gold} is out of range for {len(choices)} choices "
+                    f"(valid: 0..{len(choices) - 1}); fix the gold index"
+                )
