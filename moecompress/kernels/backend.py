@@ -89,7 +89,8 @@ class PackedExperts(nn.Module):
     # ----- packed views -----------------------------------------------------------------------------------------
     @property
     def bit_widths(self) -> list[int]:
-        return sorted(set(self.expert_bits.tolist()))
+        """Distinct widths, from the buffer names (no device read: forward stays CUDA-graph capturable)."""
+        return sorted(int(name.rsplit("_w", 1)[1]) for name, _ in self.named_buffers() if name.startswith("expert_slot_w"))
 
     def stack(self, name: str, width: int) -> PackedLinearWeight:
         """All experts of one width for ``gate_up_proj`` or ``down_proj``: packed ``[E_b, N, K]``."""

@@ -59,7 +59,9 @@ def align_pairs_by_expert(top_k_index: torch.Tensor, num_experts: int, block_m: 
         )
     valid = (expert_of_pair >= 0) & (expert_of_pair < num_experts)
     bucket = torch.where(valid, expert_of_pair, num_experts)  # invalid pairs go to a trailing bucket, never launched
-    pair_counts = torch.bincount(bucket, minlength=num_experts + 1)[:num_experts]
+    # scatter_add, not bincount: bincount reads the maximum on the host, which breaks CUDA-graph capture.
+    pair_counts = torch.zeros(num_experts + 1, device=device, dtype=torch.int64)
+    pair_counts = pair_counts.scatter_add_(0, bucket, torch.ones_like(bucket))[:num_experts]
     padded_counts = (pair_counts + block_m - 1) // block_m * block_m
     expert_start = torch.cumsum(padded_counts, 0) - padded_counts  # [E] first slot of each expert's run
     order = torch.argsort(bucket, stable=True)
