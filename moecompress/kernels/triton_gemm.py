@@ -71,28 +71,23 @@ def _packed_linear_kernel(
 
 
 def _gpu_configs() -> list[triton.Config]:
-    """Candidate tilings: GEMV (BM < 16, split-K for long K) and tensor-core GEMM (BM >= 16)."""
+    """Candidate tilings (kept small: each compiles once): GEMV with split-K (BM < 16) and tensor-core GEMM."""
     configs = []
     for block_m in (1, 2, 4, 8):
-        for block_n, block_k in ((32, 128), (64, 128), (32, 256), (64, 64), (128, 64)):
+        for block_n, block_k in ((32, 128), (64, 128), (32, 256), (64, 64)):
             for split_k in (1, 2, 4, 8):
-                for warps in (2, 4):
-                    configs.append(
-                        triton.Config(
-                            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
-                            num_warps=warps, num_stages=3,
-                        )
-                    )
+                configs.append(triton.Config(
+                    {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
+                    num_warps=4, num_stages=3,
+                ))
     for block_m in (16, 32, 64):
-        for block_n, block_k in ((64, 64), (64, 128), (128, 64), (128, 128), (32, 128)):
-            for split_k in (1, 2, 4):
-                for warps, stages in ((4, 3), (4, 4), (8, 3)):
-                    configs.append(
-                        triton.Config(
-                            {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
-                            num_warps=warps, num_stages=stages,
-                        )
-                    )
+        for block_n, block_k in ((64, 64), (64, 128), (128, 64), (32, 128)):
+            for split_k in (1, 2):
+                for warps in (4, 8):
+                    configs.append(triton.Config(
+                        {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "SPLIT_K": split_k},
+                        num_warps=warps, num_stages=3,
+                    ))
     return configs
 
 

@@ -163,8 +163,8 @@ def _grouped_packed_kernel(
 
 def _gpu_configs() -> list[triton.Config]:
     configs = []
-    for block_n, block_k in ((32, 64), (32, 128), (64, 64), (64, 128), (128, 64), (16, 256), (32, 256)):
-        for warps, stages in ((2, 3), (4, 3), (4, 4), (8, 3)):
+    for block_n, block_k in ((32, 64), (32, 128), (64, 64), (64, 128), (16, 256), (32, 256)):
+        for warps, stages in ((4, 3), (8, 3)):
             configs.append(triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages))
     return configs
 
