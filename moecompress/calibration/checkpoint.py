@@ -155,6 +155,7 @@ def build_skeleton(folder: str | Path, *, dtype: torch.dtype | None = None):
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model.tie_weights()  # from_config under init_empty_weights leaves tied embeddings as two meta tensors
     model.eval()
     return model, config
 

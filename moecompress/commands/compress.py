@@ -1,0 +1,70 @@
+"""``moecompress compress MODEL --recipe FILE --out DIR``: run a recipe and write the model and ``report.json``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from moecompress.pipeline import Pipeline, ProgressReporter
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compress",
+        help="compress an MoE model with a recipe",
+        description="Profile MODEL on calibration data (super experts, expert usage), run the recipe's stages, and "
+                    "write the compressed model plus report.json into --out. A recipe with `stages: []` only "
+                    "profiles. A stopped run resumes when re-run with the same recipe.",
+    )
+    parser.add_argument("model", help="model folder or Hugging Face hub id")
+    parser.add_argument("--recipe", required=True, type=Path, help="recipe YAML (see recipes/)")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (never inside MODEL)")
+    parser.add_argument("--device", default=None, help="compute device for calibration and stages (default: cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                        help="compute dtype (default: the checkpoint's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out holding another run")
+    parser.set_defaults(func=run)
+
+
+class RichProgress(ProgressReporter):
+    """Progress bars for the profiling pass, every stage and every calibration pass inside a stage."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.tasks: dict[str, int] = {}
+
+    def start(self, name: str, total: int | None = None) -> None:
+        if name in self.tasks:
+            self.progress.reset(self.tasks[name], total=total)
+        else:
+            self.tasks[name] = self.progress.add_task(name, total=total)
+
+    def update(self, name: str, completed: int, total: int | None = None) -> None:
+        if name not in self.tasks:
+            self.start(name, total)
+        self.progress.update(self.tasks[name], completed=completed, total=total)
+
+    def finish(self, name: str) -> None:
+        if name in self.tasks:
+            task = self.progress.tasks[self.tasks[name]]
+            self.progress.update(self.tasks[name], total=task.total or 1, completed=task.total or 1)
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=True)
+    pipeline = Pipeline.from_recipe(args.recipe)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console, transient=False) as progress:
+        report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+                              progress=RichProgress(progress))
+    model = report.get("model", {})
+    console.print(f"[bold]done[/bold]: {args.out}/report.json")
+    console.print(f"parameters {model.get('parameters_before', 0):,} -> {model.get('parameters_after', 0):,}; "
+                  f"super experts {report.get('super_experts')}; calibration sha256 "
+                  f"{report.get('calibration', {}).get('sha256', '')[:16]}...")
+    for stage in report.get("stages", []):
+        console.print(f"  {stage['method']}: {stage['seconds']:.1f} s" + (" (resumed)" if stage.get("resumed") else ""))
+    return 0

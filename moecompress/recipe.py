@@ -1,0 +1,190 @@
+"""Recipes: a YAML file (or dict) describing calibration data and a list of stages, validated before any work.
+
+```yaml
+calibration:            # optional; default: the bundled set, 64 x 512 tokens
+  files: [data/calib]   # .jsonl (text, optional domain) / .txt files or folders; or `bundled`
+  # dataset: wikitext   # a Hugging Face dataset instead (needs network)
+  num_samples: 64
+  seq_len: 512
+  seed: 0
+stages:                 # may be empty: the run then only profiles the model and writes the report
+  - method: prune_frequency
+    num_experts_to_keep: 24
+```
+
+Every problem is a :class:`moecompress.errors.RecipeError` naming where it is (``stages[1] (prune_frequency):
+num_experts_to_keep``), what is wrong, and what is allowed. Relative calibration paths resolve against the
+recipe file's folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import yaml
+
+from moecompress.errors import RecipeError
+from moecompress.pipeline import STAGE_REGISTRY, Stage
+
+RECIPE_KEYS = ("calibration", "stages")
+
+
+class CalibrationConfig(pydantic.BaseModel):
+    """``calibration:`` section. ``files`` and ``dataset`` are exclusive; neither means the bundled set."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    files: list[str] | None = None
+    dataset: str | None = None
+    dataset_config: str | None = None
+    dataset_split: str = "train"
+    num_samples: int = pydantic.Field(64, ge=1)
+    seq_len: int = pydantic.Field(512, ge=2)
+    seed: int = 0
+    batch_size: int = pydantic.Field(8, ge=1)
+
+    @pydantic.field_validator("files", mode="before")
+    @classmethod
+    def _one_file_is_a_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @pydantic.model_validator(mode="after")
+    def _files_or_dataset(self):
+        if self.files and self.dataset:
+            raise ValueError("give either `files` or `dataset`, not both")
+        return self
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: calibration settings, stage instances, and the dict it came from (for the report)."""
+
+    calibration: CalibrationConfig
+    stages: list[Stage]
+    source: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the normalised recipe (what resuming a stopped run compares)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calibration": self.calibration.model_dump(mode="json", exclude_none=True),
+            "stages": [stage.describe() for stage in self.stages],
+        }
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a YAML recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist; pass the path of a .yaml recipe (see recipes/)")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {path} is not valid YAML: {error}") from None
+    recipe = parse_recipe({} if data is None else data, base_dir=path.parent)
+    recipe.path = path
+    return recipe
+
+
+def parse_recipe(data: Any, *, base_dir: str | Path | None = None) -> Recipe:
+    """Validate a recipe dict: top-level keys, the calibration section, each stage's method and options."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"a recipe must be a mapping with keys {list(RECIPE_KEYS)}, got {type(data).__name__}")
+    unknown = [key for key in data if key not in RECIPE_KEYS]
+    if unknown:
+        raise RecipeError(f"unknown recipe key(s) {unknown}; a recipe has only {list(RECIPE_KEYS)}")
+    calibration = _parse_calibration(data.get("calibration") or {}, base_dir)
+    raw_stages = data.get("stages", [])
+    if raw_stages is None:
+        raw_stages = []
+    if not isinstance(raw_stages, list):
+        raise RecipeError(f"`stages` must be a list of {{method: NAME, ...}} entries, got {type(raw_stages).__name__}")
+    stages = [_parse_stage(index, entry) for index, entry in enumerate(raw_stages)]
+    return Recipe(calibration=calibration, stages=stages, source=data)
+
+
+def known_methods() -> list[str]:
+    _import_stage_modules()
+    return sorted(STAGE_REGISTRY)
+
+
+def _parse_calibration(section: Any, base_dir) -> CalibrationConfig:
+    if not isinstance(section, dict):
+        raise RecipeError(f"`calibration` must be a mapping (files/dataset, num_samples, seq_len, seed), got {section!r}")
+    try:
+        config = CalibrationConfig(**section)
+    except pydantic.ValidationError as error:
+        raise RecipeError(_format_validation_error("calibration", error, CalibrationConfig)) from None
+    if config.files and base_dir is not None:
+        config.files = [entry if entry == "bundled" or Path(entry).expanduser().is_absolute()
+                        else str((Path(base_dir) / entry).resolve()) for entry in config.files]
+    return config
+
+
+def _parse_stage(index: int, entry: Any) -> Stage:
+    where = f"stages[{index}]"
+    if not isinstance(entry, dict) or "method" not in entry:
+        raise RecipeError(f"{where} must be a mapping with a `method` key, e.g. {{method: prune_frequency, ...}}; got {entry!r}")
+    options = dict(entry)
+    method = options.pop("method")
+    methods = known_methods()
+    if method not in STAGE_REGISTRY:
+        failed = f" (modules that failed to import: {_IMPORT_FAILURES})" if _IMPORT_FAILURES else ""
+        raise RecipeError(f"{where}: unknown method {method!r}; known methods: {', '.join(methods)}{failed}")
+    stage_class = STAGE_REGISTRY[method]
+    try:
+        return stage_class(options)
+    except pydantic.ValidationError as error:
+        raise RecipeError(_format_validation_error(f"{where} ({method})", error, stage_class.Options)) from None
+
+
+def _format_validation_error(where: str, error: pydantic.ValidationError, model: type[pydantic.BaseModel]) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(options)"
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r} (allowed: {', '.join(model.model_fields)})")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message} (got {item.get('input')!r})")
+    return f"{where}: " + "; ".join(problems)
+
+
+# Where stages live: every module of these packages (pruning, quantization), and modules of the others whose
+# name mentions "stage" (evals: importing lm-eval for nothing would slow every recipe check down).
+_STAGE_PACKAGES_ALL = ("moecompress.pruning", "moecompress.quantization")
+_STAGE_PACKAGES_NAMED = ("moecompress.evals", "moecompress.analysis", "moecompress.export")
+_IMPORT_FAILURES: dict[str, str] = {}
+
+
+def _import_stage_modules() -> None:
+    """Stages register themselves on import; import every module that may define some.
+
+    A module that fails to import (someone's work in progress) is skipped and named in the unknown-method error.
+    """
+    import importlib
+    import pkgutil
+
+    for package_name in (*_STAGE_PACKAGES_ALL, *_STAGE_PACKAGES_NAMED):
+        try:
+            package = importlib.import_module(package_name)
+        except Exception as error:  # noqa: BLE001 - reported, not hidden
+            _IMPORT_FAILURES[package_name] = f"{type(error).__name__}: {error}"
+            continue
+        for module in pkgutil.iter_modules(package.__path__):
+            if package_name in _STAGE_PACKAGES_NAMED and "stage" not in module.name:
+                continue
+            name = f"{package_name}.{module.name}"
+            try:
+                importlib.import_module(name)
+            except Exception as error:  # noqa: BLE001
+                _IMPORT_FAILURES[name] = f"{type(error).__name__}: {error}"
