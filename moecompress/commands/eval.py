@@ -1,0 +1,75 @@
+"""``moecompress eval MODEL --tasks T1,T2``: score a checkpoint on bundled, user or lm-eval tasks."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "eval",
+        help="score a model on evaluation tasks (bundled offline tasks, your own, or lm-eval's)",
+        description=(
+            "Score MODEL (a checkpoint folder or hub id) with lm-eval, in fp32. Bundled offline tasks: "
+            "tb_code_next, tb_manpages_next, tb_pydocs_next, tb_shakespeare_next, tb_austen_next, tb_kjv_next, "
+            "tb_wordnet_gloss, tb_arith (multiple choice: acc, acc_norm, acc_mutual_info) and tb_ppl_<domain> "
+            "(word_perplexity, byte_perplexity, bits_per_byte); tags testbed, testbed_mc, testbed_ppl."
+        ),
+    )
+    parser.add_argument("model", help="checkpoint folder or hub id")
+    parser.add_argument("--tasks", required=True, help="comma-separated task names or tags, e.g. tb_code_next,tb_arith")
+    parser.add_argument("--limit", type=_limit, default=None, help="at most N documents per task (or a fraction < 1)")
+    parser.add_argument("--batch-size", default="16", help="requests per forward pass, or 'auto' (default 16)")
+    parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    parser.add_argument("--include-path", default=None, help="folder with your own lm-eval YAML tasks")
+    parser.add_argument(
+        "--no-bos", dest="add_bos_token", action="store_false", default=None,
+        help="do not start every request with the tokenizer's BOS token (default: start with it when it exists)",
+    )
+    parser.add_argument(
+        "--joint-encoding", action="store_true",
+        help="tokenize context+choice together (lm-eval's default) instead of each on its own",
+    )
+    parser.add_argument("--json", action="store_true", help="print {task: {metric: value}} as JSON")
+    parser.set_defaults(func=run)
+
+
+def _limit(text: str) -> int | float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"--limit must be positive, got {text}")
+    return int(value) if value >= 1 else value
+
+
+def run(args: argparse.Namespace) -> int:
+    from moecompress.errors import TaskError
+    from moecompress.evals import evaluate_model, resolve_tasks
+    from moecompress.evals.loading import load_model_for_eval
+
+    task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    batch_size: int | str = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    if isinstance(batch_size, int) and batch_size < 1:
+        raise TaskError(f"--batch-size must be at least 1 or 'auto', got {args.batch_size}")
+    resolve_tasks(task_names, include_path=args.include_path)  # bad task names or data fail before the model loads
+    model, tokenizer = load_model_for_eval(args.model, device=args.device)
+    started = time.perf_counter()
+    # With --json, stdout carries only the JSON: anything lm-eval prints goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        scores = evaluate_model(
+            model, tokenizer, task_names, limit=args.limit, batch_size=batch_size, include_path=args.include_path,
+            add_bos_token=args.add_bos_token, encode_separately=not args.joint_encoding,
+        )
+    seconds = time.perf_counter() - started
+    if args.json:
+        print(json.dumps(scores, indent=2, sort_keys=True))
+    else:
+        from rich.console import Console
+
+        from moecompress.evals.tables import scores_table
+
+        Console().print(scores_table({str(args.model): scores}, title=f"moecompress eval ({seconds:.0f} s)"))
+    return 0
