@@ -99,4 +99,5 @@ class FrequencyPruning(Stage):
 
     def _apply(self, context: RunContext, kept_experts: dict[int, list[int]]) -> None:
         keep_experts(context.model, kept_experts, top_k=self.options.top_k)
+        context.mark_statistics_stale()
         context.remap_super_experts(remap_expert_ids(kept_experts))
