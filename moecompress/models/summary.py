@@ -21,8 +21,9 @@ def model_summary(model: nn.Module) -> dict:
          "parameters": {"routed_experts", "shared_experts", "other", "total"},
          "bytes": {same keys}}
 
-    Parameters are counted once even when tied (embeddings); ``other`` is everything that is not a routed or
-    shared expert (attention, norms, embeddings, routers, dense MLPs). Bytes use each tensor's own dtype.
+    Counted tensors are the parameters plus the persistent buffers (DeepSeek's ``e_score_correction_bias``), i.e.
+    what a checkpoint stores; tied tensors (embeddings) count once. ``other`` is everything that is not a routed
+    or shared expert (attention, norms, embeddings, routers, dense MLPs). Bytes use each tensor's own dtype.
     """
     config = text_config(model.config)
     adapter = adapter_for(config)
@@ -55,7 +56,7 @@ def model_summary(model: nn.Module) -> dict:
         )
     counts = {"routed_experts": 0, "shared_experts": 0, "other": 0}
     sizes = {"routed_experts": 0, "shared_experts": 0, "other": 0}
-    for parameter in model.parameters():  # deduplicated: tied weights appear once
+    for parameter in _stored_tensors(model):
         key = "routed_experts" if id(parameter) in routed_ids else "shared_experts" if id(parameter) in shared_ids else "other"
         counts[key] += parameter.numel()
         sizes[key] += parameter.numel() * parameter.element_size()
@@ -71,6 +72,18 @@ def model_summary(model: nn.Module) -> dict:
         "parameters": counts,
         "bytes": sizes,
     }
+
+
+def _stored_tensors(model: nn.Module) -> list:
+    """Parameters (deduplicated: tied weights appear once) and persistent buffers."""
+    tensors = list(model.parameters())
+    seen = {id(t) for t in tensors}
+    for module in model.modules():
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set and id(buffer) not in seen:
+                seen.add(id(buffer))
+                tensors.append(buffer)
+    return tensors
 
 
 def _shared_parameters(shared_expert) -> list[nn.Parameter]:
