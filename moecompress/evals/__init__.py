@@ -5,14 +5,19 @@ ends a pipeline by scoring the original and the compressed model on the same tas
 ``report.json`` into ``report.md`` with plots.
 """
 
+from moecompress.evals.report_md import write_report_markdown
 from moecompress.evals.runner import evaluate_model, run_lm_eval, scores_from_results
+from moecompress.evals.stage import EvaluateStage, score_deltas
 from moecompress.evals.taskdefs import BUNDLED_TASK_DIR, bundled_task_names, resolve_tasks
 
 __all__ = [
     "BUNDLED_TASK_DIR",
+    "EvaluateStage",
     "bundled_task_names",
     "evaluate_model",
     "resolve_tasks",
     "run_lm_eval",
+    "score_deltas",
     "scores_from_results",
+    "write_report_markdown",
 ]

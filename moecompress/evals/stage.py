@@ -1,0 +1,146 @@
+"""The ``evaluate`` stage: score the original and the compressed model on the same tasks, report the deltas.
+
+Recipe::
+
+    - method: evaluate
+      tasks: [tb_code_next, tb_ppl_pycode]   # or a tag: [testbed]
+      limit: 100                             # optional, documents per task
+      batch_size: 16
+
+The original checkpoint (``context.source``) is loaded read-only in fp32, scored, and freed; its scores are cached in
+``<run dir>/eval_cache/`` under a key of everything that changes them (source, tasks, limit, BOS and encoding
+options, the task files' contents), so a resumed run does not score it again. The compressed model
+(``context.model``) is scored in place: its floating-point tensors are cast to fp32 for the evaluation and cast back
+to their own dtypes afterwards (bf16 and fp16 values are exact in fp32, so the round trip changes nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import pydantic
+import torch
+
+from moecompress.errors import RecipeError
+from moecompress.evals.runner import evaluate_model
+from moecompress.evals.taskdefs import resolve_tasks
+from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage
+
+CACHE_FOLDER = "eval_cache"
+
+
+class EvaluateOptions(StageOptions):
+    tasks: list[str] = pydantic.Field(min_length=1, description="task names or tags, e.g. [tb_code_next, testbed_ppl]")
+    limit: pydantic.PositiveInt | pydantic.confloat(gt=0, lt=1) | None = None
+    batch_size: pydantic.PositiveInt | Literal["auto"] = 16
+    include_path: str | None = None
+    add_bos_token: bool | None = None
+    encode_separately: bool = True
+    dtype: Literal["float32", "keep"] = "float32"
+    device: str = "cpu"
+
+    @pydantic.field_validator("tasks", mode="before")
+    @classmethod
+    def _split_comma_string(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+
+def score_deltas(
+    before: dict[str, dict[str, float]], after: dict[str, dict[str, float]]
+) -> dict[str, dict[str, float]]:
+    """``after - before`` for every (task, metric) both have."""
+    return {
+        task: {metric: after[task][metric] - value for metric, value in metrics.items() if metric in after.get(task, {})}
+        for task, metrics in before.items()
+        if task in after
+    }
+
+
+@contextlib.contextmanager
+def evaluated_in_float32(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Cast the model's floating-point parameters and buffers to fp32, and each back to its own dtype on exit.
+
+    Integer tensors (packed low-bit weights) are left alone.
+    """
+    original_dtypes: list[tuple[torch.Tensor, torch.dtype]] = []
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            original_dtypes.append((tensor, tensor.dtype))
+            tensor.data = tensor.data.to(torch.float32)
+    try:
+        yield model
+    finally:
+        for tensor, dtype in original_dtypes:
+            tensor.data = tensor.data.to(dtype)
+
+
+@register_stage
+class EvaluateStage(Stage):
+    """Score ``context.source`` (before) and ``context.model`` (after) on the same tasks; metrics before/after/delta."""
+
+    method = "evaluate"
+    Options = EvaluateOptions
+
+    def run(self, context: RunContext) -> StageResult:
+        options: EvaluateOptions = self.options
+        resolve_tasks(options.tasks, include_path=options.include_path)  # bad tasks fail before any model work
+        if context.tokenizer is None:
+            raise RecipeError("the evaluate stage needs the model's tokenizer; the run has none (save it beside the model)")
+        before = self._original_scores(context)
+        with evaluated_in_float32(context.model) if options.dtype == "float32" else contextlib.nullcontext():
+            after = self._score(context.model, context.tokenizer)
+        return StageResult(metrics={"before": before, "after": after, "delta": score_deltas(before, after)})
+
+    def _score(self, model: Any, tokenizer: Any) -> dict[str, dict[str, float]]:
+        options: EvaluateOptions = self.options
+        return evaluate_model(
+            model, tokenizer, options.tasks, limit=options.limit, batch_size=options.batch_size,
+            include_path=options.include_path, add_bos_token=options.add_bos_token,
+            encode_separately=options.encode_separately,
+        )
+
+    def cache_key(self, source: str) -> str:
+        """Hash of everything that changes the original model's scores."""
+        options: EvaluateOptions = self.options
+        resolved = resolve_tasks(options.tasks, include_path=options.include_path)
+        task_contents = [
+            json.dumps(spec, sort_keys=True, default=repr) if isinstance(spec, dict) else spec for spec in resolved.specs
+        ]
+        data_digests = []
+        for spec in resolved.specs:
+            if isinstance(spec, dict):
+                for files in (spec.get("dataset_kwargs") or {}).get("data_files", {}).values():
+                    for data_file in [files] if isinstance(files, str) else files:
+                        data_digests.append(hashlib.sha256(Path(data_file).read_bytes()).hexdigest())
+        identity = {
+            "source": str(Path(source).resolve()) if Path(source).exists() else str(source),
+            "options": options.model_dump(exclude={"device", "batch_size"}),
+            "tasks": task_contents,
+            "data": data_digests,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _original_scores(self, context: RunContext) -> dict[str, dict[str, float]]:
+        options: EvaluateOptions = self.options
+        cache_file = Path(context.output_dir) / CACHE_FOLDER / f"original-{self.cache_key(context.source)}.json"
+        if cache_file.is_file():
+            return json.loads(cache_file.read_text())["scores"]
+        from moecompress.evals.loading import load_model_for_eval
+
+        dtype = torch.float32 if options.dtype == "float32" else next(context.model.parameters()).dtype
+        original_model, original_tokenizer = load_model_for_eval(context.source, device=options.device, dtype=dtype)
+        try:
+            scores = self._score(original_model, original_tokenizer)
+        finally:
+            del original_model
+            gc.collect()
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        cache_file.write_text(json.dumps({"source": str(context.source), "scores": scores}, indent=1))
+        return scores
