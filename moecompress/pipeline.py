@@ -276,6 +276,7 @@ class _PipelineRun:
         elif self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.overwrite:
             raise MoECompressError(f"output folder {self.output_dir} exists and holds another run; pass --overwrite "
                                    "to replace it, or choose another --out")
+        tokenizer, calibration = self._calibration(checkpoint_folder)  # bad data fails before anything is written
         partial = self.partial_dir
         partial.mkdir(parents=True, exist_ok=True)
         state = _read_json(partial / STATE_FILE) or {}
@@ -283,7 +284,6 @@ class _PipelineRun:
             state = {"recipe_sha256": self.recipe.sha256, "stages": {}, "finished": False}
         state["finished"] = False
 
-        tokenizer, calibration = self._calibration(checkpoint_folder)
         if state.get("calibration_sha256") not in (None, calibration.sha256):
             state = {"recipe_sha256": self.recipe.sha256, "stages": {}, "finished": False}  # other data: start over
         state["calibration_sha256"] = calibration.sha256
