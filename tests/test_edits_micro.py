@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from moecompress.models import EditError, find_moe_blocks, slice_micro_experts, zero_micro_experts
+from moecompress.models import EditError, adapter_for, find_moe_blocks, slice_micro_experts, zero_micro_experts
 from moecompress.models.tiny import tiny_families, tiny_model
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -57,8 +57,8 @@ def test_slicing_equals_zeroing_the_complement(model_type, tmp_path):
     torch.testing.assert_close(sliced, reference, rtol=1e-5, atol=1e-5)
 
     model.save_pretrained(tmp_path)
-    if model_type.startswith("deepseek"):
-        # moe_intermediate_size also sizes DeepSeek's shared experts, so the config cannot say "8": recorded, and
+    if adapter_for(model.config).intermediate_field_shared:
+        # moe_intermediate_size also sizes DeepSeek's (and its copies') shared experts, so the config cannot say "8": recorded, and
         # a plain reload refuses the checkpoint instead of loading wrong shapes.
         assert model.config.moecompress["expert_intermediate_size_per_layer"] == {str(l): 8 for l in layers}
         with pytest.raises(RuntimeError, match="mismatch"):

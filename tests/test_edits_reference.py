@@ -120,7 +120,7 @@ def test_reference_never_routes_to_pruned_experts_and_is_a_no_op_when_nothing_is
             unmasked = model(tokens).logits
         torch.testing.assert_close(unmasked, plain, rtol=0, atol=0)
         pruned = {layer: [1, 4, 6] for layer in layers}
-        group_off = {layer: (1, 1) for layer in layers} if model_type.startswith("deepseek") else None
+        group_off = {v.layer_index: (1, 1) for v in find_moe_blocks(model) if hasattr(v.router, "num_group")}
         with routers_with_pruned_logits(model, pruned, group_off):
             choices = _router_choices(model, tokens)
         for layer, chosen in choices.items():

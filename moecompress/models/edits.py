@@ -114,7 +114,8 @@ def merge_experts(
         :func:`moecompress.models.load_model` compacts it again. Saving without that fails loudly on reload
         (router rows and expert count disagree).
       * ``"collapse"`` (R2): one router row per cluster (the weighted average of its members' rows, likewise
-        router bias and selection bias), top-k clamped to the cluster count; a plain HF model results.
+        router bias and selection bias), top-k clamped to the cluster count, DeepSeek-style group routing turned
+        off (clusters may straddle groups); a plain HF model results.
     """
     if router_rule not in ("remap", "collapse"):
         raise EditError(f"router_rule must be 'remap' or 'collapse', got {router_rule!r}")
@@ -141,7 +142,8 @@ def merge_experts(
             _check_phimoe_top_k(view, len(partition), new_top_k)
             _combine_router(view.router, merge_matrix)
             _set_module_counts(view, num_experts=len(partition), num_router_outputs=len(partition), top_k=new_top_k)
-            _set_group_state(view, *_group_state_for_count(view, len(partition), new_top_k))
+            # A cluster may straddle the original groups, so merged experts have no group: routing goes flat.
+            _set_group_state(view, 1, 1)
     sync_config(model)
 
 
@@ -472,18 +474,6 @@ def _group_state_after_keep(view: MoEBlockView, kept: list[int], top_k: int) -> 
     per_group = int(kept_per_group[0])
     min_per_group = 2 if view.routing.group_score == "top2_sum" else 1
     if bool((kept_per_group == per_group).all()) and per_group >= min_per_group and topk_group * per_group >= top_k:
-        return n_group, topk_group
-    return 1, 1
-
-
-def _group_state_for_count(view: MoEBlockView, num_experts: int, top_k: int) -> tuple[int, int]:
-    """(n_group, topk_group) after collapsing to ``num_experts`` router rows (groups kept if they still split)."""
-    if not hasattr(view.router, "num_group") or int(view.router.num_group) <= 1:
-        return 1, 1
-    n_group, topk_group = int(view.router.num_group), int(view.router.topk_group)
-    per_group = num_experts // n_group
-    min_per_group = 2 if view.routing.group_score == "top2_sum" else 1
-    if num_experts % n_group == 0 and per_group >= min_per_group and topk_group * per_group >= top_k:
         return n_group, topk_group
     return 1, 1
 

@@ -280,6 +280,38 @@ register_adapter(
     )
 )
 
+# DeepSeek-V3's router, copied into other architectures (sigmoid + selection bias, top-2-sum groups, scaling).
+for _model_type, _name in (("glm4_moe", "GLM-4-MoE"), ("dots1", "dots.llm1"), ("solar_open", "Solar-Open")):
+    register_adapter(
+        FamilyAdapter(
+            model_type=_model_type,
+            routing=_deepseek_v3_routing,
+            shared_attr="shared_experts",
+            shared_count_field="n_shared_experts",
+            count_fields=("n_routed_experts",),
+            intermediate_field_shared=True,
+            group_fields=("n_group", "topk_group"),
+            display_name=_name,
+        )
+    )
+register_adapter(
+    FamilyAdapter(
+        model_type="minimax",
+        routing=_softmax_routing(always_renormalize=True),
+        count_fields=("num_local_experts",),
+        intermediate_field="intermediate_size",
+        display_name="MiniMax",
+    )
+)
+register_adapter(
+    FamilyAdapter(
+        model_type="flex_olmo",
+        routing=_softmax_routing(),
+        intermediate_field="intermediate_size",
+        display_name="FlexOlmo",
+    )
+)
+
 
 def supported_families() -> list[str]:
     """Human-readable names of every supported family, for error messages and docs."""

@@ -123,6 +123,40 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
     ),
     "phimoe": ("PhimoeConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16)),
     "granitemoe": ("GraniteMoeConfig", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16)),
+    "glm4_moe": (
+        "Glm4MoeConfig",
+        dict(
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=1.5,
+            num_hidden_layers=3,
+        ),
+    ),
+    "dots1": (
+        "Dots1Config",
+        dict(
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            n_shared_experts=2, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.0,
+            norm_topk_prob=True, num_hidden_layers=3, layer_types=["full_attention"] * 3,
+        ),
+    ),
+    "solar_open": (
+        "SolarOpenConfig",
+        dict(
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, n_shared_experts=1,
+            n_group=2, topk_group=1, routed_scaling_factor=1.5,
+        ),
+    ),
+    "minimax": (
+        "MiniMaxConfig",
+        dict(
+            num_local_experts=8, num_experts_per_tok=2, intermediate_size=16,
+            layer_types=["full_attention", "linear_attention"],
+        ),
+    ),
+    "flex_olmo": (
+        "FlexOlmoConfig",
+        dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16, norm_topk_prob=True, pad_token_id=0, eos_token_id=0),
+    ),
 }
 
 
