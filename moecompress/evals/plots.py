@@ -50,7 +50,7 @@ def expert_usage_heatmaps(usage_by_domain: dict[str, list[list[float]]], out_fil
         axis.tick_params(labelsize=7)
     if image is not None:
         figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of routed tokens")
-    figure.suptitle("Expert usage per layer and calibration domain")
+    figure.suptitle("Expert usage per layer and calibration domain", y=1.04)
     return _save(figure, out_file)
 
 
@@ -82,10 +82,14 @@ def bit_width_map(bit_widths: dict[Any, list[float]], out_file: Path, *, title: 
     figure, axis = plt.subplots(figsize=(max(4.0, 0.3 * width + 2.0), max(2.0, 0.35 * len(layers) + 1.0)))
     image = axis.imshow(bits, aspect="auto", cmap="plasma", interpolation="nearest")
     if width <= 64:
+        low, high = np.nanmin(bits), np.nanmax(bits)
         for row in range(bits.shape[0]):
             for column in range(bits.shape[1]):
                 if not np.isnan(bits[row, column]):
-                    axis.text(column, row, f"{bits[row, column]:g}", ha="center", va="center", fontsize=6, color="white")
+                    # dark text on the bright end of the colour map, light text on the dark end
+                    bright = high > low and (bits[row, column] - low) / (high - low) > 0.6
+                    axis.text(column, row, f"{bits[row, column]:g}", ha="center", va="center", fontsize=6,
+                              color="black" if bright else "white")
     axis.set_yticks(range(len(layers)), [str(layer) for layer, _ in layers])
     axis.set_xlabel("expert")
     axis.set_ylabel("MoE layer")
