@@ -96,7 +96,10 @@ def _router_choices(model, tokens) -> dict[int, torch.Tensor]:
     choices, handles = {}, []
     for view in find_moe_blocks(model):
         def hook(module, args, output, layer=view.layer_index):
-            choices[layer] = output[2].reshape(-1)
+            if len(output) == 2:  # Llama4: dense sigmoid scores, exactly 0 off the top-k
+                choices[layer] = torch.nonzero(output[0] > 0)[:, 1]
+            else:
+                choices[layer] = output[2].reshape(-1)
         handles.append(view.router.register_forward_hook(hook))
     with torch.no_grad():
         model(tokens)

@@ -120,6 +120,12 @@ def merge_experts(
     if router_rule not in ("remap", "collapse"):
         raise EditError(f"router_rule must be 'remap' or 'collapse', got {router_rule!r}")
     views = _views_by_layer(model, clusters)
+    for layer, view in views.items():
+        if router_rule == "remap" and view.routing.scales_expert_input:
+            raise EditError(
+                f"layer {layer}: {view.family} runs every expert densely without expert ids, so a full router "
+                "cannot be remapped onto merged experts; use router_rule='collapse'."
+            )
     for layer, layer_clusters in clusters.items():
         view = views[layer]
         if view.expert_id_map is not None:
@@ -188,7 +194,7 @@ def slice_micro_experts(model: nn.Module, kept_channels: Mapping[int, Sequence[i
         bias = getattr(experts, "gate_up_proj_bias", None)
         if isinstance(bias, torch.Tensor):
             _replace_tensor(experts, "gate_up_proj_bias", bias.index_select(1, fused_index))
-        for attr in ("intermediate_dim", "intermediate_size"):
+        for attr in ("intermediate_dim", "intermediate_size", "expert_dim"):
             if isinstance(getattr(experts, attr, None), int):
                 setattr(experts, attr, int(channel_index.numel()))
     sync_config(model)

@@ -157,6 +157,13 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
         "FlexOlmoConfig",
         dict(num_experts=8, num_experts_per_tok=2, intermediate_size=16, norm_topk_prob=True, pad_token_id=0, eos_token_id=0),
     ),
+    "llama4_text": (
+        "Llama4TextConfig",
+        dict(
+            num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, intermediate_size_mlp=24,
+            interleave_moe_layer_step=1, pad_token_id=0, eos_token_id=0, bos_token_id=0,
+        ),
+    ),
 }
 
 

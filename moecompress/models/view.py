@@ -34,6 +34,8 @@ class RoutingSpec:
     selection: ``topk`` (every family but one) or ``sparsemixer`` (PhiMoE: two sequential argmax picks, each
         weighted by a softmax over the logits within ``2 * sparsemixer_eps`` relative distance of the pick).
     sparsemixer_eps: PhiMoE's ``router_jitter_noise`` (the relative threshold of sparsemixer's mask).
+    scales_expert_input: Llama4 multiplies the expert's *input* by the combine weight (``E_e(g x)``) instead of
+        its output (``g E_e(x)``, every other family).
     """
 
     scoring: Literal["softmax", "sigmoid"]
@@ -47,6 +49,7 @@ class RoutingSpec:
     has_selection_bias: bool = False
     selection: Literal["topk", "sparsemixer"] = "topk"
     sparsemixer_eps: float = 0.0
+    scales_expert_input: bool = False
 
 
 @dataclass
@@ -244,8 +247,13 @@ class MoEBlockView:
         output = torch.zeros_like(hidden_states, dtype=torch.float32)
         for expert in routing.top_k_index.unique().tolist():
             token_idx, slot = torch.where(routing.top_k_index == expert)
-            expert_out = self.expert_forward(expert, hidden_states[token_idx]).float()
-            output.index_add_(0, token_idx, expert_out * routing.top_k_weights[token_idx, slot, None])
+            combine_weights = routing.top_k_weights[token_idx, slot, None]
+            if self.routing.scales_expert_input:
+                scaled_input = (hidden_states[token_idx].float() * combine_weights).to(hidden_states.dtype)
+                output.index_add_(0, token_idx, self.expert_forward(expert, scaled_input).float())
+            else:
+                expert_out = self.expert_forward(expert, hidden_states[token_idx]).float()
+                output.index_add_(0, token_idx, expert_out * combine_weights)
         for shared in self.shared_experts:
             output = output + shared.forward(hidden_states).float()
         return output.to(hidden_states.dtype)
