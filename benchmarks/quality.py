@@ -43,16 +43,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json-out", type=Path, default=None, help="write {model: {task: {metric: value}}} here")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown instead of rich")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--merge", type=Path, nargs="+", default=None, metavar="JSON",
+        help="evaluate nothing: print one table from --json-out files of earlier runs (e.g. one run per model)",
+    )
     args = parser.parse_args(argv)
+    if args.merge:
+        scores_by_model: dict[str, dict[str, dict[str, float]]] = {}
+        for json_file in args.merge:
+            scores_by_model.update(json.loads(json_file.read_text())["scores"])
+        _print_table(scores_by_model, markdown=args.markdown)
+        return 0
 
     import torch
-    from rich.console import Console
 
     from moecompress.evals import evaluate_model
     from moecompress.evals.loading import load_model_for_eval
-    from moecompress.evals.tables import scores_markdown, scores_table
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     scores_by_model: dict[str, dict[str, dict[str, float]]] = {}
@@ -68,11 +78,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_out:  # written after every model, so a long run leaves what it has
             args.json_out.write_text(json.dumps({"scores": scores_by_model, "seconds": seconds_by_model}, indent=1))
 
-    if args.markdown:
+    _print_table(scores_by_model, markdown=args.markdown)
+    return 0
+
+
+def _print_table(scores_by_model: dict[str, dict[str, dict[str, float]]], *, markdown: bool) -> None:
+    from rich.console import Console
+
+    from moecompress.evals.tables import scores_markdown, scores_table
+
+    if markdown:
         print(scores_markdown(scores_by_model))
     else:
         Console(width=160).print(scores_table(scores_by_model, title="moecompress quality benchmark (fp32)"))
-    return 0
 
 
 def _stdout_to_stderr():

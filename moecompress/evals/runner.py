@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-from moecompress.evals.lm import build_lm
 from moecompress.evals.taskdefs import resolve_tasks
 
 
@@ -28,7 +27,9 @@ def run_lm_eval(
     Every local task's data is checked before the model runs. The model is used as given (its dtype and device);
     global random seeds are left alone (lm-eval would otherwise reseed torch, numpy and ``random``).
     """
-    import lm_eval
+    import lm_eval  # imported here: it takes seconds, and importing moecompress.evals must stay cheap
+
+    from moecompress.evals.lm import build_lm
 
     resolved = resolve_tasks(tasks, include_path=include_path)
     language_model = build_lm(
