@@ -167,6 +167,10 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
 }
 
 
+# One family per storage layout / routing rule: what fast test runs cover when a check is costly per family.
+CORE_TINY_FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe", "llama4_text")
+
+
 def tiny_families() -> list[str]:
     """model_type of every family with a tiny model."""
     return list(_TINY_SPECS)
