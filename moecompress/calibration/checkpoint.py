@@ -72,7 +72,7 @@ class LazyCheckpoint:
         self.files: dict[str, tuple[str, str]] = {}  # model key -> (file name, key on disk)
         for disk_key, file_name in weight_map.items():
             self.files[rename_key(disk_key)] = (file_name, disk_key)
-        self._handles: dict[str, object] = {}
+        self._handles: dict[str, object] = {}  # open files while one module loads (closed after: see load_module)
 
     def keys_under(self, prefix: str) -> list[str]:
         return [key for key in self.files if key.startswith(prefix)]
@@ -88,7 +88,12 @@ class LazyCheckpoint:
 
     def load_module(self, module: nn.Module, prefix: str, *, dtype: torch.dtype, device: torch.device | str) -> None:
         """Materialise ``module``'s parameters and persistent buffers from the checkpoint (``prefix`` = its path + '.')."""
-        state = {key[len(prefix):]: self.read(key) for key in self.keys_under(prefix)}
+        try:
+            state = {key[len(prefix):]: self.read(key) for key in self.keys_under(prefix)}
+        finally:
+            # safetensors memory-maps each file; pages read stay mapped (and count as resident) while a handle is
+            # open, so close them after every module to keep the pass's memory at one layer
+            self._handles.clear()
         state = fuse_expert_tensors(state)
         expected = module.state_dict()
         missing = [key for key in expected if key not in state]

@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="compute dtype (default: the checkpoint's)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out holding another run")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
     parser.set_defaults(func=run)
 
 
@@ -55,6 +57,10 @@ class RichProgress(ProgressReporter):
 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     pipeline = Pipeline.from_recipe(args.recipe)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=False) as progress:

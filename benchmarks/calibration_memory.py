@@ -1,0 +1,152 @@
+"""Peak memory of a lazy layer-by-layer calibration pass on a checkpoint much larger than the memory it may use.
+
+1. Writes a random-init Qwen3-MoE checkpoint (bf16, per-expert keys like transformers saves, one safetensors shard
+   per decoder layer, an index) layer by layer, so writing it never holds the model in memory either.
+2. Runs the calibration pass on it in a child process whose address space is capped with ``RLIMIT_AS``
+   (default 1 GiB: a hard limit; any allocation beyond it fails) and reports the child's peak RSS
+   (``ru_maxrss``) next to the checkpoint size.
+
+    python benchmarks/calibration_memory.py --folder /tmp/moe-3gb --size-gb 3 --limit-gb 1
+
+The model is random, so the statistics are meaningless; only memory and time are measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STATISTICS = ["max_abs_expert_output", "expert_token_counts", "reap_sums", "router_logit_gram", "tcess_markers"]
+
+
+def shape_for_size(size_gb: float) -> dict:
+    """A Qwen3-MoE config (hidden 1024, 64 experts of I=512, top-8) with enough layers for ``size_gb`` of bf16."""
+    hidden, experts, inter = 1024, 64, 512
+    expert_params = experts * 3 * hidden * inter
+    attention_params = 4 * hidden * hidden
+    layers = max(2, round(size_gb * 1e9 / 2 / (expert_params + attention_params + experts * hidden)))
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": 128,
+        "intermediate_size": 2048, "moe_intermediate_size": inter, "num_experts": experts, "num_experts_per_tok": 8,
+        "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "vocab_size": 8192,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "dtype": "bfloat16",
+        "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0, "hidden_act": "silu",
+    }
+
+
+def write_checkpoint(folder: Path, size_gb: float, seed: int = 0) -> int:
+    """Random bf16 weights, one shard per layer. Returns the bytes written."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = shape_for_size(size_gb)
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inter, experts = config["hidden_size"], config["moe_intermediate_size"], config["num_experts"]
+    heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+
+    def weight(*shape, scale=0.02):
+        return (torch.randn(*shape, generator=generator) * scale).to(torch.bfloat16)
+
+    weight_map, total = {}, 0
+
+    def save(file_name: str, tensors: dict) -> int:
+        save_file(tensors, str(folder / file_name), metadata={"format": "pt"})
+        weight_map.update({key: file_name for key in tensors})
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    total += save("model-embed.safetensors", {"model.embed_tokens.weight": weight(config["vocab_size"], hidden),
+                                              "model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16)})
+    for layer in range(config["num_hidden_layers"]):
+        prefix = f"model.layers.{layer}."
+        tensors = {
+            prefix + "input_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            prefix + "post_attention_layernorm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+            prefix + "self_attn.q_proj.weight": weight(heads * head_dim, hidden),
+            prefix + "self_attn.k_proj.weight": weight(kv_heads * head_dim, hidden),
+            prefix + "self_attn.v_proj.weight": weight(kv_heads * head_dim, hidden),
+            prefix + "self_attn.o_proj.weight": weight(hidden, heads * head_dim),
+            prefix + "self_attn.q_norm.weight": torch.ones(head_dim, dtype=torch.bfloat16),
+            prefix + "self_attn.k_norm.weight": torch.ones(head_dim, dtype=torch.bfloat16),
+            prefix + "mlp.gate.weight": weight(experts, hidden, scale=0.2),
+        }
+        for expert in range(experts):
+            tensors[prefix + f"mlp.experts.{expert}.gate_proj.weight"] = weight(inter, hidden)
+            tensors[prefix + f"mlp.experts.{expert}.up_proj.weight"] = weight(inter, hidden)
+            tensors[prefix + f"mlp.experts.{expert}.down_proj.weight"] = weight(hidden, inter)
+        total += save(f"model-layer{layer:03d}.safetensors", tensors)  # one layer in memory at a time
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                     "weight_map": weight_map}))
+    return total
+
+
+def child(folder: Path, limit_bytes: int, num_samples: int, seq_len: int, batch_size: int, dtype: str) -> None:
+    """The measured process: cap the address space, run the pass, print JSON."""
+    if limit_bytes:
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    import torch
+
+    from moecompress.calibration import LayerwiseRunner
+
+    torch.manual_seed(0)
+    input_ids = torch.randint(1, 8192, (num_samples, seq_len))
+    input_ids[:, 0] = 0
+    started = time.perf_counter()
+    runner = LayerwiseRunner.from_source(folder, dtype=getattr(torch, dtype))
+    run = runner.run(input_ids, STATISTICS, batch_size=batch_size)
+    seconds = time.perf_counter() - started
+    counts = sum(int(stats["expert_token_counts"].sum()) for stats in run.layers.values())
+    print(json.dumps({"seconds": seconds, "layers": len(run.layers), "routed_token_slots": counts,
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/moecompress-bench-3gb"))
+    parser.add_argument("--size-gb", type=float, default=3.0)
+    parser.add_argument("--limit-gb", type=float, default=1.0, help="RLIMIT_AS of the measured process (0: none)")
+    parser.add_argument("--num-samples", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        child(args.folder, int(args.limit_gb * 2**30), args.num_samples, args.seq_len, args.batch_size, args.dtype)
+        return
+    if not (args.folder / "model.safetensors.index.json").is_file():
+        started = time.perf_counter()
+        written = write_checkpoint(args.folder, args.size_gb)
+        print(f"wrote {written / 2**30:.2f} GiB random bf16 checkpoint to {args.folder} in {time.perf_counter() - started:.0f} s")
+    checkpoint_bytes = sum(f.stat().st_size for f in args.folder.glob("*.safetensors"))
+    command = [sys.executable, __file__, "--child", "--folder", str(args.folder), "--limit-gb", str(args.limit_gb),
+               "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
+               "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads)]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if result.returncode != 0:
+        print(result.stdout, result.stderr[-4000:], sep="\n")
+        raise SystemExit(f"calibration pass failed (exit {result.returncode})")
+    measured = json.loads(result.stdout.strip().splitlines()[-1])
+    peak = measured["peak_rss_bytes"]
+    print(f"checkpoint on disk: {checkpoint_bytes / 2**30:.2f} GiB ({shape_for_size(args.size_gb)['num_hidden_layers']} layers)")
+    print(f"address-space limit of the pass: {args.limit_gb:.2f} GiB (RLIMIT_AS)" if args.limit_gb else "no limit")
+    print(f"calibration pass: {args.num_samples} x {args.seq_len} tokens, {args.dtype}, {measured['seconds']:.1f} s, "
+          f"{measured['layers']} MoE layers")
+    print(f"peak RSS: {peak / 2**30:.2f} GiB = {peak / checkpoint_bytes:.2f} x the checkpoint size")
+
+
+if __name__ == "__main__":
+    main()
