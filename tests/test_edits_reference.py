@@ -109,8 +109,6 @@ def _router_choices(model, tokens) -> dict[int, torch.Tensor]:
 
 
 def test_reference_never_routes_to_pruned_experts_and_is_a_no_op_when_nothing_is_pruned():
-    import pytest
-
     from moecompress.models.tiny import tiny_families, tiny_model
 
     tokens = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(0))

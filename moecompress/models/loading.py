@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from moecompress.errors import CheckpointError, UnsupportedModelError
+from moecompress.errors import CheckpointError
 from moecompress.models.edits import restore_expert_id_map
 from moecompress.models.families import adapter_for, find_moe_blocks
 
@@ -160,4 +160,4 @@ def _load_tokenizer(source: str | Path, local: Path | None):
         raise CheckpointError(f"the tokenizer of {source} cannot be loaded: {error}") from error
 
 
-__all__ = ["load_config", "load_model", "validate_safetensors", "UnsupportedModelError"]
+__all__ = ["load_config", "load_model", "validate_safetensors"]
