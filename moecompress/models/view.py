@@ -93,6 +93,9 @@ class SharedExpert:
 class MoEBlockView:
     """Uniform view of one MoE block.
 
+    A view is a snapshot: ``routing`` is read from the modules when the view is built, so fetch views again
+    (``find_moe_blocks``) after an edit. The tensors it returns are the live ones.
+
     Attributes:
         layer_index: decoder layer index in the model.
         path: dotted module path of the block (``model.layers.3.mlp``).
