@@ -139,7 +139,7 @@ def test_bos_requested_without_a_bos_token_is_an_error(mixtral):
 
 def test_multiple_choice_matches_an_independent_scorer_item_by_item(mixtral):
     model, tokenizer = mixtral
-    item_count = 12
+    item_count = 8
     results = run_lm_eval(model, tokenizer, ["tb_code_next"], limit=item_count, batch_size=8, log_samples=True)
     samples = sorted(results["samples"]["tb_code_next"], key=lambda sample: sample["doc_id"])
     documents = read_jsonl(BUNDLED_TASK_DIR / "data" / "tb_code_next.jsonl", item_count)
@@ -200,7 +200,7 @@ def test_model_object_is_scored_in_memory_without_reloading(mixtral, monkeypatch
 
 def test_user_task_folder_is_scored(mixtral, tmp_path):
     model, tokenizer = mixtral
-    documents = read_jsonl(BUNDLED_TASK_DIR / "data" / "tb_arith.jsonl", 6)
+    documents = read_jsonl(BUNDLED_TASK_DIR / "data" / "tb_arith.jsonl", 4)
     records = [{"context": d["context"], "choices": d["choices"], "gold": d["gold"]} for d in documents]
     folder = write_mc_task(tmp_path / "my tasks", records, name="my_arith", data_name="data.jsonl")
     scores = evaluate_model(model, tokenizer, ["my_arith"], include_path=folder, batch_size=8)["my_arith"]
