@@ -26,8 +26,10 @@ STATISTICS = ["max_abs_expert_output", "expert_token_counts", "reap_sums", "rout
 
 
 def shape_for_size(size_gb: float) -> dict:
-    """A Qwen3-MoE config (hidden 1024, 64 experts of I=512, top-8) with enough layers for ``size_gb`` of bf16."""
-    hidden, experts, inter = 1024, 64, 512
+    """A Qwen3-MoE config (hidden 1024, 64 experts of I=256, top-8) with enough layers for ``size_gb`` of bf16.
+
+    Many thin layers rather than few wide ones: the point is that memory follows one layer, not the model."""
+    hidden, experts, inter = 1024, 64, 256
     expert_params = experts * 3 * hidden * inter
     attention_params = 4 * hidden * hidden
     layers = max(2, round(size_gb * 1e9 / 2 / (expert_params + attention_params + experts * hidden)))
@@ -117,7 +119,8 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
+                        help="compute dtype of each loaded layer (bf16 matmuls are very slow on this CPU)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

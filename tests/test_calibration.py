@@ -153,3 +153,25 @@ def test_unknown_statistic_is_rejected(testbed, tokenizer):
     calibration = load_calibration(tokenizer, files=[testbed / "calib"], num_samples=1, seq_len=8)
     with pytest.raises(CalibrationError, match="unknown calibration statistic"):
         LayerwiseRunner.from_source(model_folder("moe-ref-q3")).run(calibration, ["router_logit_means"])
+
+
+def test_statistics_after_a_merge_that_kept_the_full_router(tokenizer, testbed):
+    """Router statistics stay per router output; expert statistics follow the stored (merged) experts, and the
+    pass still reproduces the merged model's own forward."""
+    from transformers import AutoModelForCausalLM
+
+    from moecompress.models.edits import merge_experts
+
+    model = AutoModelForCausalLM.from_pretrained(model_folder("moe-ref-mx"), dtype=torch.float32, experts_implementation="eager")
+    merge_experts(model, {1: [[0, 1], [2, 3], [4], [5], [6], [7]]}, router_rule="remap")
+    calibration = load_calibration(tokenizer, files=[testbed / "calib"], num_samples=2, seq_len=32)
+    with torch.no_grad():
+        reference = model.model(calibration.input_ids, use_cache=False).last_hidden_state
+    run = LayerwiseRunner.from_source(model).run(
+        calibration, ["router_logit_gram", "expert_token_counts", "reap_sums", "routing_weight_sums_raw"],
+        batch_size=2, return_hidden_states=True)
+    assert torch.allclose(model.model.norm(run.final_hidden_states[0]), reference, atol=1e-4, rtol=1e-4)
+    merged = run.layers[1]
+    assert merged["router_logit_gram"].shape == (8, 8)
+    assert merged["expert_token_counts"].shape == (6,) and merged["reap_sums"].shape == (6,)
+    assert int(merged["expert_token_counts"].sum()) == 2 * 2 * 32  # top-2 picks, merged ids may repeat per token

@@ -101,7 +101,8 @@ class LayerCollector:
         raw_weights = renorm_weights = combine_weights
         if self._uses_router or self._uses_experts:
             logits = view.router_logits(hidden_states)
-            if view.routing.softmax_after_topk:
+            if view.routing.softmax_after_topk or getattr(view, "expert_id_map", None) is not None:
+                # top-k over k logits only, or stored ids that no longer index the router outputs
                 raw_weights = combine_weights
             else:
                 scores = torch.softmax(logits, dim=-1) if view.routing.scoring == "softmax" else torch.sigmoid(logits)

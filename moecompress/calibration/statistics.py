@@ -14,6 +14,8 @@ Conventions: ``E`` routed experts, ``d`` hidden size, ``I`` expert intermediate 
 ``k`` top-k. "combine weight" ``c`` is the weight the model multiplies the expert output by (renormalised or not,
 times the routed scaling factor: whatever the family does). "raw" weight is the selection probability before
 renormalisation (softmax or sigmoid score of the expert); "renorm" is the raw weight divided by the token's top-k sum.
+Router statistics (logit mean, Gram, TCESS) are per router output; after a merge that kept the full router
+(``expert_id_map``) those outnumber the stored experts, and raw/renorm weights fall back to the combine weights.
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class Statistic:
 
     def __init__(self, view: MoEBlockView, options: dict[str, Any] | None = None) -> None:
         self.num_experts = view.num_experts
+        # router outputs differ from stored experts only after a merge that kept the full router
+        self.num_router_outputs = int(getattr(view, "num_router_outputs", view.num_experts))
         self.hidden_size = view.hidden_size
         self.intermediate_size = view.intermediate_size
         self.view = view
@@ -144,7 +148,7 @@ class RouterLogitMean(Statistic):
 
     def __init__(self, view, options=None):
         super().__init__(view, options)
-        self.sum = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.sum = torch.zeros(self.num_router_outputs, dtype=torch.float64)
         self.count = 0
 
     def on_router(self, batch):
@@ -162,7 +166,7 @@ class RouterLogitGram(Statistic):
 
     def __init__(self, view, options=None):
         super().__init__(view, options)
-        self.gram = torch.zeros(self.num_experts, self.num_experts, dtype=torch.float64)
+        self.gram = torch.zeros(self.num_router_outputs, self.num_router_outputs, dtype=torch.float64)
 
     def on_router(self, batch):
         logits = batch.logits.double()
@@ -203,7 +207,7 @@ class TcessMarkers(Statistic):
         self.top_k = int(self.options.get("top_k") or view.routing.top_k)
         self.threshold = float(self.options.get("threshold", -1.0))
         self.phi = str(self.options.get("phi", "identity"))
-        self.sum = torch.zeros(self.num_experts, dtype=torch.float64)
+        self.sum = torch.zeros(self.num_router_outputs, dtype=torch.float64)
         self.count = 0
 
     def on_router(self, batch):
