@@ -57,7 +57,9 @@ class FamilyAdapter:
 
     def is_moe_block(self, block: nn.Module) -> bool:
         experts = getattr(block, self.experts_attr, None)
-        return experts is not None and hasattr(experts, "gate_up_proj") and hasattr(block, self.router_attr)
+        # Packed (quantized) experts expose `expert_linear` instead of fused float tensors.
+        is_experts = experts is not None and (hasattr(experts, "gate_up_proj") or hasattr(experts, "expert_linear"))
+        return is_experts and hasattr(block, self.router_attr)
 
     def view(self, model_config, layer_index: int, path: str, block: nn.Module) -> MoEBlockView:
         router = getattr(block, self.router_attr)
@@ -80,7 +82,7 @@ class FamilyAdapter:
             experts=experts,
             routing=self.routing(model_config, router),
             activation=activation,
-            storage=self.storage,  # type: ignore[arg-type]
+            storage="packed" if hasattr(experts, "expert_linear") else self.storage,  # type: ignore[arg-type]
             shared_experts=shared,
             glu=glu,
         )

@@ -107,7 +107,8 @@ class MoEBlockView:
         shared_experts: always-on experts (may be empty).
         storage: how the fused tensors are laid out: ``concatenated`` (``[E, 2I, d]`` gate rows then up rows,
             down ``[E, d, I]``), ``transposed_interleaved`` (GPT-OSS: ``[E, d, 2I]`` gate/up interleaved,
-            down ``[E, I, d]``), ``transposed`` (``[E, d, 2I]`` concatenated, down ``[E, I, d]``).
+            down ``[E, I, d]``), ``transposed`` (``[E, d, 2I]`` concatenated, down ``[E, I, d]``), ``packed``
+            (quantized experts from ``moecompress.kernels``: ``expert_weights`` dequantises).
     """
 
     layer_index: int
@@ -118,7 +119,7 @@ class MoEBlockView:
     experts: nn.Module
     routing: RoutingSpec
     activation: Callable[[torch.Tensor], torch.Tensor]
-    storage: Literal["concatenated", "transposed", "transposed_interleaved"] = "concatenated"
+    storage: Literal["concatenated", "transposed", "transposed_interleaved", "packed"] = "concatenated"
     shared_experts: list[SharedExpert] = field(default_factory=list)
     glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # Optional family hooks (set by adapters that need them).
@@ -128,6 +129,8 @@ class MoEBlockView:
     @property
     def num_experts(self) -> int:
         """Routed experts stored in this block (after merging: the merged count)."""
+        if self.storage == "packed":
+            return int(self.experts.num_experts)
         return int(self.experts.gate_up_proj.shape[0])
 
     @property
@@ -151,6 +154,8 @@ class MoEBlockView:
     @property
     def intermediate_size(self) -> int:
         """Expert intermediate size ``I``."""
+        if self.storage == "packed":
+            return int(self.experts.intermediate_dim)
         gate_up = self.experts.gate_up_proj
         return int(gate_up.shape[1] if self.storage == "concatenated" else gate_up.shape[2]) // 2
 
@@ -195,8 +200,14 @@ class MoEBlockView:
 
     # ----- experts ---------------------------------------------------------------------------------------------
     def expert_weights(self, expert: int) -> ExpertWeights:
-        """Expert ``expert`` in canonical layout (views into the fused tensors where the layout allows)."""
+        """Expert ``expert`` in canonical layout (views into the fused tensors where the layout allows).
+
+        Packed (quantized) experts are dequantised: the result is what the packed kernels compute with.
+        """
         experts = self.experts
+        if self.storage == "packed":
+            gate, up = experts.expert_linear(expert, "gate_up_proj").dequantize().chunk(2, dim=0)
+            return ExpertWeights(gate=gate, up=up, down=experts.expert_linear(expert, "down_proj").dequantize())
         gate_up = experts.gate_up_proj[expert]
         down = experts.down_proj[expert]
         gate_up_bias = getattr(experts, "gate_up_proj_bias", None)
