@@ -87,30 +87,91 @@ class LazyCheckpoint:
         return handle.get_tensor(disk_key)
 
     def load_module(self, module: nn.Module, prefix: str, *, dtype: torch.dtype, device: torch.device | str) -> None:
-        """Materialise ``module``'s parameters and persistent buffers from the checkpoint (``prefix`` = its path + '.')."""
+        """Materialise ``module``'s parameters and persistent buffers from the checkpoint (``prefix`` = its path + '.').
+
+        Fused expert tensors are allocated once in the target dtype and filled expert by expert as they are read,
+        so loading a layer needs about its own size, not two or three copies of it.
+        """
+        expected = module.state_dict()
+        per_expert = _per_expert_keys(key[len(prefix):] for key in self.keys_under(prefix))
+        loaded: dict[str, torch.Tensor] = {}
         try:
-            state = {key[len(prefix):]: self.read(key) for key in self.keys_under(prefix)}
+            for key, target in expected.items():
+                wanted_dtype = dtype if target.is_floating_point() else target.dtype
+                if prefix + key in self.files:
+                    tensor = self.read(prefix + key)
+                    _check_shape(prefix + key, tensor, target)
+                    loaded[key] = tensor.to(device=device, dtype=wanted_dtype)
+                    continue
+                fused = _fused_target(key)
+                if fused is None or fused[0] not in per_expert:
+                    raise CheckpointError(
+                        f"checkpoint {self.folder} lacks {prefix}{key}; the checkpoint does not match its config "
+                        "(re-save it with transformers)"
+                    )
+                experts_prefix, tensor_name = fused
+                loaded[key] = self._fill_fused(prefix + experts_prefix, per_expert[experts_prefix], tensor_name,
+                                               target, wanted_dtype, device)
         finally:
             # safetensors memory-maps each file; pages read stay mapped (and count as resident) while a handle is
             # open, so close them after every module to keep the pass's memory at one layer
             self._handles.clear()
-        state = fuse_expert_tensors(state)
-        expected = module.state_dict()
-        missing = [key for key in expected if key not in state]
-        if missing:
-            raise CheckpointError(
-                f"checkpoint {self.folder} lacks {len(missing)} weight(s) of {prefix.rstrip('.')}, e.g. {missing[:3]}; "
-                "the checkpoint does not match its config (re-save it with transformers)"
-            )
-        loaded = {}
-        for key, target in expected.items():
-            tensor = state[key]
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise CheckpointError(f"{prefix}{key} has shape {tuple(tensor.shape)} on disk but the config gives "
-                                      f"{tuple(target.shape)}; the checkpoint does not match its config")
-            wanted_dtype = dtype if tensor.is_floating_point() and target.is_floating_point() else target.dtype
-            loaded[key] = tensor.to(device=device, dtype=wanted_dtype)
         module.load_state_dict(loaded, strict=True, assign=True)
+
+    def _fill_fused(self, experts_path: str, roles: dict, tensor_name: str, target: torch.Tensor, dtype, device):
+        """One fused tensor (``gate_up_proj [E, 2I, d]``, ``down_proj [E, d, I]`` or their biases) from per-expert
+        keys, concatenated layout (gate rows, then up rows)."""
+        is_bias = tensor_name.endswith("_bias")
+        parts = ("gate", "up") if tensor_name.startswith("gate_up_proj") else ("down",)
+        suffix = "_bias" if is_bias else ""
+        num_experts = target.shape[0]
+        for part in parts:
+            found = sorted(roles.get(part + suffix, {}))
+            if found != list(range(num_experts)):
+                raise CheckpointError(f"{experts_path}: per-expert {part} weights are incomplete on disk (expected "
+                                      f"experts 0..{num_experts - 1}, found {len(found)}); the checkpoint is corrupt")
+        fused = torch.empty(target.shape, dtype=dtype, device=device)
+        for expert in range(num_experts):
+            offset = 0
+            for part in parts:
+                tensor = self.read(f"{experts_path}.{roles[part + suffix][expert]}")
+                rows = tensor.shape[0]
+                if offset + rows > fused.shape[1] or tuple(tensor.shape[1:]) != tuple(fused.shape[2:]):
+                    raise CheckpointError(f"{experts_path}.{expert}: {part} has shape {tuple(tensor.shape)}, which does "
+                                          f"not fit the fused {tensor_name} {tuple(target.shape)}; checkpoint and config differ")
+                fused[expert, offset:offset + rows].copy_(tensor)
+                offset += rows
+            if offset != fused.shape[1]:
+                raise CheckpointError(f"{experts_path}.{expert}: per-expert tensors fill {offset} of {fused.shape[1]} rows "
+                                      f"of {tensor_name}; checkpoint and config differ")
+        return fused
+
+
+def _per_expert_keys(keys) -> dict[str, dict[str, dict[int, str]]]:
+    """``{experts prefix: {role (gate/up/down, +_bias): {expert: key suffix after the prefix}}}``."""
+    grouped: dict[str, dict[str, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
+    for key in keys:
+        match = _PER_EXPERT_KEY.match(key)
+        role = EXPERT_PROJECTION_ROLES.get(match.group("projection")) if match else None
+        if role is None:
+            continue
+        suffix = "" if match.group("kind") == "weight" else "_bias"
+        grouped[match.group("prefix")][role + suffix][int(match.group("expert"))] = key[len(match.group("prefix")) + 1:]
+    return grouped
+
+
+def _fused_target(key: str) -> tuple[str, str] | None:
+    """``mlp.experts.gate_up_proj`` -> (``mlp.experts``, ``gate_up_proj``); None for other keys."""
+    prefix, _, name = key.rpartition(".")
+    if name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
+        return prefix, name
+    return None
+
+
+def _check_shape(key: str, tensor: torch.Tensor, target: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(f"{key} has shape {tuple(tensor.shape)} on disk but the config gives "
+                              f"{tuple(target.shape)}; the checkpoint does not match its config")
 
 
 def rename_key(key: str) -> str:

@@ -184,6 +184,7 @@ class LayerwiseRunner:
     def _offload(self, module: nn.Module, moved) -> None:
         if moved == "lazy":
             release_module(module)
+            _return_freed_memory()
         elif moved != self.device:
             module.to(moved)
 
@@ -225,6 +226,25 @@ def _module_path(root: nn.Module, target: nn.Module) -> str:
         if module is target:
             return name
     raise CalibrationError(f"module {type(target).__name__} is not part of the model")
+
+
+def _return_freed_memory() -> None:
+    """Ask glibc to hand freed heap pages back to the OS. Without it, the many per-expert reads of each layer
+    fragment the heap and resident memory grew by ~15 MB per layer (measured on a 27-layer checkpoint); with it,
+    it stays flat at one layer's worth."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            import ctypes
+
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
 
 
 def peak_memory_bytes() -> int:
