@@ -40,7 +40,9 @@ class LayerCollector:
         self.num_tokens = 0
         self.domain_ids: torch.Tensor | None = None
         self._uses_shared = any(type(s).on_shared is not Statistic.on_shared for s in self.statistics.values())
-        self._uses_router = any(type(s).on_router is not Statistic.on_router for s in self.statistics.values())
+        self._uses_router = any(type(s).on_router is not Statistic.on_router or type(s).on_routed is not Statistic.on_routed
+                                for s in self.statistics.values())
+        self._uses_norms = any(s.needs_output_norms for s in self.statistics.values())
         self._uses_experts = any(type(s).on_expert is not Statistic.on_expert for s in self.statistics.values())
         self._handles: list = []
         self._shared_inputs: dict[int, torch.Tensor] = {}
@@ -112,6 +114,7 @@ class LayerCollector:
                 batch = RouterBatch(hidden_states, logits, top_k_index, combine_weights, raw_weights, domain_ids)
                 for statistic in self.statistics.values():
                     statistic.on_router(batch)
+        output_norms = torch.zeros_like(combine_weights) if self._uses_norms else None
 
         output = torch.zeros_like(hidden_states)
         num_experts = view.num_experts
@@ -127,6 +130,8 @@ class LayerCollector:
             # index_put_ with accumulate, not index_add_: same sums (a token picks an expert at most once), but
             # index_add_ on CPU with several threads was measured 500x slower on small slices
             output.index_put_((token_index,), (expert_output * slot_weights[:, None]).to(output.dtype), accumulate=True)
+            if output_norms is not None:
+                output_norms[token_index, slot] = expert_output.float().norm(dim=-1)
             if self._uses_experts:
                 expert_slice = ExpertSlice(
                     expert=expert,
@@ -140,6 +145,10 @@ class LayerCollector:
                 )
                 for statistic in self.statistics.values():
                     statistic.on_expert(expert_slice)
+        if self._uses_router:
+            batch.output_norms = output_norms
+            for statistic in self.statistics.values():
+                statistic.on_routed(batch)
         return output
 
     def result(self) -> LayerStatistics:
