@@ -412,7 +412,7 @@ class _PipelineRun:
                 _write_json_atomic(partial / STATE_FILE, state)
                 self.timings[f"stage {index}: {stage.method}"] = seconds
             self.progress.finish(name)
-        self.timings.update({f"calibration passes in stages": context.timings.get("calibration_passes", 0.0)})
+        self.timings["calibration passes in stages"] = context.timings.get("calibration_passes", 0.0)
         summary_after = model_summary(model)
         if any(getattr(stage, "modifies_model", True) for stage in stages):
             started = time.perf_counter()
