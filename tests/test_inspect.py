@@ -102,3 +102,40 @@ def test_inspect_refuses_bad_inputs(tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:-100])  # truncated
     assert main(["inspect", str(tmp_path / "corrupt")]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_inspect_calib_counts_equal_a_direct_router_count(capsys, testbed):
+    """`inspect --calib` expert usage equals top-k picks counted from a plain HF forward with router hooks."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from moecompress.calibration import load_calibration
+    from moecompress.models import find_moe_blocks, load_model
+
+    source = conftest.testbed_model_path("moe-ref-ds")
+    calib_file = testbed / "calib" / "pycode.jsonl"
+    assert main(["inspect", str(source), "--json", "--calib", str(calib_file), "--num-samples", "4", "--seq-len", "64"]) == 0
+    usage = {row["layer"]: row for row in json.loads(capsys.readouterr().out)["expert_usage"]}
+
+    model, _ = load_model(source, dtype=torch.bfloat16)  # the lazy pass computes in the checkpoint's dtype
+    calibration = load_calibration(AutoTokenizer.from_pretrained(source), files=[calib_file], num_samples=4, seq_len=64)
+    expected = {}
+    hooks = []
+    for view in find_moe_blocks(model):
+        expected[view.layer_index] = torch.zeros(view.num_experts, dtype=torch.long)
+
+        def count(module, inputs, output, layer=view.layer_index):
+            top_k_index = output[2]
+            expected[layer] += torch.bincount(top_k_index.reshape(-1), minlength=expected[layer].numel())
+
+        hooks.append(view.router.register_forward_hook(count))
+    with torch.no_grad():
+        model(calibration.input_ids)
+    for hook in hooks:
+        hook.remove()
+
+    assert sorted(usage) == sorted(expected) == [1, 2, 3, 4, 5]  # layer 0 is dense
+    for layer, counts in expected.items():
+        assert usage[layer]["expert_token_counts"] == counts.tolist()
+        assert sum(usage[layer]["expert_token_counts"]) == 4 * 64 * 4  # every token routed to top-4
+        assert usage[layer]["unused_experts"] == int((counts == 0).sum())

@@ -33,6 +33,31 @@ def inspect_checkpoint(source: str) -> dict:
     return {"source": str(source), "dtype": str(dtype).removeprefix("torch."), **summary}
 
 
+def expert_usage(source: str, calibration_files: list[str], *, num_samples: int, seq_len: int, seed: int = 0) -> list[dict]:
+    """Per MoE layer, how calibration tokens spread over its experts (one lazy layer-by-layer pass).
+
+    Returns one row per MoE layer: ``layer``, ``expert_token_counts`` (routed tokens per expert), ``max_share`` and
+    ``min_share`` (share of routed slots of the most- and least-used expert) and ``unused_experts``.
+    """
+    from moecompress.calibration import collect_statistics, load_calibration
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    calibration = load_calibration(tokenizer, files=calibration_files, num_samples=num_samples, seq_len=seq_len, seed=seed)
+    statistics = collect_statistics(source, calibration, ["expert_token_counts"])
+    rows = []
+    for layer, layer_statistics in sorted(statistics.items()):
+        counts = layer_statistics["expert_token_counts"].double()
+        total = max(float(counts.sum()), 1.0)
+        rows.append({
+            "layer": layer,
+            "expert_token_counts": [int(count) for count in counts.tolist()],
+            "max_share": float(counts.max()) / total,
+            "min_share": float(counts.min()) / total,
+            "unused_experts": int((counts == 0).sum()),
+        })
+    return rows
+
+
 def _checkpoint_dtype(config) -> torch.dtype:
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
     return getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -77,6 +102,15 @@ def render(summary: dict, console=None) -> None:
         count = summary["parameters"][part]
         totals.add_row(part.replace("_", " "), f"{count:,}", f"{100 * count / total:.1f}%", _human_bytes(summary["bytes"][part]))
     console.print(totals)
+    if summary.get("expert_usage"):
+        usage = Table(title="expert usage on the calibration text (share of routed tokens)")
+        for column in ("layer", "most-used expert", "least-used expert", "uniform share", "unused experts"):
+            usage.add_column(column, justify="right")
+        for row in summary["expert_usage"]:
+            uniform = 1.0 / max(len(row["expert_token_counts"]), 1)
+            usage.add_row(str(row["layer"]), f"{row['max_share']:.1%}", f"{row['min_share']:.1%}", f"{uniform:.1%}",
+                          str(row["unused_experts"]))
+        console.print(usage)
 
 
 def _human_bytes(size: int) -> str:
@@ -89,6 +123,8 @@ def _human_bytes(size: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     summary = inspect_checkpoint(args.model)
+    if args.calib:
+        summary["expert_usage"] = expert_usage(args.model, args.calib, num_samples=args.num_samples, seq_len=args.seq_len)
     if args.json:
         json.dump(summary, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -106,4 +142,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("model", help="checkpoint folder or hub id")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("--calib", nargs="+", metavar="FILE",
+                        help="calibration .jsonl/.txt files or folders (or 'bundled'): adds expert usage per layer")
+    parser.add_argument("--num-samples", type=int, default=32, help="calibration sequences for --calib (default 32)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
     parser.set_defaults(func=run)

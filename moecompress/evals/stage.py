@@ -87,6 +87,7 @@ class EvaluateStage(Stage):
 
     method = "evaluate"
     Options = EvaluateOptions
+    modifies_model = False  # a recipe that only evaluates writes no model copy
 
     def run(self, context: RunContext) -> StageResult:
         options: EvaluateOptions = self.options
