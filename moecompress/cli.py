@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import sys
 
 from moecompress import __version__
@@ -36,7 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_third_party_output() -> None:
+    """Keep the terminal for our own progress bars and report: no per-file loading bars or library warnings.
+
+    ``MOECOMPRESS_VERBOSE=1`` keeps everything. TQDM_DISABLE must be set before tqdm is imported (it reads its
+    defaults from the environment when its class is defined), hence at the top of ``main``.
+    """
+    if os.environ.get("MOECOMPRESS_VERBOSE"):
+        return
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("LMEVAL_LOG_LEVEL", "ERROR")  # lm-eval resets its logger level when imported
+    for name in ("lm_eval", "lm-eval", "transformers", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party_output()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -15,6 +15,8 @@ That is how models trained on documents separated by ``<|endoftext|>`` saw text.
 
 from __future__ import annotations
 
+import os
+
 from typing import Any
 
 from lm_eval.models.huggingface import HFLM
@@ -57,6 +59,18 @@ class BosPrefixedHFLM(HFLM):
         if self.bos_token_id is not None and (not context_ids or context_ids[0] != self.bos_token_id):
             context_ids = [self.bos_token_id, *context_ids]
         return context_ids, continuation_ids
+
+    # lm-eval passes an explicit `disable=` to its progress bars, which overrides tqdm's own TQDM_DISABLE default; the
+    # moecompress CLI sets TQDM_DISABLE=1 (its own rich progress bars show the run), so honour it here as well.
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or _progress_disabled())
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or _progress_disabled())
+
+
+def _progress_disabled() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
 
 
 def build_lm(

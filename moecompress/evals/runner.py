@@ -88,7 +88,8 @@ def evaluate_model(
     add_bos_token: condition every request on the tokenizer's BOS; default: when the tokenizer has one.
     encode_separately: tokenize context and choice apart (default) rather than lm-eval's joint encoding.
     """
-    logging.getLogger("lm_eval").setLevel(logging.WARNING)
+    lm_eval_logger = logging.getLogger("lm_eval")  # cut lm-eval's INFO chatter; never lower a level set by the caller
+    lm_eval_logger.setLevel(max(lm_eval_logger.getEffectiveLevel(), logging.WARNING))
     results = run_lm_eval(
         model, tokenizer, tasks, limit=limit, batch_size=batch_size, include_path=include_path,
         add_bos_token=add_bos_token, encode_separately=encode_separately,
