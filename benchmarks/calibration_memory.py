@@ -7,6 +7,11 @@
 
     python benchmarks/calibration_memory.py --folder /tmp/moe-3gb --size-gb 3
 
+The run is *allowed* a third of the checkpoint size (``--budget-fraction``, default 1/3): a watchdog in the parent
+polls the child's resident memory (``VmRSS`` in ``/proc/PID/status``) every 20 ms and kills the child the moment it
+exceeds the budget, and the benchmark fails (exit 1) when the child's final ``ru_maxrss`` is over budget. So a
+pass that needed the model in memory cannot pass this benchmark.
+
 ``--limit-gb`` additionally caps the child's address space with ``RLIMIT_AS``. That cap counts virtual
 reservations, not memory used: importing torch and transformers alone peaks at ~0.65 GiB of address space, and
 glibc/torch reserve more per thread and per large allocation, so a 1 GiB cap fails (or stalls in the kernel) while
@@ -126,6 +131,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
                         help="compute dtype of each loaded layer (bf16 matmuls are very slow on this CPU)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--budget-fraction", type=float, default=1 / 3,
+                        help="resident memory the pass may use, as a fraction of the checkpoint size (default 1/3)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -142,17 +149,59 @@ def main() -> None:
     command = [sys.executable, __file__, "--child", "--folder", str(args.folder), "--limit-gb", str(args.limit_gb),
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
                "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads)]
-    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    if result.returncode != 0:
-        print(result.stdout, result.stderr[-4000:], sep="\n")
-        raise SystemExit(f"calibration pass failed (exit {result.returncode})")
-    measured = json.loads(result.stdout.strip().splitlines()[-1])
-    peak = measured["peak_rss_bytes"]
+    budget_bytes = int(checkpoint_bytes * args.budget_fraction)
+    returncode, stdout, stderr, watchdog_peak = run_within_budget(command, budget_bytes)
+    if returncode != 0:
+        print(stdout, stderr[-4000:], sep="\n")
+        if watchdog_peak > budget_bytes:
+            raise SystemExit(f"calibration pass killed: resident memory {watchdog_peak / 2**30:.2f} GiB exceeded the "
+                             f"budget of {budget_bytes / 2**30:.2f} GiB")
+        raise SystemExit(f"calibration pass failed (exit {returncode})")
+    measured = json.loads(stdout.strip().splitlines()[-1])
+    peak = max(measured["peak_rss_bytes"], watchdog_peak)
     print(f"checkpoint on disk: {checkpoint_bytes / 2**30:.2f} GiB ({shape_for_size(args.size_gb)['num_hidden_layers']} layers)")
     print(f"address-space limit of the pass: {args.limit_gb:.2f} GiB (RLIMIT_AS)" if args.limit_gb else "no limit")
     print(f"calibration pass: {args.num_samples} x {args.seq_len} tokens, {args.dtype}, {measured['seconds']:.1f} s, "
           f"{measured['layers']} MoE layers")
-    print(f"peak RSS: {peak / 2**30:.2f} GiB = {peak / checkpoint_bytes:.2f} x the checkpoint size")
+    print(f"memory budget (watchdog on resident memory): {budget_bytes / 2**30:.2f} GiB = "
+          f"{args.budget_fraction:.2f} x the checkpoint size")
+    print(f"peak RSS: {peak / 2**30:.2f} GiB = {peak / checkpoint_bytes:.2f} x the checkpoint size: "
+          f"{'within' if peak <= budget_bytes else 'OVER'} budget")
+    if peak > budget_bytes:
+        raise SystemExit(1)
+
+
+def resident_bytes(pid: int) -> int:
+    """Current resident memory of process ``pid`` (``VmRSS``), 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def run_within_budget(command: list[str], budget_bytes: int) -> tuple[int, str, str, int]:
+    """Run ``command``, killing it as soon as its resident memory exceeds ``budget_bytes``.
+
+    Returns (exit code, stdout, stderr, highest resident memory the watchdog saw)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        highest = 0
+        while process.poll() is None:
+            highest = max(highest, resident_bytes(process.pid))
+            if highest > budget_bytes:
+                process.kill()
+                process.wait()
+                break
+            time.sleep(0.02)
+        out.seek(0)
+        err.seek(0)
+        return process.returncode, out.read(), err.read(), highest
 
 
 if __name__ == "__main__":
