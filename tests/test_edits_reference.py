@@ -3,7 +3,7 @@
 Pruning expert ``e`` means: the router behaves as if ``e``'s logit were ``-inf``. This helper makes the original
 HF router modules do exactly that while a ``with`` block runs: it intercepts the ``F.linear`` call of each router
 while that router's forward runs (the family's own modeling code keeps doing the softmax / sigmoid / top-k / groups / sparsemixer math) and sets
-DeepSeek-V3's selection bias of pruned experts to ``-inf`` (a sigmoid score of 0 plus a finite bias could still be
+the selection bias of pruned experts (DeepSeek-V3, MiniMax-M2, Ernie-4.5, ...) to ``-inf`` (a sigmoid score of 0 plus a finite bias could still be
 selected otherwise).
 """
 
@@ -55,9 +55,9 @@ def routers_with_pruned_logits(model, pruned: dict[int, list[int]], group_state:
         mask[list(expert_ids)] = float("-inf")
         router.forward = wrap_router_forward(router, mask)
         saved_state.append((router, "forward", None))
-        bias = getattr(router, "e_score_correction_bias", None)
+        bias = views[layer].selection_bias  # a live [E] view, wherever the family keeps it
         if bias is not None:
-            saved_state.append((router, "e_score_correction_bias", bias.clone()))
+            saved_state.append((bias, "selection_bias", bias.clone()))
             bias[list(expert_ids)] = float("-inf")
         if group_state and layer in group_state:
             saved_state.append((router, "num_group", router.num_group))
@@ -82,8 +82,8 @@ def routers_with_pruned_logits(model, pruned: dict[int, list[int]], group_state:
         for router, name, value in saved_state:
             if name == "forward":
                 del router.forward
-            elif isinstance(value, torch.Tensor):
-                getattr(router, name).copy_(value)
+            elif name == "selection_bias":
+                router.copy_(value)  # (the live bias tensor, "selection_bias", saved copy)
             else:
                 setattr(router, name, value)
 

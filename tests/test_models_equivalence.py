@@ -37,7 +37,10 @@ def test_route_matches_hf_router_choices(model_type):
     view = find_moe_blocks(model)[0]
     hidden_states = torch.randn(41, view.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        router_output = view.router(hidden_states)
+        if view.selection_bias_owner is view.block:  # MiniMax-M2 / LFM2-MoE pass the block's bias into the router
+            router_output = view.router(hidden_states, getattr(view.block, view.selection_bias_name))
+        else:
+            router_output = view.router(hidden_states)
         ours = view.route(hidden_states)
     # HF may return the k picks unsorted: compare as per-token dense [T, E] weight maps.
     if len(router_output) == 2:  # Llama4: (dense scores [T, E] with zeros off the top-k, logits)
@@ -59,7 +62,7 @@ def test_view_reports_shared_experts_and_sizes(model_type):
         # tiny configs: DeepSeek-V2 and dots1 fuse 2 shared experts into one MLP, the others have 1 or none
         expected_shared = {
             "qwen2_moe": 1, "qwen3_5_moe_text": 1, "qwen3_next": 1, "deepseek_v2": 2, "deepseek_v3": 1,
-            "glm4_moe": 1, "dots1": 2, "solar_open": 1, "llama4_text": 1,
+            "glm4_moe": 1, "dots1": 2, "solar_open": 1, "llama4_text": 1, "ernie4_5_moe": 2,
         }.get(model_type, 0)
         assert view.num_shared_experts == expected_shared
         # every expert's canonical weights have the documented shapes

@@ -69,6 +69,7 @@ def keep_experts(model: nn.Module, kept_experts: Mapping[int, Sequence[int]], *,
         index = torch.tensor(kept, dtype=torch.long)
         _index_select_experts(view.experts, index)
         _index_select_router(view.router, index)
+        _index_select_selection_bias(view, index)
         _set_module_counts(view, num_experts=len(kept), num_router_outputs=len(kept), top_k=new_top_k)
         _set_group_state(view, *group_state)
     sync_config(model)
@@ -147,6 +148,7 @@ def merge_experts(
             new_top_k = min(view.routing.top_k, len(partition))
             _check_phimoe_top_k(view, len(partition), new_top_k)
             _combine_router(view.router, merge_matrix)
+            _combine_selection_bias(view, merge_matrix)
             _set_module_counts(view, num_experts=len(partition), num_router_outputs=len(partition), top_k=new_top_k)
             # A cluster may straddle the original groups, so merged experts have no group: routing goes flat.
             _set_group_state(view, 1, 1)
@@ -409,6 +411,31 @@ def _combine_router(router: nn.Module, merge_matrix: torch.Tensor) -> None:
             _replace_tensor(router, name, _weighted_rows(tensor, merge_matrix))
     if isinstance(router, nn.Linear):
         router.out_features = int(router.weight.shape[0])
+
+
+def _external_selection_bias(view: MoEBlockView) -> tuple[nn.Module, str] | None:
+    """(owner, name) of a selection bias kept outside the router's own tensors (MiniMax-M2's block, Ernie's
+    ``moe_statics``), else None. Its last dim runs over router outputs."""
+    owner, name = view.selection_bias_owner, view.selection_bias_name
+    if owner is None or (owner is view.router and name in _ROUTER_TENSORS):
+        return None
+    return (owner, name) if isinstance(getattr(owner, name, None), torch.Tensor) else None
+
+
+def _index_select_selection_bias(view: MoEBlockView, index: torch.Tensor) -> None:
+    located = _external_selection_bias(view)
+    if located is not None:
+        owner, name = located
+        tensor = getattr(owner, name)
+        _replace_tensor(owner, name, tensor.index_select(tensor.dim() - 1, index.to(tensor.device)))
+
+
+def _combine_selection_bias(view: MoEBlockView, merge_matrix: torch.Tensor) -> None:
+    located = _external_selection_bias(view)
+    if located is not None:
+        owner, name = located
+        tensor = getattr(owner, name)
+        _replace_tensor(owner, name, _weighted_rows(tensor.movedim(-1, 0), merge_matrix).movedim(0, -1))
 
 
 def _channel_dims(view: MoEBlockView) -> tuple[int, int]:

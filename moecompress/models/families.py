@@ -37,6 +37,11 @@ class FamilyAdapter:
         ``moe_intermediate_size * n_shared_experts`` wide), so slicing routed channels must not rewrite it.
     glu: ``fn(experts_module) -> (activation, glu)`` for experts without a plain ``act_fn`` (GPT-OSS).
     group_fields: config fields of group-limited routing (``n_group``, ``topk_group``) or None.
+    selection_bias_attr: dotted path, from the block, of a selection bias that is not the router's own
+        ``e_score_correction_bias`` (MiniMax-M2: ``e_score_correction_bias`` on the block; Ernie-4.5-MoE:
+        ``gate.moe_statics.e_score_correction_bias``), or None.
+    shared_scale: ``fn(config) -> float``: constant factor on the shared expert's output (Cohere2-MoE's
+        ``average`` combination halves it), or None (1).
     """
 
     model_type: str
@@ -53,6 +58,8 @@ class FamilyAdapter:
     intermediate_field_shared: bool = False
     glu: Callable[[nn.Module], tuple[Callable, Callable | None]] | None = None
     group_fields: tuple[str, str] | None = None
+    selection_bias_attr: str | None = None
+    shared_scale: Callable[[object], float] | None = None
     display_name: str = ""
 
     def is_moe_block(self, block: nn.Module) -> bool:
@@ -68,7 +75,14 @@ class FamilyAdapter:
         if self.shared_attr is not None and getattr(block, self.shared_attr, None) is not None:
             gate = getattr(block, self.shared_gate_attr) if self.shared_gate_attr else None
             count = int(getattr(model_config, self.shared_count_field, 1) or 1) if self.shared_count_field else 1
-            shared.append(SharedExpert(module=getattr(block, self.shared_attr), gate=gate, count=count))
+            scale = float(self.shared_scale(model_config)) if self.shared_scale is not None else 1.0
+            shared.append(SharedExpert(module=getattr(block, self.shared_attr), gate=gate, count=count, scale=scale))
+        bias_owner, bias_name = None, "e_score_correction_bias"
+        if self.selection_bias_attr is not None:
+            *owner_path, bias_name = self.selection_bias_attr.split(".")
+            bias_owner = block
+            for name in owner_path:
+                bias_owner = getattr(bias_owner, name)
         if self.glu is not None:
             activation, glu = self.glu(experts)
         else:
@@ -85,6 +99,8 @@ class FamilyAdapter:
             storage="packed" if hasattr(experts, "expert_linear") else self.storage,  # type: ignore[arg-type]
             shared_experts=shared,
             glu=glu,
+            selection_bias_owner=bias_owner,
+            selection_bias_name=bias_name,
         )
 
 
@@ -335,6 +351,48 @@ register_adapter(
         display_name="Llama4",
     ),
     "llama4",
+)
+
+
+def _ernie4_5_moe_routing(config, router: nn.Module) -> RoutingSpec:
+    # softmax, selection on softmax + moe_statics bias, renormalised by max(sum, moe_norm_min).
+    return RoutingSpec(
+        scoring="softmax",
+        top_k=int(router.top_k),
+        renormalize=True,
+        has_selection_bias=True,
+        renormalize_min=float(router.norm_min),
+    )
+
+
+register_adapter(
+    FamilyAdapter(
+        model_type="ernie4_5_moe",
+        routing=_ernie4_5_moe_routing,
+        shared_attr="shared_experts",
+        shared_count_field="moe_num_shared_experts",
+        count_fields=("moe_num_experts",),
+        intermediate_field_shared=True,  # shared experts are moe_intermediate_size * moe_num_shared_experts wide
+        selection_bias_attr="gate.moe_statics.e_score_correction_bias",
+        display_name="Ernie-4.5-MoE",
+    )
+)
+
+
+def _minimax_m2_routing(config, router: nn.Module) -> RoutingSpec:
+    # sigmoid scores, selection on scores + the block's e_score_correction_bias, always renormalised.
+    return RoutingSpec(scoring="sigmoid", top_k=int(router.top_k), renormalize=True, has_selection_bias=True)
+
+
+register_adapter(
+    FamilyAdapter(
+        model_type="minimax_m2",
+        routing=_minimax_m2_routing,
+        count_fields=("num_local_experts",),
+        intermediate_field="intermediate_size",
+        selection_bias_attr="e_score_correction_bias",
+        display_name="MiniMax-M2",
+    )
 )
 
 

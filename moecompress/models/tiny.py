@@ -164,6 +164,14 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
             interleave_moe_layer_step=1, pad_token_id=0, eos_token_id=0, bos_token_id=0,
         ),
     ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        dict(
+            moe_num_experts=8, moe_k=2, moe_intermediate_size=16, intermediate_size=24, moe_num_shared_experts=2,
+            moe_layer_start_index=1, moe_layer_end_index=2, num_hidden_layers=3, moe_norm_min=0.9,
+        ),
+    ),
+    "minimax_m2": ("MiniMaxM2Config", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16)),
 }
 
 
@@ -188,7 +196,7 @@ def tiny_config(model_type: str) -> transformers.PretrainedConfig:
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
     """A randomly initialised tiny causal LM of ``model_type`` in eval mode, with eager experts.
 
-    Router weights, DeepSeek's selection bias and GPT-OSS's biases are drawn with enough spread that routing
+    Router weights, selection biases (DeepSeek, MiniMax-M2, Ernie, LFM2) and GPT-OSS's biases are drawn with enough spread that routing
     decisions are well separated (HF initialises some of them to zero, which would make every top-k a tie).
     """
     torch.manual_seed(seed)
@@ -198,9 +206,11 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
         for name, tensor in model.named_parameters():
             if name.endswith(("router.weight", "gate.weight")) or "experts" in name:
                 tensor.normal_(0.0, 0.3)
+            elif name.endswith(("e_score_correction_bias", "expert_bias")):  # a parameter in Ernie-4.5-MoE
+                tensor.normal_(0.0, 0.1)
             elif name.endswith(("router.bias", "shared_expert_gate.weight")):
                 tensor.normal_(0.0, 0.3)
         for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
+            if name.endswith(("e_score_correction_bias", "expert_bias")):
                 buffer.normal_(0.0, 0.1)
     return model.eval()

@@ -36,6 +36,10 @@ class RoutingSpec:
     sparsemixer_eps: PhiMoE's ``router_jitter_noise`` (the relative threshold of sparsemixer's mask).
     scales_expert_input: Llama4 multiplies the expert's *input* by the combine weight (``E_e(g x)``) instead of
         its output (``g E_e(x)``, every other family).
+    renormalize_eps: added to the sum of the selected weights before dividing (``1e-20`` for most families;
+        LFM2-MoE uses ``1e-6``).
+    renormalize_min: when positive, the normaliser is ``max(sum, renormalize_min)`` instead of ``sum + eps``
+        (Ernie-4.5-MoE's ``moe_norm_min``).
     """
 
     scoring: Literal["softmax", "sigmoid"]
@@ -50,6 +54,8 @@ class RoutingSpec:
     selection: Literal["topk", "sparsemixer"] = "topk"
     sparsemixer_eps: float = 0.0
     scales_expert_input: bool = False
+    renormalize_eps: float = 1e-20
+    renormalize_min: float = 0.0
 
 
 @dataclass
@@ -80,12 +86,15 @@ class SharedExpert:
     module: nn.Module  # has gate_proj / up_proj / down_proj Linears and act_fn
     gate: nn.Module | None = None
     count: int = 1  # DeepSeek fuses ``n_shared_experts`` experts into one wider MLP; this records how many
+    scale: float = 1.0  # constant factor on the output (Cohere2-MoE's ``average`` combination: 0.5)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """hidden_states ``[T, d]`` -> ``[T, d]``, gate applied."""
+        """hidden_states ``[T, d]`` -> ``[T, d]``, gate and scale applied."""
         out = self.module(hidden_states)
         if self.gate is not None:
             out = torch.sigmoid(self.gate(hidden_states)) * out
+        if self.scale != 1.0:
+            out = out * self.scale
         return out
 
 
@@ -124,6 +133,10 @@ class MoEBlockView:
     glu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     # Optional family hooks (set by adapters that need them).
     router_logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Where the selection bias lives when it is not ``router.e_score_correction_bias``: the owning module and the
+    # attribute name (MiniMax-M2 / LFM2-MoE keep it on the block, Ernie-4.5-MoE in ``gate.moe_statics`` as [1, E]).
+    selection_bias_owner: nn.Module | None = None
+    selection_bias_name: str = "e_score_correction_bias"
 
     # ----- sizes -----------------------------------------------------------------------------------------------
     @property
@@ -173,8 +186,12 @@ class MoEBlockView:
 
     @property
     def selection_bias(self) -> torch.Tensor | None:
-        """``[E]`` DeepSeek-V3 ``e_score_correction_bias`` (selection only), else None."""
-        return getattr(self.router, "e_score_correction_bias", None) if self.routing.has_selection_bias else None
+        """``[E]`` DeepSeek-V3 ``e_score_correction_bias`` (selection only; a live view of it), else None."""
+        if not self.routing.has_selection_bias:
+            return None
+        owner = self.selection_bias_owner if self.selection_bias_owner is not None else self.router
+        bias = getattr(owner, self.selection_bias_name, None)
+        return bias.view(-1) if isinstance(bias, torch.Tensor) else None
 
     def router_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states ``[T, d]`` -> logits ``[T, E]`` in fp32."""
@@ -294,6 +311,8 @@ def route_from_logits(
     if spec.softmax_after_topk:  # GPT-OSS
         top_logits, top_k_index = torch.topk(logits, spec.top_k, dim=-1)
         weights = torch.softmax(top_logits, dim=-1)
+        if spec.routed_scaling_factor != 1.0:
+            weights = weights * spec.routed_scaling_factor
         return RouterOutput(logits, top_k_index, weights)
 
     scores = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
@@ -311,7 +330,11 @@ def route_from_logits(
     top_k_index = torch.topk(choice, spec.top_k, dim=-1).indices
     weights = scores.gather(1, top_k_index)
     if spec.renormalize:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        total = weights.sum(dim=-1, keepdim=True)
+        if spec.renormalize_min > 0:
+            weights = weights / total.clamp(min=spec.renormalize_min)
+        else:
+            weights = weights / (total + spec.renormalize_eps)
     weights = weights * spec.routed_scaling_factor
     return RouterOutput(logits, top_k_index, weights)
 
