@@ -396,6 +396,116 @@ register_adapter(
 )
 
 
+# More copies of DeepSeek-V3's router (sigmoid + selection bias on the router, top-2-sum groups, scaling).
+for _model_type, _name, _count_field, _shared_count_field in (
+    ("glm4_moe_lite", "GLM-4-MoE-Lite", "n_routed_experts", "n_shared_experts"),
+    ("deepseek_v32", "DeepSeek-V3.2", "n_routed_experts", "n_shared_experts"),
+    ("exaone_moe", "EXAONE-MoE", "num_experts", "num_shared_experts"),
+):
+    register_adapter(
+        FamilyAdapter(
+            model_type=_model_type,
+            routing=_deepseek_v3_routing,
+            shared_attr="shared_experts",
+            shared_count_field=_shared_count_field,
+            count_fields=(_count_field,),
+            intermediate_field_shared=True,  # shared experts are moe_intermediate_size * shared count wide
+            group_fields=("n_group", "topk_group"),
+            display_name=_name,
+        )
+    )
+
+
+def _cohere2_moe_routing(config, router: nn.Module) -> RoutingSpec:
+    # top-k of the logits, then softmax over those k or sigmoid of each (renormalised with norm_topk_prob).
+    # The "average" shared-expert combination halves the routed sum as well as the shared output.
+    averaged = int(getattr(config, "num_shared_experts", 0) or 0) > 0 and (
+        getattr(config, "shared_expert_combination_strategy", "sum") == "average"
+    )
+    scaling = 0.5 if averaged else 1.0
+    if router.expert_selection_fn == "softmax":
+        return RoutingSpec(
+            scoring="softmax", top_k=int(router.top_k), renormalize=True, softmax_after_topk=True,
+            routed_scaling_factor=scaling,
+        )
+    return RoutingSpec(
+        scoring="sigmoid", top_k=int(router.top_k), renormalize=bool(router.norm_topk_prob),
+        routed_scaling_factor=scaling,
+    )
+
+
+def _cohere2_moe_shared_scale(config) -> float:
+    return 0.5 if getattr(config, "shared_expert_combination_strategy", "sum") == "average" else 1.0
+
+
+register_adapter(
+    FamilyAdapter(
+        model_type="cohere2_moe",
+        routing=_cohere2_moe_routing,
+        shared_attr="shared_experts",
+        shared_count_field="num_shared_experts",
+        count_fields=("num_experts",),
+        intermediate_field="intermediate_size",
+        intermediate_field_shared=True,  # shared experts are intermediate_size * num_shared_experts wide
+        shared_scale=_cohere2_moe_shared_scale,
+        display_name="Cohere2-MoE",
+    )
+)
+
+
+def _lfm2_moe_routing(config, router: nn.Module) -> RoutingSpec:
+    # sigmoid scores, optional selection bias (the block's expert_bias), renormalised with eps 1e-6, then scaled.
+    return RoutingSpec(
+        scoring="sigmoid",
+        top_k=int(router.top_k),
+        renormalize=bool(router.norm_topk_prob),
+        routed_scaling_factor=float(router.routed_scaling_factor),
+        has_selection_bias=bool(router.use_expert_bias),
+        renormalize_eps=1e-6,
+    )
+
+
+register_adapter(
+    FamilyAdapter(
+        model_type="lfm2_moe",
+        routing=_lfm2_moe_routing,
+        block_attr="feed_forward",
+        selection_bias_attr="expert_bias",
+        display_name="LFM2-MoE",
+    )
+)
+
+
+# GraniteMoE with a dense shared MLP: the MoE block is GraniteMoE's (top-k logits, softmax over k); the shared
+# ``shared_mlp`` (fused ``input_linear`` [2S, d] / ``output_linear``) sits on the decoder layer, outside the block,
+# and is added by the layer: it is not a view shared expert (edits never touch it; it stays dense). The hybrid
+# variant interleaves Mamba2 layers; its MoE blocks are the same.
+for _model_type, _name in (("granitemoeshared", "GraniteMoE-Shared"), ("granitemoehybrid", "GraniteMoE-Hybrid")):
+    register_adapter(
+        FamilyAdapter(
+            model_type=_model_type,
+            routing=_softmax_over_top_logits_routing,
+            block_attr="block_sparse_moe",
+            router_attr="router",
+            count_fields=("num_local_experts",),
+            intermediate_field="intermediate_size",
+            display_name=_name,
+        )
+    )
+
+
+# MiMo-V2-Flash: DeepSeek-V3's router, no shared experts.
+register_adapter(
+    FamilyAdapter(
+        model_type="mimo_v2_flash",
+        routing=_deepseek_v3_routing,
+        count_fields=("n_routed_experts",),
+        group_fields=("n_group", "topk_group"),
+        display_name="MiMo-V2-Flash",
+    )
+)
+
+
 def supported_families() -> list[str]:
     """Human-readable names of every supported family, for error messages and docs."""
     return sorted({adapter.display_name or adapter.model_type for adapter in ADAPTERS.values()})

@@ -172,6 +172,67 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
         ),
     ),
     "minimax_m2": ("MiniMaxM2Config", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16)),
+    "glm4_moe_lite": (
+        "Glm4MoeLiteConfig",
+        dict(
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=1.5, num_hidden_layers=3,
+            num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8, mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+    ),
+    "deepseek_v32": (
+        "DeepseekV32Config",
+        dict(
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            n_shared_experts=1, first_k_dense_replace=1, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+            num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=8, index_topk=8, index_head_dim=16, index_n_heads=2,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+    ),
+    "exaone_moe": (
+        "ExaoneMoeConfig",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            num_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, num_hidden_layers=3,
+            mlp_layer_types=["dense", "sparse", "sparse"], sliding_window=16,
+        ),
+    ),
+    "cohere2_moe": (
+        "Cohere2MoeConfig",
+        dict(
+            num_experts=8, num_experts_per_tok=2, intermediate_size=16, num_shared_experts=1,
+            shared_expert_combination_strategy="sum", mlp_layer_types=["sparse", "sparse"], sliding_window=16,
+        ),
+    ),
+    "lfm2_moe": (
+        "Lfm2MoeConfig",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24, num_dense_layers=1,
+            num_hidden_layers=3, layer_types=["conv", "full_attention", "conv"], routed_scaling_factor=1.5,
+        ),
+    ),
+    "granitemoeshared": (
+        "GraniteMoeSharedConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=24),
+    ),
+    "granitemoehybrid": (
+        "GraniteMoeHybridConfig",
+        dict(
+            num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=24,
+            layer_types=["linear_attention", "full_attention"], mamba_n_heads=4, mamba_d_state=8, mamba_chunk_size=8,
+            mamba_d_conv=4, mamba_expand=2,
+        ),
+    ),
+    "mimo_v2_flash": (
+        "MiMoV2FlashConfig",
+        dict(
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            n_group=2, topk_group=1, routed_scaling_factor=1.5, num_hidden_layers=3, v_head_dim=8,
+            sliding_window=16, mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+    ),
 }
 
 

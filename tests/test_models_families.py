@@ -1,0 +1,87 @@
+"""Family special cases the parametrised tiny-model tests do not single out: a selection bias kept outside the
+router (MiniMax-M2's block, Ernie-4.5's ``moe_statics``, LFM2's block), Ernie's clamped normaliser and
+Cohere2-MoE's ``average`` shared-expert combination."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from moecompress.models import find_moe_blocks, keep_experts, merge_experts
+from moecompress.models.tiny import tiny_config, tiny_model
+
+
+@pytest.mark.parametrize(
+    "model_type, bias_path, shape_after",
+    [
+        ("minimax_m2", "e_score_correction_bias", (6,)),
+        ("ernie4_5_moe", "gate.moe_statics.e_score_correction_bias", (1, 6)),
+        ("lfm2_moe", "expert_bias", (6,)),
+    ],
+)
+def test_selection_bias_outside_the_router_is_viewed_and_sliced(model_type, bias_path, shape_after):
+    model = tiny_model(model_type)
+    kept = [0, 2, 3, 5, 6, 7]
+    originals = {}
+    for view in find_moe_blocks(model):
+        stored = view.block.get_parameter(bias_path) if model_type == "ernie4_5_moe" else view.block.get_buffer(bias_path)
+        assert view.selection_bias is not None and view.selection_bias.data_ptr() == stored.data_ptr()
+        originals[view.layer_index] = stored.detach().reshape(-1).clone()
+    keep_experts(model, {layer: kept for layer in originals})
+    for view in find_moe_blocks(model):
+        owner_path, _, name = bias_path.rpartition(".")
+        owner = view.block.get_submodule(owner_path) if owner_path else view.block
+        assert tuple(getattr(owner, name).shape) == shape_after
+        torch.testing.assert_close(view.selection_bias, originals[view.layer_index][kept])
+
+
+def test_collapse_merge_averages_an_outside_selection_bias():
+    model = tiny_model("minimax_m2")
+    before = {view.layer_index: view.selection_bias.clone() for view in find_moe_blocks(model)}
+    clusters = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    merge_experts(model, {layer: clusters for layer in before}, router_rule="collapse")
+    for view in find_moe_blocks(model):
+        expected = before[view.layer_index].view(4, 2).mean(dim=1)
+        torch.testing.assert_close(view.selection_bias, expected)
+
+
+def test_ernie_normaliser_is_clamped_at_moe_norm_min():
+    model = tiny_model("ernie4_5_moe")
+    view = find_moe_blocks(model)[0]
+    assert view.routing.renormalize_min == pytest.approx(0.9)
+    hidden_states = torch.randn(64, view.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        routed = view.route(hidden_states)
+        _, hf_weights, _ = view.router(hidden_states)
+    totals = routed.top_k_weights.sum(dim=-1)
+    picked = torch.softmax(routed.logits, dim=-1).gather(1, routed.top_k_index).sum(dim=-1)
+    # both branches occur: tokens whose top-k mass is below moe_norm_min keep sum/0.9 < 1, the others sum to 1
+    clamped = picked < 0.9
+    assert clamped.any() and (~clamped).any()
+    torch.testing.assert_close(totals[clamped], picked[clamped] / 0.9)
+    torch.testing.assert_close(totals[~clamped], torch.ones(int((~clamped).sum())))
+    torch.testing.assert_close(totals, hf_weights.float().sum(dim=-1))
+
+
+def test_cohere2_average_combination_halves_routed_and_shared():
+    config = tiny_config("cohere2_moe")
+    config.shared_expert_combination_strategy = "average"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager").eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("gate.weight") or "experts" in name:
+                tensor.normal_(0.0, 0.3)
+    for view in find_moe_blocks(model):
+        assert view.routing.routed_scaling_factor == 0.5 and view.shared_experts[0].scale == 0.5
+        hidden_states = torch.randn(2, 9, view.hidden_size, generator=torch.Generator().manual_seed(4))
+        with torch.no_grad():
+            reference = view.block(hidden_states)
+            ours = view.forward(hidden_states.reshape(-1, view.hidden_size)).reshape(reference.shape)
+            _, hf_weights, hf_index = view.router(hidden_states.reshape(-1, view.hidden_size))
+            routed = view.route(hidden_states.reshape(-1, view.hidden_size))
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+        dense_hf = torch.zeros(18, 8).scatter_add_(1, hf_index, hf_weights.float())
+        dense_ours = torch.zeros(18, 8).scatter_add_(1, routed.top_k_index, routed.top_k_weights)
+        torch.testing.assert_close(dense_ours, 0.5 * dense_hf)
