@@ -5,6 +5,9 @@ model runs with ``experts_implementation="moecompress_calibration"``: :func:`cal
 each hit expert's intermediate ``h`` and output once (through the uniform view, so any storage layout works), adds
 the weighted outputs exactly as the eager forward does, and hands the same tensors to the layer's statistics. So
 a calibration pass costs a plain forward plus the statistics' own arithmetic, never a second expert evaluation.
+The picks are sorted by expert once per batch; statistics that reduce per expert get all of them in one
+``RoutedPairs`` event (no per-expert Python), and only those that need each expert's matrices (Hessians) get a
+per-expert ``ExpertSlice``.
 
 Shared experts are ordinary modules: forward hooks on them (and a pre-hook on their ``down_proj`` for ``h``) feed
 the statistics that need them (super experts, CAMERA energies).
@@ -18,7 +21,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from moecompress.calibration.statistics import STATISTICS, ExpertSlice, LayerStatistics, RouterBatch, SharedSlice, Statistic
+from moecompress.calibration.statistics import (STATISTICS, ExpertSlice, LayerStatistics, RouterBatch, RoutedPairs, SharedSlice,
+                                                Statistic)
 from moecompress.models.view import MoEBlockView
 
 BACKEND_NAME = "moecompress_calibration"
@@ -44,6 +48,7 @@ class LayerCollector:
                                 for s in self.statistics.values())
         self._uses_norms = any(s.needs_output_norms for s in self.statistics.values())
         self._uses_experts = any(type(s).on_expert is not Statistic.on_expert for s in self.statistics.values())
+        self._uses_pairs = any(type(s).on_routed_pairs is not Statistic.on_routed_pairs for s in self.statistics.values())
         self._handles: list = []
         self._shared_inputs: dict[int, torch.Tensor] = {}
         self._shared_intermediate: dict[int, torch.Tensor] = {}
@@ -101,7 +106,7 @@ class LayerCollector:
             domain_ids = None
         self.num_tokens += hidden_states.shape[0]
         raw_weights = renorm_weights = combine_weights
-        if self._uses_router or self._uses_experts:
+        if self._uses_router or self._uses_experts or self._uses_pairs:
             logits = view.router_logits(hidden_states)
             if view.routing.softmax_after_topk or getattr(view, "expert_id_map", None) is not None:
                 # top-k over k logits only, or stored ids that no longer index the router outputs
@@ -114,37 +119,87 @@ class LayerCollector:
                 batch = RouterBatch(hidden_states, logits, top_k_index, combine_weights, raw_weights, domain_ids)
                 for statistic in self.statistics.values():
                     statistic.on_router(batch)
-        output_norms = torch.zeros_like(combine_weights) if self._uses_norms else None
-
-        output = torch.zeros_like(hidden_states)
+        # All (token, expert) picks sorted by expert: one stable argsort instead of a torch.where scan per expert.
+        # Stable keeps tokens ascending within an expert (the order torch.where gave), and experts run in ascending
+        # order as before, so the output and every per-expert event are unchanged.
         num_experts = view.num_experts
-        for expert in torch.unique(top_k_index).tolist():
-            if expert >= num_experts or expert < 0:  # expert-parallel sentinels
+        top_k = top_k_index.shape[1]
+        flat_expert_ids = top_k_index.reshape(-1)  # [T*k]
+        is_stored_expert = (flat_expert_ids >= 0) & (flat_expert_ids < num_experts)  # drop expert-parallel sentinels
+        pick_positions = is_stored_expert.nonzero().squeeze(1)  # [P] flat positions t * k + slot
+        pick_positions = pick_positions[torch.argsort(flat_expert_ids[pick_positions], stable=True)]
+        expert_ids = flat_expert_ids[pick_positions]  # [P] ascending
+        token_index = pick_positions // top_k  # [P]
+        expert_counts = torch.bincount(expert_ids, minlength=num_experts)  # [E]
+
+        num_picks = pick_positions.shape[0]
+        pick_inputs = hidden_states[token_index]  # [P, d]
+        # [P, d] down-proj outputs (combine weight not applied) and [P, I] intermediates (only when a statistic reads
+        # them), allocated at the first expert in the dtype the expert computes in
+        pick_outputs = pick_intermediate = None
+        pick_weights = top_k_weights.reshape(-1)[pick_positions]  # [P], the model's dtype
+        output = torch.zeros_like(hidden_states)
+        start = 0
+        for expert, count in enumerate(expert_counts.tolist()):
+            if count == 0:
                 continue
-            token_index, slot = torch.where(top_k_index == expert)
-            inputs = hidden_states[token_index]
+            end = start + count
+            inputs = pick_inputs[start:end]
             weights = view.expert_weights(expert)
             intermediate = view.expert_intermediate(expert, inputs)
             expert_output = nn.functional.linear(intermediate, weights.down, weights.down_bias)
-            slot_weights = top_k_weights[token_index, slot]
-            # index_put_ with accumulate, not index_add_: same sums (a token picks an expert at most once), but
-            # index_add_ on CPU with several threads was measured 500x slower on small slices
-            output.index_put_((token_index,), (expert_output * slot_weights[:, None]).to(output.dtype), accumulate=True)
-            if output_norms is not None:
-                output_norms[token_index, slot] = expert_output.float().norm(dim=-1)
+            if pick_outputs is None:
+                pick_outputs = expert_output.new_empty(num_picks, expert_output.shape[1])
+                if self._uses_pairs:
+                    pick_intermediate = intermediate.new_empty(num_picks, intermediate.shape[1])
+            pick_outputs[start:end] = expert_output
+            # One index_put_ per expert (its tokens are distinct), as before: a single one over all picks takes a
+            # sort-based path that may add a token's expert outputs in another order. index_put_ with accumulate,
+            # not index_add_: same sums, but index_add_ on CPU with several threads was measured 500x slower on
+            # small slices
+            output.index_put_((token_index[start:end],),
+                              (expert_output * pick_weights[start:end, None]).to(output.dtype), accumulate=True)
+            if pick_intermediate is not None:
+                pick_intermediate[start:end] = intermediate
             if self._uses_experts:
+                positions = pick_positions[start:end]
                 expert_slice = ExpertSlice(
                     expert=expert,
-                    token_index=token_index,
+                    token_index=token_index[start:end],
                     inputs=inputs,
                     intermediate=intermediate,
                     outputs=expert_output,
-                    combine_weights=combine_weights[token_index, slot],
-                    raw_weights=raw_weights[token_index, slot],
-                    renorm_weights=renorm_weights[token_index, slot],
+                    combine_weights=combine_weights.reshape(-1)[positions],
+                    raw_weights=raw_weights.reshape(-1)[positions],
+                    renorm_weights=renorm_weights.reshape(-1)[positions],
                 )
                 for statistic in self.statistics.values():
                     statistic.on_expert(expert_slice)
+            start = end
+
+        if pick_outputs is None:  # no stored expert was picked
+            pick_outputs = hidden_states.new_empty(0, view.hidden_size)
+            pick_intermediate = hidden_states.new_empty(0, view.intermediate_size)
+
+
+        output_norms = None  # [T, k] fp32 ||E_e(x)||_2 of each pick (0 for sentinels)
+        if self._uses_norms:
+            output_norms = torch.zeros_like(combine_weights)
+            output_norms.view(-1)[pick_positions] = pick_outputs.float().norm(dim=-1)
+        if self._uses_pairs:
+            pairs = RoutedPairs(
+                expert_ids=expert_ids,
+                token_index=token_index,
+                slot=pick_positions % top_k,
+                intermediate=pick_intermediate,
+                outputs=pick_outputs,
+                combine_weights=combine_weights.reshape(-1)[pick_positions],
+                raw_weights=raw_weights.reshape(-1)[pick_positions],
+                renorm_weights=renorm_weights.reshape(-1)[pick_positions],
+                expert_counts=expert_counts,
+            )
+            for statistic in self.statistics.values():
+                statistic.on_routed_pairs(pairs)
         if self._uses_router:
             batch.output_norms = output_norms
             for statistic in self.statistics.values():

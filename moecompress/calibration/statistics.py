@@ -4,7 +4,10 @@ During a calibration pass every MoE layer gets one accumulator per requested sta
 kinds of events, all computed once by the calibration experts backend (``moecompress.calibration.backend``):
 
 * :class:`RouterBatch`: a batch of tokens reached the router (fp32 logits, top-k choices, combine weights);
-* :class:`ExpertSlice`: one routed expert ran on its tokens (inputs, intermediate ``h``, unweighted output);
+* :class:`RoutedPairs`: every routed expert of the batch ran; all (token, expert) picks at once, sorted by expert,
+  for statistics that reduce per expert (one ``index_add_`` / ``scatter_reduce_`` per batch, no per-expert Python);
+* :class:`ExpertSlice`: one routed expert ran on its tokens (inputs, intermediate ``h``, unweighted output); only
+  for statistics that need each expert's matrices (Hessians);
 * :class:`SharedSlice`: a shared expert ran on all tokens.
 
 Consumers ask only for what they need (``collect_statistics(..., names=[...])``); the expensive ones (Hessians,
@@ -65,6 +68,36 @@ class ExpertSlice:
 
 
 @dataclass
+class RoutedPairs:
+    """Every routed (token, expert) pick of a batch, ``P`` of them, sorted by expert (stable: tokens ascending within
+    an expert, the order of ``torch.where(top_k_index == e)``). Expert-parallel sentinels are left out.
+
+    expert_ids ``[P]`` long, token_index ``[P]`` long (row of the batch), slot ``[P]`` long (column of top_k_index),
+    intermediate ``[P, I]`` (``act(gate x) * up x``, compute dtype), outputs ``[P, d]`` (down-proj output, combine
+    weight NOT applied, compute dtype), combine_weights ``[P]``, raw_weights ``[P]``, renorm_weights ``[P]`` (fp32),
+    expert_counts ``[E]`` long (picks per expert; expert ``e``'s rows are a contiguous run).
+    """
+
+    expert_ids: torch.Tensor
+    token_index: torch.Tensor
+    slot: torch.Tensor
+    intermediate: torch.Tensor
+    outputs: torch.Tensor
+    combine_weights: torch.Tensor
+    raw_weights: torch.Tensor
+    renorm_weights: torch.Tensor
+    expert_counts: torch.Tensor
+    _cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def camera_phi_squared(self) -> torch.Tensor:
+        """``[P, I]`` fp32 ``(c * h)^2`` of every pick (CAMERA), computed once per batch for the L2 and max energies."""
+        if "camera_phi_squared" not in self._cache:
+            phi = self.combine_weights[:, None] * self.intermediate.float()
+            self._cache["camera_phi_squared"] = phi.mul_(phi)  # in place: same values as phi.square()
+        return self._cache["camera_phi_squared"]
+
+
+@dataclass
 class SharedSlice:
     """Shared expert ``index`` on all ``T`` tokens: inputs ``[T, d]``, intermediate ``[T, I_s]``, outputs ``[T, d]``
     (before its gate), gate ``[T]`` (sigmoid gate, or ones)."""
@@ -101,8 +134,11 @@ class Statistic:
     def on_routed(self, batch: RouterBatch) -> None:
         """After every routed expert of the batch ran (``batch.output_norms`` is filled if asked for)."""
 
+    def on_routed_pairs(self, pairs: RoutedPairs) -> None:
+        """Once per batch, after every routed expert ran: all picks at once (prefer this to ``on_expert``)."""
+
     def on_expert(self, expert_slice: ExpertSlice) -> None:
-        pass
+        """Once per hit expert per batch: only for statistics that need each expert's own matrices."""
 
     def on_shared(self, shared_slice: SharedSlice) -> None:
         pass
@@ -340,9 +376,12 @@ class MaxAbsExpertOutput(Statistic):
         self.routed = torch.zeros(self.num_experts)
         self.shared = torch.zeros(len(view.shared_experts))
 
-    def on_expert(self, expert_slice):
-        value = float(expert_slice.outputs.abs().max()) if expert_slice.outputs.numel() else 0.0
-        self.routed[expert_slice.expert] = max(float(self.routed[expert_slice.expert]), value)
+    def on_routed_pairs(self, pairs):
+        # [P] max |output| of each pick; amax and amin (vectorised row reductions) beat abs().amax() and aminmax
+        pick_max = torch.maximum(pairs.outputs.amax(dim=-1), pairs.outputs.amin(dim=-1).neg()).float()
+        batch_max = torch.zeros(self.num_experts, device=pick_max.device)  # |output| >= 0: zero is a neutral start
+        batch_max.scatter_reduce_(0, pairs.expert_ids, pick_max, reduce="amax")
+        self.routed = torch.maximum(self.routed, batch_max.cpu())
 
     def on_shared(self, shared_slice):
         value = float(shared_slice.outputs.abs().max())
@@ -413,14 +452,18 @@ class _ChannelEnergy(Statistic):
         self.shared = [torch.zeros(int(s.module.down_proj.in_features), dtype=torch.float64) for s in view.shared_experts]
 
     def reduce(self, phi_squared: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
+        """``[n, I]`` -> ``[I]`` over one shared expert's tokens."""
+        raise NotImplementedError
+
+    def reduce_by_expert(self, phi_squared: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        """``[P, I]`` routed picks, expert_ids ``[P]`` -> ``[E, I]`` fp32 (experts without picks: 0)."""
         raise NotImplementedError
 
     def combine(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def on_expert(self, expert_slice):
-        phi = expert_slice.combine_weights[:, None] * expert_slice.intermediate.float()
-        self.routed[expert_slice.expert] = self.combine(self.routed[expert_slice.expert], self.reduce(phi.square()).double().cpu())
+    def on_routed_pairs(self, pairs):
+        self.routed = self.combine(self.routed, self.reduce_by_expert(pairs.camera_phi_squared(), pairs.expert_ids).double().cpu())
 
     def on_shared(self, shared_slice):
         phi = shared_slice.gate[:, None] * shared_slice.intermediate.float()
@@ -438,6 +481,10 @@ class CameraEnergyL2(_ChannelEnergy):
     def reduce(self, phi_squared):
         return phi_squared.sum(0)
 
+    def reduce_by_expert(self, phi_squared, expert_ids):
+        sums = torch.zeros(self.num_experts, phi_squared.shape[1], device=phi_squared.device)
+        return sums.index_add_(0, expert_ids, phi_squared)
+
     def combine(self, old, new):
         return old + new
 
@@ -449,6 +496,10 @@ class CameraEnergyMax(_ChannelEnergy):
 
     def reduce(self, phi_squared):
         return phi_squared.amax(0) if phi_squared.shape[0] else torch.zeros(phi_squared.shape[1])
+
+    def reduce_by_expert(self, phi_squared, expert_ids):
+        maxima = torch.zeros(self.num_experts, phi_squared.shape[1], device=phi_squared.device)  # phi^2 >= 0
+        return maxima.scatter_reduce_(0, expert_ids[:, None].expand_as(phi_squared), phi_squared, reduce="amax")
 
     def combine(self, old, new):
         return torch.maximum(old, new)
