@@ -109,7 +109,7 @@ def test_collapse_merge_equals_averaged_representatives(model_type, tmp_path):
     with torch.no_grad():
         for view in find_moe_blocks(reference_model):
             tensors = [getattr(view.experts, n, None) for n in EXPERT_TENSORS]
-            tensors += [getattr(view.router, n, None) for n in ("weight", "bias")]
+            tensors += [view.router_weight, view.router_bias]
             tensors.append(view.selection_bias)  # a [E] view wherever the family keeps it (router, block, statics)
             for tensor in (t for t in tensors if isinstance(t, torch.Tensor)):
                 original = tensor.detach().clone()

@@ -51,7 +51,7 @@ def routers_with_pruned_logits(model, pruned: dict[int, list[int]], group_state:
     saved_state = []
     for layer, expert_ids in pruned.items():
         router = views[layer].router
-        mask = torch.zeros(router.weight.shape[0])
+        mask = torch.zeros(views[layer].router_weight.shape[0])
         mask[list(expert_ids)] = float("-inf")
         router.forward = wrap_router_forward(router, mask)
         saved_state.append((router, "forward", None))

@@ -37,7 +37,9 @@ def test_route_matches_hf_router_choices(model_type):
     view = find_moe_blocks(model)[0]
     hidden_states = torch.randn(41, view.hidden_size, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        if view.selection_bias_owner is view.block:  # MiniMax-M2 / LFM2-MoE pass the block's bias into the router
+        if view.family == "afmoe":  # takes [B, S, d] and the block's expert_bias
+            router_output = view.router(hidden_states[None], getattr(view.block, view.selection_bias_name))
+        elif view.selection_bias_owner is view.block:  # MiniMax-M2 / LFM2-MoE pass the block's bias into the router
             router_output = view.router(hidden_states, getattr(view.block, view.selection_bias_name))
         else:
             router_output = view.router(hidden_states)
@@ -63,7 +65,8 @@ def test_view_reports_shared_experts_and_sizes(model_type):
         expected_shared = {
             "qwen2_moe": 1, "qwen3_5_moe_text": 1, "qwen3_next": 1, "deepseek_v2": 2, "deepseek_v3": 1,
             "glm4_moe": 1, "dots1": 2, "solar_open": 1, "llama4_text": 1, "ernie4_5_moe": 2,
-            "glm4_moe_lite": 1, "deepseek_v32": 1, "exaone_moe": 1, "cohere2_moe": 1,
+            "glm4_moe_lite": 1, "deepseek_v32": 1, "exaone_moe": 1, "cohere2_moe": 1, "kimi_linear": 1,
+            "hunyuan_v1_moe": 1, "afmoe": 2,
         }.get(model_type, 0)
         assert view.num_shared_experts == expected_shared
         # every expert's canonical weights have the documented shapes

@@ -1,6 +1,6 @@
 """Family special cases the parametrised tiny-model tests do not single out: a selection bias kept outside the
 router (MiniMax-M2's block, Ernie-4.5's ``moe_statics``, LFM2's block), Ernie's clamped normaliser and
-Cohere2-MoE's ``average`` shared-expert combination."""
+Cohere2-MoE's ``average`` shared-expert combination, a router weight inside a wrapped Linear (Hunyuan, AfMoE)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from moecompress.models.tiny import tiny_config, tiny_model
         ("minimax_m2", "e_score_correction_bias", (6,)),
         ("ernie4_5_moe", "gate.moe_statics.e_score_correction_bias", (1, 6)),
         ("lfm2_moe", "expert_bias", (6,)),
+        ("afmoe", "expert_bias", (6,)),
     ],
 )
 def test_selection_bias_outside_the_router_is_viewed_and_sliced(model_type, bias_path, shape_after):
@@ -25,7 +26,8 @@ def test_selection_bias_outside_the_router_is_viewed_and_sliced(model_type, bias
     kept = [0, 2, 3, 5, 6, 7]
     originals = {}
     for view in find_moe_blocks(model):
-        stored = view.block.get_parameter(bias_path) if model_type == "ernie4_5_moe" else view.block.get_buffer(bias_path)
+        owner_path, _, name = bias_path.rpartition(".")
+        stored = getattr(view.block.get_submodule(owner_path) if owner_path else view.block, name)
         assert view.selection_bias is not None and view.selection_bias.data_ptr() == stored.data_ptr()
         originals[view.layer_index] = stored.detach().reshape(-1).clone()
     keep_experts(model, {layer: kept for layer in originals})
@@ -85,3 +87,23 @@ def test_cohere2_average_combination_halves_routed_and_shared():
         dense_hf = torch.zeros(18, 8).scatter_add_(1, hf_index, hf_weights.float())
         dense_ours = torch.zeros(18, 8).scatter_add_(1, routed.top_k_index, routed.top_k_weights)
         torch.testing.assert_close(dense_ours, 0.5 * dense_hf)
+
+
+@pytest.mark.parametrize("model_type, linear_path", [("hunyuan_v1_moe", "gate.wg"), ("afmoe", "router.gate")])
+def test_router_weight_in_a_wrapped_linear_is_viewed_sliced_and_merged(model_type, linear_path):
+    model = tiny_model(model_type)
+    originals = {}
+    for view in find_moe_blocks(model):
+        linear = view.block.get_submodule(linear_path)
+        assert view.router_linear is linear and view.router_weight is linear.weight
+        originals[view.layer_index] = linear.weight.detach().clone()
+    kept = [1, 2, 4, 5, 6, 7]
+    keep_experts(model, {layer: kept for layer in originals})
+    for view in find_moe_blocks(model):
+        linear = view.block.get_submodule(linear_path)
+        assert linear.out_features == 6 and view.router.num_experts == 6
+        torch.testing.assert_close(linear.weight, originals[view.layer_index][kept])
+    merge_experts(model, {layer: [[0, 1], [2, 3], [4, 5]] for layer in originals}, router_rule="collapse")
+    for view in find_moe_blocks(model):
+        expected = originals[view.layer_index][kept].view(3, 2, -1).mean(dim=1)
+        torch.testing.assert_close(view.block.get_submodule(linear_path).weight, expected)

@@ -68,7 +68,8 @@ def keep_experts(model: nn.Module, kept_experts: Mapping[int, Sequence[int]], *,
         group_state = _group_state_after_keep(view, kept, new_top_k)
         index = torch.tensor(kept, dtype=torch.long)
         _index_select_experts(view.experts, index)
-        _index_select_router(view.router, index)
+        for router_module in _router_modules(view):
+            _index_select_router(router_module, index)
         _index_select_selection_bias(view, index)
         _set_module_counts(view, num_experts=len(kept), num_router_outputs=len(kept), top_k=new_top_k)
         _set_group_state(view, *group_state)
@@ -147,7 +148,8 @@ def merge_experts(
         else:
             new_top_k = min(view.routing.top_k, len(partition))
             _check_phimoe_top_k(view, len(partition), new_top_k)
-            _combine_router(view.router, merge_matrix)
+            for router_module in _router_modules(view):
+                _combine_router(router_module, merge_matrix)
             _combine_selection_bias(view, merge_matrix)
             _set_module_counts(view, num_experts=len(partition), num_router_outputs=len(partition), top_k=new_top_k)
             # A cluster may straddle the original groups, so merged experts have no group: routing goes flat.
@@ -411,6 +413,11 @@ def _combine_router(router: nn.Module, merge_matrix: torch.Tensor) -> None:
             _replace_tensor(router, name, _weighted_rows(tensor, merge_matrix))
     if isinstance(router, nn.Linear):
         router.out_features = int(router.weight.shape[0])
+
+
+def _router_modules(view: MoEBlockView) -> list[nn.Module]:
+    """The router module, and the nn.Linear it wraps where the weight lives there (Hunyuan, AfMoE)."""
+    return [view.router] if view.router_linear is None else [view.router, view.router_linear]
 
 
 def _external_selection_bias(view: MoEBlockView) -> tuple[nn.Module, str] | None:

@@ -40,6 +40,8 @@ class FamilyAdapter:
     selection_bias_attr: dotted path, from the block, of a selection bias that is not the router's own
         ``e_score_correction_bias`` (MiniMax-M2: ``e_score_correction_bias`` on the block; Ernie-4.5-MoE:
         ``gate.moe_statics.e_score_correction_bias``), or None.
+    router_linear_attr: attribute of the router module holding the ``nn.Linear`` with the router weight when the
+        router wraps one (Hunyuan ``wg``, AfMoE ``gate``), or None (the router holds ``weight`` itself).
     shared_scale: ``fn(config) -> float``: constant factor on the shared expert's output (Cohere2-MoE's
         ``average`` combination halves it), or None (1).
     """
@@ -60,6 +62,7 @@ class FamilyAdapter:
     group_fields: tuple[str, str] | None = None
     selection_bias_attr: str | None = None
     shared_scale: Callable[[object], float] | None = None
+    router_linear_attr: str | None = None
     display_name: str = ""
 
     def is_moe_block(self, block: nn.Module) -> bool:
@@ -101,6 +104,7 @@ class FamilyAdapter:
             glu=glu,
             selection_bias_owner=bias_owner,
             selection_bias_name=bias_name,
+            router_linear=getattr(router, self.router_linear_attr) if self.router_linear_attr else None,
         )
 
 
@@ -502,6 +506,77 @@ register_adapter(
         count_fields=("n_routed_experts",),
         group_fields=("n_group", "topk_group"),
         display_name="MiMo-V2-Flash",
+    )
+)
+
+
+# Jamba: Mixtral-style experts between Mamba / attention mixers; softmax top-k without renormalisation.
+register_adapter(
+    FamilyAdapter(
+        model_type="jamba",
+        routing=_softmax_routing(),  # no norm_topk_prob anywhere: never renormalised
+        block_attr="feed_forward",
+        router_attr="router",
+        count_fields=("num_experts",),
+        intermediate_field="intermediate_size",
+        intermediate_field_shared=True,  # the dense feed-forward layers are intermediate_size wide too
+        display_name="Jamba",
+    )
+)
+# Kimi-Linear: DeepSeek-V3's router and shared experts, between KDA linear-attention and MLA layers.
+register_adapter(
+    FamilyAdapter(
+        model_type="kimi_linear",
+        routing=_deepseek_v3_routing,
+        shared_attr="shared_experts",
+        shared_count_field="num_shared_experts",
+        count_fields=("num_experts",),
+        intermediate_field_shared=True,
+        group_fields=("num_expert_group", "topk_group"),
+        display_name="Kimi-Linear",
+    )
+)
+
+
+# Hunyuan-MoE-V1: Mixtral-style routing (softmax, top-k, always renormalised) from a wrapped Linear ``gate.wg``;
+# one dense shared MLP in the block, sized by intermediate_size like the experts.
+register_adapter(
+    FamilyAdapter(
+        model_type="hunyuan_v1_moe",
+        routing=_softmax_routing(always_renormalize=True),
+        router_linear_attr="wg",
+        shared_attr="shared_mlp",
+        count_fields=("num_experts",),
+        intermediate_field="intermediate_size",
+        intermediate_field_shared=True,
+        display_name="Hunyuan-MoE-V1",
+    )
+)
+
+
+def _afmoe_routing(config, router: nn.Module) -> RoutingSpec:
+    # sigmoid scores from the wrapped Linear router.gate, selection on scores + the block's expert_bias,
+    # always renormalised, then multiplied by route_scale.
+    return RoutingSpec(
+        scoring="sigmoid",
+        top_k=int(router.top_k),
+        renormalize=True,
+        routed_scaling_factor=float(router.route_scale),
+        has_selection_bias=True,
+    )
+
+
+register_adapter(
+    FamilyAdapter(
+        model_type="afmoe",
+        routing=_afmoe_routing,
+        router_attr="router",
+        router_linear_attr="gate",
+        shared_attr="shared_experts",
+        shared_count_field="num_shared_experts",
+        intermediate_field_shared=True,  # shared experts are moe_intermediate_size * num_shared_experts wide
+        selection_bias_attr="expert_bias",
+        display_name="AfMoE",
     )
 )
 

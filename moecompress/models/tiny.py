@@ -233,6 +233,36 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
             sliding_window=16, mlp_layer_types=["dense", "sparse", "sparse"],
         ),
     ),
+    "jamba": (
+        "JambaConfig",
+        dict(
+            num_experts=8, num_experts_per_tok=2, intermediate_size=16, num_hidden_layers=4, expert_layer_period=2,
+            expert_layer_offset=1, attn_layer_period=2, attn_layer_offset=1, use_mamba_kernels=False,
+            mamba_d_state=8, mamba_d_conv=4, mamba_expand=2,
+        ),
+    ),
+    "kimi_linear": (
+        "KimiLinearConfig",
+        dict(
+            num_experts=8, num_experts_per_token=2, moe_intermediate_size=16, intermediate_size=24,
+            num_shared_experts=1, num_expert_group=4, topk_group=2, routed_scaling_factor=2.0, num_hidden_layers=3,
+            num_key_value_heads=4, kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8,
+            v_head_dim=8, linear_head_dim=8, linear_num_heads=4, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+            mlp_layer_types=["dense", "sparse", "sparse"],
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+        ),
+    ),
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        dict(num_experts=8, moe_topk=2, intermediate_size=16, pad_token_id=0, bos_token_id=0, eos_token_id=0),
+    ),
+    "afmoe": (
+        "AfmoeConfig",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24, num_shared_experts=2,
+            num_dense_layers=1, num_hidden_layers=3, route_scale=1.5, global_attn_every_n_layers=2, sliding_window=16,
+        ),
+    ),
 }
 
 
@@ -265,7 +295,7 @@ def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float3
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
     with torch.no_grad():
         for name, tensor in model.named_parameters():
-            if name.endswith(("router.weight", "gate.weight")) or "experts" in name:
+            if name.endswith(("router.weight", "gate.weight", "gate.wg.weight")) or "experts" in name:
                 tensor.normal_(0.0, 0.3)
             elif name.endswith(("e_score_correction_bias", "expert_bias")):  # a parameter in Ernie-4.5-MoE
                 tensor.normal_(0.0, 0.1)

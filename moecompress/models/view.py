@@ -137,6 +137,9 @@ class MoEBlockView:
     # attribute name (MiniMax-M2 / LFM2-MoE keep it on the block, Ernie-4.5-MoE in ``gate.moe_statics`` as [1, E]).
     selection_bias_owner: nn.Module | None = None
     selection_bias_name: str = "e_score_correction_bias"
+    # The nn.Linear holding the router weight when the router module wraps one (Hunyuan ``gate.wg``, AfMoE
+    # ``router.gate``); None when the router module holds ``weight`` itself.
+    router_linear: nn.Module | None = None
 
     # ----- sizes -----------------------------------------------------------------------------------------------
     @property
@@ -176,12 +179,12 @@ class MoEBlockView:
     @property
     def router_weight(self) -> torch.Tensor:
         """``[E, d]``."""
-        return self.router.weight
+        return (self.router_linear if self.router_linear is not None else self.router).weight
 
     @property
     def router_bias(self) -> torch.Tensor | None:
         """``[E]`` bias added to the logits (GPT-OSS), else None."""
-        bias = getattr(self.router, "bias", None)
+        bias = getattr(self.router_linear if self.router_linear is not None else self.router, "bias", None)
         return bias if isinstance(bias, torch.Tensor) else None
 
     @property
