@@ -19,6 +19,7 @@ from moecompress.models.tiny import tiny_config, tiny_model
         ("ernie4_5_moe", "gate.moe_statics.e_score_correction_bias", (1, 6)),
         ("lfm2_moe", "expert_bias", (6,)),
         ("afmoe", "expert_bias", (6,)),
+        ("hy_v3", "e_score_correction_bias", (6,)),
     ],
 )
 def test_selection_bias_outside_the_router_is_viewed_and_sliced(model_type, bias_path, shape_after):

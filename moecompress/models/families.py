@@ -581,6 +581,71 @@ register_adapter(
 )
 
 
+def _sigmoid_topk_routing(config, router: nn.Module) -> RoutingSpec:
+    """Flint: top-k of the sigmoid scores, no selection bias, renormalised with norm_topk_prob."""
+    return RoutingSpec(scoring="sigmoid", top_k=int(router.top_k), renormalize=_renormalize_flag(config, router))
+
+
+def _hy_v3_routing(config, router: nn.Module) -> RoutingSpec:
+    # MiniMax-M2's routing (sigmoid, the block's e_score_correction_bias for selection, renormalised) scaled by
+    # router_scaling_factor.
+    return RoutingSpec(
+        scoring="sigmoid",
+        top_k=int(router.top_k),
+        renormalize=True,
+        routed_scaling_factor=float(router.router_scaling_factor),
+        has_selection_bias=True,
+    )
+
+
+register_adapter(
+    FamilyAdapter(
+        model_type="granitemoe_swa",
+        routing=_softmax_over_top_logits_routing,
+        block_attr="block_sparse_moe",
+        router_attr="router",
+        count_fields=("num_local_experts",),
+        intermediate_field="intermediate_size",
+        display_name="GraniteMoE-SWA",
+    )
+)
+register_adapter(
+    FamilyAdapter(model_type="mellum", routing=_softmax_routing(), display_name="Mellum")
+)
+register_adapter(
+    FamilyAdapter(
+        model_type="flint",
+        routing=_sigmoid_topk_routing,
+        shared_attr="shared_expert",  # added in full, no gate
+        display_name="Flint",
+    )
+)
+register_adapter(
+    FamilyAdapter(
+        model_type="hy_v3",
+        routing=_hy_v3_routing,
+        shared_attr="shared_experts",
+        shared_count_field="num_shared_experts",
+        intermediate_field_shared=True,  # shared experts are moe_intermediate_size * num_shared_experts wide
+        selection_bias_attr="e_score_correction_bias",
+        display_name="Hunyuan-V3",
+    )
+)
+for _model_type, _name in (("glm_moe_dsa", "GLM-MoE-DSA"),):
+    register_adapter(
+        FamilyAdapter(
+            model_type=_model_type,
+            routing=_deepseek_v3_routing,
+            shared_attr="shared_experts",
+            shared_count_field="n_shared_experts",
+            count_fields=("n_routed_experts",),
+            intermediate_field_shared=True,
+            group_fields=("n_group", "topk_group"),
+            display_name=_name,
+        )
+    )
+
+
 def supported_families() -> list[str]:
     """Human-readable names of every supported family, for error messages and docs."""
     return sorted({adapter.display_name or adapter.model_type for adapter in ADAPTERS.values()})

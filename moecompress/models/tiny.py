@@ -263,6 +263,40 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
             num_dense_layers=1, num_hidden_layers=3, route_scale=1.5, global_attn_every_n_layers=2, sliding_window=16,
         ),
     ),
+    "granitemoe_swa": (
+        "GraniteMoeSWAConfig",
+        dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, sliding_window=16),
+    ),
+    "mellum": (
+        "MellumConfig",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24, norm_topk_prob=False,
+            mlp_layer_types=["sparse", "sparse"], sliding_window=16,
+        ),
+    ),
+    "flint": (
+        "FlintConfig",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            shared_expert_intermediate_size=24, norm_topk_prob=True, sliding_window=16, mlp_only_layers=[],
+            decoder_sparse_step=1,
+        ),
+    ),
+    "hy_v3": (
+        "HYV3Config",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24, num_shared_experts=1,
+            router_scaling_factor=1.5, num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+    ),
+    "glm_moe_dsa": (
+        "GlmMoeDsaConfig",
+        dict(
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=1.5, num_hidden_layers=3,
+            kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4, index_topk=8, index_head_dim=16, index_n_heads=2, mlp_layer_types=["dense", "sparse", "sparse"],
+        ),
+    ),
 }
 
 
