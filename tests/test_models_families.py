@@ -78,6 +78,7 @@ def test_cohere2_average_combination_halves_routed_and_shared():
                 tensor.normal_(0.0, 0.3)
     for view in find_moe_blocks(model):
         assert view.routing.routed_scaling_factor == 0.5 and view.shared_experts[0].scale == 0.5
+        assert view.scaling_outside_router == 0.5
         hidden_states = torch.randn(2, 9, view.hidden_size, generator=torch.Generator().manual_seed(4))
         with torch.no_grad():
             reference = view.block(hidden_states)
@@ -108,3 +109,29 @@ def test_router_weight_in_a_wrapped_linear_is_viewed_sliced_and_merged(model_typ
     for view in find_moe_blocks(model):
         expected = originals[view.layer_index][kept].view(3, 2, -1).mean(dim=1)
         torch.testing.assert_close(view.block.get_submodule(linear_path).weight, expected)
+
+
+def test_selection_bias_on_logits_differs_from_bias_on_scores():
+    """Kolibri1 picks on ``logits + bias``; the default (DeepSeek-V3 and the rest) on ``sigmoid(logits) + bias``."""
+    from moecompress.models import RoutingSpec, route_from_logits
+
+    logits, bias = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([0.0, 1.5, 0.0])
+    on_scores = RoutingSpec(scoring="sigmoid", top_k=1, renormalize=False, has_selection_bias=True)
+    on_logits = RoutingSpec(scoring="sigmoid", top_k=1, renormalize=False, has_selection_bias=True, bias_on_logits=True)
+    assert route_from_logits(logits, on_scores, bias).top_k_index.item() == 1
+    picked = route_from_logits(logits, on_logits, bias)
+    assert picked.top_k_index.item() == 0
+    torch.testing.assert_close(picked.top_k_weights, torch.sigmoid(torch.tensor([[2.0]])))
+
+
+def test_laguna_soft_capped_logits_and_block_scaling():
+    model = tiny_model("laguna")
+    for view in find_moe_blocks(model):
+        assert view.router_logits_fn is not None and view.scaling_outside_router == 1.5
+        hidden_states = torch.randn(50, view.hidden_size, generator=torch.Generator().manual_seed(5)) * 10
+        with torch.no_grad():
+            logits = view.router_logits(hidden_states)
+            hf_logits, _, _ = view.router(hidden_states)
+        raw = torch.nn.functional.linear(hidden_states, view.router_weight)
+        assert raw.abs().max() > 2.0 and logits.abs().max() <= 2.0  # moe_router_logit_softcapping of the tiny config
+        torch.testing.assert_close(logits, hf_logits.float())

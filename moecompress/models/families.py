@@ -8,6 +8,7 @@ assumed from the family name alone. A new architecture is one adapter here.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,6 +43,10 @@ class FamilyAdapter:
         ``gate.moe_statics.e_score_correction_bias``), or None.
     router_linear_attr: attribute of the router module holding the ``nn.Linear`` with the router weight when the
         router wraps one (Hunyuan ``wg``, AfMoE ``gate``), or None (the router holds ``weight`` itself).
+    block_scaling: ``fn(config, block) -> float``: a factor the block applies to the routed sum after the router
+        (Laguna's ``moe_routed_scaling_factor``); folded into ``routing.routed_scaling_factor``.
+    router_logits: ``fn(config, router) -> logits_fn or None`` for routers whose logits are not a plain linear
+        map (Laguna's tanh soft-capping); becomes the view's ``router_logits_fn``.
     shared_scale: ``fn(config) -> float``: constant factor on the shared expert's output (Cohere2-MoE's
         ``average`` combination halves it), or None (1).
     """
@@ -63,6 +68,8 @@ class FamilyAdapter:
     selection_bias_attr: str | None = None
     shared_scale: Callable[[object], float] | None = None
     router_linear_attr: str | None = None
+    block_scaling: Callable[[object, nn.Module], float] | None = None
+    router_logits: Callable[[object, nn.Module], Callable[[torch.Tensor], torch.Tensor] | None] | None = None
     display_name: str = ""
 
     def is_moe_block(self, block: nn.Module) -> bool:
@@ -90,6 +97,12 @@ class FamilyAdapter:
             activation, glu = self.glu(experts)
         else:
             activation, glu = experts.act_fn, None
+        routing = self.routing(model_config, router)
+        scaling_outside = float(self.block_scaling(model_config, block)) if self.block_scaling is not None else 1.0
+        if scaling_outside != 1.0:
+            routing = dataclasses.replace(
+                routing, routed_scaling_factor=routing.routed_scaling_factor * scaling_outside
+            )
         return MoEBlockView(
             layer_index=layer_index,
             path=path,
@@ -97,7 +110,7 @@ class FamilyAdapter:
             block=block,
             router=router,
             experts=experts,
-            routing=self.routing(model_config, router),
+            routing=routing,
             activation=activation,
             storage="packed" if hasattr(experts, "expert_linear") else self.storage,  # type: ignore[arg-type]
             shared_experts=shared,
@@ -105,6 +118,8 @@ class FamilyAdapter:
             selection_bias_owner=bias_owner,
             selection_bias_name=bias_name,
             router_linear=getattr(router, self.router_linear_attr) if self.router_linear_attr else None,
+            scaling_outside_router=scaling_outside,
+            router_logits_fn=self.router_logits(model_config, router) if self.router_logits is not None else None,
         )
 
 
@@ -422,24 +437,24 @@ for _model_type, _name, _count_field, _shared_count_field in (
 
 def _cohere2_moe_routing(config, router: nn.Module) -> RoutingSpec:
     # top-k of the logits, then softmax over those k or sigmoid of each (renormalised with norm_topk_prob).
-    # The "average" shared-expert combination halves the routed sum as well as the shared output.
-    averaged = int(getattr(config, "num_shared_experts", 0) or 0) > 0 and (
+    if router.expert_selection_fn == "softmax":
+        return RoutingSpec(scoring="softmax", top_k=int(router.top_k), renormalize=True, softmax_after_topk=True)
+    return RoutingSpec(scoring="sigmoid", top_k=int(router.top_k), renormalize=bool(router.norm_topk_prob))
+
+
+def _cohere2_moe_averaged(config) -> bool:
+    """The ``average`` combination: ``(routed + shared) / 2``, i.e. both halved (only with shared experts)."""
+    return int(getattr(config, "num_shared_experts", 0) or 0) > 0 and (
         getattr(config, "shared_expert_combination_strategy", "sum") == "average"
     )
-    scaling = 0.5 if averaged else 1.0
-    if router.expert_selection_fn == "softmax":
-        return RoutingSpec(
-            scoring="softmax", top_k=int(router.top_k), renormalize=True, softmax_after_topk=True,
-            routed_scaling_factor=scaling,
-        )
-    return RoutingSpec(
-        scoring="sigmoid", top_k=int(router.top_k), renormalize=bool(router.norm_topk_prob),
-        routed_scaling_factor=scaling,
-    )
+
+
+def _cohere2_moe_block_scaling(config, block: nn.Module) -> float:
+    return 0.5 if _cohere2_moe_averaged(config) else 1.0
 
 
 def _cohere2_moe_shared_scale(config) -> float:
-    return 0.5 if getattr(config, "shared_expert_combination_strategy", "sum") == "average" else 1.0
+    return 0.5 if _cohere2_moe_averaged(config) else 1.0
 
 
 register_adapter(
@@ -452,6 +467,7 @@ register_adapter(
         intermediate_field="intermediate_size",
         intermediate_field_shared=True,  # shared experts are intermediate_size * num_shared_experts wide
         shared_scale=_cohere2_moe_shared_scale,
+        block_scaling=_cohere2_moe_block_scaling,
         display_name="Cohere2-MoE",
     )
 )
@@ -644,6 +660,86 @@ for _model_type, _name in (("glm_moe_dsa", "GLM-MoE-DSA"),):
             display_name=_name,
         )
     )
+
+
+def _laguna_routing(config, router: nn.Module) -> RoutingSpec:
+    # sigmoid of (optionally soft-capped) logits, router-held selection bias, always renormalised; the block
+    # multiplies the routed sum by moe_routed_scaling_factor (block_scaling).
+    return RoutingSpec(scoring="sigmoid", top_k=int(router.top_k), renormalize=True, has_selection_bias=True)
+
+
+def _laguna_router_logits(config, router: nn.Module):
+    cap = float(router.router_logit_softcapping)
+    if cap <= 0:
+        return None
+
+    def logits_fn(hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = torch.nn.functional.linear(hidden_states.float(), router.weight.float())
+        return torch.tanh(logits / cap) * cap
+
+    return logits_fn
+
+
+def _block_routed_scaling(config, block: nn.Module) -> float:
+    return float(block.routed_scaling_factor)
+
+
+register_adapter(
+    FamilyAdapter(
+        model_type="laguna",
+        routing=_laguna_routing,
+        shared_attr="shared_experts",
+        block_scaling=_block_routed_scaling,
+        router_logits=_laguna_router_logits,
+        display_name="Laguna",
+    )
+)
+
+
+def _beam_routing(config, router: nn.Module) -> RoutingSpec:
+    # DeepSeek-V3's group-limited sigmoid routing; the block applies routed_scaling_factor (block_scaling).
+    return RoutingSpec(
+        scoring="sigmoid",
+        top_k=int(router.top_k),
+        renormalize=_renormalize_flag(config, router),
+        n_group=int(router.num_group),
+        topk_group=int(router.topk_group),
+        group_score="top2_sum",
+        has_selection_bias=True,
+    )
+
+
+register_adapter(
+    FamilyAdapter(
+        model_type="beam",
+        routing=_beam_routing,
+        block_scaling=_block_routed_scaling,
+        group_fields=("n_group", "topk_group"),
+        display_name="Beam",
+    )
+)
+
+
+def _kolibri1_routing(config, router: nn.Module) -> RoutingSpec:
+    # top-k of logits + selection bias, weights = sigmoid of the picked logits, renormalised with norm_topk_prob.
+    return RoutingSpec(
+        scoring="sigmoid",
+        top_k=int(router.top_k),
+        renormalize=_renormalize_flag(config, router),
+        has_selection_bias=True,
+        bias_on_logits=True,
+        renormalize_eps=0.0,
+    )
+
+
+register_adapter(
+    FamilyAdapter(
+        model_type="kolibri1",
+        routing=_kolibri1_routing,
+        shared_attr="shared_experts",
+        display_name="Kolibri1",
+    )
+)
 
 
 def supported_families() -> list[str]:

@@ -297,6 +297,28 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
             kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, num_key_value_heads=4, index_topk=8, index_head_dim=16, index_n_heads=2, mlp_layer_types=["dense", "sparse", "sparse"],
         ),
     ),
+    "laguna": (
+        "LagunaConfig",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            shared_expert_intermediate_size=24, moe_routed_scaling_factor=1.5, moe_router_logit_softcapping=2.0,
+            mlp_layer_types=["sparse", "sparse"], sliding_window=16,
+        ),
+    ),
+    "beam": (
+        "BeamConfig",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24, n_group=4,
+            topk_group=2, routed_scaling_factor=1.5, mlp_layer_types=["sparse", "sparse"], sliding_window=16,
+        ),
+    ),
+    "kolibri1": (
+        "Kolibri1Config",
+        dict(
+            num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+            norm_topk_prob=True, sliding_window=16,
+        ),
+    ),
 }
 
 

@@ -40,6 +40,8 @@ class RoutingSpec:
         LFM2-MoE uses ``1e-6``).
     renormalize_min: when positive, the normaliser is ``max(sum, renormalize_min)`` instead of ``sum + eps``
         (Ernie-4.5-MoE's ``moe_norm_min``).
+    bias_on_logits: the selection bias is added to the raw logits, not to the scores (Kolibri1: top-k of
+        ``logits + bias``, weights ``sigmoid`` of the picked logits).
     """
 
     scoring: Literal["softmax", "sigmoid"]
@@ -56,6 +58,7 @@ class RoutingSpec:
     scales_expert_input: bool = False
     renormalize_eps: float = 1e-20
     renormalize_min: float = 0.0
+    bias_on_logits: bool = False
 
 
 @dataclass
@@ -140,6 +143,10 @@ class MoEBlockView:
     # The nn.Linear holding the router weight when the router module wraps one (Hunyuan ``gate.wg``, AfMoE
     # ``router.gate``); None when the router module holds ``weight`` itself.
     router_linear: nn.Module | None = None
+    # The factor of ``routing.routed_scaling_factor`` that HF applies in the block, after its router returned its
+    # weights (Laguna / Beam scale the routed sum, Cohere2-MoE's ``average`` halves it); 1 when all of it is the
+    # router's. ``route`` always returns the effective combine weights.
+    scaling_outside_router: float = 1.0
 
     # ----- sizes -----------------------------------------------------------------------------------------------
     @property
@@ -319,7 +326,7 @@ def route_from_logits(
         return RouterOutput(logits, top_k_index, weights)
 
     scores = torch.softmax(logits, dim=-1) if spec.scoring == "softmax" else torch.sigmoid(logits)
-    choice = scores if selection_bias is None else scores + selection_bias.float()
+    choice = scores if selection_bias is None else (logits if spec.bias_on_logits else scores) + selection_bias.float()
     if spec.n_group > 1:
         grouped = choice.view(-1, spec.n_group, num_experts // spec.n_group)
         if spec.group_score == "top2_sum":
