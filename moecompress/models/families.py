@@ -45,6 +45,8 @@ class FamilyAdapter:
         router wraps one (Hunyuan ``wg``, AfMoE ``gate``), or None (the router holds ``weight`` itself).
     block_scaling: ``fn(config, block) -> float``: a factor the block applies to the routed sum after the router
         (Laguna's ``moe_routed_scaling_factor``); folded into ``routing.routed_scaling_factor``.
+    output_attr: attribute of the block holding a module applied to the block's summed output (A.X-K1's
+        ``post_mlp_layernorm``), or None.
     router_logits: ``fn(config, router) -> logits_fn or None`` for routers whose logits are not a plain linear
         map (Laguna's tanh soft-capping); becomes the view's ``router_logits_fn``.
     shared_scale: ``fn(config) -> float``: constant factor on the shared expert's output (Cohere2-MoE's
@@ -69,6 +71,7 @@ class FamilyAdapter:
     shared_scale: Callable[[object], float] | None = None
     router_linear_attr: str | None = None
     block_scaling: Callable[[object, nn.Module], float] | None = None
+    output_attr: str | None = None
     router_logits: Callable[[object, nn.Module], Callable[[torch.Tensor], torch.Tensor] | None] | None = None
     display_name: str = ""
 
@@ -119,6 +122,7 @@ class FamilyAdapter:
             selection_bias_name=bias_name,
             router_linear=getattr(router, self.router_linear_attr) if self.router_linear_attr else None,
             scaling_outside_router=scaling_outside,
+            output_module=getattr(block, self.output_attr) if self.output_attr else None,
             router_logits_fn=self.router_logits(model_config, router) if self.router_logits is not None else None,
         )
 
@@ -738,6 +742,22 @@ register_adapter(
         routing=_kolibri1_routing,
         shared_attr="shared_experts",
         display_name="Kolibri1",
+    )
+)
+
+
+# A.X-K1: DeepSeek-V3's MoE with an RMSNorm on the block output (``post_mlp_layernorm``).
+register_adapter(
+    FamilyAdapter(
+        model_type="axk1",
+        routing=_deepseek_v3_routing,
+        shared_attr="shared_experts",
+        shared_count_field="n_shared_experts",
+        count_fields=("n_routed_experts",),
+        intermediate_field_shared=True,
+        group_fields=("n_group", "topk_group"),
+        output_attr="post_mlp_layernorm",
+        display_name="A.X-K1",
     )
 )
 

@@ -147,6 +147,8 @@ class MoEBlockView:
     # weights (Laguna / Beam scale the routed sum, Cohere2-MoE's ``average`` halves it); 1 when all of it is the
     # router's. ``route`` always returns the effective combine weights.
     scaling_outside_router: float = 1.0
+    # A module the block applies to its summed output (A.X-K1's ``post_mlp_layernorm``), else None.
+    output_module: nn.Module | None = None
 
     # ----- sizes -----------------------------------------------------------------------------------------------
     @property
@@ -302,6 +304,8 @@ class MoEBlockView:
                 output.index_add_(0, token_idx, expert_out * combine_weights)
         for shared in self.shared_experts:
             output = output + shared.forward(hidden_states).float()
+        if self.output_module is not None:
+            return self.output_module(output.to(hidden_states.dtype))
         return output.to(hidden_states.dtype)
 
 
