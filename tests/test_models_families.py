@@ -135,3 +135,14 @@ def test_laguna_soft_capped_logits_and_block_scaling():
         raw = torch.nn.functional.linear(hidden_states, view.router_weight)
         assert raw.abs().max() > 2.0 and logits.abs().max() <= 2.0  # moe_router_logit_softcapping of the tiny config
         torch.testing.assert_close(logits, hf_logits.float())
+
+
+def test_hy_v4_experts_use_a_clamped_swiglu():
+    model = tiny_model("hy_v4")
+    view = find_moe_blocks(model)[0]
+    limit = float(view.experts.swiglu_limit)
+    gate_out, up_out = torch.tensor([5.0, -0.5]), torch.tensor([-5.0, 0.5])
+    expected = torch.nn.functional.silu(torch.tensor([limit, -0.5])) * torch.tensor([-limit, 0.5])
+    torch.testing.assert_close(view.glu(gate_out, up_out), expected)
+    # the HF experts module agrees (its own gate helper on a fused [gate | up] row)
+    torch.testing.assert_close(view.experts._apply_gate(torch.cat([gate_out, up_out])), expected)

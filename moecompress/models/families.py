@@ -762,6 +762,48 @@ register_adapter(
 )
 
 
+def _hy_v4_glu(experts: nn.Module) -> tuple[Callable, Callable]:
+    """HY-V4's clamped SwiGLU: ``silu(min(gate, limit)) * clamp(up, ±limit)`` (no alpha, no +1 as in GPT-OSS)."""
+    limit = float(experts.swiglu_limit)
+
+    def activation(gate_out: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(gate_out.clamp(max=limit))
+
+    def glu(gate_out: torch.Tensor, up_out: torch.Tensor) -> torch.Tensor:
+        return activation(gate_out) * up_out.clamp(min=-limit, max=limit)
+
+    return activation, glu
+
+
+# HY-V4: DeepSeek-V3's router and shared experts, clamped SwiGLU experts, hyper-connections between layers.
+register_adapter(
+    FamilyAdapter(
+        model_type="hy_v4",
+        routing=_deepseek_v3_routing,
+        shared_attr="shared_experts",
+        shared_count_field="n_shared_experts",
+        count_fields=("n_routed_experts",),
+        intermediate_field_shared=True,
+        group_fields=("n_group", "topk_group"),
+        glu=_hy_v4_glu,
+        display_name="Hunyuan-V4",
+    )
+)
+# Bailing-Hybrid (Ling): DeepSeek-V3's router and shared experts between KDA linear-attention and MLA layers.
+register_adapter(
+    FamilyAdapter(
+        model_type="bailing_hybrid",
+        routing=_deepseek_v3_routing,
+        shared_attr="shared_experts",
+        shared_count_field="num_shared_experts",
+        count_fields=("num_experts",),
+        intermediate_field_shared=True,
+        group_fields=("num_expert_group", "topk_group"),
+        display_name="Bailing-Hybrid",
+    )
+)
+
+
 def supported_families() -> list[str]:
     """Human-readable names of every supported family, for error messages and docs."""
     return sorted({adapter.display_name or adapter.model_type for adapter in ADAPTERS.values()})
