@@ -146,3 +146,42 @@ def test_hy_v4_experts_use_a_clamped_swiglu():
     torch.testing.assert_close(view.glu(gate_out, up_out), expected)
     # the HF experts module agrees (its own gate helper on a fused [gate | up] row)
     torch.testing.assert_close(view.experts._apply_gate(torch.cat([gate_out, up_out])), expected)
+
+
+def test_group_mask_value_zero_lets_masked_experts_beat_negative_scores():
+    """A.X-K2 fills experts outside the chosen groups with 0: an allowed expert whose biased score is negative loses."""
+    from moecompress.models import RoutingSpec, route_from_logits
+
+    # 2 groups of 2; group 0 wins (top-2 sum); its second expert has a negative biased score.
+    logits = torch.tensor([[3.0, -4.0, -3.0, -3.0]])
+    bias = torch.tensor([0.0, -0.5, 0.0, 0.0])
+    spec = dict(scoring="sigmoid", top_k=2, renormalize=False, n_group=2, topk_group=1, group_score="top2_sum",
+                has_selection_bias=True)
+    default = route_from_logits(logits, RoutingSpec(**spec), bias)
+    zero_filled = route_from_logits(logits, RoutingSpec(**spec, group_mask_value=0.0), bias)
+    assert sorted(default.top_k_index[0].tolist()) == [0, 1]
+    assert zero_filled.top_k_index[0, 0].item() == 0 and zero_filled.top_k_index[0, 1].item() in (2, 3)
+
+
+def test_axk2_without_groups_matches_hf_and_prunes(tmp_path):
+    config = tiny_config("axk2")
+    config.n_group, config.topk_group = None, None
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager").eval()
+    with torch.no_grad():
+        for name, tensor in model.named_parameters():
+            if name.endswith("gate.weight") or "experts" in name:
+                tensor.normal_(0.0, 0.3)
+    views = find_moe_blocks(model)
+    assert all(view.routing.n_group == 1 for view in views)
+    hidden_states = torch.randn(2, 9, views[0].hidden_size, generator=torch.Generator().manual_seed(6))
+    for view in views:
+        with torch.no_grad():
+            reference = view.block(hidden_states)
+            ours = view.forward(hidden_states.reshape(-1, view.hidden_size)).reshape(reference.shape)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+    keep_experts(model, {view.layer_index: [0, 1, 2, 3, 4, 5] for view in views})
+    assert model.config.n_group is None and all(view.router.num_group is None for view in find_moe_blocks(model))
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    assert [view.num_experts for view in find_moe_blocks(reloaded)] == [6, 6]

@@ -276,11 +276,12 @@ def sync_config(model: nn.Module) -> None:
     if len(top_ks) == 1 and hasattr(config, "num_experts_per_tok") and adapter.model_type != "phimoe":
         config.num_experts_per_tok = top_ks.pop()
     if adapter.group_fields is not None:
-        groups = {(int(view.router.num_group), int(view.router.topk_group)) for view in views}
-        if len(groups) == 1:
+        # A.X-K2 spells "no groups" as None; such routers are left alone (None is not a count to write back).
+        groups = {(view.router.num_group, view.router.topk_group) for view in views}
+        if len(groups) == 1 and None not in next(iter(groups)):
             n_group, topk_group = groups.pop()
-            setattr(config, adapter.group_fields[0], n_group)
-            setattr(config, adapter.group_fields[1], topk_group)
+            setattr(config, adapter.group_fields[0], int(n_group))
+            setattr(config, adapter.group_fields[1], int(topk_group))
     sizes = {view.layer_index: view.intermediate_size for view in views}
     uniform_size = len(set(sizes.values())) == 1
     if uniform_size and not adapter.intermediate_field_shared:
@@ -506,7 +507,7 @@ def _set_module_counts(
 def _group_state_after_keep(view: MoEBlockView, kept: list[int], top_k: int) -> tuple[int, int]:
     """(n_group, topk_group) after keeping ``kept``: groups survive only if they are the original groups, each
     restricted to the same number of kept experts, and enough of them remain to pick ``top_k``."""
-    if not hasattr(view.router, "num_group") or int(view.router.num_group) <= 1:
+    if getattr(view.router, "num_group", None) is None or int(view.router.num_group) <= 1:
         return 1, 1
     n_group, topk_group = int(view.router.num_group), int(view.router.topk_group)
     group_size = view.num_experts // n_group
@@ -520,7 +521,7 @@ def _group_state_after_keep(view: MoEBlockView, kept: list[int], top_k: int) -> 
 
 def _set_group_state(view: MoEBlockView, n_group: int, topk_group: int) -> None:
     """Set DeepSeek's group routing on the router module (views built before an edit are stale: re-fetch them)."""
-    if hasattr(view.router, "num_group"):
+    if getattr(view.router, "num_group", None) is not None:  # None (A.X-K2): no group routing to change
         view.router.num_group = n_group
         view.router.topk_group = topk_group
 

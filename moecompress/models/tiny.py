@@ -348,6 +348,16 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
             mlp_layer_types=["dense", "sparse", "sparse"], pad_token_id=0, eos_token_id=0,
         ),
     ),
+    "axk2": (
+        "AXK2Config",
+        dict(
+            n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+            n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5, num_hidden_layers=3,
+            kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+            num_key_value_heads=4, index_topk=8, index_head_dim=16, index_n_heads=2, gated_norm_rank=4,
+            mlp_layer_types=["dense", "sparse", "sparse"], pad_token_id=0, bos_token_id=0, eos_token_id=0,
+        ),
+    ),
 }
 
 

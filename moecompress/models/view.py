@@ -40,6 +40,8 @@ class RoutingSpec:
         LFM2-MoE uses ``1e-6``).
     renormalize_min: when positive, the normaliser is ``max(sum, renormalize_min)`` instead of ``sum + eps``
         (Ernie-4.5-MoE's ``moe_norm_min``).
+    group_mask_value: what experts outside the chosen groups score for selection (``-inf``; A.X-K2 and
+        Mistral4 fill ``0``, which a negative biased score of an allowed expert can lose to).
     bias_on_logits: the selection bias is added to the raw logits, not to the scores (Kolibri1: top-k of
         ``logits + bias``, weights ``sigmoid`` of the picked logits).
     """
@@ -59,6 +61,7 @@ class RoutingSpec:
     renormalize_eps: float = 1e-20
     renormalize_min: float = 0.0
     bias_on_logits: bool = False
+    group_mask_value: float = float("-inf")
 
 
 @dataclass
@@ -340,7 +343,7 @@ def route_from_logits(
         group_index = torch.topk(group_scores, k=spec.topk_group, dim=-1, sorted=False).indices
         group_mask = torch.zeros_like(group_scores).scatter_(1, group_index, 1.0)
         expert_mask = group_mask.unsqueeze(-1).expand_as(grouped).reshape(-1, num_experts).bool()
-        choice = choice.masked_fill(~expert_mask, float("-inf"))
+        choice = choice.masked_fill(~expert_mask, spec.group_mask_value)
     top_k_index = torch.topk(choice, spec.top_k, dim=-1).indices
     weights = scores.gather(1, top_k_index)
     if spec.renormalize:
