@@ -69,16 +69,20 @@ def routers_with_pruned_logits(model, pruned: dict[int, list[int]], group_state:
     proxy.linear = masked_linear
     patched_modules = {sys.modules[type(views[layer].router).__module__] for layer in pruned}
     patched_modules.add(sys.modules["torch.nn.modules.linear"])  # PhiMoE's router is an nn.Linear subclass
-    patched_modules = {module for module in patched_modules if hasattr(module, "F")}
-    saved = {}
+    # Routers call ``F.linear`` (most) or ``nn.functional.linear`` (Aria): patch whichever name the module uses.
+    nn_proxy = types.SimpleNamespace(**{name: getattr(torch.nn, name) for name in dir(torch.nn) if not name.startswith("__")})
+    nn_proxy.functional = proxy
+    saved = []
     for module in patched_modules:
-        saved[module] = module.F
-        module.F = proxy
+        for attr, replacement in (("F", proxy), ("nn", nn_proxy)):
+            if hasattr(module, attr):
+                saved.append((module, attr, getattr(module, attr)))
+                setattr(module, attr, replacement)
     try:
         yield
     finally:
-        for module, functional in saved.items():
-            module.F = functional
+        for module, attr, original in saved:
+            setattr(module, attr, original)
         for router, name, value in saved_state:
             if name == "forward":
                 del router.forward

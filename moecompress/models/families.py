@@ -835,6 +835,25 @@ register_adapter(
 )
 
 
+# Aria (text decoder): GraniteMoE's routing (top-k logits, softmax over k), experts stored transposed
+# ([E, d, 2I] gate then up, down [E, I, d]), shared experts sized intermediate_size * moe_num_shared_experts.
+register_adapter(
+    FamilyAdapter(
+        model_type="aria_text",
+        routing=_softmax_over_top_logits_routing,
+        router_attr="router",
+        shared_attr="shared_experts",
+        shared_count_field="moe_num_shared_experts",
+        storage="transposed",
+        count_fields=("moe_num_experts",),
+        intermediate_field="intermediate_size",
+        intermediate_field_shared=True,
+        display_name="Aria",
+    ),
+    "aria",
+)
+
+
 def supported_families() -> list[str]:
     """Human-readable names of every supported family, for error messages and docs."""
     return sorted({adapter.display_name or adapter.model_type for adapter in ADAPTERS.values()})

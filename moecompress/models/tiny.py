@@ -358,6 +358,10 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
             mlp_layer_types=["dense", "sparse", "sparse"], pad_token_id=0, bos_token_id=0, eos_token_id=0,
         ),
     ),
+    "aria_text": (
+        "AriaTextConfig",
+        dict(moe_num_experts=8, moe_topk=2, intermediate_size=16, moe_num_shared_experts=2, pad_token_id=0, eos_token_id=0),
+    ),
 }
 
 
