@@ -68,7 +68,7 @@ def test_view_reports_shared_experts_and_sizes(model_type):
             "glm4_moe": 1, "dots1": 2, "solar_open": 1, "llama4_text": 1, "ernie4_5_moe": 2,
             "glm4_moe_lite": 1, "deepseek_v32": 1, "exaone_moe": 1, "cohere2_moe": 1, "kimi_linear": 1,
             "hunyuan_v1_moe": 1, "afmoe": 2, "flint": 1, "hy_v3": 1, "glm_moe_dsa": 1,
-            "laguna": 1, "kolibri1": 1, "axk1": 1, "hy_v4": 1, "bailing_hybrid": 1, "axk2": 1, "aria_text": 2,
+            "laguna": 1, "kolibri1": 1, "axk1": 1, "hy_v4": 1, "bailing_hybrid": 1, "axk2": 1, "aria_text": 2, "minimax_m3_vl_text": 1,
         }.get(model_type, 0)
         assert view.num_shared_experts == expected_shared
         # every expert's canonical weights have the documented shapes

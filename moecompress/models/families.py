@@ -854,6 +854,37 @@ register_adapter(
 )
 
 
+def _minimax_m3_glu(experts: nn.Module) -> tuple[Callable, Callable]:
+    """MiniMax-M3's clamped SwiGLU (GPT-OSS's formula on concatenated, not interleaved, gate/up)."""
+    alpha, limit = float(experts.swiglu_alpha), float(experts.swiglu_limit)
+
+    def activation(gate_out: torch.Tensor) -> torch.Tensor:
+        gate_out = gate_out.clamp(max=limit)
+        return gate_out * torch.sigmoid(gate_out * alpha)
+
+    def glu(gate_out: torch.Tensor, up_out: torch.Tensor) -> torch.Tensor:
+        return (up_out.clamp(min=-limit, max=limit) + 1) * activation(gate_out)
+
+    return activation, glu
+
+
+# MiniMax-M3 (text decoder of MiniMax-M3-VL): MiniMax-M2's router with the bias on the router, the routed sum
+# scaled in the block, a clamped-SwiGLU shared MLP (fused gate_up_proj Linear) and clamped-SwiGLU experts.
+register_adapter(
+    FamilyAdapter(
+        model_type="minimax_m3_vl_text",
+        routing=_minimax_m2_routing,
+        shared_attr="shared_experts",
+        count_fields=("num_local_experts",),
+        intermediate_field="intermediate_size",
+        block_scaling=_block_routed_scaling,
+        glu=_minimax_m3_glu,
+        display_name="MiniMax-M3",
+    ),
+    "minimax_m3_vl",
+)
+
+
 def supported_families() -> list[str]:
     """Human-readable names of every supported family, for error messages and docs."""
     return sorted({adapter.display_name or adapter.model_type for adapter in ADAPTERS.values()})

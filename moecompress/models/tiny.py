@@ -362,6 +362,16 @@ _TINY_SPECS: dict[str, tuple[str, dict]] = {
         "AriaTextConfig",
         dict(moe_num_experts=8, moe_topk=2, intermediate_size=16, moe_num_shared_experts=2, pad_token_id=0, eos_token_id=0),
     ),
+    "minimax_m3_vl_text": (
+        "MiniMaxM3VLTextConfig",
+        dict(
+            num_local_experts=8, num_experts_per_tok=2, intermediate_size=16, shared_intermediate_size=24,
+            dense_intermediate_size=24, routed_scaling_factor=1.5, swiglu_limit=1.0, rotary_dim=4,
+            index_n_heads=2, index_head_dim=8, index_block_size=4, index_topk_blocks=2, index_local_blocks=1,
+            mlp_layer_types=["dense", "sparse", "sparse"], num_hidden_layers=3, pad_token_id=0, bos_token_id=0,
+            eos_token_id=0,
+        ),
+    ),
 }
 
 
