@@ -449,6 +449,7 @@ class _PipelineRun:
                 "bytes_before": before["bytes"]["total"],
                 "bytes_after": bytes_after,
                 "bits_per_parameter": 8.0 * bytes_after / max(parameters_after, 1),
+                "bits_per_parameter_before": 8.0 * before["bytes"]["total"] / max(before["parameters"]["total"], 1),
                 "summary_before": before,
                 "summary_after": after,
             },

@@ -42,6 +42,7 @@ stages:
     assert all(len(ids) == 24 for ids in kept.values())
     assert report["peak_memory_bytes"] > 0 and report["timings"]["total"] > 0
     assert report["model"]["bits_per_parameter"] == pytest.approx(32.0)
+    assert report["model"]["bits_per_parameter_before"] == report["model"]["bits_per_parameter"]  # pruning keeps precision
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -64,7 +64,9 @@ def test_full_report_has_every_section_and_its_numbers(tmp_path):
     assert rows[("tb_ppl_kjv", "bits_per_byte")] == ["1.165", "1.100", "-0.065 (better)"]
     assert rows[("size", "26.5 MiB")][0] == "5.8 MiB"
     assert "4.56x smaller" in rows[("size", "26.5 MiB")][1]
-    assert "| bits per parameter | | 4.690 | |" in markdown
+    assert "| bits per parameter | | 4.690 | |" in markdown  # no before value recorded: the cell stays empty
+    report["model"]["bits_per_parameter_before"] = 16.0
+    assert "| bits per parameter | 16.000 | 4.690 | |" in write_report_markdown(report, tmp_path).read_text()
     assert "| calibration | 12.25 |" in markdown
     assert "Peak memory: 3.0 GiB" in markdown
     assert "layer 1 expert 3, layer 4 expert 0" in markdown

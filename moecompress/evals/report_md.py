@@ -56,7 +56,9 @@ def _model_section(model: dict[str, Any]) -> list[str]:
     if isinstance(bits, dict):
         lines.append(f"| bits per parameter | {format_value(bits.get('before'))} | {format_value(bits.get('after'))} | |")
     elif isinstance(bits, (int, float)):
-        lines.append(f"| bits per parameter | | {bits:.3f} | |")
+        bits_before = model.get("bits_per_parameter_before")
+        before_cell = f" {bits_before:.3f} " if isinstance(bits_before, (int, float)) else " "
+        lines.append(f"| bits per parameter |{before_cell}| {bits:.3f} | |")
     return lines + [""]
 
 
