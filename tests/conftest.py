@@ -47,3 +47,25 @@ def testbed() -> Path:
 
 def testbed_model_path(name: str) -> Path:
     return TESTBED / "models" / name
+
+
+@pytest.fixture()
+def one_thread():
+    """Run a test on one CPU thread: transformers' eager experts loop (index_add_) is very slow with several."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_family_params(exclude=()):
+    """Every tiny family as pytest params; beyond one per layout/routing rule they run with ``-m slow``."""
+    from moecompress.models.tiny import CORE_TINY_FAMILIES, tiny_families
+
+    return [
+        pytest.param(model_type, marks=() if model_type in CORE_TINY_FAMILIES else pytest.mark.slow)
+        for model_type in tiny_families()
+        if model_type not in exclude
+    ]

@@ -20,12 +20,7 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(model_folder("moe-ref-q3"))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # transformers' eager index_add_ is very slow with several CPU threads
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 # ----- data ----------------------------------------------------------------------------------------------------

@@ -11,12 +11,7 @@ from conftest import testbed_model_path as model_folder
 from moecompress.cli import main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _recipe(tmp_path, text):

@@ -19,16 +19,10 @@ from moecompress.models import (
     merge_experts,
     merged_expert_ids,
 )
-from moecompress.models.tiny import CORE_TINY_FAMILIES, tiny_families, tiny_model
+from conftest import tiny_family_params
+from moecompress.models.tiny import tiny_model
 
 
-def _families(exclude=()):
-    """Every tiny family; beyond one per layout/routing rule they run with ``-m slow`` (each costs seconds)."""
-    return [
-        pytest.param(m, marks=() if m in CORE_TINY_FAMILIES else pytest.mark.slow)
-        for m in tiny_families()
-        if m not in exclude
-    ]
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 CLUSTERS = [[0, 5], [1], [2, 3, 7], [4, 6]]
@@ -60,7 +54,7 @@ def _overwrite_members_with_cluster_average(model, clusters, weights):
                         tensor[e] = average
 
 
-@pytest.mark.parametrize("model_type", _families(exclude=("llama4_text",)))
+@pytest.mark.parametrize("model_type", tiny_family_params(exclude=("llama4_text",)))
 def test_remap_merge_equals_member_averaged_model_and_round_trips(model_type, tmp_path):
     model = tiny_model(model_type)
     layers = [view.layer_index for view in find_moe_blocks(model)]
@@ -100,7 +94,7 @@ def test_remap_checkpoint_saved_without_materializing_fails_loudly(tmp_path):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("model_type", _families())
+@pytest.mark.parametrize("model_type", tiny_family_params())
 def test_collapse_merge_equals_averaged_representatives(model_type, tmp_path):
     model = tiny_model(model_type)
     layers = [view.layer_index for view in find_moe_blocks(model)]

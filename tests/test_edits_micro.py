@@ -8,16 +8,10 @@ import torch
 import transformers
 
 from moecompress.models import EditError, adapter_for, find_moe_blocks, slice_micro_experts, zero_micro_experts
-from moecompress.models.tiny import CORE_TINY_FAMILIES, tiny_families, tiny_model
+from conftest import tiny_family_params
+from moecompress.models.tiny import tiny_model
 
 
-def _families(exclude=()):
-    """Every tiny family; beyond one per layout/routing rule they run with ``-m slow`` (each costs seconds)."""
-    return [
-        pytest.param(m, marks=() if m in CORE_TINY_FAMILIES else pytest.mark.slow)
-        for m in tiny_families()
-        if m not in exclude
-    ]
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 KEPT_CHANNELS = [0, 2, 3, 7, 8, 11, 12, 15]
@@ -28,7 +22,7 @@ def _logits(model):
         return model(TOKENS).logits
 
 
-@pytest.mark.parametrize("model_type", _families())
+@pytest.mark.parametrize("model_type", tiny_family_params())
 def test_zeroed_channels_drop_their_down_projection_terms(model_type):
     model = tiny_model(model_type)
     view = find_moe_blocks(model)[0]
@@ -52,7 +46,7 @@ def test_zeroed_channels_drop_their_down_projection_terms(model_type):
         torch.testing.assert_close(view.expert_forward(2, hidden), untouched)
 
 
-@pytest.mark.parametrize("model_type", _families())
+@pytest.mark.parametrize("model_type", tiny_family_params())
 def test_slicing_equals_zeroing_the_complement(model_type, tmp_path):
     model = tiny_model(model_type)
     layers = [view.layer_index for view in find_moe_blocks(model)]

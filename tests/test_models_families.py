@@ -9,7 +9,7 @@ import torch
 import transformers
 
 from moecompress.models import find_moe_blocks, keep_experts, merge_experts
-from moecompress.models.tiny import tiny_config, tiny_model
+from moecompress.models.tiny import tiny_config, tiny_model, tiny_model_from_config
 
 
 @pytest.mark.parametrize(
@@ -70,12 +70,7 @@ def test_ernie_normaliser_is_clamped_at_moe_norm_min():
 def test_cohere2_average_combination_halves_routed_and_shared():
     config = tiny_config("cohere2_moe")
     config.shared_expert_combination_strategy = "average"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager").eval()
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith("gate.weight") or "experts" in name:
-                tensor.normal_(0.0, 0.3)
+    model = tiny_model_from_config(config)
     for view in find_moe_blocks(model):
         assert view.routing.routed_scaling_factor == 0.5 and view.shared_experts[0].scale == 0.5
         assert view.scaling_outside_router == 0.5
@@ -166,12 +161,7 @@ def test_group_mask_value_zero_lets_masked_experts_beat_negative_scores():
 def test_axk2_without_groups_matches_hf_and_prunes(tmp_path):
     config = tiny_config("axk2")
     config.n_group, config.topk_group = None, None
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager").eval()
-    with torch.no_grad():
-        for name, tensor in model.named_parameters():
-            if name.endswith("gate.weight") or "experts" in name:
-                tensor.normal_(0.0, 0.3)
+    model = tiny_model_from_config(config)
     views = find_moe_blocks(model)
     assert all(view.routing.n_group == 1 for view in views)
     hidden_states = torch.randn(2, 9, views[0].hidden_size, generator=torch.Generator().manual_seed(6))

@@ -17,12 +17,7 @@ from moecompress.pruning.frequency import FrequencyPruning, select_most_used
 CALIBRATION = {"num_samples": 8, "seq_len": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture()

@@ -191,11 +191,4 @@ def test_super_experts_rule_on_collected_maxima(testbed):
     assert len(found.routed) + len(found.shared) <= int(0.005 * pool.numel()) + 1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """transformers' eager experts loop uses ``index_add_``, which is pathologically slow on CPU with several
-    threads on small slices (measured 40 ms vs 0.07 ms per call); one thread keeps the reference fast."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread

@@ -394,13 +394,18 @@ def tiny_config(model_type: str) -> transformers.PretrainedConfig:
 
 
 def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
-    """A randomly initialised tiny causal LM of ``model_type`` in eval mode, with eager experts.
+    """A randomly initialised tiny causal LM of ``model_type`` in eval mode, with eager experts."""
+    return tiny_model_from_config(tiny_config(model_type), seed=seed, dtype=dtype)
+
+
+def tiny_model_from_config(config: transformers.PretrainedConfig, seed: int = 0,
+                           dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """A randomly initialised causal LM from ``config`` (e.g. a :func:`tiny_config` with a field changed).
 
     Router weights, selection biases (DeepSeek, MiniMax-M2, Ernie, LFM2) and GPT-OSS's biases are drawn with enough spread that routing
     decisions are well separated (HF initialises some of them to zero, which would make every top-k a tie).
     """
     torch.manual_seed(seed)
-    config = tiny_config(model_type)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
     with torch.no_grad():
         for name, tensor in model.named_parameters():
