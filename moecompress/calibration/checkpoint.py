@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from moecompress.errors import CheckpointError
+from moecompress.models.loading import local_checkpoint_folder
 
 # Checkpoint spellings that transformers' conversion mapping renames on load (``conversion_mapping.py``).
 KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)
@@ -32,13 +33,11 @@ _PER_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<expert>\d+)\.(
 
 def resolve_checkpoint(source: str | Path) -> Path:
     """A local folder with ``config.json`` and safetensors, or a hub id resolved through the local HF cache."""
-    path = Path(source).expanduser()
-    if path.is_dir():
+    path = local_checkpoint_folder(source)  # None for a hub id; a clear error for a bad path
+    if path is not None:
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json; point at a Hugging Face model folder")
         return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; point at a Hugging Face model folder or a hub id")
     try:
         from huggingface_hub import snapshot_download
 

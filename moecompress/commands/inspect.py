@@ -15,7 +15,7 @@ import torch
 import transformers
 
 from moecompress.models.families import adapter_for
-from moecompress.models.loading import _local_folder, load_config, validate_safetensors
+from moecompress.models.loading import load_config, local_checkpoint_folder, validate_safetensors
 from moecompress.models.summary import model_summary
 
 
@@ -23,7 +23,7 @@ def inspect_checkpoint(source: str) -> dict:
     """``model_summary`` of the checkpoint at ``source`` (folder or hub id) plus ``source`` and ``dtype``."""
     config = load_config(source)
     adapter_for(config)  # dense / unknown families fail here with the supported list
-    local = _local_folder(source)
+    local = local_checkpoint_folder(source)
     if local is not None:
         validate_safetensors(local)
     dtype = _checkpoint_dtype(config)

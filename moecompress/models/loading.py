@@ -40,7 +40,7 @@ def load_model(
     """
     config = load_config(source)
     adapter_for(config)  # a dense or unknown model fails here, before any weight is read
-    local = _local_folder(source)
+    local = local_checkpoint_folder(source)
     if local is not None:
         validate_safetensors(local)
     try:
@@ -61,7 +61,7 @@ def load_model(
 
 def load_config(source: str | Path) -> transformers.PretrainedConfig:
     """The transformers config of ``source`` with clear errors for a missing folder or config."""
-    local = _local_folder(source)
+    local = local_checkpoint_folder(source)
     if local is not None and not (local / "config.json").is_file():
         raise CheckpointError(
             f"{local} has no config.json; point to a checkpoint folder saved with save_pretrained (config.json, "
@@ -137,7 +137,7 @@ def _check_safetensors_header(path: Path) -> None:
         raise CheckpointError(f"{path} is corrupt: {problem}. Re-download or re-save this checkpoint file.")
 
 
-def _local_folder(source: str | Path) -> Path | None:
+def local_checkpoint_folder(source: str | Path) -> Path | None:
     """``source`` as a local folder, None for a hub id; a path-looking source that does not exist is an error."""
     path = Path(source).expanduser()
     if path.is_dir():
@@ -160,4 +160,4 @@ def _load_tokenizer(source: str | Path, local: Path | None):
         raise CheckpointError(f"the tokenizer of {source} cannot be loaded: {error}") from error
 
 
-__all__ = ["load_config", "load_model", "validate_safetensors"]
+__all__ = ["load_config", "load_model", "local_checkpoint_folder", "validate_safetensors"]
