@@ -68,11 +68,15 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_values: int) -> torch.Tens
             f"packed row has {packed.shape[-1]} words but {num_values} values of {bits} bits need "
             f"{packed_width(num_values, bits)}; check the weight shape and bit-width"
         )
-    *lead, words = packed.shape
+    # Element k occupies bits [k*b, k*b + b) of the row's stream: read the (up to two) words holding them as one
+    # 64-bit value and shift. Two's-complement wrap of `high << 32` keeps the low 38 bits this reads intact.
     unsigned_words = packed.to(torch.int64) & 0xFFFFFFFF
-    bit_stream = ((unsigned_words.unsqueeze(-1) >> torch.arange(32, device=packed.device)) & 1).reshape(*lead, words * 32)
-    value_bits = bit_stream[..., : num_values * bits].reshape(*lead, num_values, bits)
-    codes = (value_bits << torch.arange(bits, device=packed.device)).sum(dim=-1)
+    unsigned_words = torch.nn.functional.pad(unsigned_words, (0, 1))  # a zero word after the last one
+    bit_offsets = torch.arange(num_values, device=packed.device) * bits
+    word_index, shift = bit_offsets // 32, bit_offsets % 32
+    low = unsigned_words[..., word_index]
+    high = unsigned_words[..., word_index + 1]
+    codes = ((low | (high << 32)) >> shift) & ((1 << bits) - 1)
     return codes.to(torch.uint8)
 
 
@@ -216,6 +220,46 @@ class PackedLinearWeight:
         return cls(state["weight_packed"], state["weight_scale"], zeros, bits, group_size, shape)
 
 
+def quantization_params(
+    min_vals: torch.Tensor,
+    max_vals: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points of groups with the given minima and maxima (compressed-tensors' rules).
+
+    min_vals / max_vals ``[...]`` fp32 (each group's min and max). Symmetric: ``scale = absmax / ((2^b - 1) / 2)``,
+    zero None. Asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(qmin - min / scale)``; min/max are
+    widened to include 0 so that zero is representable. A zero scale (an all-zero group) becomes 1.
+    Returns ``(scales, zeros)`` as fp32 ``[...]``; scales are rounded to ``scale_dtype`` first, so quantising with
+    them uses exactly the scale a kernel will read back.
+    """
+    _check_bits(bits)
+    min_vals = min_vals.float().clamp(max=0.0)
+    max_vals = max_vals.float().clamp(min=0.0)
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    if symmetric:
+        scales = torch.maximum(min_vals.abs(), max_vals) / ((qmax - qmin) / 2)
+    else:
+        scales = (max_vals - min_vals) / (qmax - qmin)
+    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+    scales = scales.to(scale_dtype).float()
+    zeros = None if symmetric else torch.round(qmin - min_vals / scales).clamp(qmin, qmax)
+    return scales, zeros
+
+
+def quantize_values(
+    values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int
+) -> torch.Tensor:
+    """Signed codes ``round(values / scale + zero)`` clamped to the ``bits`` range; broadcasting shapes, fp32."""
+    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    shifted = values.float() / scales
+    if zeros is not None:
+        shifted = shifted + zeros
+    return torch.round(shifted).clamp(qmin, qmax)
+
+
 def quantize_rtn(
     weight: torch.Tensor,
     bits: int,
@@ -223,12 +267,10 @@ def quantize_rtn(
     symmetric: bool = True,
     scale_dtype: torch.dtype | None = None,
 ) -> PackedLinearWeight:
-    """Round-to-nearest quantisation of ``weight [..., out, in]`` with compressed-tensors' scale/zero-point rules.
-
-    Symmetric: ``scale = absmax / ((2^b - 1) / 2)``, ``zero = 0``. Asymmetric: ``scale = (max - min) / (2^b - 1)``,
-    ``zero = round(qmin - min / scale)``; min/max include 0 so zero is representable. ``group_size <= 0``:
-    per-channel. The last group may be shorter than ``group_size`` when it does not divide ``in``.
-    scale_dtype defaults to the weight's dtype (fp16/bf16 checkpoints keep their dtype; fp32 stays fp32).
+    """Round-to-nearest quantisation of ``weight [..., out, in]`` with compressed-tensors' scale/zero-point rules
+    (:func:`quantization_params`). ``group_size <= 0``: per-channel. The last group may be shorter than
+    ``group_size`` when it does not divide ``in``. scale_dtype defaults to the weight's dtype (fp16/bf16 checkpoints
+    keep their dtype; fp32 stays fp32).
     """
     _check_bits(bits)
     if weight.dim() < 2:
@@ -239,24 +281,10 @@ def quantize_rtn(
     padded = torch.nn.functional.pad(weight.float(), (0, groups * width - in_features))
     grouped = padded.reshape(*lead, out_features, groups, width)
     # Padding columns are zeros, which never change min/max once 0 is included.
-    min_vals = grouped.amin(dim=-1).clamp(max=0.0)
-    max_vals = grouped.amax(dim=-1).clamp(min=0.0)
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     scale_dtype = scale_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
-    if symmetric:
-        scales = torch.maximum(min_vals.abs(), max_vals) / ((qmax - qmin) / 2)
-        zeros = None
-    else:
-        scales = (max_vals - min_vals) / (qmax - qmin)
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-    # Round the scale to its storage dtype first so quantisation uses the exact scale the kernels will read.
-    scales = scales.to(scale_dtype).float()
-    if not symmetric:
-        zeros = torch.round(qmin - min_vals / scales).clamp(qmin, qmax)
-    shifted = grouped / scales.unsqueeze(-1)
-    if zeros is not None:
-        shifted = shifted + zeros.unsqueeze(-1)
-    values = torch.round(shifted).clamp(qmin, qmax).reshape(*lead, out_features, groups * width)[..., :in_features]
+    scales, zeros = quantization_params(grouped.amin(dim=-1), grouped.amax(dim=-1), bits, symmetric, scale_dtype)
+    values = quantize_values(grouped, scales.unsqueeze(-1), None if zeros is None else zeros.unsqueeze(-1), bits)
+    values = values.reshape(*lead, out_features, groups * width)[..., :in_features]
     return PackedLinearWeight(
         packed=pack_signed(values.to(torch.int64), bits),
         scales=scales.to(scale_dtype),

@@ -1,0 +1,187 @@
+"""GPTQ on one weight matrix (Frantar et al., 2022), with group-wise scales in the packed format of this package.
+
+GPTQ quantises the columns of ``W [out, in]`` one at a time and spreads each column's rounding error over the
+columns not yet quantised, so that the layer output on the calibration inputs, ``W X``, changes as little as
+possible. The objective is ``tr((W - Q) H (W - Q)^T)`` with ``H = sum_t x_t x_t^T`` (MoEQuant's AGQ weights each
+token by its combine weight: ``H = sum_t c_t x_t x_t^T``; the algorithm is the same, see ``moecompress.quantization``).
+
+Steps (the reference implementation's, restated):
+1. damp: ``H += damp * mean(diag H) * I`` (inputs that never fired get ``H_ii = 1``);
+2. optional ``act_order``: quantise columns by decreasing ``H_ii`` (group scales are then computed up front from the
+   original weights, "static groups", so that every group is still a run of contiguous input columns);
+3. ``U`` = upper Cholesky factor of ``H^-1``;
+4. for each column ``i``: ``q_i = quant(w_i)``, ``e_i = (w_i - q_i) / U_ii``, ``w_j -= e_i U_ij`` for ``j > i``;
+   done in blocks of columns ("lazy batch updates") so that the big update is one matmul per block.
+Group scales (without act-order) are computed from the error-updated weights when the sweep reaches the group's
+first column, as the reference does; each group lies inside one block, so those weights are current.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from moecompress.quantization.packing import (
+    PackedLinearWeight,
+    num_groups,
+    pack_signed,
+    quantization_params,
+    quantize_values,
+)
+
+DEFAULT_BLOCK_SIZE = 128
+
+
+@dataclass
+class GPTQResult:
+    """packed: the quantised weight(s). relative_error: ``tr(D H D^T) / tr(W H W^T)`` with ``D = W - Q`` and the
+    undamped ``H`` (the share of the calibration output energy the quantisation loses; 0 = exact), a float for one
+    matrix or a list for a stack. damp: the damping actually used, as a fraction of ``mean(diag H)`` (raised when
+    ``H`` was not positive definite); a float or a list likewise."""
+
+    packed: PackedLinearWeight
+    relative_error: float | list[float]
+    damp: float | list[float]
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    *,
+    group_size: int = 128,
+    symmetric: bool = True,
+    damp: float | torch.Tensor = 0.01,
+    act_order: bool = False,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    scale_dtype: torch.dtype | None = None,
+) -> GPTQResult:
+    """GPTQ-quantise ``weight [out, in]`` given ``hessian [in, in]`` (``sum x x^T`` over calibration inputs).
+
+    A stack works too: ``weight [B, out, in]``, ``hessian [B, in, in]`` (the experts of a layer at one width,
+    quantised together: one column sweep for all of them, each with its own Hessian and damping).
+    group_size: input columns per scale (``<= 0``: one scale per row); a last, shorter group is allowed.
+    damp: added to the diagonal as a fraction of its mean (a float, or ``[B]``). scale_dtype: storage dtype of the
+    scales (default: the weight's). Runs in fp32 on the weight's device.
+    """
+    single = weight.dim() == 2
+    weights = weight.unsqueeze(0) if single else weight
+    hessians = hessian.unsqueeze(0) if single else hessian
+    stack, out_features, in_features = weights.shape
+    if tuple(hessians.shape) != (stack, in_features, in_features):
+        raise ValueError(f"hessian must be [{in_features}, {in_features}] per matrix for weight {tuple(weight.shape)}, "
+                         f"got {tuple(hessian.shape)}")
+    device = weights.device
+    scale_dtype = scale_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
+    original = weights.float()
+    undamped = hessians.to(device=device, dtype=torch.float32)
+    damps = torch.as_tensor(damp, dtype=torch.float32, device=device).expand(stack).clone()
+    group_width = in_features if group_size <= 0 else group_size
+    groups = num_groups(in_features, group_size)
+    rows = torch.arange(stack, device=device)[:, None]
+
+    if act_order:
+        order = torch.argsort(torch.diagonal(undamped, dim1=1, dim2=2), dim=1, descending=True)  # [B, in]
+    else:
+        order = torch.arange(in_features, device=device).expand(stack, in_features)
+    upper, damps = _inverse_cholesky_upper(undamped[rows[:, :, None], order[:, :, None], order[:, None, :]], damps)
+    work = original.gather(2, order[:, None, :].expand(stack, out_features, in_features)).clone()
+
+    scales = torch.zeros(stack, out_features, groups, device=device)
+    zeros = None if symmetric else torch.zeros(stack, out_features, groups, device=device)
+    if act_order or group_size <= 0:  # static groups: every group's scale from the original weights
+        padded = torch.nn.functional.pad(original, (0, groups * group_width - in_features))
+        grouped = padded.reshape(stack, out_features, groups, group_width)
+        static_scales, static_zeros = quantization_params(grouped.amin(-1), grouped.amax(-1), bits, symmetric,
+                                                          scale_dtype)
+        scales.copy_(static_scales)
+        if zeros is not None:
+            zeros.copy_(static_zeros)
+
+    codes = torch.zeros(stack, out_features, in_features, device=device)
+    column_group = order // group_width  # [B, in]: group of each column, in quantisation order
+    # Without act-order, blocks hold whole groups, so a group's first column sees the current weights of all its
+    # columns when its scale is computed.
+    block = block_size if act_order else max(group_width, (block_size // group_width) * group_width)
+    for start in range(0, in_features, block):
+        stop = min(start + block, in_features)
+        block_weights = work[:, :, start:stop].clone()
+        block_errors = torch.zeros_like(block_weights)
+        block_upper = upper[:, start:stop, start:stop]
+        for offset in range(stop - start):
+            column = start + offset
+            if not act_order and group_size > 0 and column % group_width == 0:
+                group_stop = min(offset + group_width, stop - start)
+                values = block_weights[:, :, offset:group_stop]
+                group_scales, group_zeros = quantization_params(values.amin(-1), values.amax(-1), bits, symmetric,
+                                                                scale_dtype)
+                scales[:, :, column // group_width] = group_scales
+                if zeros is not None:
+                    zeros[:, :, column // group_width] = group_zeros
+            group_index = column_group[:, column][:, None, None].expand(stack, out_features, 1)
+            column_scales = scales.gather(2, group_index).squeeze(2)  # [B, out]
+            column_zeros = None if zeros is None else zeros.gather(2, group_index).squeeze(2)
+            column_weights = block_weights[:, :, offset]
+            column_codes = quantize_values(column_weights, column_scales, column_zeros, bits)
+            dequantised = (column_codes - (0 if column_zeros is None else column_zeros)) * column_scales
+            error = (column_weights - dequantised) / block_upper[:, offset, offset][:, None]
+            block_weights[:, :, offset:] -= error[:, :, None] * block_upper[:, offset, offset:][:, None, :]
+            block_errors[:, :, offset] = error
+            codes.scatter_(2, order[:, column][:, None, None].expand(stack, out_features, 1), column_codes[:, :, None])
+        work[:, :, stop:] -= block_errors @ upper[:, start:stop, stop:]
+
+    packed = PackedLinearWeight(
+        packed=pack_signed(codes.to(torch.int64), bits),
+        scales=scales.to(scale_dtype),
+        zeros=None if zeros is None else zeros.to(torch.int8),
+        bits=bits,
+        group_size=group_size,
+        shape=(out_features, in_features),
+    )
+    dequantised = packed.dequantize(torch.float32)
+    errors = [hessian_weighted_error(original[b], dequantised[b], undamped[b]) for b in range(stack)]
+    damps_used = [float(value) for value in damps]
+    if single:
+        return GPTQResult(packed.select(0), errors[0], damps_used[0])
+    return GPTQResult(packed, errors, damps_used)
+
+
+def hessian_weighted_error(weight: torch.Tensor, quantised: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(D H D^T) / tr(W H W^T)`` with ``D = weight - quantised`` (``[out, in]``, ``hessian [in, in]``)."""
+    delta = (weight.float() - quantised.float())
+    hessian = hessian.to(weight.device, torch.float32)
+    lost = float(((delta @ hessian) * delta).sum())
+    total = float(((weight.float() @ hessian) * weight.float()).sum())
+    return lost / total if total > 0 else 0.0
+
+
+def _inverse_cholesky_upper(hessians: torch.Tensor, damps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factors of the damped ``H^-1`` (``[B, n, n]``, already in quantisation order).
+
+    Inputs that never fired (``H_ii = 0``) get ``H_ii = 1``: their columns then round plainly (no other column
+    depends on them). A matrix that does not factorise gets ten times the damping (at least 1e-4), up to five times.
+    Returns ``(U [B, n, n], damping used [B])``.
+    """
+    hessians = hessians.clone()
+    diagonals = torch.diagonal(hessians, dim1=1, dim2=2)
+    diagonals[diagonals == 0] = 1.0
+    mean_diagonals = diagonals.mean(dim=1)
+    identity = torch.eye(hessians.shape[1], device=hessians.device)
+    upper = torch.empty_like(hessians)
+    pending = torch.arange(hessians.shape[0], device=hessians.device)
+    damps = damps.clone()
+    for _ in range(6):
+        damped = hessians[pending] + (damps[pending] * mean_diagonals[pending])[:, None, None] * identity
+        factor, info = torch.linalg.cholesky_ex(damped)
+        inverse = torch.cholesky_inverse(factor)
+        factor_upper, info_upper = torch.linalg.cholesky_ex(inverse, upper=True)
+        good = (info == 0) & (info_upper == 0) & torch.isfinite(factor_upper).flatten(1).all(dim=1)
+        upper[pending[good]] = factor_upper[good]
+        pending = pending[~good]
+        if pending.numel() == 0:
+            return upper, damps
+        damps[pending] = (damps[pending] * 10).clamp_min(1e-4)  # a zero damping cannot grow by factors
+    raise ValueError(f"a Hessian could not be factorised even with damping {float(damps.max()):g} x mean(diag); it "
+                     "may hold NaN or inf (check the calibration data)")
