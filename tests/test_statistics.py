@@ -113,6 +113,17 @@ def _direct_statistics(view, captured, domain_ids, num_domains, config):
     expected["camera_energy_max"] = energy_max
     first, second = torch.topk(combine, 2, dim=-1).values.unbind(-1)
     expected["top2_weight_ratio_hist"] = second / first
+    shared_hessians = {name: {} for name in ("shared_input_hessian", "shared_input_hessian_affinity",
+                                             "shared_down_hessian", "shared_down_hessian_affinity")}
+    for index, shared in enumerate(view.shared_experts):
+        module = shared.module
+        h = module.act_fn(F.linear(x, module.gate_proj.weight.double())) * F.linear(x, module.up_proj.weight.double())
+        g = torch.sigmoid(F.linear(x, shared.gate.weight.double())).reshape(-1) if shared.gate is not None else torch.ones(len(x), dtype=torch.float64)
+        shared_hessians["shared_input_hessian"][index] = x.T @ x
+        shared_hessians["shared_input_hessian_affinity"][index] = (x * g[:, None]).T @ x
+        shared_hessians["shared_down_hessian"][index] = h.T @ h
+        shared_hessians["shared_down_hessian_affinity"][index] = (h * g[:, None]).T @ h
+    expected.update(shared_hessians)
     return expected
 
 
@@ -160,6 +171,10 @@ def test_every_statistic_matches_a_direct_computation(model_name, testbed):
                 assert len(got["shared"]) == len(want["shared"])
                 if len(want["shared"]):
                     _assert_close(got["shared"], want["shared"], name + "/shared")
+            elif name.startswith("shared_"):
+                assert sorted(got) == sorted(want) == list(range(len(view.shared_experts))), name
+                for index in want:
+                    _assert_close(got[index], want[index], f"{name}[{index}]")
             elif name in ("camera_energy_l2", "camera_energy_max"):
                 _assert_close(got["routed"], want, name)
             else:

@@ -170,6 +170,37 @@ class LayerwiseRunner:
             final_hidden_states=[hidden for hidden, _, _ in cached] if return_hidden_states else None,
         )
 
+    # ----- a sweep that edits layers (sequential quantisation) ------------------------------------------------
+    def sweep(self, calibration: CalibrationSet | torch.Tensor,
+              process_layer: Callable[[int, nn.Module, "LayerReplay"], None], *, batch_size: int = 8,
+              on_layer: ProgressCallback | None = None,
+              finish_layer: Callable[[int, nn.Module], None] | None = None) -> float:
+        """Run ``process_layer(layer_index, layer, replay)`` on each decoder layer in order, then propagate.
+
+        ``replay`` runs the cached calibration inputs of the layer through it as often as the callback needs
+        (collecting statistics of the layer as it is *now*); after the callback, the layer's outputs (of the edited
+        layer) become the next layer's inputs. So each layer is processed on the inputs the processed model gives it
+        (GPTQ's sequential mode). ``finish_layer(layer_index, layer)`` runs after the propagation, while the layer is
+        still loaded (to swap in modules that are slower to run than the ones propagated through). Returns the
+        seconds taken.
+        """
+        input_ids, _, _ = _unpack_calibration(calibration)
+        started = time.perf_counter()
+        with torch.no_grad(), calibration_backend(self.model, self.views):
+            cached = self.catch_layer0_inputs(input_ids, batch_size)
+            total = len(self.layers)
+            for layer_index, layer in enumerate(self.layers):
+                moved = self._onload(layer, f"{self.layers_path}.{layer_index}")
+                replay = LayerReplay(self.model, layer_index, layer, cached)
+                process_layer(layer_index, layer, replay)
+                replay.propagate()
+                if finish_layer is not None:
+                    finish_layer(layer_index, layer)
+                self._offload(layer, moved)
+                if on_layer is not None:
+                    on_layer(layer_index + 1, total)
+        return time.perf_counter() - started
+
     # ----- weights on and off the compute device ---------------------------------------------------------------
     def _onload(self, module: nn.Module, path: str):
         """Put ``module`` on the compute device; returns what :meth:`_offload` needs to undo it."""
@@ -187,6 +218,48 @@ class LayerwiseRunner:
             _return_freed_memory()
         elif moved != self.device:
             module.to(moved)
+
+
+class LayerReplay:
+    """The cached calibration inputs of one decoder layer, run through it on demand (see :meth:`LayerwiseRunner.sweep`).
+
+    Views are looked up afresh on every call, so statistics follow edits the caller made (packed experts, pruned
+    experts). Forward hooks the caller registers on the layer's modules see every call too.
+    """
+
+    def __init__(self, model: nn.Module, layer_index: int, layer: nn.Module,
+                 cached: list[tuple[torch.Tensor, tuple, dict]]) -> None:
+        self.model = model
+        self.layer_index = layer_index
+        self.layer = layer
+        self.cached = cached
+
+    def views(self) -> list:
+        """The MoE blocks of this decoder layer, as they are now."""
+        return [view for view in find_moe_blocks(self.model) if view.layer_index == self.layer_index]
+
+    def collect(self, names: list[str] = (), options: dict[str, dict] | None = None) -> dict[int, LayerStatistics]:
+        """Run every cached batch through the layer, collecting ``names`` per MoE block; the cache is unchanged."""
+        names = check_statistic_names(names)
+        collectors = [LayerCollector(view, names, options) for view in self.views()]
+        self._forward(collectors, keep_outputs=False)
+        return {collector.view.layer_index: collector.result() for collector in collectors}
+
+    def propagate(self) -> None:
+        """Replace the cached inputs by this layer's outputs (the next layer's inputs)."""
+        self._forward([LayerCollector(view, []) for view in self.views()], keep_outputs=True)
+
+    def _forward(self, collectors: list[LayerCollector], keep_outputs: bool) -> None:
+        for collector in collectors:
+            collector.attach()
+        try:
+            for batch_index, (hidden, args, kwargs) in enumerate(self.cached):
+                output = self.layer(hidden, *args, **kwargs)
+                if keep_outputs:
+                    self.cached[batch_index] = (output[0] if isinstance(output, tuple) else output, args, kwargs)
+        finally:
+            for collector in collectors:
+                collector.detach()
 
 
 def collect_statistics(model_or_checkpoint: nn.Module | str | Path, calibration: CalibrationSet | torch.Tensor,

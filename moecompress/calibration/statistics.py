@@ -506,7 +506,11 @@ class CameraEnergyMax(_ChannelEnergy):
 
 
 class _Hessian(Statistic):
-    """Per-expert ``sum c^p v v^T`` in fp32 on the compute device (the big ones: only when asked)."""
+    """Per-expert ``sum c^p v v^T`` in fp32 on the compute device (the big ones: only when asked).
+
+    Option ``experts: [start, stop]`` accumulates only that chunk of experts (``[stop - start, n, n]``), so a
+    quantiser can bound the memory of a layer's Hessians (``E d^2`` floats) by sweeping the layer once per chunk.
+    """
 
     power: ClassVar[int] = 0
 
@@ -518,15 +522,20 @@ class _Hessian(Statistic):
 
     def __init__(self, view, options=None):
         super().__init__(view, options)
+        self.expert_start, self.expert_stop = (int(bound) for bound in self.options.get("experts", (0, self.num_experts)))
         device = view.router_weight.device if view.router_weight.device.type != "meta" else torch.device("cpu")
-        self.hessian = torch.zeros(self.num_experts, self.size(), self.size(), dtype=torch.float32, device=device)
+        self.hessian = torch.zeros(self.expert_stop - self.expert_start, self.size(), self.size(), dtype=torch.float32,
+                                   device=device)
 
     def on_expert(self, expert_slice):
+        if not self.expert_start <= expert_slice.expert < self.expert_stop:
+            return
         vectors = self.vectors(expert_slice).float()
         if self.power:
             # weighting each row by sqrt(c) gives sum c v v^T (MoEQuant AGQ)
             vectors = vectors * expert_slice.combine_weights.float().clamp_min(0).sqrt()[:, None]
-        self.hessian[expert_slice.expert].addmm_(vectors.T.to(self.hessian.device), vectors.to(self.hessian.device))
+        self.hessian[expert_slice.expert - self.expert_start].addmm_(vectors.T.to(self.hessian.device),
+                                                                     vectors.to(self.hessian.device))
 
     def result(self):
         return self.hessian.cpu()
@@ -567,6 +576,63 @@ class DownProjHessian(_Hessian):
 class DownProjHessianAffinity(DownProjHessian):
     name = "down_proj_hessian_affinity"
     description = "[E, I, I] sum over routed tokens of c h h^T (MoEQuant AGQ for down)"
+    power = 1
+
+
+class _SharedHessian(Statistic):
+    """Per shared expert ``sum g^p v v^T`` over all tokens (``g``: its sigmoid gate, 1 when it has none)."""
+
+    power: ClassVar[int] = 0
+
+    def vectors(self, shared_slice: SharedSlice) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def __init__(self, view, options=None):
+        super().__init__(view, options)
+        self.hessians: dict[int, torch.Tensor] = {}
+
+    def on_shared(self, shared_slice):
+        vectors = self.vectors(shared_slice).float()
+        if self.power:
+            vectors = vectors * shared_slice.gate.float().clamp_min(0).sqrt()[:, None]
+        total = self.hessians.get(shared_slice.index)
+        if total is None:
+            total = self.hessians[shared_slice.index] = vectors.new_zeros(vectors.shape[1], vectors.shape[1])
+        total.addmm_(vectors.T, vectors)
+
+    def result(self):
+        return {index: hessian.cpu() for index, hessian in sorted(self.hessians.items())}
+
+
+@register_statistic
+class SharedInputHessian(_SharedHessian):
+    name = "shared_input_hessian"
+    description = "{shared expert: [d, d]} sum over all tokens of x x^T (GPTQ for shared gate/up)"
+
+    def vectors(self, shared_slice):
+        return shared_slice.inputs
+
+
+@register_statistic
+class SharedInputHessianAffinity(SharedInputHessian):
+    name = "shared_input_hessian_affinity"
+    description = "{shared expert: [d, d]} sum over all tokens of g x x^T, g its sigmoid gate (AGQ)"
+    power = 1
+
+
+@register_statistic
+class SharedDownHessian(_SharedHessian):
+    name = "shared_down_hessian"
+    description = "{shared expert: [I_s, I_s]} sum over all tokens of h h^T (GPTQ for shared down)"
+
+    def vectors(self, shared_slice):
+        return shared_slice.intermediate
+
+
+@register_statistic
+class SharedDownHessianAffinity(SharedDownHessian):
+    name = "shared_down_hessian_affinity"
+    description = "{shared expert: [I_s, I_s]} sum over all tokens of g h h^T, g its sigmoid gate (AGQ)"
     power = 1
 
 
