@@ -31,7 +31,8 @@ from torch import nn
 from moecompress.errors import MoECompressError, UnsupportedModelError
 from moecompress.kernels.reference import moe_experts_reference
 from moecompress.kernels.runtime import is_missing_driver_error, triton_available
-from moecompress.quantization.packing import SUPPORTED_BITS, PackedLinearWeight, quantize_rtn
+from moecompress.quantization.packing import (SUPPORTED_BITS, PackedLinearWeight, num_groups, packed_width,
+                                              quantize_rtn)
 
 BACKEND_NAME = "moecompress_packed"
 
@@ -72,10 +73,11 @@ class PackedExperts(nn.Module):
         self.act_fn = act_fn
         self.config = config
         self.fuse_silu_glu = _is_silu(act_fn)
-        bits = torch.tensor([w.bits for w in gate_up], dtype=torch.int32)
-        self.register_buffer("expert_bits", bits)
-        for width in sorted(set(bits.tolist())):
-            members = [e for e in range(self.num_experts) if gate_up[e].bits == width]
+        # Python ints decide the layout: under a meta-device context (a loader's skeleton) tensors hold no data
+        widths = [w.bits for w in gate_up]
+        self.register_buffer("expert_bits", torch.tensor(widths, dtype=torch.int32))
+        for width in sorted(set(widths)):
+            members = [e for e in range(self.num_experts) if widths[e] == width]
             slot = torch.full((self.num_experts,), -1, dtype=torch.int32)
             slot[members] = torch.arange(len(members), dtype=torch.int32)
             self.register_buffer(f"expert_slot_w{width}", slot)
@@ -85,6 +87,27 @@ class PackedExperts(nn.Module):
                 if not self.symmetric:
                     self.register_buffer(f"{name}_zero_point_w{width}", torch.stack([weights[e].zeros for e in members]))
         self._driver_missing = False
+
+    @classmethod
+    def skeleton(cls, expert_bits: list[int], hidden_dim: int, intermediate_dim: int, *, group_size: int,
+                 symmetric: bool, act_fn, config=None, scale_dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "meta") -> "PackedExperts":
+        """Empty packed experts of the given shapes and widths (on ``meta`` by default), for a loader to fill.
+
+        expert_bits ``[E]`` widths; every tensor has the shape a quantised module of that layout saves.
+        """
+        def empty(bits: int, out_features: int, in_features: int) -> PackedLinearWeight:
+            groups = num_groups(in_features, group_size)
+            return PackedLinearWeight(
+                torch.empty(out_features, packed_width(in_features, bits), dtype=torch.int32, device=device),
+                torch.empty(out_features, groups, dtype=scale_dtype, device=device),
+                None if symmetric else torch.empty(out_features, groups, dtype=torch.int8, device=device),
+                bits, group_size, (out_features, in_features),
+            )
+
+        gate_up = [empty(bits, 2 * intermediate_dim, hidden_dim) for bits in expert_bits]
+        down = [empty(bits, hidden_dim, intermediate_dim) for bits in expert_bits]
+        return cls(gate_up, down, act_fn, config)
 
     # ----- packed views -----------------------------------------------------------------------------------------
     @property
@@ -156,10 +179,22 @@ class PackedExperts(nn.Module):
         return self.forward_reference(hidden_states, top_k_index, top_k_weights)
 
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        """``moecompress_packed``: kernels; ``eager`` / ``grouped_mm`` / ...: the torch path; another backend
+        registered in ``ExpertsInterface`` (moecompress's calibration backend) receives this module, so statistics
+        and Hessians can be collected on a quantised model through its uniform view."""
         implementation = getattr(self.config, "_experts_implementation", None)
         if implementation == BACKEND_NAME:
             return packed_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        if implementation not in _TORCH_PATH_IMPLEMENTATIONS:
+            from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+            if implementation in ALL_EXPERTS_FUNCTIONS:
+                return ALL_EXPERTS_FUNCTIONS[implementation](self, hidden_states, top_k_index, top_k_weights)
         return self.forward_reference(hidden_states, top_k_index, top_k_weights)
+
+
+# transformers' own backends read fused float tensors, which packed experts do not have: the torch path stands in.
+_TORCH_PATH_IMPLEMENTATIONS = (None, "eager", "grouped_mm", "batched_mm", "deepgemm", "sonicmoe")
 
 
 def packed_experts_forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:

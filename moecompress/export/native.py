@@ -1,0 +1,156 @@
+"""The native checkpoint format: what plain transformers layouts cannot hold, reloadable with ``from_pretrained``.
+
+A native checkpoint is an ordinary Hugging Face folder (``config.json``, safetensors shards, tokenizer) whose config
+carries ``quantization_config = {"quant_method": "moecompress", ...}``. ``import moecompress`` registers that
+method with transformers' quantizer registry, so plain ``AutoModelForCausalLM.from_pretrained(folder)`` rebuilds:
+
+* packed experts (:class:`moecompress.kernels.backend.PackedExperts`): per MoE layer a bit-width per expert, one
+  group size and symmetry per layer; their tensors are saved under the module's buffer names
+  (``...experts.gate_up_proj_packed_w4``, ``...experts.expert_bits``, ...);
+* MoE layers with different expert counts (``config.moecompress.num_experts_per_layer``, written by the edits):
+  router and experts are resized on the meta skeleton before the weights load.
+
+``quantization_config`` fields: ``format_version`` (1), ``layers`` ``{decoder layer: {"expert_bits": [E],
+"group_size", "symmetric"}}`` for layers with packed experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.base import HfQuantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from moecompress.errors import CheckpointError
+
+# The module classes (kernels, models) are imported inside the functions that build modules: `import moecompress`
+# imports this file to register the format and must stay light; they are needed only when a checkpoint loads.
+QUANT_METHOD = "moecompress"
+FORMAT_VERSION = 1
+
+
+class MoECompressQuantizationConfig(QuantizationConfigMixin):
+    """``quantization_config`` of a native checkpoint (see the module docstring for the fields)."""
+
+    def __init__(self, layers: dict | None = None, linears: dict | None = None, format_version: int = FORMAT_VERSION,
+                 **kwargs: Any) -> None:
+        self.quant_method = QUANT_METHOD
+        self.format_version = int(format_version)
+        if self.format_version > FORMAT_VERSION:
+            raise CheckpointError(f"this checkpoint uses moecompress format version {self.format_version}, newer than "
+                                  f"this moecompress ({FORMAT_VERSION}); upgrade moecompress to load it")
+        self.layers = {str(layer): dict(spec) for layer, spec in (layers or {}).items()}
+        self.linears = {str(path): dict(spec) for path, spec in (linears or {}).items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "layers": self.layers,
+                "linears": self.linears}
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> "MoECompressQuantizationConfig":
+        """The config describing ``model``'s packed experts as they are now."""
+        from moecompress.kernels.backend import PackedExperts
+        from moecompress.kernels.linear import PackedLinear
+        from moecompress.models import find_moe_blocks
+
+        layers = {}
+        for view in find_moe_blocks(model):
+            if isinstance(view.experts, PackedExperts):
+                layers[str(view.layer_index)] = {
+                    "expert_bits": [int(bits) for bits in view.experts.expert_bits.tolist()],
+                    "group_size": int(view.experts.group_size),
+                    "symmetric": bool(view.experts.symmetric),
+                }
+        linears = {path: {"bits": module.bits, "group_size": module.group_size, "symmetric": module.symmetric,
+                          "bias": module.bias is not None}
+                   for path, module in model.named_modules() if isinstance(module, PackedLinear)}
+        return cls(layers=layers, linears=linears)
+
+
+class MoECompressQuantizer(HfQuantizer):
+    """Rebuilds a native checkpoint's structure on the meta skeleton; the loader then fills it by name."""
+
+    requires_calibration = True  # only pre-quantized checkpoints: quantising happens in moecompress's stages
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        prepare_skeleton(model, self.quantization_config, dtype=kwargs.get("dtype"))
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from moecompress.kernels.backend import register_packed_experts_backend
+
+        register_packed_experts_backend()
+        return model
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def is_serializable(self, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def prepare_skeleton(model: nn.Module, quantization_config: MoECompressQuantizationConfig, dtype=None) -> None:
+    """Give a freshly built (meta) model the native checkpoint's structure: per-layer expert counts, packed experts."""
+    from moecompress.kernels.backend import PackedExperts
+    from moecompress.kernels.linear import PackedLinear
+    from moecompress.models import find_moe_blocks, keep_experts
+    from moecompress.models.edits import CONFIG_RECORD_KEY
+    from moecompress.models.families import text_config
+
+    record = getattr(text_config(model.config), CONFIG_RECORD_KEY, None) or {}
+    per_layer_counts = {int(layer): int(count) for layer, count in (record.get("num_experts_per_layer") or {}).items()}
+    resize = {view.layer_index: list(range(per_layer_counts[view.layer_index])) for view in find_moe_blocks(model)
+              if per_layer_counts.get(view.layer_index, view.num_experts) != view.num_experts}
+    if resize:
+        keep_experts(model, resize)
+    views = {view.layer_index: view for view in find_moe_blocks(model)}
+    scale_dtype = dtype if isinstance(dtype, torch.dtype) else (model.dtype if model.dtype.is_floating_point else torch.bfloat16)
+    for layer_key, spec in quantization_config.layers.items():
+        view = views.get(int(layer_key))
+        if view is None:
+            raise CheckpointError(f"quantization_config names MoE layer {layer_key}, which the model does not have; "
+                                  "the config.json was edited or belongs to another model")
+        expert_bits = [int(bits) for bits in spec["expert_bits"]]
+        if len(expert_bits) != view.num_experts:
+            raise CheckpointError(f"layer {layer_key}: quantization_config lists {len(expert_bits)} expert widths for "
+                                  f"{view.num_experts} experts; the checkpoint's config.json is inconsistent")
+        packed = PackedExperts.skeleton(
+            expert_bits, view.hidden_size, view.intermediate_size, group_size=int(spec["group_size"]),
+            symmetric=bool(spec["symmetric"]), act_fn=view.experts.act_fn, config=getattr(view.experts, "config", None),
+            scale_dtype=scale_dtype,
+        )
+        replace_experts(view, packed)
+    for path, spec in quantization_config.linears.items():
+        try:
+            linear = model.get_submodule(path)
+        except AttributeError:
+            raise CheckpointError(f"quantization_config names the linear {path}, which the model does not have; the "
+                                  "config.json was edited or belongs to another model") from None
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), name, PackedLinear.skeleton(
+            linear.in_features, linear.out_features, bits=int(spec["bits"]), group_size=int(spec["group_size"]),
+            symmetric=bool(spec["symmetric"]), bias=bool(spec["bias"]), scale_dtype=scale_dtype))
+
+
+def replace_experts(view, new_experts: nn.Module) -> None:
+    """Put ``new_experts`` where ``view.experts`` sits in its block (counts and the remap map carried over)."""
+    from moecompress.models.view import EXPERT_ID_MAP_ATTR
+
+    attribute = next(name for name, child in view.block.named_children() if child is view.experts)
+    id_map = getattr(view.experts, EXPERT_ID_MAP_ATTR, None)
+    if id_map is not None:
+        setattr(new_experts, EXPERT_ID_MAP_ATTR, id_map)
+    setattr(view.block, attribute, new_experts)
+
+
+def register_native_format() -> None:
+    """Make ``quant_method: moecompress`` known to transformers (idempotent; done by ``import moecompress``)."""
+    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, MoECompressQuantizationConfig)
+    AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, MoECompressQuantizer)
