@@ -99,6 +99,7 @@ class RunContext:
     record: the report being built (``report.json``); stages add to it only through their ``StageResult``.
     device / batch_size: where and how calibration passes run.
     statistics_*: the last calibration pass (see :meth:`statistics`); ``timings``: seconds per phase.
+    bit_map: per-expert bit-widths an allocation stage decided, read by the ``rtn`` / ``gptq`` stages.
     """
 
     model: Any
@@ -118,6 +119,9 @@ class RunContext:
     statistics_stale: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     calibration_passes: int = 0
+    # Bit-width per routed expert ``{(layer, expert): bits}`` decided by an allocation stage (PMQ, CAMERA-Q) for the
+    # quantiser that follows; None = the quantiser's own ``bits``.
+    bit_map: dict[tuple[int, int], int] | None = None
 
     def remap_super_experts(self, id_map: dict[tuple[int, int], int]) -> None:
         """Carry the super experts through an expert edit (``(layer, old) -> new`` for the edited layers)."""

@@ -1,0 +1,146 @@
+"""Quantisation benchmark: RTN vs GPTQ vs GPTQ+AGQ on the test-bed models, quality and (optionally) cost.
+
+    python benchmarks/quantization.py                                   # mx and q3, 2/3/4 bits, groups 128 and 32
+    python benchmarks/quantization.py --models moe-ref-mx --bits 2 --group-sizes 32 --limit 100
+    python benchmarks/quantization.py --merge runs/quant-*.json         # print one table from earlier runs
+    python benchmarks/quantization.py --timing --models moe-ref-q3      # GPTQ time vs one plain calibration pass
+
+Quality: mean ``acc_mutual_info`` over tb_code_next, tb_kjv_next, tb_austen_next and mean ``bits_per_byte`` over
+tb_ppl_pycode, tb_ppl_kjv, tb_ppl_austen (``--limit`` items per task), each model quantised in fp32 on
+calibration text from ``../shared/testbed/calib`` (all domains, seeded), never on the evaluation tasks.
+Results are written after every configuration to ``--json-out``, so a long run keeps what it has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(variable, "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTBED = Path(os.environ.get("MOECOMPRESS_TESTBED", REPO_ROOT.parent / "shared" / "testbed"))
+ACCURACY_TASKS = ("tb_code_next", "tb_kjv_next", "tb_austen_next")
+PERPLEXITY_TASKS = ("tb_ppl_pycode", "tb_ppl_kjv", "tb_ppl_austen")
+METHODS = {"rtn": {"method": "rtn"}, "gptq": {"method": "gptq"}, "gptq+agq": {"method": "gptq", "agq": True}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="moe-ref-mx,moe-ref-q3")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--bits", default="2,3,4")
+    parser.add_argument("--group-sizes", default="128,32")
+    parser.add_argument("--limit", type=int, default=250)
+    parser.add_argument("--num-samples", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--json-out", type=Path, default=Path("runs/quantization.json"))
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON")
+    parser.add_argument("--timing", action="store_true", help="measure GPTQ time against one calibration pass")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.merge:
+        rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
+        print(markdown_table(rows))
+        return 0
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.timing:
+        return timing(args)
+    rows = []
+    args.json_out.parent.mkdir(parents=True, exist_ok=True)
+    for model_name in args.models.split(","):
+        rows.append(evaluate_configuration(args, model_name, None, None, None))
+        _write(args.json_out, rows)
+        for group_size in (int(size) for size in args.group_sizes.split(",")):
+            for bits in (int(bits) for bits in args.bits.split(",")):
+                for method in args.methods.split(","):
+                    rows.append(evaluate_configuration(args, model_name, method, bits, group_size))
+                    _write(args.json_out, rows)
+                    print(markdown_table(rows[-1:], header=False), file=sys.stderr)
+    print(markdown_table(rows))
+    return 0
+
+
+def evaluate_configuration(args, model_name: str, method: str | None, bits: int | None, group_size: int | None) -> dict:
+    """Quantise (unless ``method`` is None: the full model) and score one configuration."""
+    import torch
+
+    from moecompress.calibration import load_calibration
+    from moecompress.evals import evaluate_model
+    from moecompress.models import load_model
+    from moecompress.quantization.sequential import QuantizationSettings, quantize_model
+
+    model, tokenizer = load_model(TESTBED / "models" / model_name, dtype=torch.float32)
+    seconds = 0.0
+    if method is not None:
+        calibration = load_calibration(tokenizer, files=[TESTBED / "calib"], num_samples=args.num_samples,
+                                       seq_len=args.seq_len, seed=0)
+        started = time.perf_counter()
+        quantize_model(model, QuantizationSettings(bits=bits, group_size=group_size, **METHODS[method]), calibration)
+        seconds = time.perf_counter() - started
+    with _stdout_to_stderr():
+        scores = evaluate_model(model, tokenizer, [*ACCURACY_TASKS, *PERPLEXITY_TASKS], limit=args.limit)
+    accuracy = sum(scores[task]["acc_mutual_info"] for task in ACCURACY_TASKS) / len(ACCURACY_TASKS)
+    bits_per_byte = sum(scores[task]["bits_per_byte"] for task in PERPLEXITY_TASKS) / len(PERPLEXITY_TASKS)
+    return {"model": model_name, "method": method or "full", "bits": bits, "group_size": group_size,
+            "mean_acc_mutual_info": accuracy, "mean_bits_per_byte": bits_per_byte, "scores": scores,
+            "quantize_seconds": seconds}
+
+
+def markdown_table(rows: list[dict], header: bool = True) -> str:
+    lines = ["| model | method | bits | group | mean acc_mutual_info | mean bits/byte |",
+             "|---|---|---:|---:|---:|---:|"] if header else []
+    for row in rows:
+        lines.append(f"| {row['model']} | {row['method']} | {row['bits'] or 'fp32'} | {row['group_size'] or '-'} | "
+                     f"{row['mean_acc_mutual_info']:.3f} | {row['mean_bits_per_byte']:.3f} |")
+    return "\n".join(lines)
+
+
+def timing(args) -> int:
+    """GPTQ(+AGQ) on one model against one plain calibration pass over the same tokens (same process, in a row)."""
+    import torch
+
+    from moecompress.calibration import LayerwiseRunner, load_calibration
+    from moecompress.models import load_model
+    from moecompress.quantization.sequential import QuantizationSettings, quantize_model
+
+    for model_name in args.models.split(","):
+        model, tokenizer = load_model(TESTBED / "models" / model_name, dtype=torch.float32)
+        calibration = load_calibration(tokenizer, files=[TESTBED / "calib"], num_samples=args.num_samples,
+                                       seq_len=args.seq_len, seed=0)
+        started = time.perf_counter()
+        LayerwiseRunner(model).run(calibration, ["expert_token_counts"])
+        plain = time.perf_counter() - started
+        for method in ("gptq", "gptq+agq"):
+            model, _ = load_model(TESTBED / "models" / model_name, dtype=torch.float32)
+            started = time.perf_counter()
+            quantize_model(model, QuantizationSettings(bits=4, group_size=128, **METHODS[method]), calibration)
+            seconds = time.perf_counter() - started
+            print(f"{model_name} {method}: {seconds:.1f} s = {seconds / plain:.1f}x one calibration pass "
+                  f"({plain:.1f} s, {args.num_samples} x {args.seq_len} tokens)")
+    return 0
+
+
+def _write(path: Path, rows: list[dict]) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps({"rows": rows}, indent=1))
+    temporary.replace(path)
+
+
+def _stdout_to_stderr():
+    import contextlib
+
+    return contextlib.redirect_stdout(sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

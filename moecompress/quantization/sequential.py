@@ -1,0 +1,521 @@
+"""Sequential quantisation of a model: decoder layer by decoder layer, in the order MoEQuant's code uses.
+
+Inside each decoder layer (methods.md section 4, "Order inside a decoder layer"):
+1. attention projections (``targets: attention``), on Hessians of their inputs;
+2. the router stays in full precision (pitfall 9): routing is therefore recorded after step 1, under the quantised
+   attention, when the expert Hessians are collected;
+3. every routed expert's gate/up (and shared experts' and dense MLPs' gate/up), on per-expert Hessians of the
+   routed inputs, AGQ-weighted by each token's combine weight when ``agq`` is on;
+4. every down projection, on Hessians of ``h = act(gate x) * up x`` recomputed with the quantised gate/up.
+The layer's outputs, computed by the quantised layer, are the next layer's calibration inputs.
+
+Per-expert Hessians (``E d^2`` floats a layer) are collected in chunks of experts that fit ``hessian_memory_bytes``:
+one pass of the layer per chunk. Cold experts (fewer routed tokens than ``cold_token_floor``, default the
+projection's input width) get a damping that grows as their token count falls, ``damp + (1 - n / floor)`` times
+the mean Hessian diagonal, which moves GPTQ towards plain rounding (the limit of a large damping); an expert no
+token reached is rounded (RTN). Either way every scale is finite; such experts are listed in the result.
+
+The quantised experts become :class:`moecompress.kernels.backend.PackedExperts`, quantised linears
+:class:`moecompress.kernels.linear.PackedLinear`, and ``config.quantization_config`` describes them (the native
+format, ``moecompress.export.native``), so the model saves and reloads with ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+from torch import nn
+
+from moecompress.calibration.runner import LayerReplay, LayerwiseRunner
+from moecompress.errors import MoECompressError, UnsupportedModelError
+from moecompress.export.native import MoECompressQuantizationConfig, prepare_skeleton, replace_experts
+from moecompress.kernels.backend import PackedExperts
+from moecompress.kernels.linear import PackedLinear
+from moecompress.models import decoder_layers, find_moe_blocks
+from moecompress.models.view import MoEBlockView
+from moecompress.quantization.gptq import gptq_quantize, hessian_weighted_error
+from moecompress.quantization.packing import SUPPORTED_BITS, PackedLinearWeight, quantize_rtn
+
+TARGETS = ("routed_experts", "shared_experts", "attention", "dense_mlp")
+DOWN_PROJECTION_NAMES = ("down_proj", "w2", "c_proj", "fc2", "dense_4h_to_h")
+
+
+@dataclass
+class QuantizationSettings:
+    """What to quantise and how (the ``rtn`` / ``gptq`` stage options, resolved).
+
+    bit_map: ``{(layer, expert): bits}`` decided by an earlier stage; experts it does not name use ``bits``.
+    """
+
+    method: Literal["rtn", "gptq"] = "gptq"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = True
+    damp: float = 0.01
+    act_order: bool = False
+    agq: bool = False
+    targets: tuple[str, ...] = ("routed_experts",)
+    cold_token_floor: int | None = None
+    hessian_memory_bytes: int = 1 << 30
+    bit_map: dict[tuple[int, int], int] | None = None
+    # Folder where each finished decoder layer is written; a re-run with the same ``fingerprint`` loads the layers
+    # found there instead of quantising them again (a killed run resumes at the first layer not yet written).
+    progress_dir: Path | None = None
+    fingerprint: str = ""
+
+    def expert_bits(self, layer: int, expert: int) -> int:
+        if self.bit_map and (layer, expert) in self.bit_map:
+            return int(self.bit_map[(layer, expert)])
+        return self.bits
+
+
+@dataclass
+class ExpertRecord:
+    """One routed expert: its width, routed calibration tokens (None for RTN), and the relative output error
+    ``tr(D H D^T) / tr(W H W^T)`` of its gate/up and down (None for RTN); cold = below the token floor."""
+
+    layer: int
+    expert: int
+    bits: int
+    tokens: int | None = None
+    gate_up_error: float | None = None
+    down_error: float | None = None
+    cold: bool = False
+
+
+@dataclass
+class QuantizationResult:
+    experts: list[ExpertRecord] = field(default_factory=list)
+    linears: dict[str, dict] = field(default_factory=dict)  # module path -> {"bits", "error"}
+    seconds_per_layer: dict[int, float] = field(default_factory=dict)
+
+    def bit_widths(self) -> dict[str, list[int]]:
+        """``{layer: [bits per expert]}`` (the report's bit-width map)."""
+        widths: dict[str, list[int]] = {}
+        for record in sorted(self.experts, key=lambda r: (r.layer, r.expert)):
+            widths.setdefault(str(record.layer), []).append(record.bits)
+        return widths
+
+    def to_dict(self) -> dict:
+        return {"experts": [asdict(record) for record in self.experts], "linears": self.linears,
+                "seconds_per_layer": {str(layer): seconds for layer, seconds in self.seconds_per_layer.items()}}
+
+
+# ----- checks ------------------------------------------------------------------------------------------------------
+def check_quantizable(model: nn.Module, settings: QuantizationSettings) -> None:
+    """Raise :class:`MoECompressError` for settings this model cannot take (before any work)."""
+    unknown = [target for target in settings.targets if target not in TARGETS]
+    if unknown:
+        raise MoECompressError(f"unknown quantisation target(s) {unknown}; choose from {list(TARGETS)}")
+    if settings.bits not in SUPPORTED_BITS:
+        raise MoECompressError(f"bits={settings.bits} cannot be packed; use one of {list(SUPPORTED_BITS)}")
+    for (layer, expert), bits in (settings.bit_map or {}).items():
+        if int(bits) not in SUPPORTED_BITS:
+            raise MoECompressError(f"the bit map gives layer {layer} expert {expert} {bits} bits, which cannot be "
+                                   f"packed; allowed: {list(SUPPORTED_BITS)}")
+    views = find_moe_blocks(model)
+    for view in views:
+        if view.storage != "concatenated" or getattr(view.experts, "gate_up_proj_bias", None) is not None \
+                or view.routing.scales_expert_input:
+            raise UnsupportedModelError(
+                f"{view.family}: quantised experts need the concatenated, bias-free expert layout with the combine "
+                "weight applied to the output; this family's experts cannot be quantised yet (leave them out)")
+    for target in settings.targets:
+        if target != "routed_experts" and not _modules_for_target(model, target):
+            raise MoECompressError(f"quantisation target {target!r} matches nothing in this {views[0].family} model "
+                                   f"(e.g. it has no shared experts or dense MLP layers); remove it from `targets`")
+
+
+# ----- the driver --------------------------------------------------------------------------------------------------
+def quantize_model(model: nn.Module, settings: QuantizationSettings, calibration=None, *, device=None,
+                   batch_size: int = 8, on_layer: Callable[[int, int], None] | None = None) -> QuantizationResult:
+    """Quantise ``model`` in place (RTN needs no ``calibration``; GPTQ does). Returns what was done per expert."""
+    check_quantizable(model, settings)
+    result = QuantizationResult()
+    if settings.method == "rtn":
+        total = len(decoder_layers(model))
+        for layer_index in range(total):
+            started = time.perf_counter()
+            _quantize_layer_rtn(model, layer_index, settings, result)
+            result.seconds_per_layer[layer_index] = time.perf_counter() - started
+            if on_layer is not None:
+                on_layer(layer_index + 1, total)
+    else:
+        if calibration is None:
+            raise MoECompressError("GPTQ needs calibration data; add a `calibration:` section to the recipe")
+
+        pending: dict[int, _GPTQLayer] = {}
+        progress = _LayerProgress(settings.progress_dir, settings.fingerprint) if settings.progress_dir else None
+
+        def process(layer_index: int, layer: nn.Module, replay: LayerReplay) -> None:
+            if progress is not None and progress.restore(model, layer_index, layer, result):
+                return  # written by an earlier, stopped run: only propagated
+            started = time.perf_counter()
+            pending[layer_index] = _GPTQLayer(model, layer_index, layer, replay, settings, result)
+            pending[layer_index].run()
+            result.seconds_per_layer[layer_index] = time.perf_counter() - started
+
+        def finish(layer_index: int, layer: nn.Module) -> None:
+            if layer_index in pending:
+                pending.pop(layer_index).install_packed_experts()
+                if progress is not None:
+                    progress.save(model, layer_index, layer, result)
+
+        LayerwiseRunner(model, device=device).sweep(calibration, process, batch_size=batch_size, on_layer=on_layer,
+                                                    finish_layer=finish)
+    model.config.quantization_config = MoECompressQuantizationConfig.from_model(model)
+    return result
+
+
+# ----- resuming --------------------------------------------------------------------------------------------------
+class _LayerProgress:
+    """Finished decoder layers on disk: ``layer-00003.safetensors`` (its state dict) and ``layer-00003.json`` (its
+    packed modules and expert records), valid for one ``fingerprint`` (stage options + calibration data)."""
+
+    def __init__(self, folder: Path, fingerprint: str) -> None:
+        from safetensors.torch import load_file, save_file  # noqa: F401 (checked here, used below)
+
+        self.folder = Path(folder)
+        marker = self.folder / "fingerprint.txt"
+        if self.folder.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
+            shutil.rmtree(self.folder)  # another stage configuration or calibration set: start over
+        self.folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(fingerprint)
+
+    def save(self, model: nn.Module, layer_index: int, layer: nn.Module, result: QuantizationResult) -> None:
+        from safetensors.torch import save_file
+
+        layer_config = _layer_quantization_config(model, layer_index)
+        records = [asdict(record) for record in result.experts if record.layer == layer_index]
+        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in layer.state_dict().items()}
+        stem = self.folder / f"layer-{layer_index:05d}"
+        save_file(tensors, f"{stem}.safetensors.tmp")
+        Path(f"{stem}.safetensors.tmp").replace(f"{stem}.safetensors")
+        Path(f"{stem}.json.tmp").write_text(json.dumps({"config": layer_config.to_dict(), "experts": records,
+                                                        "linears": {path: spec for path, spec in result.linears.items()
+                                                                    if path in layer_config.linears}}))
+        Path(f"{stem}.json.tmp").replace(f"{stem}.json")  # written last: its presence marks the layer done
+
+    def restore(self, model: nn.Module, layer_index: int, layer: nn.Module, result: QuantizationResult) -> bool:
+        from safetensors.torch import load_file
+
+        stem = self.folder / f"layer-{layer_index:05d}"
+        if not Path(f"{stem}.json").is_file():
+            return False
+        saved = json.loads(Path(f"{stem}.json").read_text())
+        prepare_skeleton(model, MoECompressQuantizationConfig(**{k: v for k, v in saved["config"].items()
+                                                                   if k != "quant_method"}),
+                         dtype=next(p.dtype for p in layer.parameters() if p.is_floating_point()))
+        device = next(p.device for p in layer.parameters() if p.device.type != "meta")
+        layer.load_state_dict(load_file(f"{stem}.safetensors", device=str(device)), strict=True, assign=True)
+        result.experts.extend(ExpertRecord(**record) for record in saved["experts"])
+        result.linears.update(saved["linears"])
+        return True
+
+
+def _layer_quantization_config(model: nn.Module, layer_index: int) -> MoECompressQuantizationConfig:
+    """The native-format description of one decoder layer's packed modules."""
+    full = MoECompressQuantizationConfig.from_model(model)
+    layer_path = next(name for name, module in model.named_modules() if module is decoder_layers(model)[layer_index])
+    return MoECompressQuantizationConfig(
+        layers={key: spec for key, spec in full.layers.items() if int(key) == layer_index},
+        linears={path: spec for path, spec in full.linears.items() if path.startswith(layer_path + ".")},
+    )
+
+
+# ----- RTN ---------------------------------------------------------------------------------------------------------
+def _quantize_layer_rtn(model: nn.Module, layer_index: int, settings: QuantizationSettings,
+                        result: QuantizationResult) -> None:
+    layer = decoder_layers(model)[layer_index]
+    for path, linear in _layer_linears(model, layer_index, layer, settings.targets):
+        packed = quantize_rtn(linear.weight.detach(), settings.bits, settings.group_size, settings.symmetric)
+        _replace_linear(model, path, linear, packed)
+        result.linears[path] = {"bits": settings.bits, "error": _weight_error(linear.weight, packed)}
+    for view in (v for v in find_moe_blocks(model) if v.layer_index == layer_index):
+        gate_up, down = [], []
+        for expert in range(view.num_experts):
+            bits = settings.expert_bits(layer_index, expert)
+            weights = view.expert_weights(expert)
+            gate_up.append(quantize_rtn(torch.cat([weights.gate, weights.up]), bits, settings.group_size,
+                                        settings.symmetric))
+            down.append(quantize_rtn(weights.down, bits, settings.group_size, settings.symmetric))
+            result.experts.append(ExpertRecord(layer_index, expert, bits))
+        _install_packed_experts(view, gate_up, down)
+
+
+# ----- GPTQ --------------------------------------------------------------------------------------------------------
+class _GPTQLayer:
+    """GPTQ (or AGQ) on one decoder layer, in MoEQuant's order (see the module docstring)."""
+
+    def __init__(self, model, layer_index, layer, replay: LayerReplay, settings: QuantizationSettings,
+                 result: QuantizationResult) -> None:
+        self.model, self.layer_index, self.layer, self.replay = model, layer_index, layer, replay
+        self.settings, self.result = settings, result
+        self.records: dict[tuple[int, int], ExpertRecord] = {}
+        self.hessian_suffix = "_affinity" if settings.agq else ""
+
+    def run(self) -> None:
+        linears = _layer_linears(self.model, self.layer_index, self.layer, self.settings.targets)
+        attention = [(path, linear) for path, linear in linears if _is_attention(path)]
+        first_half = [(path, linear) for path, linear in linears if not _is_attention(path) and not _is_down(path)]
+        second_half = [(path, linear) for path, linear in linears if not _is_attention(path) and _is_down(path)]
+        if attention:
+            self._quantize_linears(attention, self._linear_hessians(attention))
+        views = self.replay.views() if "routed_experts" in self.settings.targets else []
+        self.gate_up = self._quantize_experts(views, "gate_up", first_half)
+        self.down = self._quantize_experts(views, "down", second_half)
+        self.result.experts.extend(self.records[key] for key in sorted(self.records))
+
+    def install_packed_experts(self) -> None:
+        """Swap the fused experts (which hold the dequantised weights the layer was propagated with) for packed ones."""
+        for view in self.replay.views():
+            _install_packed_experts(view, self.gate_up[view.layer_index], self.down[view.layer_index])
+
+    # Routed experts, plus the non-attention linears of the same half (shared experts, dense MLP), whose Hessians
+    # come from the same passes of the layer.
+    def _quantize_experts(self, views: list[MoEBlockView], half: str, linears) -> dict[int, list[PackedLinearWeight]]:
+        hessian_name = ("expert_input_hessian" if half == "gate_up" else "down_proj_hessian") + self.hessian_suffix
+        shared_name = ("shared_input_hessian" if half == "gate_up" else "shared_down_hessian") + self.hessian_suffix
+        if not views and not linears:
+            return {}
+        targeted = dict(linears)
+        shared_paths = {path: owner for path, owner in _shared_linear_paths(self.model, views, half).items()
+                        if path in targeted}
+        hook_linears = [(path, linear) for path, linear in linears if path not in shared_paths]
+        hooks = _LinearInputHessians(hook_linears)
+        packed: dict[int, list[PackedLinearWeight]] = {view.layer_index: [] for view in views}
+        first_chunk = True
+        try:
+            for view in views or [None]:
+                chunks = _expert_chunks(view, half, self.settings.hessian_memory_bytes) if view is not None else [None]
+                for chunk in chunks:
+                    names = ["expert_token_counts"] if view is not None else []
+                    options = {}
+                    if view is not None:
+                        names.append(hessian_name)
+                        options[hessian_name] = {"experts": list(chunk)}
+                    if first_chunk and shared_paths:
+                        names.append(shared_name)
+                    hooks.enabled = first_chunk
+                    statistics = self.replay.collect(names, options)
+                    if first_chunk:
+                        self._quantize_shared(statistics, shared_name, shared_paths, linears)
+                        first_chunk = False
+                    if view is None:
+                        continue
+                    layer_statistics = statistics[view.layer_index]
+                    packed[view.layer_index] += self._quantize_expert_chunk(
+                        view, list(range(*chunk)), half, layer_statistics[hessian_name],
+                        layer_statistics["expert_token_counts"])
+            if hook_linears:
+                self._quantize_linears(hook_linears, hooks.hessians())
+        finally:
+            hooks.remove()
+        return packed
+
+    def _quantize_expert_chunk(self, view: MoEBlockView, experts: list[int], half: str, hessians: torch.Tensor,
+                               token_counts: torch.Tensor) -> list[PackedLinearWeight]:
+        """GPTQ of ``experts``' gate/up (``[2I, d]`` each) or down (``[d, I]``), with ``hessians [n, k, k]``.
+
+        Experts of one width are quantised as one stack (one column sweep for all). The dequantised weights are
+        written back into the fused tensor, so the down Hessians see ``h`` from the quantised gate/up.
+        """
+        settings = self.settings
+        fused = view.experts.gate_up_proj if half == "gate_up" else view.experts.down_proj
+        _check_finite(fused[experts[0]:experts[-1] + 1], f"layer {view.layer_index} experts {half}")
+        packed: dict[int, PackedLinearWeight] = {}
+        errors: dict[int, float] = {}
+        stacks: dict[int, list[tuple[int, int, float]]] = {}  # bits -> [(offset in chunk, expert, damping)]
+        for offset, expert in enumerate(experts):
+            bits, tokens = settings.expert_bits(view.layer_index, expert), int(token_counts[expert])
+            record = self.records.setdefault((view.layer_index, expert),
+                                             ExpertRecord(view.layer_index, expert, bits, tokens))
+            floor = settings.cold_token_floor or fused.shape[2]
+            record.cold = record.cold or tokens < floor
+            if tokens == 0 or float(hessians[offset].diagonal().sum()) == 0:  # no signal at all: plain rounding
+                packed[expert] = quantize_rtn(fused[expert].detach(), bits, settings.group_size, settings.symmetric)
+                errors[expert] = float("nan")
+            else:
+                stacks.setdefault(bits, []).append((offset, expert, settings.damp + max(0.0, 1.0 - tokens / floor)))
+        for bits, members in stacks.items():
+            offsets, stack_experts, damps = (list(column) for column in zip(*members))
+            result = gptq_quantize(fused.detach()[stack_experts], hessians[offsets], bits,
+                                   group_size=settings.group_size, symmetric=settings.symmetric,
+                                   damp=torch.tensor(damps), act_order=settings.act_order)
+            for position, expert in enumerate(stack_experts):
+                packed[expert] = result.packed.select(position)
+                errors[expert] = result.relative_error[position]
+        for expert in experts:
+            fused.data[expert] = packed[expert].dequantize(fused.dtype)
+            record = self.records[(view.layer_index, expert)]
+            if half == "gate_up":
+                record.gate_up_error = errors[expert]
+            else:
+                record.down_error = errors[expert]
+        return [packed[expert] for expert in experts]
+
+    def _gptq(self, weight: torch.Tensor, hessian: torch.Tensor, bits: int, tokens: int,
+              floor: int) -> tuple[PackedLinearWeight, float]:
+        settings = self.settings
+        _check_finite(weight, f"layer {self.layer_index} weight")
+        if tokens == 0 or float(hessian.diagonal().sum()) == 0:  # no calibration signal at all: plain rounding
+            return quantize_rtn(weight, bits, settings.group_size, settings.symmetric), float("nan")
+        damp = settings.damp + max(0.0, 1.0 - tokens / floor)
+        result = gptq_quantize(weight, hessian, bits, group_size=settings.group_size, symmetric=settings.symmetric,
+                               damp=damp, act_order=settings.act_order)
+        return result.packed, result.relative_error
+
+    def _quantize_shared(self, statistics, shared_name: str, shared_paths: dict[str, tuple[int, int]], linears) -> None:
+        by_path = dict(linears)
+        for path, (layer, index) in shared_paths.items():
+            hessian = statistics[layer][shared_name][index]
+            self._quantize_linears([(path, by_path[path])], {path: hessian})
+
+    def _linear_hessians(self, linears) -> dict[str, torch.Tensor]:
+        hooks = _LinearInputHessians(linears)
+        try:
+            self.replay.collect([])
+        finally:
+            hooks.remove()
+        return hooks.hessians()
+
+    def _quantize_linears(self, linears, hessians: dict[str, torch.Tensor]) -> None:
+        settings = self.settings
+        for path, linear in linears:
+            weight = linear.weight.detach()
+            packed, error = self._gptq(weight, hessians[path], settings.bits, tokens=1, floor=1)
+            _replace_linear(self.model, path, linear, packed)
+            self.result.linears[path] = {"bits": settings.bits, "error": error}
+
+
+class _LinearInputHessians:
+    """Forward pre-hooks that accumulate ``sum x x^T`` (fp32) of each named linear's input over all tokens."""
+
+    def __init__(self, linears) -> None:
+        self.enabled = True
+        self._sums: dict[str, torch.Tensor] = {}
+        self._handles = [linear.register_forward_pre_hook(self._hook(path)) for path, linear in linears]
+
+    def _hook(self, path: str):
+        def hook(module, args):
+            if not self.enabled:
+                return
+            inputs = args[0].reshape(-1, args[0].shape[-1]).float()
+            total = self._sums.get(path)
+            if total is None:
+                total = self._sums[path] = inputs.new_zeros(inputs.shape[1], inputs.shape[1])
+            total.addmm_(inputs.T, inputs)
+        return hook
+
+    def hessians(self) -> dict[str, torch.Tensor]:
+        return self._sums
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
+# ----- module discovery --------------------------------------------------------------------------------------------
+def _modules_for_target(model: nn.Module, target: str) -> list[tuple[str, nn.Linear]]:
+    found = []
+    for layer_index, layer in enumerate(decoder_layers(model)):
+        found += _layer_linears(model, layer_index, layer, (target,))
+    return found
+
+
+def _layer_linears(model: nn.Module, layer_index: int, layer: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
+    """``(model path, nn.Linear)`` of the decoder layer that ``targets`` (other than routed experts) name."""
+    layer_path = next(name for name, module in model.named_modules() if module is layer)
+    views = [view for view in find_moe_blocks(model) if view.layer_index == layer_index]
+    shared_modules = {id(shared.module) for view in views for shared in view.shared_experts}
+    moe_blocks = {id(view.block) for view in views}
+    excluded = {id(module) for view in views for module in (view.router, view.experts)}
+    excluded |= {id(view.router_linear) for view in views if view.router_linear is not None}
+    excluded |= {id(shared.gate) for view in views for shared in view.shared_experts if shared.gate is not None}
+    found = []
+    for name, module in layer.named_modules():
+        if not isinstance(module, nn.Linear) or id(module) in excluded:
+            continue
+        owners = _owners(layer, name)
+        if any(id(owner) in shared_modules for owner in owners):
+            kind = "shared_experts"
+        elif _is_attention(name):
+            kind = "attention"
+        elif any(id(owner) in moe_blocks for owner in owners):
+            continue  # a linear of the MoE block that is neither router nor shared expert: leave it alone
+        else:
+            kind = "dense_mlp"
+        if kind in targets:
+            found.append((f"{layer_path}.{name}", module))
+    return found
+
+
+def _owners(root: nn.Module, name: str) -> list[nn.Module]:
+    """The modules on the path from ``root`` to ``root.get_submodule(name)`` (both excluded)."""
+    owners, module = [], root
+    for part in name.split(".")[:-1]:
+        module = getattr(module, part)
+        owners.append(module)
+    return owners
+
+
+def _shared_linear_paths(model: nn.Module, views: list[MoEBlockView], half: str) -> dict[str, tuple[int, int]]:
+    """Shared experts' gate/up (or down) linears: model path -> (layer, shared expert index)."""
+    paths = {}
+    module_paths = {id(module): name for name, module in model.named_modules()}
+    for view in views:
+        for index, shared in enumerate(view.shared_experts):
+            names = ("gate_proj", "up_proj") if half == "gate_up" else ("down_proj",)
+            for name in names:
+                linear = getattr(shared.module, name, None)
+                if isinstance(linear, nn.Linear):
+                    paths[module_paths[id(linear)]] = (view.layer_index, index)
+    return paths
+
+
+def _is_attention(path: str) -> bool:
+    return any(part in ("self_attn", "attention", "attn", "self_attention") or part.endswith("_attn")
+               for part in path.split("."))
+
+
+def _is_down(path: str) -> bool:
+    return path.rsplit(".", 1)[-1] in DOWN_PROJECTION_NAMES
+
+
+def _expert_chunks(view: MoEBlockView, half: str, memory_bytes: int) -> list[tuple[int, int]]:
+    size = view.hidden_size if half == "gate_up" else view.intermediate_size
+    per_expert = size * size * 4
+    chunk = max(1, min(view.num_experts, memory_bytes // per_expert))
+    return [(start, min(start + chunk, view.num_experts)) for start in range(0, view.num_experts, chunk)]
+
+
+# ----- module edits ------------------------------------------------------------------------------------------------
+def _install_packed_experts(view: MoEBlockView, gate_up: list[PackedLinearWeight],
+                            down: list[PackedLinearWeight]) -> None:
+    device = view.experts.gate_up_proj.device
+    packed = PackedExperts(gate_up, down, view.experts.act_fn, getattr(view.experts, "config", None)).to(device)
+    replace_experts(view, packed)
+
+
+def _replace_linear(model: nn.Module, path: str, linear: nn.Linear, packed: PackedLinearWeight) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    bias = None if linear.bias is None else linear.bias.detach()
+    setattr(parent, name, PackedLinear(packed.to(linear.weight.device), bias))
+
+
+def _check_finite(weight: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(weight).all():
+        raise MoECompressError(f"{what} holds NaN or inf before quantisation; the checkpoint is damaged")
+
+
+def _weight_error(weight: torch.Tensor, packed: PackedLinearWeight) -> float:
+    eye = torch.eye(weight.shape[1])
+    return hessian_weighted_error(weight.detach().float(), packed.dequantize(torch.float32), eye)

@@ -1,0 +1,218 @@
+"""The quantisation engine on the test-bed models: AGQ against a direct computation, save and reload through the
+native format (plain ``from_pretrained`` after ``import moecompress``), cold experts, mixed widths, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import moecompress  # noqa: F401  (registers the native format with transformers)
+from conftest import testbed_model_path as model_folder
+from moecompress.calibration import load_calibration
+from moecompress.errors import CheckpointError, MoECompressError, RecipeError
+from moecompress.kernels.backend import PackedExperts
+from moecompress.models import find_moe_blocks, keep_experts, load_model
+from moecompress.quantization.gptq import gptq_quantize
+from moecompress.quantization.sequential import QuantizationSettings, quantize_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _model_and_calibration(name, testbed, num_samples=4, seq_len=32):
+    model, tokenizer = load_model(model_folder(name), dtype=torch.float32)
+    calibration = load_calibration(tokenizer, files=[testbed / "calib"], num_samples=num_samples, seq_len=seq_len,
+                                   seed=0)
+    return model, tokenizer, calibration
+
+
+def _logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids).logits
+
+
+@pytest.mark.parametrize("name", ["moe-ref-q3", "moe-ref-mx", "moe-ref-ds"])
+def test_gptq_model_saves_and_reloads_with_plain_from_pretrained(name, testbed, tmp_path):
+    model, tokenizer, calibration = _model_and_calibration(name, testbed)
+    settings = QuantizationSettings(method="gptq", bits=4, group_size=32, agq=True,
+                                    targets=("routed_experts", "shared_experts") if name == "moe-ref-ds" else ("routed_experts",))
+    quantize_model(model, settings, calibration)
+    assert all(isinstance(view.experts, PackedExperts) for view in find_moe_blocks(model))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    saved, loaded = model.state_dict(), reloaded.state_dict()
+    assert set(saved) == set(loaded)
+    assert all(torch.equal(saved[key], loaded[key]) for key in saved)  # packed tensors bit-identical
+    input_ids = calibration.input_ids[:2, :24]
+    assert torch.equal(_logits(model, input_ids), _logits(reloaded, input_ids))
+    # moecompress's own loader and a statistics pass work on the packed model too
+    again, _ = load_model(tmp_path, dtype=torch.float32)
+    assert torch.equal(_logits(again, input_ids), _logits(model, input_ids))
+
+
+def test_agq_expert_equals_gptq_on_directly_computed_affinity_hessian(testbed):
+    """Layer 0's inputs are the embeddings (no earlier layer is quantised), so one expert's AGQ result must equal
+    GPTQ run on ``sum_t c_t x_t x_t^T`` computed from a hooked HF forward of the original model."""
+    model, _, calibration = _model_and_calibration("moe-ref-q3", testbed, num_samples=4, seq_len=48)
+    view = find_moe_blocks(model)[0]
+    captured = {}
+
+    def hook(module, args, kwargs, output):
+        hidden, index, weights = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
+        captured.setdefault("x", []).append(hidden.detach().clone())
+        captured.setdefault("index", []).append(index.detach().clone())
+        captured.setdefault("weights", []).append(weights.detach().float().clone())
+
+    handle = view.experts.register_forward_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        for start in range(0, calibration.num_samples, 8):
+            model(calibration.input_ids[start:start + 8], use_cache=False)
+    handle.remove()
+    x, index, weights = (torch.cat(captured[key]) for key in ("x", "index", "weights"))
+    expert = int(torch.bincount(index.reshape(-1)).argmax())  # the busiest expert
+    token, slot = torch.where(index == expert)
+    combine = weights[token, slot]
+    hessian = (x[token] * combine[:, None]).T @ x[token]
+    expected = gptq_quantize(view.experts.gate_up_proj[expert].detach().clone(), hessian, 3, group_size=32, damp=0.01)
+
+    settings = QuantizationSettings(method="gptq", bits=3, group_size=32, agq=True, cold_token_floor=1)
+    quantize_model(model, settings, calibration)
+    packed = find_moe_blocks(model)[0].experts.expert_linear(expert, "gate_up_proj")
+    same = (packed.codes() == expected.packed.codes()).float().mean()
+    assert same > 0.99  # the Hessians agree to float rounding; a rare boundary value may round the other way
+    assert torch.allclose(packed.scales.float(), expected.packed.scales.float(), rtol=1e-3)
+    # and the weighting matters: plain GPTQ on the same tokens gives other codes
+    plain = gptq_quantize(view.experts.gate_up_proj[expert].detach().clone(), x[token].T @ x[token], 3,
+                          group_size=32, damp=0.01)
+    assert not torch.equal(plain.packed.codes(), expected.packed.codes())
+
+
+def test_gptq_beats_rtn_on_the_calibration_objective(testbed):
+    model, _, calibration = _model_and_calibration("moe-ref-mx", testbed, num_samples=8, seq_len=64)
+    rtn_model, _, _ = _model_and_calibration("moe-ref-mx", testbed)
+    quantize_model(rtn_model, QuantizationSettings(method="rtn", bits=2, group_size=32))
+    result = quantize_model(model, QuantizationSettings(method="gptq", bits=2, group_size=32), calibration)
+    input_ids = calibration.input_ids
+    full, _, _ = _model_and_calibration("moe-ref-mx", testbed)
+    reference = torch.log_softmax(_logits(full, input_ids), -1)
+
+    def divergence(quantised):
+        return float(torch.nn.functional.kl_div(torch.log_softmax(_logits(quantised, input_ids), -1), reference,
+                                                log_target=True, reduction="batchmean"))
+
+    assert divergence(model) < 0.8 * divergence(rtn_model)
+    assert all(record.gate_up_error is not None for record in result.experts)
+
+
+def test_cold_experts_get_finite_weights_and_are_reported(testbed, tmp_path):
+    model, tokenizer, _ = _model_and_calibration("moe-ref-q3", testbed)
+    calibration = load_calibration(tokenizer, files=[testbed / "calib"], num_samples=1, seq_len=6, seed=0)
+    result = quantize_model(model, QuantizationSettings(method="gptq", bits=2, group_size=32, agq=True), calibration)
+    cold = [record for record in result.experts if record.cold]
+    assert len(cold) == len(result.experts)  # 6 tokens x top-4 picks: every expert is far below its floor
+    assert any(record.tokens == 0 for record in cold) and any(record.tokens > 0 for record in cold)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    for file in tmp_path.glob("*.safetensors"):
+        for key, tensor in load_file(file).items():
+            if tensor.is_floating_point():
+                assert torch.isfinite(tensor).all(), key
+
+
+def test_mixed_widths_and_pruned_layers_round_trip(testbed, tmp_path):
+    model, _, calibration = _model_and_calibration("moe-ref-q3", testbed)
+    views = find_moe_blocks(model)
+    keep_experts(model, {views[0].layer_index: list(range(20)), views[2].layer_index: list(range(12))})
+    bit_map = {(view.layer_index, expert): (2, 3, 4, 8)[(view.layer_index + expert) % 4]
+               for view in find_moe_blocks(model) for expert in range(view.num_experts)}
+    quantize_model(model, QuantizationSettings(method="gptq", bits=4, group_size=32, bit_map=bit_map), calibration)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "moecompress"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    for view in find_moe_blocks(reloaded):
+        expected = [bit_map[(view.layer_index, expert)] for expert in range(view.num_experts)]
+        assert view.experts.expert_bits.tolist() == expected
+    assert [view.num_experts for view in find_moe_blocks(reloaded)] == [20, 32, 12, 32, 32, 32]
+    input_ids = calibration.input_ids[:2, :16]
+    assert torch.equal(_logits(model, input_ids), _logits(reloaded, input_ids))
+
+
+def test_rtn_of_attention_and_experts_round_trips(testbed, tmp_path):
+    model, _, calibration = _model_and_calibration("moe-ref-mx", testbed)
+    quantize_model(model, QuantizationSettings(method="rtn", bits=8, group_size=-1,
+                                               targets=("routed_experts", "attention")))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert type(reloaded.model.layers[0].self_attn.q_proj).__name__ == "PackedLinear"
+    input_ids = calibration.input_ids[:2, :16]
+    assert torch.equal(_logits(model, input_ids), _logits(reloaded, input_ids))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"bits": 5}, "cannot be packed"),
+    ({"group_size": 40}, "multiple of 16"),
+    ({"targets": ["routers"]}, "unknown target"),
+])
+def test_bad_quantisation_options_are_one_line_recipe_errors(options, message):
+    from moecompress.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match=message) as raised:
+        parse_recipe({"stages": [{"method": "gptq", **options}]})
+    assert "\n" not in str(raised.value) and str(raised.value).startswith("stages[0] (gptq)")
+
+
+def test_a_target_that_matches_nothing_is_refused_before_work(testbed):
+    model, _, _ = _model_and_calibration("moe-ref-mx", testbed)
+    with pytest.raises(MoECompressError, match="shared_experts.*matches nothing"):
+        quantize_model(model, QuantizationSettings(method="rtn", targets=("routed_experts", "shared_experts")))
+
+
+def test_a_truncated_packed_checkpoint_is_a_clear_error(testbed, tmp_path):
+    model, _, _ = _model_and_calibration("moe-ref-q3", testbed)
+    quantize_model(model, QuantizationSettings(method="rtn", bits=4, group_size=32))
+    model.save_pretrained(tmp_path / "packed")
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "packed", broken)
+    weights = next(broken.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(broken)
+
+
+def test_a_stopped_gptq_run_resumes_at_the_first_unwritten_layer(testbed, tmp_path, monkeypatch):
+    from moecompress.quantization import sequential
+
+    model, _, calibration = _model_and_calibration("moe-ref-q3", testbed)
+    settings = QuantizationSettings(method="gptq", bits=3, group_size=32, agq=True, progress_dir=tmp_path / "layers",
+                                    fingerprint="run-1")
+    uninterrupted, _, _ = _model_and_calibration("moe-ref-q3", testbed)
+    quantize_model(uninterrupted, QuantizationSettings(method="gptq", bits=3, group_size=32, agq=True), calibration)
+
+    original_run = sequential._GPTQLayer.run
+    quantized_layers = []
+
+    def run_until_layer_3(self):
+        if self.layer_index == 3:
+            raise KeyboardInterrupt  # the run is killed while layer 3 is being quantised
+        quantized_layers.append(self.layer_index)
+        original_run(self)
+
+    monkeypatch.setattr(sequential._GPTQLayer, "run", run_until_layer_3)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_model(model, settings, calibration)
+    assert quantized_layers == [0, 1, 2]
+
+    quantized_layers.clear()
+    monkeypatch.setattr(sequential._GPTQLayer, "run", lambda self: (quantized_layers.append(self.layer_index),
+                                                                      original_run(self)))
+    fresh, _, _ = _model_and_calibration("moe-ref-q3", testbed)
+    result = quantize_model(fresh, settings, calibration)
+    assert quantized_layers == [3, 4, 5]  # layers 0-2 came from disk
+    assert len(result.experts) == 6 * 32
+    saved, expected = fresh.state_dict(), uninterrupted.state_dict()
+    assert all(torch.equal(saved[key], expected[key]) for key in expected)  # same as a run never stopped
