@@ -343,8 +343,13 @@ def local_checkpoint_folder(source: str | Path) -> Path | None:
     return None
 
 
+def has_tokenizer_files(folder: Path) -> bool:
+    """Whether ``folder`` holds any of the files a tokenizer is loaded from."""
+    return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
+
+
 def _load_tokenizer(source: str | Path, local: Path | None):
-    if local is not None and not any((local / name).is_file() for name in _TOKENIZER_FILES):
+    if local is not None and not has_tokenizer_files(local):
         return None
     try:
         return transformers.AutoTokenizer.from_pretrained(str(source))
@@ -352,5 +357,5 @@ def _load_tokenizer(source: str | Path, local: Path | None):
         raise CheckpointError(f"the tokenizer of {source} cannot be loaded: {error}") from error
 
 
-__all__ = ["checkpoint_fingerprint", "load_config", "load_model", "local_checkpoint_folder", "validate_checkpoint",
-           "validate_safetensors"]
+__all__ = ["checkpoint_fingerprint", "has_tokenizer_files", "load_config", "load_model", "local_checkpoint_folder",
+           "validate_checkpoint", "validate_safetensors"]
