@@ -332,6 +332,22 @@ class _PipelineRun:
             return None  # not done: the run is made again and replaces it
         return _read_json(self.output_dir / REPORT_FILE)
 
+    def _check_replaceable(self, state: dict | None) -> None:
+        """This run will replace the run in ``--out`` when it finishes: refuse if that folder also holds files the
+        run did not write (the user's), which replacing would delete."""
+        from moecompress.errors import MoECompressError
+
+        recorded = (state or {}).get("files")
+        if not isinstance(recorded, dict):
+            return  # no run there, or one by an older version that did not record its files
+        foreign = sorted(set(_file_sizes(self.output_dir, exclude={STATE_FILE, LOCK_FILE})) - set(recorded))
+        if foreign:
+            raise MoECompressError(
+                f"--out {self.output_dir} holds a moecompress run and files it did not write ({', '.join(foreign[:3])}"
+                f"{' ...' if len(foreign) > 3 else ''}); replacing the run would delete them. Move them elsewhere "
+                "first, or choose another --out."
+            )
+
     def _open_partial(self, identity: dict[str, str]) -> tuple[dict, bool]:
         """Lock the partial folder and read its state: ``(state, created)``, created when this run made (or emptied)
         the folder. A stopped run of another identity is an error, or with ``overwrite`` its work is discarded."""
@@ -379,6 +395,7 @@ class _PipelineRun:
             if report is not None:  # the same run already finished here
                 return report
         output_seen = _run_state(self.output_dir)
+        self._check_replaceable(output_seen)
         state, created = self._open_partial(identity)
         partial = self.partial_dir
         try:

@@ -240,6 +240,16 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_run(tmp_path, calibrati
     assert (empty / "report.json").is_file()
 
 
+def test_overwrite_never_deletes_files_the_user_added_to_a_run_folder(tmp_path, calibration):
+    out = tmp_path / "out"
+    Pipeline([], calibration=calibration).run(model_folder(MX), out)
+    (out / "my_notes.md").write_text("keep me")
+    assert Pipeline([], calibration=calibration).run(model_folder(MX), out)["stages"] == []  # reuse deletes nothing
+    with pytest.raises(MoECompressError, match="files it did not write \\(my_notes.md\\).*would delete them"):
+        Pipeline([], calibration=calibration).run(model_folder(Q3), out, overwrite=True)
+    assert (out / "my_notes.md").read_text() == "keep me" and not _partials(out)
+
+
 @pytest.mark.parametrize("case", ["out-is-a-file", "out-under-a-file", "recipe-is-a-folder", "empty-recipe",
                                   "comments-only-recipe", "recipe-missing"])
 def test_path_mistakes_are_one_line_errors(tmp_path, capsys, case):
