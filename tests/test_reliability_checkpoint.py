@@ -9,6 +9,7 @@ leave weights newly initialised is an error even when the pre-check is bypassed.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -108,7 +109,7 @@ def test_every_command_refuses_every_class_of_damage_with_one_line(damaged_copy,
     captured = capsys.readouterr()
     assert code == 2, captured.err
     assert len(captured.err.strip().splitlines()) == 1 and "Traceback" not in captured.err
-    assert __import__("re").search(message, captured.err), captured.err
+    assert re.search(message, captured.err), captured.err
     assert captured.out == "" and not (tmp_path / "out").exists() and not list(tmp_path.glob("out.partial-*"))
 
 
