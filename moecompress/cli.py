@@ -27,6 +27,9 @@ from moecompress.errors import MoECompressError, UsageError
 
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = ("inspect", "compress", "eval")
+
+
+# Exit codes: a bad argument or input, the machine refusing (memory, disk, permissions), Ctrl-C.
 EXIT_USAGE, EXIT_MACHINE, EXIT_INTERRUPTED = 2, 1, 130
 
 
