@@ -1,8 +1,14 @@
 """The ``moecompress`` command line: thin. It parses arguments and hands over to one module per subcommand.
 
 Each module in ``moecompress.commands`` exposes ``register(subparsers)``, which adds its parser and sets
-``func=run`` on it. Errors derived from :class:`moecompress.errors.MoECompressError` are printed as one clear
-message (exit code 2) instead of a traceback.
+``func=run`` on it. Nothing a user can cause ends in a traceback; each failure is one line on stderr:
+
+* a bad argument (unknown option, ``--threads 0``, ``--device cuda`` on a machine without CUDA) and every
+  :class:`moecompress.errors.MoECompressError` (bad recipe, damaged checkpoint, output folder rules): exit 2;
+* Ctrl-C: exit 130, saying whether the run can be resumed;
+* the machine refusing (out of memory, a full disk, no permission): exit 1.
+
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,15 +19,68 @@ import logging
 import os
 import sys
 
+import torch
+import transformers
+
 from moecompress import __version__
-from moecompress.errors import MoECompressError
+from moecompress.errors import MoECompressError, UsageError
 
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = ("inspect", "compress", "eval")
 
 
+# Exit codes: a bad argument or input, the machine refusing (memory, disk, permissions), Ctrl-C.
+EXIT_USAGE, EXIT_MACHINE, EXIT_INTERRUPTED = 2, 1, 130
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``moecompress compress: error: ...``) rather than the usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--threads``, ``--batch-size``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """argparse type: a torch device this machine has (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    try:
+        return check_device(text)
+    except UsageError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def check_device(text: str) -> str:
+    """``text`` when it names a device torch can use here, else :class:`UsageError` saying what this machine has."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{text!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            build = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise UsageError(f"--device {text}: {build}; use --device cpu (or install a CUDA build of torch)")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {text}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {text}: MPS is not available here; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {text}: moecompress runs on cpu, cuda or mps")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="moecompress",
         description="Compress Mixture-of-Experts language models and report what it cost in quality.",
     )
@@ -49,22 +108,44 @@ def quiet_third_party_output() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("LMEVAL_LOG_LEVEL", "ERROR")  # lm-eval resets its logger level when imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     for name in ("lm_eval", "lm-eval", "transformers", "datasets"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()  # its own loading bars ignore TQDM_DISABLE
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet_third_party_output()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a bad argument (already printed on one line)
+        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else EXIT_USAGE)
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    name = f"moecompress {args.command}"
     try:
         return int(args.func(args) or 0)
     except MoECompressError as error:
-        print(f"moecompress {args.command}: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(f"{name}: error: {error}", EXIT_USAGE)
+    except KeyboardInterrupt as interrupt:  # RunInterrupted says whether the run can be resumed
+        return _fail(f"{name}: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), EXIT_INTERRUPTED)
+    except (MemoryError, torch.OutOfMemoryError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return _fail(f"{name}: error: out of memory ({first_line or type(error).__name__}); use a smaller batch size "
+                     "(calibration.batch_size, --batch-size) or shorter/fewer calibration sequences, or a machine "
+                     "with more memory", EXIT_MACHINE)
+    except BrokenPipeError:  # output piped into a program that stopped reading (`| head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented recipe
+        return EXIT_MACHINE
+    except OSError as error:  # the machine refused: disk full, no permission, a path that vanished
+        return _fail(f"{name}: error: {error}", EXIT_MACHINE)
+
+
+def _fail(message: str, code: int) -> int:
+    print(" ".join(message.split("\n")), file=sys.stderr)  # one line, whatever the message holds
+    return code
 
 
 if __name__ == "__main__":

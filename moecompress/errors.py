@@ -23,3 +23,12 @@ class CalibrationError(MoECompressError):
 
 class TaskError(MoECompressError):
     """An evaluation task is missing, or its data file or fields are wrong."""
+
+
+class UsageError(MoECompressError):
+    """A command-line value that cannot work here: a device this machine lacks, a thread count below 1..."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a compression run. A KeyboardInterrupt still (so code that stops on Ctrl-C keeps doing so); its
+    message says whether and how the run can be resumed. The CLI prints it on one line and exits with 130."""

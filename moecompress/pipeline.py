@@ -14,6 +14,9 @@ calibration pass that collects only what the asking stages need; a structural ed
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -167,6 +170,11 @@ class RunContext:
 PROFILE_STATISTICS = ("max_abs_expert_output", "expert_token_counts", "expert_token_counts_by_domain")
 REPORT_FILE = "report.json"
 STATE_FILE = "state.json"
+LOCK_FILE = ".moecompress.lock"  # in the partial folder while a run works there: the holder's pid, flock-ed
+RUN_FORMAT = "moecompress-run/1"  # marks state.json as a moecompress run (only such folders are ever replaced)
+# What makes two runs the same run: a stopped or finished run is reused only when all three match.
+IDENTITY_KEYS = {"recipe_sha256": "another recipe", "source_fingerprint": "another source model",
+                 "calibration_sha256": "other calibration data"}
 
 
 class ProgressReporter:
@@ -196,7 +204,10 @@ class Pipeline:
     ``run`` profiles the original model once (layer by layer, lazily from its safetensors: super experts, expert
     usage per domain, and what the first stage asks for), then loads the model and runs the stages in order.
     Output is built in ``<out>.partial-<recipe hash>`` and moved to ``<out>`` when complete; a stopped run resumes
-    from there (finished stages are replayed from their recorded decisions, not recomputed).
+    from there (finished stages are replayed from their recorded decisions, not recomputed). A run's identity is
+    its recipe, its source model (:func:`moecompress.models.loading.checkpoint_fingerprint`) and its calibration
+    tokens; a stopped or finished run is reused only when all three match, otherwise it is an error unless
+    ``overwrite`` (which never replaces a folder that is not a moecompress run).
     """
 
     def __init__(self, stages: list[Stage] | None = None, calibration: Any = None) -> None:
@@ -234,7 +245,13 @@ class Pipeline:
 
 
 class _PipelineRun:
-    """One execution of a pipeline: output folder handling, profiling, stages, resume state, report."""
+    """One execution of a pipeline: output folder handling, profiling, stages, resume state, report.
+
+    Order, so that every mistake the inputs can hold fails before the profiling pass and before anything is written:
+    checkpoint validation, output-folder rules, checks against the model's config (stage options, calibration
+    length, tokenizer), the identity of a run already in ``--out``, calibration data, and only then the partial
+    folder (locked), the profiling pass and the stages.
+    """
 
     def __init__(self, pipeline: Pipeline, source, output_dir, *, device, dtype, overwrite, progress) -> None:
         self.pipeline = pipeline
@@ -249,6 +266,7 @@ class _PipelineRun:
 
     # ----- output folder ---------------------------------------------------------------------------------------
     def _check_output_folder(self, checkpoint_folder: Path) -> None:
+        """``--out`` is not the input, inside it or around it, not a file, and not a folder of other content."""
         from moecompress.errors import MoECompressError
 
         source = checkpoint_folder.resolve()
@@ -258,52 +276,165 @@ class _PipelineRun:
                                    "into its input. Choose an output folder outside it.")
         if out in source.parents:
             raise MoECompressError(f"--out {out} contains the input model folder {source}; choose a separate folder")
+        blocking = next((path for path in (out, *out.parents) if path.exists()), None)
+        if blocking is not None and not blocking.is_dir():
+            where = "is a file" if blocking == out else f"is inside {blocking}, which is a file"
+            raise MoECompressError(f"--out {out} {where}; give the path of a folder (new or a previous run's)")
+        if _folder_has_content(out) and _run_state(out) is None:
+            raise MoECompressError(
+                f"--out {out} exists and is not a moecompress run folder (it holds {_listing(out)}); moecompress "
+                "never replaces it, even with --overwrite. Choose another --out, or empty that folder yourself."
+            )
 
     @property
     def partial_dir(self) -> Path:
         return self.output_dir.parent / f"{self.output_dir.name}.partial-{self.recipe.sha256[:12]}"
+
+    def _check_before_work(self, checkpoint_folder: Path) -> None:
+        """Everything the model's config can refute, on a meta skeleton (no weights read): the family is supported,
+        calibration sequences fit its context, it has a tokenizer, and every stage's options are possible."""
+        from moecompress.calibration.checkpoint import build_skeleton
+        from moecompress.errors import CheckpointError, RecipeError
+        from moecompress.models.families import adapter_for
+        from moecompress.models.loading import has_tokenizer_files
+
+        model, config = build_skeleton(checkpoint_folder)
+        adapter_for(config)  # a dense or unsupported model fails here, naming the supported families
+        context_length = getattr(config.get_text_config(), "max_position_embeddings", None)
+        seq_len = self.recipe.calibration.seq_len
+        if isinstance(context_length, int) and seq_len > context_length:
+            raise RecipeError(f"calibration: seq_len={seq_len} exceeds the model's context (max_position_embeddings="
+                              f"{context_length}); choose seq_len <= {context_length}")
+        if not has_tokenizer_files(checkpoint_folder):
+            raise CheckpointError(f"{checkpoint_folder} has no tokenizer files; calibration needs the model's "
+                                  "tokenizer. Save it into the folder (tokenizer.save_pretrained(folder)).")
+        context = RunContext(model=model, tokenizer=None, source=self.source, output_dir=self.output_dir,
+                             config=config, device=self.device, batch_size=self.recipe.calibration.batch_size)
+        for stage in self.recipe.stages:
+            stage.check(context)  # expert counts, top-k, task names: before the profiling pass
+
+    def _finished_run(self, identity: dict[str, str]) -> dict | None:
+        """The state of the run in ``--out`` when it may be this run (its recipe and source model match, the
+        calibration is compared once loaded); None when ``--out`` is free or ``overwrite`` replaces it."""
+        state = _run_state(self.output_dir)
+        if state is None:
+            return None
+        differences = _identity_differences(state, identity)
+        if differences and not self.overwrite:
+            raise _other_run_error(self.output_dir, "holds a finished moecompress run", differences,
+                                   "pass --overwrite to replace it, or choose another --out")
+        return None if differences or self.overwrite else state
+
+    def _reusable_report(self, state: dict, identity: dict[str, str]) -> dict | None:
+        """The report of the finished run in ``--out`` when it is this run and its files are intact, else None
+        (a damaged finished run is redone; one with other calibration data is an error)."""
+        differences = _identity_differences(state, identity)
+        if differences:
+            raise _other_run_error(self.output_dir, "holds a finished moecompress run", differences,
+                                   "pass --overwrite to replace it, or choose another --out")
+        if not state.get("finished") or _damaged_files(self.output_dir, state):
+            return None  # not done: the run is made again and replaces it
+        return _read_json(self.output_dir / REPORT_FILE)
+
+    def _check_replaceable(self, state: dict | None) -> None:
+        """This run will replace the run in ``--out`` when it finishes: refuse if that folder also holds files the
+        run did not write (the user's), which replacing would delete."""
+        from moecompress.errors import MoECompressError
+
+        recorded = (state or {}).get("files")
+        if not isinstance(recorded, dict):
+            return  # no run there, or one by an older version that did not record its files
+        foreign = sorted(set(_file_sizes(self.output_dir, exclude={STATE_FILE, LOCK_FILE})) - set(recorded))
+        if foreign:
+            raise MoECompressError(
+                f"--out {self.output_dir} holds a moecompress run and files it did not write ({', '.join(foreign[:3])}"
+                f"{' ...' if len(foreign) > 3 else ''}); replacing the run would delete them. Move them elsewhere "
+                "first, or choose another --out."
+            )
+
+    def _open_partial(self, identity: dict[str, str]) -> tuple[dict, bool]:
+        """Lock the partial folder and read its state: ``(state, created)``, created when this run made (or emptied)
+        the folder. A stopped run of another identity is an error, or with ``overwrite`` its work is discarded."""
+        partial = self.partial_dir
+        created = not partial.exists()
+        partial.mkdir(parents=True, exist_ok=True)
+        self.lock = RunLock(partial)
+        try:
+            self.lock.acquire()
+            state = _read_json(partial / STATE_FILE) or {}
+            differences = _identity_differences(state, identity) if state else []
+            if differences and not self.overwrite:
+                raise _other_run_error(partial, "holds a stopped moecompress run", differences,
+                                       "pass --overwrite to discard it and start over, or choose another --out")
+        except BaseException:
+            self.lock.release()
+            if created:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if differences:  # --overwrite: the stopped run of another identity is discarded
+            _empty_folder(partial, keep={LOCK_FILE})
+            state, created = {}, True
+        if not state:
+            state = {"format": RUN_FORMAT, **identity, "source": self.source, "stages": {}, "finished": False}
+        return state, created
 
     # ----- the run ---------------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:
         import time
 
         from moecompress.calibration.checkpoint import resolve_checkpoint
-        from moecompress.errors import MoECompressError
+        from moecompress.errors import RunInterrupted
+        from moecompress.models.loading import checkpoint_fingerprint
 
         started = time.perf_counter()
-        checkpoint_folder = resolve_checkpoint(self.source)
+        checkpoint_folder = resolve_checkpoint(self.source)  # the one checkpoint validation
         self._check_output_folder(checkpoint_folder)
-        finished = _read_json(self.output_dir / STATE_FILE)
-        if finished and finished.get("recipe_sha256") == self.recipe.sha256 and finished.get("finished"):
-            if not self.overwrite:  # the same recipe already ran to completion here
-                return _read_json(self.output_dir / REPORT_FILE) or {}
-        elif self.output_dir.exists() and any(self.output_dir.iterdir()) and not self.overwrite:
-            raise MoECompressError(f"output folder {self.output_dir} exists and holds another run; pass --overwrite "
-                                   "to replace it, or choose another --out")
+        self._check_before_work(checkpoint_folder)
+        identity = {"recipe_sha256": self.recipe.sha256, "source_fingerprint": checkpoint_fingerprint(checkpoint_folder)}
+        finished = self._finished_run(identity)
         tokenizer, calibration = self._calibration(checkpoint_folder)  # bad data fails before anything is written
+        identity["calibration_sha256"] = calibration.sha256
+        if finished is not None:
+            report = self._reusable_report(finished, identity)
+            if report is not None:  # the same run already finished here
+                return report
+        output_seen = _run_state(self.output_dir)
+        self._check_replaceable(output_seen)
+        state, created = self._open_partial(identity)
         partial = self.partial_dir
-        partial.mkdir(parents=True, exist_ok=True)
-        state = _read_json(partial / STATE_FILE) or {}
-        if state.get("recipe_sha256") != self.recipe.sha256:
-            state = {"recipe_sha256": self.recipe.sha256, "stages": {}, "finished": False}
-        state["finished"] = False
+        try:
+            state["finished"] = False
+            profile = state.get("profile") or self._profile(checkpoint_folder, calibration)
+            state["profile"] = {key: value for key, value in profile.items() if key != "statistics"}
+            _write_json_atomic(partial / STATE_FILE, state)
 
-        if state.get("calibration_sha256") not in (None, calibration.sha256):
-            state = {"recipe_sha256": self.recipe.sha256, "stages": {}, "finished": False}  # other data: start over
-        state["calibration_sha256"] = calibration.sha256
-        profile = state.get("profile") or self._profile(checkpoint_folder, calibration)
-        state["profile"] = {key: value for key, value in profile.items() if key != "statistics"}
-        _write_json_atomic(partial / STATE_FILE, state)
-
-        stage_records, model_summary_after, model = self._run_stages(checkpoint_folder, tokenizer, calibration,
-                                                                     profile, state, partial)
-        report = self._report(calibration, profile, stage_records, model_summary_after)
-        report["timings"] = {**self.timings, "total": time.perf_counter() - started}
-        _write_json_atomic(partial / REPORT_FILE, report)
-        self._write_markdown(report, partial)
-        state["finished"] = True
-        _write_json_atomic(partial / STATE_FILE, state)
-        _move_into_place(partial, self.output_dir)
+            stage_records, model_summary_after, model = self._run_stages(checkpoint_folder, tokenizer, calibration,
+                                                                         profile, state, partial)
+            report = self._report(calibration, profile, stage_records, model_summary_after)
+            report["timings"] = {**self.timings, "total": time.perf_counter() - started}
+            _write_json_atomic(partial / REPORT_FILE, report)
+            self._write_markdown(report, partial)
+            state["files"] = _file_sizes(partial, exclude={STATE_FILE, LOCK_FILE})
+            state["finished"] = True
+            _write_json_atomic(partial / STATE_FILE, state)
+            if _run_state(self.output_dir) != output_seen:
+                raise _other_run_error(self.output_dir, "was written by another run while this one worked", [],
+                                       f"this run's result is kept in {partial}; compare the two, then re-run with "
+                                       "--overwrite to publish it")
+            _move_into_place(partial, self.output_dir)
+            (self.output_dir / LOCK_FILE).unlink(missing_ok=True)
+        except BaseException as error:
+            kept = "profile" in state
+            if created and not kept:  # nothing worth resuming: leave no empty partial folder behind
+                shutil.rmtree(partial, ignore_errors=True)
+            if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
+                raise RunInterrupted(
+                    f"the run can be resumed: re-run the same command (finished work is kept in {partial})" if kept
+                    else "stopped before any work was saved; re-run the same command to start again"
+                ) from None
+            raise
+        finally:
+            self.lock.release()
         return report
 
     def _calibration(self, checkpoint_folder: Path):
@@ -502,15 +633,120 @@ def _read_json(path: Path) -> dict | None:
     import json
 
     try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, NotADirectoryError, ValueError):
+        data = json.loads(Path(path).read_text())
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+class RunLock:
+    """``LOCK_FILE`` in a run's partial folder: an exclusive ``flock`` plus the holder's pid, so that two runs aimed
+    at the same ``--out`` cannot write into one folder. The kernel drops the lock when its holder dies, so the lock
+    file of a killed run (a dead pid) is simply taken over."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self._handle = None
+
+    def acquire(self) -> None:
+        import socket
+        import time
+
+        from moecompress.errors import MoECompressError
+
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise MoECompressError(
+                f"another moecompress run ({holder}) is writing {self.path.parent}; wait for it to finish or stop it "
+                "(a stopped run resumes), then re-run"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing drops the flock
+            self._handle = None
+
+
+def _run_state(folder: Path) -> dict | None:
+    """``state.json`` of ``folder`` when it is a moecompress run folder (this version's or an older one's), else None."""
+    state = _read_json(Path(folder) / STATE_FILE)
+    if state is not None and (state.get("format") == RUN_FORMAT or {"recipe_sha256", "stages"} <= set(state)):
+        return state
+    return None
+
+
+def _identity_differences(state: dict, identity: dict[str, str]) -> list[str]:
+    """What makes the run recorded in ``state`` another run than ``identity`` (keys compared where both have them;
+    a state without a model fingerprint was made by an older version and can not be confirmed)."""
+    if "source_fingerprint" not in state:
+        return ["a run by an older moecompress version, which did not record the source model"]
+    return [label for key, label in IDENTITY_KEYS.items() if key in identity and state.get(key) != identity[key]]
+
+
+def _other_run_error(folder: Path, what: str, differences: list[str], fix: str):
+    from moecompress.errors import MoECompressError
+
+    detail = f" ({', '.join(differences)})" if differences else ""
+    return MoECompressError(f"{folder} {what}{detail}; {fix}")
+
+
+def _folder_has_content(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def _listing(folder: Path, count: int = 3) -> str:
+    names = sorted(path.name for path in folder.iterdir())
+    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
+
+
+def _empty_folder(folder: Path, keep: set[str]) -> None:
+    for path in folder.iterdir():
+        if path.name in keep:
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _file_sizes(folder: Path, exclude: set[str]) -> dict[str, int]:
+    """``{relative path: bytes}`` of every file under ``folder`` (what a finished run is checked against)."""
+    return {str(path.relative_to(folder)): path.stat().st_size for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.name not in exclude and not path.name.startswith(".")}
+
+
+def _damaged_files(folder: Path, state: dict) -> list[str]:
+    """Files of a finished run that are missing or changed size, or safetensors files with a broken header or index
+    (files only: a model whose layers differ after an edit is valid output that plain transformers cannot build)."""
+    from moecompress.errors import CheckpointError
+    from moecompress.models.loading import validate_checkpoint
+
+    recorded = state.get("files")
+    if not isinstance(recorded, dict) or REPORT_FILE not in recorded:
+        return [REPORT_FILE]
+    damaged = [name for name, size in recorded.items()
+               if not (folder / name).is_file() or (folder / name).stat().st_size != size]
+    if not damaged and "config.json" in recorded:
+        try:
+            validate_checkpoint(folder, weights_vs_config=False)
+        except CheckpointError as error:
+            damaged.append(str(error))
+    return damaged
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temp file in the same folder, then ``os.replace`` (a reader never sees a half-written file)."""
     import json
-    import os
     import tempfile
 
     path = Path(path)
@@ -555,9 +791,6 @@ def _save_model_atomic(model, tokenizer, folder: Path) -> None:
 
 def _move_into_place(partial: Path, output_dir: Path) -> None:
     """Replace ``output_dir`` by the finished ``partial`` folder (old content is removed only after the move)."""
-    import os
-    import shutil
-
     if output_dir.exists():
         aside = output_dir.parent / f"{output_dir.name}.old-{os.getpid()}"
         os.replace(output_dir, aside)

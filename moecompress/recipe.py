@@ -82,15 +82,23 @@ class Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file."""
+    """Read and validate a YAML recipe file: a folder, an unreadable file, invalid YAML and an empty file (nothing
+    but comments or blanks) are each a :class:`RecipeError`."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a folder; pass the path of a .yaml recipe file (see recipes/)")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist; pass the path of a .yaml recipe (see recipes/)")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise RecipeError(f"recipe {path} is not valid YAML: {error}") from None
-    recipe = parse_recipe({} if data is None else data, base_dir=path.parent)
+    except (OSError, UnicodeDecodeError) as error:
+        raise RecipeError(f"recipe {path} cannot be read ({error}); pass a UTF-8 .yaml recipe file") from None
+    if data is None:
+        raise RecipeError(f"recipe {path} is empty; write at least `stages: []` (profile only) or a list of stages "
+                          "(see recipes/)")
+    recipe = parse_recipe(data, base_dir=path.parent)
     recipe.path = path
     return recipe
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from moecompress.errors import CheckpointError
-from moecompress.models.loading import local_checkpoint_folder
+from moecompress.models.loading import local_checkpoint_folder, validate_checkpoint
 
 # Checkpoint spellings that transformers' conversion mapping renames on load (``conversion_mapping.py``).
 KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)
@@ -32,21 +32,27 @@ _PER_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<expert>\d+)\.(
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
-    """A local folder with ``config.json`` and safetensors, or a hub id resolved through the local HF cache."""
+    """A local folder with ``config.json`` and safetensors, or a hub id resolved through the local HF cache; either
+    way checked by :func:`moecompress.models.loading.validate_checkpoint` (headers, shards, weights vs config)
+    before any tensor is read, so a damaged checkpoint is one clear :class:`CheckpointError`, not a traceback
+    halfway through a pass."""
     path = local_checkpoint_folder(source)  # None for a hub id; a clear error for a bad path
     if path is not None:
         if not (path / "config.json").is_file():
             raise CheckpointError(f"{path} has no config.json; point at a Hugging Face model folder")
-        return path
-    try:
-        from huggingface_hub import snapshot_download
+    else:
+        try:
+            from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-    except Exception as error:  # hub errors come in many types; one clear message instead
-        raise CheckpointError(
-            f"{source!r} is not a local folder and could not be fetched from the hub ({type(error).__name__}: {error}); "
-            "check the path or hub id, or download the model first (offline mode uses only the local cache)"
-        ) from None
+            path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as error:  # hub errors come in many types; one clear message instead
+            raise CheckpointError(
+                f"{source!r} is not a local folder and could not be fetched from the hub ({type(error).__name__}: "
+                f"{error}); check the path or hub id, or download the model first (offline mode uses only the local "
+                "cache)"
+            ) from None
+    validate_checkpoint(path)
+    return path
 
 
 class LazyCheckpoint:

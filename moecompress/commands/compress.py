@@ -8,6 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from moecompress.cli import device_name, positive_int
 from moecompress.pipeline import Pipeline, ProgressReporter
 
 
@@ -17,28 +18,36 @@ def register(subparsers) -> None:
         help="compress an MoE model with a recipe",
         description="Profile MODEL on calibration data (super experts, expert usage), run the recipe's stages, and "
                     "write the compressed model plus report.json into --out. A recipe with `stages: []` only "
-                    "profiles. A stopped run resumes when re-run with the same recipe.",
+                    "profiles. A stopped run (Ctrl-C, a crash) resumes when the same command is run again; a run is "
+                    "reused only for the same recipe, source model and calibration data.",
     )
     parser.add_argument("model", help="model folder or Hugging Face hub id")
     parser.add_argument("--recipe", required=True, type=Path, help="recipe YAML (see recipes/)")
     parser.add_argument("--out", required=True, type=Path, help="output folder (never inside MODEL)")
-    parser.add_argument("--device", default=None, help="compute device for calibration and stages (default: cpu)")
+    parser.add_argument("--device", default=None, type=device_name,
+                        help="compute device for calibration and stages: cpu, cuda, cuda:N, mps (default: cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="compute dtype (default: the checkpoint's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out holding another run")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run of another recipe, model or calibration data in --out (or its stopped "
+                             "run); never replaces a folder that is not a moecompress run")
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
     parser.set_defaults(func=run)
 
 
 class RichProgress(ProgressReporter):
-    """Progress bars for the profiling pass, every stage and every calibration pass inside a stage."""
+    """Progress bars for the profiling pass, every stage and every calibration pass inside a stage.
+
+    The display starts with the first bar, so a run refused before any work prints its one error line alone."""
 
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
         self.tasks: dict[str, int] = {}
 
     def start(self, name: str, total: int | None = None) -> None:
+        if not self.progress.live.is_started:
+            self.progress.start()
         if name in self.tasks:
             self.progress.reset(self.tasks[name], total=total)
         else:
@@ -62,10 +71,14 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     pipeline = Pipeline.from_recipe(args.recipe)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=False) as progress:
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, transient=False)
+    try:
         report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
                               progress=RichProgress(progress))
+    finally:
+        if progress.live.is_started:
+            progress.stop()
     model = report.get("model", {})
     console.print(f"[bold]done[/bold]: {args.out}/report.json")
     console.print(f"parameters {model.get('parameters_before', 0):,} -> {model.get('parameters_after', 0):,}; "

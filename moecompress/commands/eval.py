@@ -8,6 +8,8 @@ import json
 import sys
 import time
 
+from moecompress.cli import device_name, positive_int
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -23,8 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("model", help="checkpoint folder or hub id")
     parser.add_argument("--tasks", required=True, help="comma-separated task names or tags, e.g. tb_code_next,tb_arith")
     parser.add_argument("--limit", type=_limit, default=None, help="at most N documents per task (or a fraction < 1)")
-    parser.add_argument("--batch-size", default="16", help="requests per forward pass, or 'auto' (default 16)")
-    parser.add_argument("--device", default="cpu", help="torch device to run on (default cpu)")
+    parser.add_argument("--batch-size", default=16, type=_batch_size,
+                        help="requests per forward pass, or 'auto' (default 16)")
+    parser.add_argument("--device", default="cpu", type=device_name, help="torch device to run on (default cpu)")
     parser.add_argument("--include-path", default=None, help="folder with your own lm-eval YAML tasks")
     parser.add_argument(
         "--no-bos", dest="add_bos_token", action="store_false", default=None,
@@ -39,21 +42,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _limit(text: str) -> int | float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"--limit must be positive, got {text}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of documents or a fraction < 1, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"--limit must be positive and finite, got {text}")
     return int(value) if value >= 1 else value
 
 
+def _batch_size(text: str) -> int | str:
+    return "auto" if text == "auto" else positive_int(text)
+
+
 def run(args: argparse.Namespace) -> int:
-    from moecompress.errors import TaskError
     from moecompress.evals import evaluate_model, resolve_tasks
     from moecompress.evals.loading import load_model_for_eval
 
     task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    batch_size: int | str = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
-    if isinstance(batch_size, int) and batch_size < 1:
-        raise TaskError(f"--batch-size must be at least 1 or 'auto', got {args.batch_size}")
+    batch_size: int | str = args.batch_size
     resolve_tasks(task_names, include_path=args.include_path)  # bad task names or data fail before the model loads
     model, tokenizer = load_model_for_eval(args.model, device=args.device)
     started = time.perf_counter()

@@ -89,6 +89,10 @@ class EvaluateStage(Stage):
     Options = EvaluateOptions
     modifies_model = False  # a recipe that only evaluates writes no model copy
 
+    def check(self, context: RunContext) -> None:
+        """Unknown task names or broken task files fail before the profiling pass, not after the stages."""
+        resolve_tasks(self.options.tasks, include_path=self.options.include_path)
+
     def run(self, context: RunContext) -> StageResult:
         options: EvaluateOptions = self.options
         resolve_tasks(options.tasks, include_path=options.include_path)  # bad tasks fail before any model work
