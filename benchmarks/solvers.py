@@ -85,7 +85,8 @@ def main() -> None:
                       + "  ".join(f"{method} {seconds[method]:.3f} s" for method in methods)
                       + f"  same optimum: {agree}", flush=True)
     if args.markdown:
-        print("| experts | layers x experts | budget | " + " | ".join(f"{m} (s)" for m in methods) + " | same optimum |")
+        header = " | ".join(f"{method} (s)" for method in methods)
+        print(f"| experts | layers x experts | budget | {header} | same optimum |")
         print("|---:|---|---|" + "---:|" * len(methods) + "---|")
         for size, layout, shape, seconds, agree in rows:
             print(f"| {size:,} | {layout} | {shape} | " + " | ".join(f"{seconds[m]:.3f}" for m in methods)

@@ -202,7 +202,7 @@ def test_impossible_side_constraint_is_named():
     costs = np.zeros((3, 2))
     costs[:, 1] = np.inf
     problem = MultipleChoiceKnapsack(costs, [Budget(np.ones((3, 2)), 10)], [AtLeast([1], 1, name="one_wide")])
-    with pytest.raises(InfeasibleError, match="'one_wide' cannot be met: it needs 1 items at choices \\[1\\] but only 0"):
+    with pytest.raises(InfeasibleError, match=r"'one_wide' cannot be met: it needs 1 items at choices \[1\] but only 0"):
         solve(problem)
 
 

@@ -9,11 +9,14 @@ per-layer side constraints cost one layer's axes at a time: items are ordered so
 items are contiguous.
 
 **Discretisation.** Budgets are enforced on integer units. Each item's cheapest allowed weight is subtracted first
-(it is spent whatever the choice), which shrinks the axes. When every remaining weight and the limit are integers
-(bits, bytes, parameters), the unit is their greatest common divisor and the DP is exact for the real instance.
-Otherwise (or when that would exceed ``resolution`` units) the unit is ``limit / resolution``, weights are
+(it is spent whatever the choice), which shrinks the axes. When every remaining weight is an integer (bits, bytes,
+parameters), the unit is their greatest common divisor, the limit is floored to whole units (which loses nothing)
+and the DP is exact for the real instance. Otherwise (or when the axis would exceed ``resolution`` units) the unit
+is ``min(limit, heaviest total) / resolution``, weights are
 rounded *up* and the limit down: every DP solution is then feasible for the real instance, and optimal for the
 rounded one (the solution's ``discretisation`` says which case applied). A budget that can never bind is dropped.
+
+Only the units the items visited so far can reach are computed at each step.
 
 **Backtracking.** The forward pass keeps the state only at a few checkpoints; each segment is recomputed
 (keeping its states) and traced back from its end, so memory follows ``memory_bytes``, not ``N`` times the state.
@@ -116,16 +119,16 @@ def _discretise(extra: np.ndarray, limit: float, resolution: int) -> tuple[np.nd
     if limit < 0:
         return np.zeros(extra.shape, dtype=np.int64), -1, 1.0, True
     rounded = np.round(extra)
-    integral = (np.abs(extra - rounded) <= 1e-9 * np.maximum(1.0, np.abs(extra))).all()
-    if integral:
+    if (np.abs(extra - rounded) <= 1e-6).all():  # integers (bits, bytes, parameters): exact in their gcd
         positive = rounded[rounded > 0].astype(np.int64)
         unit = int(np.gcd.reduce(positive)) if positive.size else 1
+        units = rounded.astype(np.int64) // unit
         limit_units = int(math.floor(limit / unit + 1e-9))
-        if limit_units <= resolution or limit_units >= positive.sum() // unit:
-            return (rounded.astype(np.int64) // unit), limit_units, float(unit), True
+        if min(limit_units, int(units.max(axis=1).sum())) <= resolution:
+            return units, limit_units, float(unit), True
     cap = min(limit, float(extra.max(axis=1).sum()))
-    if cap <= 0:  # nothing beyond the lightest choices fits: any positive extra weight is infeasible
-        return (extra > 0).astype(np.int64), 0, 1.0, False
+    if cap <= 0:  # the limit is exactly the lightest choices: any positive extra weight is infeasible
+        return (extra > 0).astype(np.int64), 0, 1.0, True
     unit = cap / resolution
     units = np.ceil(extra / unit - 1e-9).astype(np.int64)
     return units, int(math.floor(limit / unit + 1e-9)), unit, False
