@@ -23,7 +23,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
 import yaml
@@ -51,7 +51,6 @@ class EbssConfig(pydantic.BaseModel):
     no_repeat_ngram: int | None = pydantic.Field(None, ge=1)
     seed: int | None = None
     batch_size: int = pydantic.Field(8, ge=1)
-    balance_scale: Literal["frequency", "relative"] = "frequency"  # relative: usage std x experts (see ebss.py)
     cache_dir: str | None = None
     compare_text: bool = True
 

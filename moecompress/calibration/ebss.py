@@ -45,9 +45,6 @@ from moecompress.models import find_moe_blocks
 
 CACHE_VERSION = 1
 EBSS_DOMAIN = "ebss"
-# How the search's balance term measures usage: "frequency" = counts / selections (the spec's sigma, ~1/E in size),
-# "relative" = frequency x E (mean 1 in every layer: the same tau means the same for 8 or 256 experts).
-BALANCE_SCALES = ("frequency", "relative")
 
 
 @dataclass(frozen=True)
@@ -64,7 +61,6 @@ class EbssOptions:
     no_repeat_ngram: int | None = None
     seed: int = 0
     batch_size: int = 8
-    balance_scale: str = "frequency"
 
     def __post_init__(self) -> None:
         if self.num_samples < 1 or self.seq_len < 2:
@@ -77,8 +73,6 @@ class EbssOptions:
                                    f"top_m={self.top_m}); the search is exact only when top_m >= beam")
         if self.batch_size < 1:
             raise CalibrationError(f"EBSS batch_size must be >= 1 (got {self.batch_size})")
-        if self.balance_scale not in BALANCE_SCALES:
-            raise CalibrationError(f"EBSS balance_scale must be one of {BALANCE_SCALES} (got {self.balance_scale!r})")
 
     def cache_fields(self) -> dict:
         """What the generated tokens depend on (batch_size changes them at most by float rounding)."""
@@ -159,19 +153,13 @@ class RoutingCounter:
         return record
 
 
-def usage_sigma(counts: torch.Tensor, experts_per_layer: list[int] | None = None, *,
-                scale: str = "frequency") -> torch.Tensor:
+def usage_sigma(counts: torch.Tensor, experts_per_layer: list[int] | None = None) -> torch.Tensor:
     """counts ``[..., layers, experts]`` -> sigma ``[...]``: per layer the unbiased std of the selection
     frequencies ``counts / counts.sum()``, averaged over layers (methods.md 4(c), "balance metric").
 
     experts_per_layer: a layer's real expert count when layers differ (the padding columns are left out).
-    scale ``relative``: each layer's sigma times its expert count (the std of usage relative to the mean).
     """
-    sigma = per_layer_sigma(counts, experts_per_layer)
-    if scale == "relative":
-        sizes = experts_per_layer or [counts.shape[-1]] * counts.shape[-2]
-        sigma = sigma * torch.tensor(sizes, dtype=sigma.dtype)
-    return sigma.mean(dim=-1)
+    return per_layer_sigma(counts, experts_per_layer).mean(dim=-1)
 
 
 def per_layer_sigma(counts: torch.Tensor, experts_per_layer: list[int] | None = None) -> torch.Tensor:
@@ -239,7 +227,7 @@ def ebss_search(model, first_tokens: torch.Tensor, separator: int, options: Ebss
             top_log_probs, top_tokens = log_probs.topk(options.top_m, dim=-1)  # [rows, m]
             generated = tokens.shape[1] - 1  # j: tokens after the separator
             if math.isfinite(options.tau):
-                balance = usage_sigma(counts, counter.experts_per_layer, scale=options.balance_scale) / options.tau
+                balance = usage_sigma(counts, counter.experts_per_layer) / options.tau
             else:  # plain beam search by log-prob
                 balance = torch.zeros(rows, dtype=torch.float64)
             scores = -(log_prob_sum[:, None] + top_log_probs) / (generated + 1) + balance[:, None]  # lower is better
@@ -382,7 +370,6 @@ def ebss_calibration(checkpoint_folder, tokenizer, config, *, device=None, dtype
         num_samples=section.num_samples or config.num_samples, seq_len=section.seq_len or config.seq_len,
         tau=section.tau, beam=section.beam, top_m=section.top_m, no_repeat_ngram=section.no_repeat_ngram,
         seed=config.seed if section.seed is None else section.seed, batch_size=section.batch_size,
-        balance_scale=section.balance_scale,
     )
     reference = None
     if section.compare_text:
