@@ -447,9 +447,16 @@ class _PipelineRun:
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_folder))
         config = self.recipe.calibration
-        calibration = load_calibration(tokenizer, files=config.files, dataset=config.dataset,
-                                       dataset_config=config.dataset_config, dataset_split=config.dataset_split,
-                                       num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+        if config.ebss is not None:  # the model writes its own calibration set (MoEQuant EBSS)
+            from moecompress.calibration.ebss import ebss_calibration
+
+            calibration = ebss_calibration(checkpoint_folder, tokenizer, config, device=self.device,
+                                           dtype=self._torch_dtype() or _checkpoint_dtype(checkpoint_folder),
+                                           progress=self.progress)
+        else:
+            calibration = load_calibration(tokenizer, files=config.files, dataset=config.dataset,
+                                           dataset_config=config.dataset_config, dataset_split=config.dataset_split,
+                                           num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
         self.timings["calibration_data"] = time.perf_counter() - started
         return tokenizer, calibration
 

@@ -34,8 +34,36 @@ from moecompress.pipeline import STAGE_REGISTRY, Stage
 RECIPE_KEYS = ("calibration", "stages")
 
 
+class EbssConfig(pydantic.BaseModel):
+    """``calibration: {ebss: ...}``: the model writes its own calibration set (MoEQuant EBSS, methods.md 4).
+
+    num_samples / seq_len default to the calibration section's; seed too. ``compare_text`` samples the section's
+    text source (files, dataset or bundled) at the same size and reports both sets' expert-usage std.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    num_samples: int | None = pydantic.Field(None, ge=1)
+    seq_len: int | None = pydantic.Field(None, ge=2)
+    tau: float = pydantic.Field(1.2, gt=0)  # .inf: plain beam search by log-prob
+    beam: int = pydantic.Field(4, ge=1)
+    top_m: int = pydantic.Field(64, ge=1)
+    no_repeat_ngram: int | None = pydantic.Field(None, ge=1)
+    seed: int | None = None
+    batch_size: int = pydantic.Field(8, ge=1)
+    cache_dir: str | None = None
+    compare_text: bool = True
+
+    @pydantic.model_validator(mode="after")
+    def _enough_candidates(self):
+        if self.top_m < self.beam:
+            raise ValueError(f"top_m ({self.top_m}) must be >= beam ({self.beam}): the search is exact only then")
+        return self
+
+
 class CalibrationConfig(pydantic.BaseModel):
-    """``calibration:`` section. ``files`` and ``dataset`` are exclusive; neither means the bundled set."""
+    """``calibration:`` section. ``files`` and ``dataset`` are exclusive; neither means the bundled set. With
+    ``ebss``, the model generates the set (``files``/``dataset`` are then the text it is compared with)."""
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
@@ -47,11 +75,25 @@ class CalibrationConfig(pydantic.BaseModel):
     seq_len: int = pydantic.Field(512, ge=2)
     seed: int = 0
     batch_size: int = pydantic.Field(8, ge=1)
+    ebss: EbssConfig | None = None
 
     @pydantic.field_validator("files", mode="before")
     @classmethod
     def _one_file_is_a_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @pydantic.field_validator("ebss", mode="before")
+    @classmethod
+    def _ebss_section(cls, value):
+        """Validate ``ebss:`` on its own, so its errors list its keys (not the calibration section's)."""
+        if value is None or isinstance(value, EbssConfig):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("`ebss` must be a mapping (num_samples, seq_len, tau, beam, ...)")
+        try:
+            return EbssConfig(**value)
+        except pydantic.ValidationError as error:
+            raise ValueError(_format_validation_error("ebss", error, EbssConfig).removeprefix("ebss: ")) from None
 
     @pydantic.model_validator(mode="after")
     def _files_or_dataset(self):
