@@ -17,7 +17,7 @@ from moecompress import __version__
 from moecompress.errors import MoECompressError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("inspect", "compress", "eval")
+COMMAND_MODULES = ("inspect", "compress", "eval", "retrieve", "store")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,150 @@
+"""PreMoe TAER on the test bed: does a held-out prompt pick its own domain's pattern, and what does a build read?
+
+For every calibration domain of ``../shared/testbed/calib`` the documents are split (even positions build the store,
+odd positions are held out); the store has one pattern per domain. Held-out prompts are consecutive windows of
+``L`` tokens of the held-out documents (evenly spread over the domain's text); a prompt counts as right when the
+nearest pattern is its own domain's. Then the reduced model of each domain's pattern is built from a cold
+checkpoint for each kept-expert budget, and the bytes read (query prefix + build) are compared with the checkpoint.
+
+    .venv/bin/python benchmarks/retrieval.py                      # all three test-bed models, markdown tables
+    .venv/bin/python benchmarks/retrieval.py --models moe-ref-q3 --prompt-lengths 16,64 --json-out /tmp/r.json
+
+Quality numbers only (fractions and bytes are deterministic); no timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from moecompress.calibration.data import read_documents, separator_token_id  # noqa: E402
+from moecompress.pruning.retrieval import (AssemblySources, CountingCheckpoint, PromptScorer, TcessOptions,  # noqa: E402
+                                           build_pattern_store, build_reduced_model, select_kept_experts)
+
+TESTBED = REPO.parent / "shared" / "testbed"
+BUDGETS = {"moe-ref-q3": [24, 16, 8], "moe-ref-mx": [6, 4], "moe-ref-ds": [24, 16, 8]}
+
+
+def split_domains(calib_dir: Path, out_dir: Path) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Per domain: store files (even documents, written to ``out_dir``) and held-out texts (odd documents)."""
+    store_files, held_out = {}, {}
+    for path in sorted(calib_dir.glob("*.jsonl")):
+        documents = read_documents([path])
+        domain = documents[0].domain
+        store_part = [doc.text for doc in documents[0::2]]
+        held_out[domain] = [doc.text for doc in documents[1::2]]
+        target = out_dir / f"{domain}.jsonl"
+        target.write_text("".join(json.dumps({"text": text, "domain": domain}) + "\n" for text in store_part))
+        store_files[domain] = [str(target)]
+    return store_files, held_out
+
+
+def held_out_prompts(texts: list[str], tokenizer, length: int, count: int) -> list[list[int]]:
+    """``count`` windows of ``length`` tokens spread evenly over the held-out token stream."""
+    separator = separator_token_id(tokenizer)
+    stream: list[int] = []
+    for text in texts:
+        stream += ([separator] if stream else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+    windows = len(stream) // length
+    if windows == 0:
+        return []
+    step = max(windows // count, 1)
+    return [stream[i * length:(i + 1) * length] for i in range(0, windows, step)][:count]
+
+
+def evaluate_model(name: str, args) -> dict:
+    from transformers import AutoTokenizer
+
+    folder = TESTBED / "models" / name
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    tcess = TcessOptions.preset(args.preset)
+    with tempfile.TemporaryDirectory() as temp:
+        store_files, held_out = split_domains(TESTBED / "calib", Path(temp))
+        store = build_pattern_store(folder, store_files, num_samples=args.num_samples, seq_len=args.seq_len,
+                                    tcess=tcess, dtype=torch.float32)
+    first, second = store.moe_layers[0], store.moe_layers[1]
+    variants = {f"[{first}]": [first], f"[{first},{second}]": [first, second]}
+    scorer = PromptScorer.load(AssemblySources(CountingCheckpoint(folder)), tokenizer, [first, second], tcess,
+                               dtype=torch.float32)
+    accuracy: dict[str, dict[str, dict[str, float]]] = {}
+    for length in args.prompt_lengths:
+        prompts = {domain: held_out_prompts(texts, tokenizer, length, args.prompts_per_domain)
+                   for domain, texts in held_out.items()}
+        scores = {domain: [scorer.score(prompt) for prompt in domain_prompts] for domain, domain_prompts in prompts.items()}
+        for label, layers in variants.items():
+            row = {}
+            for domain, domain_scores in scores.items():
+                right = [store.nearest({layer: score[layer] for layer in layers})[0] == domain for score in domain_scores]
+                row[domain] = sum(right) / max(len(right), 1)
+            row["mean"] = sum(row.values()) / len(row)
+            accuracy[f"{length} tokens, key layers {label}"] = row
+    cold = CountingCheckpoint(folder)
+    query = PromptScorer.load(AssemblySources(cold), tokenizer, [first], tcess, dtype=torch.float32)
+    query_bytes = cold.bytes_read
+    del query
+    num_experts = int(next(iter(store.patterns.values())).shape[1])
+    bytes_rows = []
+    for keep in BUDGETS.get(name, [num_experts // 2]):
+        builds = []
+        for task in store.task_names:
+            checkpoint = CountingCheckpoint(folder)
+            kept = select_kept_experts(store.patterns[task], store.moe_layers, keep, store.super_experts)
+            build_reduced_model(AssemblySources(checkpoint), kept, dtype=torch.float32)
+            builds.append(checkpoint.bytes_read)
+        bytes_rows.append({"keep": keep, "num_experts": num_experts, "query_bytes": query_bytes,
+                           "build_bytes": max(builds), "checkpoint_bytes": cold.total_bytes})
+    return {"model": name, "super_experts": store.super_experts, "accuracy": accuracy, "bytes": bytes_rows,
+            "domains": store.task_names}
+
+
+def markdown(results: list[dict]) -> str:
+    lines = []
+    domains = results[0]["domains"]
+    lines.append("| model | prompt | " + " | ".join(domains) + " | mean |")
+    lines.append("|---|---|" + "---:|" * (len(domains) + 1))
+    for result in results:
+        for setting, row in result["accuracy"].items():
+            lines.append(f"| {result['model']} | {setting} | " + " | ".join(f"{row[d]:.2f}" for d in domains)
+                         + f" | **{row['mean']:.2f}** |")
+    lines.append("")
+    lines.append("| model | experts kept | query reads | build reads | total | checkpoint | share |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    for result in results:
+        for row in result["bytes"]:
+            total = row["query_bytes"] + row["build_bytes"]
+            lines.append(f"| {result['model']} | {row['keep']}/{row['num_experts']} | {row['query_bytes'] / 2**20:.2f} MiB | "
+                         f"{row['build_bytes'] / 2**20:.2f} MiB | {total / 2**20:.2f} MiB | "
+                         f"{row['checkpoint_bytes'] / 2**20:.2f} MiB | {100 * total / row['checkpoint_bytes']:.1f}% |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default="moe-ref-q3,moe-ref-mx,moe-ref-ds")
+    parser.add_argument("--num-samples", type=int, default=64, help="store: calibration sequences per domain")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--prompt-lengths", default="32,128", help="held-out prompt lengths in tokens")
+    parser.add_argument("--prompts-per-domain", type=int, default=20)
+    parser.add_argument("--preset", default="recommended", choices=["recommended", "premoe_code"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args()
+    args.prompt_lengths = [int(x) for x in args.prompt_lengths.split(",")]
+    torch.set_num_threads(args.threads)
+    results = [evaluate_model(name, args) for name in args.models.split(",")]
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(results, indent=2))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
