@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from moecompress.calibration.data import read_documents, separator_token_id  # noqa: E402
-from moecompress.pruning.retrieval import (AssemblySources, CountingCheckpoint, PromptScorer, TcessOptions,  # noqa: E402
-                                           build_pattern_store, build_reduced_model, select_kept_experts)
+from moecompress.pruning.retrieval import (AssemblySources, CountingCheckpoint, PromptScorer,  # noqa: E402
+                                           RetrievedModel, TcessOptions, build_pattern_store)
 
 TESTBED = REPO.parent / "shared" / "testbed"
 BUDGETS = {"moe-ref-q3": [24, 16, 8], "moe-ref-mx": [6, 4], "moe-ref-ds": [24, 16, 8]}
@@ -60,6 +60,29 @@ def held_out_prompts(texts: list[str], tokenizer, length: int, count: int) -> li
     return [stream[i * length:(i + 1) * length] for i in range(0, windows, step)][:count]
 
 
+def non_expert_bytes(checkpoint: CountingCheckpoint) -> int:
+    """Bytes of every tensor that is not a routed expert's (from the headers, nothing read)."""
+    from moecompress.calibration.checkpoint import _per_expert_keys
+
+    routed = set()
+    for prefix, roles in _per_expert_keys(checkpoint.files).items():
+        routed |= {f"{prefix}.{suffix}" for experts in roles.values() for suffix in experts.values()}
+    sizes = tensor_sizes(checkpoint.folder)
+    return sum(size for key, size in sizes.items() if key not in routed)
+
+
+def tensor_sizes(folder: Path) -> dict[str, int]:
+    import struct
+
+    sizes = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with path.open("rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(length))
+        sizes.update({key: e["data_offsets"][1] - e["data_offsets"][0] for key, e in header.items() if key != "__metadata__"})
+    return sizes
+
+
 def evaluate_model(name: str, args) -> dict:
     from transformers import AutoTokenizer
 
@@ -86,21 +109,24 @@ def evaluate_model(name: str, args) -> dict:
                 row[domain] = sum(right) / max(len(right), 1)
             row["mean"] = sum(row.values()) / len(row)
             accuracy[f"{length} tokens, key layers {label}"] = row
-    cold = CountingCheckpoint(folder)
-    query = PromptScorer.load(AssemblySources(cold), tokenizer, [first], tcess, dtype=torch.float32)
-    query_bytes = cold.bytes_read
-    del query
     num_experts = int(next(iter(store.patterns.values())).shape[1])
     bytes_rows = []
     for keep in BUDGETS.get(name, [num_experts // 2]):
-        builds = []
-        for task in store.task_names:
-            checkpoint = CountingCheckpoint(folder)
-            kept = select_kept_experts(store.patterns[task], store.moe_layers, keep, store.super_experts)
-            build_reduced_model(AssemblySources(checkpoint), kept, dtype=torch.float32)
-            builds.append(checkpoint.bytes_read)
+        # the CLI's flow: query (prefix up to the key layer's router), then a build sharing the query's tensors;
+        # then a swap to every other task in turn (experts already held move over, only missing ones are read)
+        builds, swaps, query_bytes = [], [], 0
+        for first_task in store.task_names:
+            retrieved = RetrievedModel(folder, store, num_experts_to_keep=keep, key_layers=[first],
+                                       dtype=torch.float32, check_fingerprint=False)
+            retrieved.scorer()
+            query_bytes = retrieved.bytes_read
+            builds.append(retrieved.use_task(first_task).build_bytes)
+            if first_task == store.task_names[0]:
+                swaps = [retrieved.use_task(task).build_bytes for task in store.task_names[1:]]
+        expert_bytes = retrieved.checkpoint.total_bytes - non_expert_bytes(retrieved.checkpoint)
         bytes_rows.append({"keep": keep, "num_experts": num_experts, "query_bytes": query_bytes,
-                           "build_bytes": max(builds), "checkpoint_bytes": cold.total_bytes})
+                           "build_bytes": max(builds), "swap_bytes_mean": sum(swaps) / len(swaps),
+                           "checkpoint_bytes": retrieved.checkpoint.total_bytes, "expert_bytes": expert_bytes})
     return {"model": name, "super_experts": store.super_experts, "accuracy": accuracy, "bytes": bytes_rows,
             "domains": store.task_names}
 
@@ -115,14 +141,18 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {result['model']} | {setting} | " + " | ".join(f"{row[d]:.2f}" for d in domains)
                          + f" | **{row['mean']:.2f}** |")
     lines.append("")
-    lines.append("| model | experts kept | query reads | build reads | total | checkpoint | share |")
-    lines.append("|---|---|---:|---:|---:|---:|---:|")
+    lines.append("| model | experts kept | query reads | build reads | query + build | share of checkpoint | "
+                 "routed-expert share read | swap reads (mean) |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|")
     for result in results:
         for row in result["bytes"]:
             total = row["query_bytes"] + row["build_bytes"]
-            lines.append(f"| {result['model']} | {row['keep']}/{row['num_experts']} | {row['query_bytes'] / 2**20:.2f} MiB | "
-                         f"{row['build_bytes'] / 2**20:.2f} MiB | {total / 2**20:.2f} MiB | "
-                         f"{row['checkpoint_bytes'] / 2**20:.2f} MiB | {100 * total / row['checkpoint_bytes']:.1f}% |")
+            mib = 2 ** 20
+            lines.append(f"| {result['model']} | {row['keep']}/{row['num_experts']} | {row['query_bytes'] / mib:.2f} MiB | "
+                         f"{row['build_bytes'] / mib:.2f} MiB | {total / mib:.2f} of {row['checkpoint_bytes'] / mib:.2f} MiB | "
+                         f"{100 * total / row['checkpoint_bytes']:.1f}% | "
+                         f"{(total - row['checkpoint_bytes'] + row['expert_bytes']) / row['expert_bytes']:.1%} | "
+                         f"{row['swap_bytes_mean'] / mib:.2f} MiB |")
     return "\n".join(lines)
 
 

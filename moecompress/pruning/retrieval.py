@@ -539,10 +539,13 @@ def build_pattern_store(source: str | Path, tasks: Mapping[str, Sequence[str | P
     patterns: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}
     max_abs: dict[int, dict[str, torch.Tensor]] = {}
+    # every task's text is read and tokenized first, so bad data fails before the first pass
+    calibrations = {task: load_calibration(tokenizer, files=list(files), num_samples=num_samples, seq_len=seq_len, seed=seed)
+                    for task, files in tasks.items()}
     for index, (task, files) in enumerate(tasks.items()):
         if on_task is not None:
             on_task(task, index, len(tasks))
-        calibration = load_calibration(tokenizer, files=list(files), num_samples=num_samples, seq_len=seq_len, seed=seed)
+        calibration = calibrations[task]
         statistics = collect_statistics(folder, calibration, ["tcess_markers", SUPER_EXPERT_STATISTIC],
                                         options={"tcess_markers": tcess.to_dict()}, dtype=dtype,
                                         batch_size=batch_size, device=device)
