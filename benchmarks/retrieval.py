@@ -66,9 +66,14 @@ def non_expert_bytes(checkpoint: CountingCheckpoint) -> int:
 
     routed = set()
     for prefix, roles in _per_expert_keys(checkpoint.files).items():
-        routed |= {f"{prefix}.{suffix}" for experts in roles.values() for suffix in experts.values()}
+        routed |= {checkpoint.files[f"{prefix}.{suffix}"][1] for experts in roles.values() for suffix in experts.values()}
     sizes = tensor_sizes(checkpoint.folder)
     return sum(size for key, size in sizes.items() if key not in routed)
+
+
+def expert_bytes(folder: Path) -> int:
+    checkpoint = CountingCheckpoint(folder)
+    return checkpoint.total_bytes - non_expert_bytes(checkpoint)
 
 
 def tensor_sizes(folder: Path) -> dict[str, int]:
@@ -123,10 +128,9 @@ def evaluate_model(name: str, args) -> dict:
             builds.append(retrieved.use_task(first_task).build_bytes)
             if first_task == store.task_names[0]:
                 swaps = [retrieved.use_task(task).build_bytes for task in store.task_names[1:]]
-        expert_bytes = retrieved.checkpoint.total_bytes - non_expert_bytes(retrieved.checkpoint)
         bytes_rows.append({"keep": keep, "num_experts": num_experts, "query_bytes": query_bytes,
                            "build_bytes": max(builds), "swap_bytes_mean": sum(swaps) / len(swaps),
-                           "checkpoint_bytes": retrieved.checkpoint.total_bytes, "expert_bytes": expert_bytes})
+                           "checkpoint_bytes": retrieved.checkpoint.total_bytes, "expert_bytes": expert_bytes(folder)})
     return {"model": name, "super_experts": store.super_experts, "accuracy": accuracy, "bytes": bytes_rows,
             "domains": store.task_names}
 
@@ -166,7 +170,15 @@ def main() -> int:
     parser.add_argument("--preset", default="recommended", choices=["recommended", "premoe_code"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json-out", default=None)
+    parser.add_argument("--from-json", default=None, help="only render the tables of a previous --json-out")
     args = parser.parse_args()
+    if args.from_json:
+        results = json.loads(Path(args.from_json).read_text())
+        for result in results:
+            for row in result["bytes"]:
+                row["expert_bytes"] = expert_bytes(TESTBED / "models" / result["model"])
+        print(markdown(results))
+        return 0
     args.prompt_lengths = [int(x) for x in args.prompt_lengths.split(",")]
     torch.set_num_threads(args.threads)
     results = [evaluate_model(name, args) for name in args.models.split(",")]

@@ -268,6 +268,10 @@ def test_cli_store_build_show_and_retrieve_saves_a_plain_model(store, testbed, t
     (["retrieve", Q3, "--store", "{store}", "--prompt", "x", "--keep", "40"], "between 1 and 32"),
     (["retrieve", Q3, "--store", "{store}"], "--prompt"),
     (["retrieve", Q3, "--store", "{store}", "--prompt", "x", "--out", f"{Q3}/sub"], "input model folder"),
+    (["store", "build", Q3, "--tasks", f"code={CALIB / 'pycode.jsonl'}", "--out", f"{Q3}/store"], "input model folder"),
+    (["store", "build", Q3, "--tasks", f"code={CALIB / 'pycode.jsonl'}", "--out", "{store}"], "--overwrite"),
+    (["store", "build", Q3, "--tasks", "a=x.jsonl", "a=y.jsonl", "--out", "{tmp}/s"], "twice"),
+    (["retrieve", Q3, "--store", "{store}", "--prompt", "x", "--key-layers", "7"], "not an MoE layer"),
     (["retrieve", conftest.TESTBED / "models" / "moe-ref-mx", "--store", "{store}", "--prompt", "x"], "another model"),
 ])
 def test_cli_errors_are_one_line(argv, message, store, tmp_path, capsys):

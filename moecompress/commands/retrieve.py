@@ -18,16 +18,7 @@ from pathlib import Path
 import torch
 
 from moecompress.commands.store import parse_layers
-from moecompress.pruning.retrieval import RetrievalError, retrieve
-
-
-def check_output_folder(out: Path, source: Path, overwrite: bool) -> None:
-    out, source = out.expanduser().resolve(), source.resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise RetrievalError(f"--out {out} overlaps the input model folder {source}; moecompress never writes into its "
-                             "input. Choose a separate folder.")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RetrievalError(f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another folder")
+from moecompress.pruning.retrieval import RetrievalError, check_output_folder, retrieve
 
 
 def save_reduced_model(model, tokenizer, record: dict, out: Path) -> None:

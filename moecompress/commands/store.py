@@ -13,7 +13,9 @@ import sys
 
 import torch
 
-from moecompress.pruning.retrieval import TCESS_PRESETS, PatternStore, TcessOptions, build_pattern_store, parse_task_spec
+from moecompress.calibration.checkpoint import resolve_checkpoint
+from moecompress.pruning.retrieval import (TCESS_PRESETS, PatternStore, RetrievalError, TcessOptions, build_pattern_store,
+                                           check_output_folder, parse_task_spec)
 
 
 def parse_layers(text: str | None) -> list[int] | None:
@@ -22,8 +24,6 @@ def parse_layers(text: str | None) -> list[int] | None:
     try:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        from moecompress.pruning.retrieval import RetrievalError
-
         raise RetrievalError(f"--key-layers must be comma-separated decoder-layer indices such as 1 or 1,2 (got {text!r})") from None
 
 
@@ -44,10 +44,9 @@ def run_build(args: argparse.Namespace) -> int:
     for spec in args.tasks:
         name, files = parse_task_spec(spec)
         if name in tasks:
-            from moecompress.pruning.retrieval import RetrievalError
-
             raise RetrievalError(f"task {name!r} is given twice in --tasks; give each task once (files comma-separated)")
         tasks[name] = files
+    check_output_folder(args.out, resolve_checkpoint(args.model), args.overwrite)  # before any profiling
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)

@@ -503,6 +503,16 @@ def _move_into_place(partial: Path, folder: Path) -> None:
         os.replace(partial, folder)
 
 
+def check_output_folder(out: str | Path, source: str | Path, overwrite: bool) -> None:
+    """Refuse an output folder that overlaps the input checkpoint (never written into) or holds something else."""
+    out, source = Path(out).expanduser().resolve(), Path(source).resolve()
+    if out == source or source in out.parents or out in source.parents:
+        raise RetrievalError(f"--out {out} overlaps the input model folder {source}; moecompress never writes into its "
+                             "input. Choose a separate folder (a sibling of the checkpoint is fine).")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise RetrievalError(f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another folder")
+
+
 def parse_task_spec(spec: str) -> tuple[str, list[str]]:
     """``name=file1,file2`` -> (name, files)."""
     name, sep, files = spec.partition("=")
@@ -751,10 +761,12 @@ class Retrieval:
 class RetrievedModel:
     """A reduced model for the current task that swaps to another stored pattern when the task changes.
 
-    >>> retrieved = RetrievedModel("path/to/model", "path/to/store", num_experts_to_keep=16)
-    >>> retrieved.for_prompt("def parse(args):")      # picks the nearest pattern, builds the reduced model
-    >>> retrieved.model.generate(...)                  # a plain transformers model
-    >>> retrieved.for_prompt("It is a truth universally acknowledged")  # other task: loads only missing experts
+    Example::
+
+        retrieved = RetrievedModel("path/to/model", "path/to/store", num_experts_to_keep=16)
+        retrieved.for_prompt("def parse(args):")    # picks the nearest pattern, builds the reduced model
+        retrieved.model.generate(...)                # a plain transformers model
+        retrieved.for_prompt("It is a truth universally acknowledged")  # another task: reads only missing experts
 
     Memory: the reduced model, plus the full router rows of every MoE layer (tiny), plus, when several key layers
     are used, the full experts of every key layer but the last (the prompt must run through them). A swap briefly
