@@ -131,8 +131,35 @@ def evaluate_model(name: str, args) -> dict:
         bytes_rows.append({"keep": keep, "num_experts": num_experts, "query_bytes": query_bytes,
                            "build_bytes": max(builds), "swap_bytes_mean": sum(swaps) / len(swaps),
                            "checkpoint_bytes": retrieved.checkpoint.total_bytes, "expert_bytes": expert_bytes(folder)})
-    return {"model": name, "super_experts": store.super_experts, "accuracy": accuracy, "bytes": bytes_rows,
-            "domains": store.task_names}
+    result = {"model": name, "super_experts": store.super_experts, "accuracy": accuracy, "bytes": bytes_rows,
+              "domains": store.task_names}
+    if args.quality and name in args.quality.split(","):
+        result["quality"] = pattern_quality(folder, store, tokenizer, args)
+    return result
+
+
+# domain pattern -> the held-out multiple-choice task of that domain
+QUALITY_TASKS = {"pycode": "tb_code_next", "austen": "tb_austen_next", "kjv": "tb_kjv_next"}
+
+
+def pattern_quality(folder: Path, store, tokenizer, args) -> dict:
+    """acc_mutual_info of the reduced model of each domain's pattern on each domain's task (and of the full model):
+    does retrieving the right pattern matter?"""
+    from moecompress.evals import evaluate_model
+    from moecompress.models import load_model
+
+    tasks = list(QUALITY_TASKS.values())
+    full, _ = load_model(folder, dtype=torch.float32)
+    rows = {"full model": evaluate_model(full, tokenizer, tasks, limit=args.quality_limit, batch_size=32)}
+    del full
+    for domain in QUALITY_TASKS:
+        retrieved = RetrievedModel(folder, store, num_experts_to_keep=args.quality_keep, dtype=torch.float32,
+                                   check_fingerprint=False)
+        retrieved.use_task(domain)
+        rows[f"{domain} pattern"] = evaluate_model(retrieved.model, tokenizer, tasks, limit=args.quality_limit,
+                                                   batch_size=32)
+    return {"keep": args.quality_keep, "limit": args.quality_limit,
+            "acc_mutual_info": {row: {task: scores[task]["acc_mutual_info"] for task in tasks} for row, scores in rows.items()}}
 
 
 def markdown(results: list[dict]) -> str:
@@ -157,6 +184,19 @@ def markdown(results: list[dict]) -> str:
                          f"{100 * total / row['checkpoint_bytes']:.1f}% | "
                          f"{(total - row['checkpoint_bytes'] + row['expert_bytes']) / row['expert_bytes']:.1%} | "
                          f"{row['swap_bytes_mean'] / mib:.2f} MiB |")
+    for result in results:
+        quality = result.get("quality")
+        if not quality:
+            continue
+        tasks = list(next(iter(quality["acc_mutual_info"].values())))
+        lines.append("")
+        lines.append(f"{result['model']}, {quality['keep']} experts kept per layer, acc_mutual_info on "
+                     f"{quality['limit'] or 'all'} items per task:")
+        lines.append("")
+        lines.append("| model | " + " | ".join(tasks) + " |")
+        lines.append("|---|" + "---:|" * len(tasks))
+        for row, scores in quality["acc_mutual_info"].items():
+            lines.append(f"| {row} | " + " | ".join(f"{scores[task]:.3f}" for task in tasks) + " |")
     return "\n".join(lines)
 
 
@@ -169,6 +209,10 @@ def main() -> int:
     parser.add_argument("--prompts-per-domain", type=int, default=20)
     parser.add_argument("--preset", default="recommended", choices=["recommended", "premoe_code"])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--quality", default="", help="models (comma-separated) whose domain patterns are also scored "
+                                                     "on the domains' tasks, e.g. moe-ref-q3")
+    parser.add_argument("--quality-keep", type=int, default=8, help="experts kept for --quality (default 8)")
+    parser.add_argument("--quality-limit", type=int, default=None, help="items per task for --quality (default all)")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--from-json", default=None, help="only render the tables of a previous --json-out")
     args = parser.parse_args()

@@ -155,14 +155,14 @@ def checkpoint_fingerprint(folder: str | Path) -> str:
         described = {name: [entry["dtype"], entry["shape"]] for name, entry in header.items() if name != "__metadata__"}
         digest.update(json.dumps(described, sort_keys=True).encode())
     skeleton, _ = build_skeleton(folder)
-    checkpoint = LazyCheckpoint(folder)
+    checkpoint = CountingCheckpoint(folder)
     names = _module_names(skeleton)
     for view in find_moe_blocks(skeleton):
         router = view.router_linear if view.router_linear is not None else view.router
         key = f"{names[id(router)]}.weight"
         if key in checkpoint.files:
             digest.update(checkpoint.read(key).float().numpy().tobytes())
-    checkpoint._handles.clear()  # close the memory maps
+    checkpoint.close()
     return digest.hexdigest()
 
 
@@ -185,8 +185,7 @@ def new_skeleton(folder: str | Path, dtype: torch.dtype | None) -> nn.Module:
 
 @dataclass
 class _MoELayout:
-    """Where each MoE layer's tensors live in a model: block path, experts path, and the keys of its block (outside
-    the routed experts) whose first dimension, or any dimension, runs over experts."""
+    """Where one MoE layer lives in a model: the block's module path and its routed experts' module path."""
 
     layer: int
     block_path: str
