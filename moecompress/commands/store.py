@@ -82,6 +82,7 @@ def register(subparsers) -> None:
         help="build or show a PreMoe task-pattern store (for `moecompress retrieve`)",
         description="Task-pattern stores for task-adaptive expert retrieval (PreMoe TAER).",
     )
+    parser.set_defaults(func=lambda args: parser.print_help() or 1)  # `moecompress store` alone: its own help
     actions = parser.add_subparsers(dest="store_command", metavar="ACTION")
     build = actions.add_parser(
         "build",
