@@ -5,8 +5,8 @@
     python benchmarks/quantization.py --merge runs/quant-*.json         # print one table from earlier runs
     python benchmarks/quantization.py --timing --models moe-ref-q3      # GPTQ time vs one plain calibration pass
 
-Quality: mean ``acc_mutual_info`` over tb_code_next, tb_kjv_next, tb_austen_next and mean ``bits_per_byte`` over
-tb_ppl_pycode, tb_ppl_kjv, tb_ppl_austen (``--limit`` items per task), each model quantised in fp32 on
+Quality: mean ``acc_mutual_info`` over tb_code_next, tb_kjv_next, tb_austen_next (``--limit`` items per task) and
+mean ``bits_per_byte`` over tb_ppl_pycode, tb_ppl_kjv, tb_ppl_austen (``--ppl-limit`` documents per task), each model quantised in fp32 on
 calibration text from ``../shared/testbed/calib`` (all domains, seeded), never on the evaluation tasks.
 Results are written after every configuration to ``--json-out``, so a long run keeps what it has.
 """
@@ -36,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--bits", default="2,3,4")
     parser.add_argument("--group-sizes", default="128,32")
-    parser.add_argument("--limit", type=int, default=250)
+    parser.add_argument("--limit", type=int, default=250, help="documents per multiple-choice task")
+    parser.add_argument("--ppl-limit", type=int, default=None, help="documents per perplexity task (default: --limit)")
+    parser.add_argument("--no-full", action="store_true", help="skip the unquantised model's row")
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json-out", type=Path, default=Path("runs/quantization.json"))
@@ -58,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     for model_name in args.models.split(","):
-        rows.append(evaluate_configuration(args, model_name, None, None, None))
-        _write(args.json_out, rows)
+        if not args.no_full:
+            rows.append(evaluate_configuration(args, model_name, None, None, None))
+            _write(args.json_out, rows)
         for group_size in (int(size) for size in args.group_sizes.split(",")):
             for bits in (int(bits) for bits in args.bits.split(",")):
                 for method in args.methods.split(","):
@@ -88,7 +91,8 @@ def evaluate_configuration(args, model_name: str, method: str | None, bits: int 
         quantize_model(model, QuantizationSettings(bits=bits, group_size=group_size, **METHODS[method]), calibration)
         seconds = time.perf_counter() - started
     with _stdout_to_stderr():
-        scores = evaluate_model(model, tokenizer, [*ACCURACY_TASKS, *PERPLEXITY_TASKS], limit=args.limit)
+        scores = evaluate_model(model, tokenizer, list(ACCURACY_TASKS), limit=args.limit)
+        scores.update(evaluate_model(model, tokenizer, list(PERPLEXITY_TASKS), limit=args.ppl_limit or args.limit))
     accuracy = sum(scores[task]["acc_mutual_info"] for task in ACCURACY_TASKS) / len(ACCURACY_TASKS)
     bits_per_byte = sum(scores[task]["bits_per_byte"] for task in PERPLEXITY_TASKS) / len(PERPLEXITY_TASKS)
     return {"model": model_name, "method": method or "full", "bits": bits, "group_size": group_size,

@@ -216,3 +216,22 @@ def test_a_stopped_gptq_run_resumes_at_the_first_unwritten_layer(testbed, tmp_pa
     assert len(result.experts) == 6 * 32
     saved, expected = fresh.state_dict(), uninterrupted.state_dict()
     assert all(torch.equal(saved[key], expected[key]) for key in expected)  # same as a run never stopped
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 32), (2, 64), (8, -1)])
+def test_bits_per_parameter_count_scales_and_packing(testbed, bits, group_size):
+    """The summary counts a packed expert's weights (not its int32 words) and its scales' bytes: routed experts take
+    ``bits + 16 / group`` bits per weight in a bf16 model (a ragged last group adds a little)."""
+    from moecompress.models import model_summary
+
+    model, _ = load_model(model_folder("moe-ref-q3"), dtype=torch.bfloat16)
+    before = model_summary(model)
+    quantize_model(model, QuantizationSettings(method="rtn", bits=bits, group_size=group_size))
+    after = model_summary(model)
+    assert after["parameters"] == before["parameters"]  # the same weights, now packed
+    routed_bits = 8 * after["bytes"]["routed_experts"] / after["parameters"]["routed_experts"]
+    hidden, intermediate = 256, 80
+    scales_per_row = {32: (hidden / 32, 3), 64: (hidden / 64, 2), -1: (1, 1)}[group_size]
+    # gate_up rows see `hidden` inputs, down rows `intermediate` (80 = 2 full groups of 32 + a ragged one, ...)
+    expected_scale_bits = 16 * (2 * intermediate * scales_per_row[0] + hidden * scales_per_row[1]) / (3 * intermediate * hidden)
+    assert routed_bits == pytest.approx(bits + expected_scale_bits, abs=0.02)

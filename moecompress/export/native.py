@@ -139,6 +139,31 @@ def prepare_skeleton(model: nn.Module, quantization_config: MoECompressQuantizat
             symmetric=bool(spec["symmetric"]), bias=bool(spec["bias"]), scale_dtype=scale_dtype))
 
 
+def native_quantization_config(config) -> MoECompressQuantizationConfig | None:
+    """The native format's quantization config of a transformers ``config`` (a dict after ``from_pretrained``
+    of the config alone), or None when the checkpoint is not a moecompress native one."""
+    quantization = getattr(config, "quantization_config", None)
+    if isinstance(quantization, MoECompressQuantizationConfig):
+        return quantization
+    if isinstance(quantization, dict) and quantization.get("quant_method") == QUANT_METHOD:
+        return MoECompressQuantizationConfig(**{key: value for key, value in quantization.items()
+                                                if key != "quant_method"})
+    return None
+
+
+def build_meta_model(config) -> nn.Module:
+    """The causal LM a checkpoint's ``config`` describes, on the meta device (shapes only), with a native
+    checkpoint's structure (packed modules, per-layer expert counts) in place: what its weights must fit."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        native = native_quantization_config(config)
+        if native is not None:
+            prepare_skeleton(model, native)
+    return model
+
+
 def replace_experts(view, new_experts: nn.Module) -> None:
     """Put ``new_experts`` where ``view.experts`` sits in its block (counts and the remap map carried over)."""
     from moecompress.models.view import EXPERT_ID_MAP_ATTR

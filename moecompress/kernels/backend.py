@@ -132,6 +132,16 @@ class PackedExperts(nn.Module):
         slot = int(getattr(self, f"expert_slot_w{width}")[expert])
         return self.stack(name, width).select(slot)
 
+    def parameter_counts(self) -> dict[int, int]:
+        """``{id(buffer): weights it encodes}``: each packed stack counts its ``E_b x out x in`` weights; scales, zero
+        points and bookkeeping buffers count 0 (they are overhead, counted in bytes, not parameters)."""
+        counts = {id(buffer): 0 for buffer in self.buffers(recurse=False)}
+        for width in self.bit_widths:
+            for name in ("gate_up_proj", "down_proj"):
+                stack = self.stack(name, width)
+                counts[id(stack.packed)] = stack.packed.shape[0] * stack.shape[0] * stack.shape[1]
+        return counts
+
     def expert_stacks(self, name: str):
         from moecompress.kernels.triton_moe import PackedExpertStack
 

@@ -48,6 +48,12 @@ class PackedLinear(nn.Module):
     def symmetric(self) -> bool:
         return self.weight_zero_point is None
 
+    def parameter_counts(self) -> dict[int, int]:
+        """``{id(buffer): weights it encodes}``: the packed weight counts ``out x in``, scales and zero points 0."""
+        counts = {id(buffer): 0 for buffer in self.buffers(recurse=False)}
+        counts[id(self.weight_packed)] = self.out_features * self.in_features
+        return counts
+
     def packed_weight(self) -> PackedLinearWeight:
         return PackedLinearWeight(self.weight_packed, self.weight_scale, self.weight_zero_point, self.bits,
                                   self.group_size, (self.out_features, self.in_features))

@@ -207,9 +207,10 @@ def _check_weights_fit_config(folder: Path, config: transformers.PretrainedConfi
 
 def _meta_model(config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
     """The causal LM ``config`` builds, on the meta device (names and shapes only, no memory)."""
+    from moecompress.export.native import build_meta_model  # export builds on models: imported when used
+
     try:
-        with torch.device("meta"):
-            return transformers.AutoModelForCausalLM.from_config(config)
+        return build_meta_model(config)
     except (ValueError, KeyError, TypeError) as error:
         raise CheckpointError(f"transformers cannot build a causal LM from this config.json ({config.model_type}): "
                               f"{error}; fix or re-download config.json") from None

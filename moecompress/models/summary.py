@@ -31,8 +31,9 @@ def model_summary(model: nn.Module) -> dict:
     routed_ids: set[int] = set()
     shared_ids: set[int] = set()
     rows = []
+    numel = _parameter_counts(model)
     for view in views:
-        routed = list(view.experts.parameters())
+        routed = list(view.experts.parameters()) + list(view.experts.buffers())
         shared = [p for shared_expert in view.shared_experts for p in _shared_parameters(shared_expert)]
         routed_ids.update(id(p) for p in routed)
         shared_ids.update(id(p) for p in shared)
@@ -50,15 +51,15 @@ def model_summary(model: nn.Module) -> dict:
                 "n_group": spec.n_group,
                 "topk_group": spec.topk_group,
                 "routed_scaling_factor": spec.routed_scaling_factor,
-                "routed_expert_params": sum(p.numel() for p in routed),
-                "shared_expert_params": sum(p.numel() for p in shared),
+                "routed_expert_params": sum(numel(p) for p in routed),
+                "shared_expert_params": sum(numel(p) for p in shared),
             }
         )
     counts = {"routed_experts": 0, "shared_experts": 0, "other": 0}
     sizes = {"routed_experts": 0, "shared_experts": 0, "other": 0}
     for parameter in _stored_tensors(model):
         key = "routed_experts" if id(parameter) in routed_ids else "shared_experts" if id(parameter) in shared_ids else "other"
-        counts[key] += parameter.numel()
+        counts[key] += numel(parameter)
         sizes[key] += parameter.numel() * parameter.element_size()
     counts["total"] = sum(counts.values())
     sizes["total"] = sum(sizes.values())
@@ -74,6 +75,17 @@ def model_summary(model: nn.Module) -> dict:
     }
 
 
+def _parameter_counts(model: nn.Module):
+    """``tensor -> weights it holds``: its numel, except for packed (quantised) modules' buffers, which encode their
+    module's weights (a packed int32 word holds several) or are overhead (scales), per ``parameter_counts()``."""
+    packed: dict[int, int] = {}
+    for module in model.modules():
+        counts = getattr(module, "parameter_counts", None)
+        if callable(counts):
+            packed.update(counts())
+    return lambda tensor: packed.get(id(tensor), tensor.numel())
+
+
 def _stored_tensors(model: nn.Module) -> list:
     """Parameters (deduplicated: tied weights appear once) and persistent buffers."""
     tensors = list(model.parameters())
@@ -87,7 +99,7 @@ def _stored_tensors(model: nn.Module) -> list:
 
 
 def _shared_parameters(shared_expert) -> list[nn.Parameter]:
-    parameters = list(shared_expert.module.parameters())
+    parameters = list(shared_expert.module.parameters()) + list(shared_expert.module.buffers())
     if shared_expert.gate is not None:
         parameters += list(shared_expert.gate.parameters())
     return parameters
