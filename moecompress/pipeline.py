@@ -51,8 +51,9 @@ class Stage:
 
     Optional: ``statistics`` names what the stage will ask ``context.statistics`` for (the profiling pass then
     collects it too, so a first stage costs no extra pass); ``check(context)`` rejects impossible options once the
-    model's config is known, before any work; ``replay(context, result)`` re-applies a finished structural
-    stage's recorded decisions when a stopped run resumes (without it, the stage runs again).
+    model's config is known, before any work; ``replay(context, result)`` re-applies a finished stage's recorded
+    decisions when a stopped run resumes (a structural stage without it runs again; a deciding stage such as a bit
+    allocator puts its decision back on the context).
     """
 
     method: ClassVar[str] = ""
@@ -533,7 +534,9 @@ class _PipelineRun:
             self.progress.start(name, None)
             if done is not None:
                 result = StageResult(**done["result"])
-                if result.changed_structure and not stage.replay(context, result):
+                # every finished stage replays its decisions: a structural edit, or one a later stage reads (a bit map)
+                replayed = stage.replay(context, result)
+                if result.changed_structure and not replayed:
                     done = None  # cannot replay: run it again
                 else:
                     if result.changed_structure:
