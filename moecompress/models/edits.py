@@ -265,7 +265,7 @@ def sync_config(model: nn.Module) -> None:
     field is left alone; the same goes for an intermediate size that also sizes other modules (DeepSeek).
     """
     config = text_config(model.config)
-    adapter = adapter_for(config)
+    adapter = adapter_for(config, model)
     views = find_moe_blocks(model)
     record = _config_record(model)
     expert_counts = {view.layer_index: view.num_experts for view in views}
@@ -348,7 +348,7 @@ def _checked_expert_ids(layer: int, expert_ids: Iterable[int], num_experts: int)
 
 def _check_minimum_experts(model: nn.Module, view: MoEBlockView, kept_count: int) -> None:
     """Refuse an edit that leaves fewer experts than the family's transformers code can run or reload as MoE."""
-    minimum, reason = minimum_experts(view, adapter_for(text_config(model.config)))
+    minimum, reason = minimum_experts(view, adapter_for(text_config(model.config), model))
     if kept_count < minimum:
         raise EditError(
             f"layer {view.layer_index}: keep at least {minimum} experts (got {kept_count}): {reason}. "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import transformers
 from torch import nn
 
 from moecompress.errors import UnsupportedModelError
@@ -939,10 +940,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def adapter_for(config) -> FamilyAdapter:
-    """The adapter of a config, or a clear error naming the supported families."""
-    model_type = getattr(text_config(config), "model_type", None)
-    adapter = ADAPTERS.get(model_type)
+def adapter_for(config, model: nn.Module | None = None) -> FamilyAdapter:
+    """The adapter of a config (and its model, when there is one), or a clear error naming the supported families.
+
+    Found by ``model_type`` first; a ``model_type`` without an adapter still finds one through the classes that build
+    the model: a config class derived from a supported one, an ``architectures`` entry naming a supported
+    transformers class (configs that build ``DeepseekV3ForCausalLM`` under a new name), or ``model``'s own class
+    hierarchy. The MoE blocks are then those of the supported family, so views and edits apply unchanged.
+    """
+    config = text_config(config)
+    model_type = getattr(config, "model_type", None)
+    adapter = ADAPTERS.get(model_type) or _adapter_from_classes(config, model)
     if adapter is None:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not a supported MoE family. Supported: {', '.join(supported_families())}. "
@@ -952,10 +960,25 @@ def adapter_for(config) -> FamilyAdapter:
     return adapter
 
 
+def _adapter_from_classes(config, model: nn.Module | None) -> FamilyAdapter | None:
+    """The adapter of the first supported ``model_type`` among the classes behind ``config`` / ``model``."""
+    candidate_types = [getattr(cls, "model_type", None) for cls in type(config).__mro__]
+    model_classes = [type(model)] if model is not None else []
+    for name in getattr(config, "architectures", None) or []:
+        architecture = getattr(transformers, str(name), None)
+        if isinstance(architecture, type):
+            model_classes.append(architecture)
+    for model_class in model_classes:
+        for cls in model_class.__mro__:
+            config_class = getattr(cls, "config_class", None)
+            candidate_types.append(getattr(config_class, "model_type", None))
+    return next((ADAPTERS[t] for t in candidate_types if t in ADAPTERS), None)
+
+
 def find_moe_blocks(model: nn.Module) -> list[MoEBlockView]:
     """One view per MoE block, in layer order. Raises :class:`UnsupportedModelError` for dense or unknown models."""
     config = text_config(model.config)
-    adapter = adapter_for(config)
+    adapter = adapter_for(config, model)
     views = []
     layers = decoder_layers(model)
     for layer_index, layer in enumerate(layers):

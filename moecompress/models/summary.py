@@ -36,7 +36,7 @@ def model_summary(model: nn.Module) -> dict:
     :func:`checkpoint_bytes`.
     """
     config = text_config(model.config)
-    adapter = adapter_for(config)
+    adapter = adapter_for(config, model)
     views = find_moe_blocks(model)
     routed_ids: set[int] = set()
     shared_ids: set[int] = set()
