@@ -899,6 +899,18 @@ register_adapter(
 )
 
 
+# Qwen3-VL-MoE (text decoder): Qwen3-MoE's experts, a router that always renormalises (no norm_topk_prob). The model
+# is a vision-language model (``Qwen3VLMoeForConditionalGeneration``, layers at ``model.language_model.layers``).
+register_adapter(
+    FamilyAdapter(
+        model_type="qwen3_vl_moe_text",
+        routing=_softmax_routing(always_renormalize=True),
+        display_name="Qwen3-VL-MoE",
+    ),
+    "qwen3_vl_moe",
+)
+
+
 def minimum_experts(view: MoEBlockView, adapter: FamilyAdapter) -> tuple[int, str]:
     """Fewest routed experts (stored and router outputs) ``view``'s block can keep and still run and reload as an
     MoE block under the family's transformers code, and why. ``(1, "")`` when nothing stops a single expert."""
