@@ -51,14 +51,42 @@ def test_inspect_json_matches_config_and_checkpoint(name, testbed, capsys):
         assert row["num_experts"] == num_experts
         assert row["top_k"] == config["num_experts_per_tok"]
         assert row["expert_intermediate_size"] == config.get("moe_intermediate_size", config.get("intermediate_size"))
-    # parameter counts and bytes against the checkpoint's own tensor list
+    # parameter counts and on-disk bytes against the checkpoint's own tensor list
     tensors = _safetensors_tensors(folder)
     assert summary["parameters"]["total"] == sum(_numel(shape) for shape, _ in tensors.values())
-    assert summary["bytes"]["total"] == sum(_numel(shape) * DTYPE_BYTES[dtype] for shape, dtype in tensors.values())
+    on_disk = summary["bytes_on_disk"]
+    assert on_disk["total"] == sum(_numel(shape) * DTYPE_BYTES[dtype] for shape, dtype in tensors.values())
+    assert on_disk["parameters"] == summary["parameters"]["total"]
+    for dtype in {dtype for _, dtype in tensors.values()}:
+        assert on_disk["by_dtype"][dtype] == sum(_numel(s) * DTYPE_BYTES[d] for s, d in tensors.values() if d == dtype)
     routed = sum(_numel(shape) for key, (shape, _) in tensors.items() if ".experts." in key)
     shared = sum(_numel(shape) for key, (shape, _) in tensors.items() if ".shared_expert" in key)
     assert summary["parameters"]["routed_experts"] == routed
     assert summary["parameters"]["shared_experts"] == shared
+
+
+@pytest.mark.parametrize("name", conftest.TESTBED_MODELS)
+def test_inspect_bytes_are_the_loaded_model_in_memory(name, testbed, capsys):
+    """``bytes`` = the model transformers loads at the checkpoint dtype, each tensor at the dtype it keeps it in
+    (transformers 5.24 keeps DeepSeek-V3's router weight and selection bias in float32 in a bf16 model)."""
+    import torch
+
+    from moecompress.models import load_model
+
+    folder = conftest.testbed_model_path(name)
+    summary = _inspect_json(capsys, folder)
+    model, _ = load_model(folder, dtype=getattr(torch, summary["dtype"]))
+    tensors = list(model.parameters()) + [
+        buffer for module in model.modules() for key, buffer in module._buffers.items()
+        if buffer is not None and key not in module._non_persistent_buffers_set
+    ]
+    unique = {id(t): t for t in tensors}.values()  # tied embeddings once
+    assert summary["bytes"]["total"] == sum(t.numel() * t.element_size() for t in unique)
+    assert summary["parameters"]["total"] == sum(t.numel() for t in unique)
+    kept_in_fp32 = sum(t.numel() * 2 for t in unique if t.dtype == torch.float32)  # extra bytes over bf16
+    assert summary["bytes"]["total"] - summary["bytes_on_disk"]["total"] == kept_in_fp32 - 2 * sum(
+        _numel(shape) for shape, dtype in _safetensors_tensors(folder).values() if dtype == "F32"
+    )
 
 
 def test_inspect_deepseek_reads_sigmoid_groups_and_shared_expert(testbed, capsys):

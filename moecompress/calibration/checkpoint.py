@@ -102,7 +102,11 @@ class LazyCheckpoint:
         loaded: dict[str, torch.Tensor] = {}
         try:
             for key, target in expected.items():
-                wanted_dtype = dtype if target.is_floating_point() else target.dtype
+                # Tensors the skeleton holds in float32 while the model is in a lower dtype are the ones
+                # transformers keeps in float32 (``_keep_in_fp32_modules``: DeepSeek-V3's router since 5.24), and
+                # from_pretrained loads them so: compute with them in float32 too, as the full model does.
+                keep_fp32 = target.dtype == torch.float32
+                wanted_dtype = (torch.float32 if keep_fp32 else dtype) if target.is_floating_point() else target.dtype
                 if prefix + key in self.files:
                     tensor = self.read(prefix + key)
                     _check_shape(prefix + key, tensor, target)

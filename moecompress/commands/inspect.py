@@ -16,11 +16,17 @@ import transformers
 
 from moecompress.models.families import adapter_for
 from moecompress.models.loading import load_config, local_checkpoint_folder, validate_safetensors
-from moecompress.models.summary import model_summary
+from moecompress.models.summary import checkpoint_bytes, model_summary
 
 
 def inspect_checkpoint(source: str) -> dict:
-    """``model_summary`` of the checkpoint at ``source`` (folder or hub id) plus ``source`` and ``dtype``."""
+    """``model_summary`` of the checkpoint at ``source`` (folder or hub id) plus ``source``, ``dtype`` and
+    ``bytes_on_disk``.
+
+    ``bytes`` is the model in memory at the load dtype (``dtype``), each tensor at the dtype transformers keeps it
+    in (some routers stay float32); ``bytes_on_disk`` (``{"total", "by_dtype", "parameters"}``, None for a hub
+    id) is what the safetensors files store, from their headers.
+    """
     config = load_config(source)
     adapter_for(config)  # dense / unknown families fail here with the supported list
     local = local_checkpoint_folder(source)
@@ -30,7 +36,8 @@ def inspect_checkpoint(source: str) -> dict:
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     summary = model_summary(model)
-    return {"source": str(source), "dtype": str(dtype).removeprefix("torch."), **summary}
+    on_disk = checkpoint_bytes(local) if local is not None else None
+    return {"source": str(source), "dtype": str(dtype).removeprefix("torch."), **summary, "bytes_on_disk": on_disk}
 
 
 def expert_usage(source: str, calibration_files: list[str], *, num_samples: int, seq_len: int, seed: int = 0) -> list[dict]:
@@ -94,7 +101,7 @@ def render(summary: dict, console=None) -> None:
             f"{row['routed_expert_params']:,}",
         )
     console.print(layers)
-    totals = Table(title=f"parameters and bytes ({summary['dtype']})")
+    totals = Table(title=f"parameters and bytes in memory ({summary['dtype']})")
     for column in ("part", "parameters", "share", "bytes"):
         totals.add_column(column, justify="right")
     total = max(summary["parameters"]["total"], 1)
@@ -102,6 +109,10 @@ def render(summary: dict, console=None) -> None:
         count = summary["parameters"][part]
         totals.add_row(part.replace("_", " "), f"{count:,}", f"{100 * count / total:.1f}%", _human_bytes(summary["bytes"][part]))
     console.print(totals)
+    on_disk = summary.get("bytes_on_disk")
+    if on_disk:
+        dtypes = ", ".join(f"{name} {_human_bytes(size)}" for name, size in on_disk["by_dtype"].items())
+        console.print(f"on disk (safetensors): {_human_bytes(on_disk['total'])} ({dtypes})")
     if summary.get("expert_usage"):
         usage = Table(title="expert usage on the calibration text (share of routed tokens)")
         for column in ("layer", "most-used expert", "least-used expert", "uniform share", "unused experts"):

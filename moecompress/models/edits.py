@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoECompressError
-from moecompress.models.families import adapter_for, find_moe_blocks, text_config
+from moecompress.models.families import adapter_for, find_moe_blocks, minimum_experts, text_config
 from moecompress.models.view import EXPERT_ID_MAP_ATTR, MoEBlockView
 
 # Key of the config dict where edits record what the plain transformers config cannot express.
@@ -64,6 +64,7 @@ def keep_experts(model: nn.Module, kept_experts: Mapping[int, Sequence[int]], *,
                 "router_rule='collapse'."
             )
         kept = _checked_expert_ids(layer, expert_ids, view.num_experts)
+        _check_minimum_experts(model, view, len(kept))
         new_top_k = _checked_top_k(view, len(kept), top_k)
         group_state = _group_state_after_keep(view, kept, new_top_k)
         index = torch.tensor(kept, dtype=torch.long)
@@ -147,6 +148,7 @@ def merge_experts(
             _set_module_counts(view, num_experts=len(partition), num_router_outputs=None, top_k=None)
         else:
             new_top_k = min(view.routing.top_k, len(partition))
+            _check_minimum_experts(model, view, len(partition))
             _check_phimoe_top_k(view, len(partition), new_top_k)
             for router_module in _router_modules(view):
                 _combine_router(router_module, merge_matrix)
@@ -256,13 +258,14 @@ def restore_expert_id_map(model: nn.Module) -> bool:
 def sync_config(model: nn.Module) -> None:
     """Write per-layer module state back into the config where one value describes every MoE layer.
 
-    Expert count (every count field of the family), ``num_experts_per_tok``, DeepSeek's ``n_group``/``topk_group``
+    Expert count (every count field of the family), top-k (every top-k field: ``num_experts_per_tok``, Aria's
+    ``moe_topk``, ...), DeepSeek's ``n_group``/``topk_group``
     and the expert intermediate size. Values that differ between layers are recorded under
     ``config.moecompress`` (``num_experts_per_layer``, ``expert_intermediate_size_per_layer``) and the config
     field is left alone; the same goes for an intermediate size that also sizes other modules (DeepSeek).
     """
     config = text_config(model.config)
-    adapter = adapter_for(config)
+    adapter = adapter_for(config, model)
     views = find_moe_blocks(model)
     record = _config_record(model)
     expert_counts = {view.layer_index: view.num_experts for view in views}
@@ -273,8 +276,11 @@ def sync_config(model: nn.Module) -> None:
     else:
         record["num_experts_per_layer"] = {str(layer): count for layer, count in expert_counts.items()}
     top_ks = {int(view.router.top_k) for view in views if hasattr(view.router, "top_k")}
-    if len(top_ks) == 1 and hasattr(config, "num_experts_per_tok") and adapter.model_type != "phimoe":
-        config.num_experts_per_tok = top_ks.pop()
+    if len(top_ks) == 1 and adapter.model_type != "phimoe":  # PhiMoE's sparsemixer ignores the field: always 2
+        top_k = top_ks.pop()
+        for field in adapter.top_k_fields:
+            if hasattr(config, field):
+                setattr(config, field, top_k)
     if adapter.group_fields is not None:
         # A.X-K2 spells "no groups" as None; such routers are left alone (None is not a count to write back).
         groups = {(view.router.num_group, view.router.topk_group) for view in views}
@@ -283,6 +289,7 @@ def sync_config(model: nn.Module) -> None:
             setattr(config, adapter.group_fields[0], int(n_group))
             setattr(config, adapter.group_fields[1], int(topk_group))
     sizes = {view.layer_index: view.intermediate_size for view in views}
+    _sync_experts_implementation(config, record, sizes.values())
     uniform_size = len(set(sizes.values())) == 1
     if uniform_size and not adapter.intermediate_field_shared:
         setattr(config, adapter.intermediate_field, next(iter(sizes.values())))
@@ -291,6 +298,30 @@ def sync_config(model: nn.Module) -> None:
         record["expert_intermediate_size_per_layer"] = {str(layer): size for layer, size in sizes.items()}
     if not record:
         _drop_config_record(model)
+
+
+# transformers' default experts backend (``grouped_mm``) needs every expert matrix stride to be a multiple of 16
+# bytes ("strides should be multiple of 16 bytes"): an expert width that is a multiple of 8 works in bf16/fp16 (and
+# fp32); any other width fails on the first forward of a plain ``from_pretrained`` load.
+GROUPED_MM_WIDTH_MULTIPLE = 8
+# config.json key transformers reads as the default experts implementation when loading (``from_pretrained``'s own
+# ``experts_implementation=`` argument still overrides it).
+_EXPERTS_IMPLEMENTATION_KEY = "experts_implementation"
+
+
+def _sync_experts_implementation(config, record: dict, widths: Iterable[int]) -> None:
+    """Make a checkpoint with expert widths ``grouped_mm`` cannot run load with the ``eager`` experts backend.
+
+    Sets ``experts_implementation: eager`` in the config (saved to config.json, read by plain ``from_pretrained``)
+    and records why under ``config.moecompress``; removes both again once every width is aligned. Eager is exact
+    and is what moecompress computes with anyway; padding the width instead would change the tensors' shapes.
+    """
+    misaligned = sorted({int(width) for width in widths if int(width) % GROUPED_MM_WIDTH_MULTIPLE})
+    if misaligned:
+        setattr(config, _EXPERTS_IMPLEMENTATION_KEY, "eager")
+        record["eager_experts_for_widths"] = misaligned
+    elif record.pop("eager_experts_for_widths", None) is not None and hasattr(config, _EXPERTS_IMPLEMENTATION_KEY):
+        delattr(config, _EXPERTS_IMPLEMENTATION_KEY)
 
 
 # ----- validation ---------------------------------------------------------------------------------------------------
@@ -313,6 +344,16 @@ def _checked_expert_ids(layer: int, expert_ids: Iterable[int], num_experts: int)
     if kept[0] < 0 or kept[-1] >= num_experts:
         raise EditError(f"layer {layer} has experts 0..{num_experts - 1}; got ids {kept}")
     return kept
+
+
+def _check_minimum_experts(model: nn.Module, view: MoEBlockView, kept_count: int) -> None:
+    """Refuse an edit that leaves fewer experts than the family's transformers code can run or reload as MoE."""
+    minimum, reason = minimum_experts(view, adapter_for(text_config(model.config), model))
+    if kept_count < minimum:
+        raise EditError(
+            f"layer {view.layer_index}: keep at least {minimum} experts (got {kept_count}): {reason}. "
+            f"Keep {minimum} or more experts in this layer."
+        )
 
 
 def _checked_top_k(view: MoEBlockView, kept_count: int, top_k: int | None) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import transformers
 from torch import nn
 
 from moecompress.errors import UnsupportedModelError
@@ -33,6 +34,8 @@ class FamilyAdapter:
     shared_count_field: config field with how many shared experts are fused into that MLP (DeepSeek), or None (1).
     storage: fused tensor layout, see :class:`MoEBlockView`.
     count_fields: config fields that hold the routed-expert count (all are updated on pruning).
+    top_k_fields: config fields that hold the experts per token (all are updated when an edit lowers top-k, so a
+        plain reload routes with the new top-k: ``moe_topk`` for Aria and Hunyuan, ``moe_k`` for Ernie).
     intermediate_field: config field of the expert intermediate size.
     intermediate_field_shared: the intermediate field also sizes other modules (DeepSeek's shared experts are
         ``moe_intermediate_size * n_shared_experts`` wide), so slicing routed channels must not rewrite it.
@@ -51,6 +54,9 @@ class FamilyAdapter:
         map (Laguna's tanh soft-capping); becomes the view's ``router_logits_fn``.
     shared_scale: ``fn(config) -> float``: constant factor on the shared expert's output (Cohere2-MoE's
         ``average`` combination halves it), or None (1).
+    min_experts: fewest routed experts per layer the family's transformers code can build as an MoE block
+        (Jamba builds a dense MLP for ``num_experts == 1``: 2). Limits that follow from the routing (DeepSeek-V3's
+        top-2 group scores, PhiMoE's two picks) come from :func:`minimum_experts`.
     """
 
     model_type: str
@@ -63,6 +69,7 @@ class FamilyAdapter:
     shared_count_field: str | None = None
     storage: str = "concatenated"
     count_fields: tuple[str, ...] = ("num_experts",)
+    top_k_fields: tuple[str, ...] = ("num_experts_per_tok",)
     intermediate_field: str = "moe_intermediate_size"
     intermediate_field_shared: bool = False
     glu: Callable[[nn.Module], tuple[Callable, Callable | None]] | None = None
@@ -73,6 +80,7 @@ class FamilyAdapter:
     block_scaling: Callable[[object, nn.Module], float] | None = None
     output_attr: str | None = None
     router_logits: Callable[[object, nn.Module], Callable[[torch.Tensor], torch.Tensor] | None] | None = None
+    min_experts: int = 1
     display_name: str = ""
 
     def is_moe_block(self, block: nn.Module) -> bool:
@@ -395,6 +403,7 @@ register_adapter(
         shared_attr="shared_experts",
         shared_count_field="moe_num_shared_experts",
         count_fields=("moe_num_experts",),
+        top_k_fields=("moe_k", "num_experts_per_tok"),
         intermediate_field_shared=True,  # shared experts are moe_intermediate_size * moe_num_shared_experts wide
         selection_bias_attr="gate.moe_statics.e_score_correction_bias",
         display_name="Ernie-4.5-MoE",
@@ -540,6 +549,7 @@ register_adapter(
         count_fields=("num_experts",),
         intermediate_field="intermediate_size",
         intermediate_field_shared=True,  # the dense feed-forward layers are intermediate_size wide too
+        min_experts=2,  # JambaSparseMoeBlock only when num_experts > 1: one expert reloads as a dense JambaMLP
         display_name="Jamba",
     )
 )
@@ -551,6 +561,7 @@ register_adapter(
         shared_attr="shared_experts",
         shared_count_field="num_shared_experts",
         count_fields=("num_experts",),
+        top_k_fields=("num_experts_per_token", "num_experts_per_tok"),
         intermediate_field_shared=True,
         group_fields=("num_expert_group", "topk_group"),
         display_name="Kimi-Linear",
@@ -567,6 +578,7 @@ register_adapter(
         router_linear_attr="wg",
         shared_attr="shared_mlp",
         count_fields=("num_experts",),
+        top_k_fields=("moe_topk", "num_experts_per_tok"),
         intermediate_field="intermediate_size",
         intermediate_field_shared=True,
         display_name="Hunyuan-MoE-V1",
@@ -797,6 +809,7 @@ register_adapter(
         shared_attr="shared_experts",
         shared_count_field="num_shared_experts",
         count_fields=("num_experts",),
+        top_k_fields=("num_experts_per_token", "num_experts_per_tok"),
         intermediate_field_shared=True,
         group_fields=("num_expert_group", "topk_group"),
         display_name="Bailing-Hybrid",
@@ -846,6 +859,7 @@ register_adapter(
         shared_count_field="moe_num_shared_experts",
         storage="transposed",
         count_fields=("moe_num_experts",),
+        top_k_fields=("moe_topk",),
         intermediate_field="intermediate_size",
         intermediate_field_shared=True,
         display_name="Aria",
@@ -885,6 +899,35 @@ register_adapter(
 )
 
 
+# Qwen3-VL-MoE (text decoder): Qwen3-MoE's experts, a router that always renormalises (no norm_topk_prob). The model
+# is a vision-language model (``Qwen3VLMoeForConditionalGeneration``, layers at ``model.language_model.layers``).
+register_adapter(
+    FamilyAdapter(
+        model_type="qwen3_vl_moe_text",
+        routing=_softmax_routing(always_renormalize=True),
+        display_name="Qwen3-VL-MoE",
+    ),
+    "qwen3_vl_moe",
+)
+
+
+def minimum_experts(view: MoEBlockView, adapter: FamilyAdapter) -> tuple[int, str]:
+    """Fewest routed experts (stored and router outputs) ``view``'s block can keep and still run and reload as an
+    MoE block under the family's transformers code, and why. ``(1, "")`` when nothing stops a single expert."""
+    if view.routing.selection == "sparsemixer":
+        return 2, "PhiMoE's sparsemixer always picks exactly 2 experts"
+    if view.routing.group_score == "top2_sum" and getattr(view.router, "num_group", None) is not None:
+        # DeepSeek-V3's router scores every expert group by its two best experts (topk(2) on each group) even when
+        # group routing is off (n_group = 1: one group of all experts), so one expert fails on the first forward.
+        return 2, f"{adapter.display_name}'s router scores expert groups by their top-2 experts (also with n_group=1)"
+    if adapter.min_experts > 1:
+        return adapter.min_experts, (
+            f"{adapter.display_name}'s transformers code builds a dense MLP instead of an MoE block for fewer "
+            f"than {adapter.min_experts} experts"
+        )
+    return 1, ""
+
+
 def supported_families() -> list[str]:
     """Human-readable names of every supported family, for error messages and docs."""
     return sorted({adapter.display_name or adapter.model_type for adapter in ADAPTERS.values()})
@@ -909,10 +952,17 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def adapter_for(config) -> FamilyAdapter:
-    """The adapter of a config, or a clear error naming the supported families."""
-    model_type = getattr(text_config(config), "model_type", None)
-    adapter = ADAPTERS.get(model_type)
+def adapter_for(config, model: nn.Module | None = None) -> FamilyAdapter:
+    """The adapter of a config (and its model, when there is one), or a clear error naming the supported families.
+
+    Found by ``model_type`` first; a ``model_type`` without an adapter still finds one through the classes that build
+    the model: a config class derived from a supported one, an ``architectures`` entry naming a supported
+    transformers class (configs that build ``DeepseekV3ForCausalLM`` under a new name), or ``model``'s own class
+    hierarchy. The MoE blocks are then those of the supported family, so views and edits apply unchanged.
+    """
+    config = text_config(config)
+    model_type = getattr(config, "model_type", None)
+    adapter = ADAPTERS.get(model_type) or _adapter_from_classes(config, model)
     if adapter is None:
         raise UnsupportedModelError(
             f"model type {model_type!r} is not a supported MoE family. Supported: {', '.join(supported_families())}. "
@@ -922,10 +972,25 @@ def adapter_for(config) -> FamilyAdapter:
     return adapter
 
 
+def _adapter_from_classes(config, model: nn.Module | None) -> FamilyAdapter | None:
+    """The adapter of the first supported ``model_type`` among the classes behind ``config`` / ``model``."""
+    candidate_types = [getattr(cls, "model_type", None) for cls in type(config).__mro__]
+    model_classes = [type(model)] if model is not None else []
+    for name in getattr(config, "architectures", None) or []:
+        architecture = getattr(transformers, str(name), None)
+        if isinstance(architecture, type):
+            model_classes.append(architecture)
+    for model_class in model_classes:
+        for cls in model_class.__mro__:
+            config_class = getattr(cls, "config_class", None)
+            candidate_types.append(getattr(config_class, "model_type", None))
+    return next((ADAPTERS[t] for t in candidate_types if t in ADAPTERS), None)
+
+
 def find_moe_blocks(model: nn.Module) -> list[MoEBlockView]:
     """One view per MoE block, in layer order. Raises :class:`UnsupportedModelError` for dense or unknown models."""
     config = text_config(model.config)
-    adapter = adapter_for(config)
+    adapter = adapter_for(config, model)
     views = []
     layers = decoder_layers(model)
     for layer_index, layer in enumerate(layers):

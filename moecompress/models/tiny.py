@@ -380,8 +380,17 @@ CORE_TINY_FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v3", "gpt_oss", "phimoe"
 
 
 def tiny_families() -> list[str]:
-    """model_type of every family with a tiny model."""
-    return list(_TINY_SPECS)
+    """model_type of every family with a tiny model that the installed transformers can build.
+
+    With transformers older than the newest families (``scripts/test_oldest.sh``) those families are absent here
+    (:func:`tiny_families_unavailable` names them): their checkpoints cannot be loaded by that transformers either.
+    """
+    return [model_type for model_type, (class_name, _) in _TINY_SPECS.items() if hasattr(transformers, class_name)]
+
+
+def tiny_families_unavailable() -> list[str]:
+    """model_type of the tiny families whose config class the installed transformers lacks."""
+    return [model_type for model_type in _TINY_SPECS if model_type not in tiny_families()]
 
 
 def tiny_config(model_type: str) -> transformers.PretrainedConfig:
@@ -407,6 +416,31 @@ def tiny_model_from_config(config: transformers.PretrainedConfig, seed: int = 0,
     """
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, experts_implementation="eager")
+    return _spread_routing_weights(model).eval()
+
+
+def tiny_qwen3_vl_moe(seed: int = 0, dtype: torch.dtype = torch.float32) -> transformers.PreTrainedModel:
+    """A tiny random Qwen3-VL-MoE (``Qwen3VLMoeForConditionalGeneration``; a one-block vision tower) in eval mode.
+
+    Not among :func:`tiny_families`: it is a vision-language model, loaded with ``AutoModelForImageTextToText``
+    (transformers maps no causal LM class to it), so the causal-LM round trips of the family tests do not apply.
+    """
+    text = dict(
+        _COMMON, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=24,
+        decoder_sparse_step=1, mlp_only_layers=[],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2], "mrope_interleaved": True},
+    )
+    vision = dict(depth=1, hidden_size=32, num_heads=4, intermediate_size=32, out_hidden_size=32,
+                  deepstack_visual_indexes=[0], patch_size=4, spatial_merge_size=2, temporal_patch_size=2,
+                  num_position_embeddings=16)
+    config = transformers.Qwen3VLMoeConfig(text_config=text, vision_config=vision, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForImageTextToText.from_config(config, dtype=dtype, experts_implementation="eager")
+    return _spread_routing_weights(model).eval()
+
+
+def _spread_routing_weights(model: transformers.PreTrainedModel) -> transformers.PreTrainedModel:
+    """Redraw routers, experts and selection biases with enough spread that routing decisions are well separated."""
     with torch.no_grad():
         for name, tensor in model.named_parameters():
             if name.endswith(("router.weight", "gate.weight", "gate.wg.weight")) or "experts" in name:
@@ -418,4 +452,4 @@ def tiny_model_from_config(config: transformers.PretrainedConfig, seed: int = 0,
         for name, buffer in model.named_buffers():
             if name.endswith(("e_score_correction_bias", "expert_bias")):
                 buffer.normal_(0.0, 0.1)
-    return model.eval()
+    return model
