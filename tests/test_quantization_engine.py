@@ -235,3 +235,17 @@ def test_bits_per_parameter_count_scales_and_packing(testbed, bits, group_size):
     # gate_up rows see `hidden` inputs, down rows `intermediate` (80 = 2 full groups of 32 + a ragged one, ...)
     expected_scale_bits = 16 * (2 * intermediate * scales_per_row[0] + hidden * scales_per_row[1]) / (3 * intermediate * hidden)
     assert routed_bits == pytest.approx(bits + expected_scale_bits, abs=0.02)
+
+
+def test_inspect_describes_a_native_checkpoint_without_loading_it(testbed, tmp_path):
+    from moecompress.commands.inspect import inspect_checkpoint
+    from moecompress.models import model_summary
+
+    model, _ = load_model(model_folder("moe-ref-q3"), dtype=torch.bfloat16)
+    quantize_model(model, QuantizationSettings(method="rtn", bits=3, group_size=64))
+    model.save_pretrained(tmp_path)
+    described = inspect_checkpoint(str(tmp_path))
+    loaded = model_summary(model)
+    assert described["parameters"] == loaded["parameters"]
+    assert described["bytes"] == loaded["bytes"]
+    assert described["bytes_on_disk"]["total"] == loaded["bytes"]["total"]

@@ -14,6 +14,7 @@ import sys
 import torch
 import transformers
 
+from moecompress.export.native import build_meta_model
 from moecompress.models.families import adapter_for
 from moecompress.models.loading import load_config, local_checkpoint_folder, validate_safetensors
 from moecompress.models.summary import checkpoint_bytes, model_summary
@@ -33,8 +34,7 @@ def inspect_checkpoint(source: str) -> dict:
     if local is not None:
         validate_safetensors(local)
     dtype = _checkpoint_dtype(config)
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = build_meta_model(config, dtype)  # a native (quantised) checkpoint gets its packed structure
     summary = model_summary(model)
     on_disk = checkpoint_bytes(local) if local is not None else None
     return {"source": str(source), "dtype": str(dtype).removeprefix("torch."), **summary, "bytes_on_disk": on_disk}

@@ -151,16 +151,16 @@ def native_quantization_config(config) -> MoECompressQuantizationConfig | None:
     return None
 
 
-def build_meta_model(config) -> nn.Module:
+def build_meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
     """The causal LM a checkpoint's ``config`` describes, on the meta device (shapes only), with a native
     checkpoint's structure (packed modules, per-layer expert counts) in place: what its weights must fit."""
     import transformers
 
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
         native = native_quantization_config(config)
         if native is not None:
-            prepare_skeleton(model, native)
+            prepare_skeleton(model, native, dtype=dtype)
     return model
 
 
