@@ -783,10 +783,19 @@ def _json_default(value):
 
 
 def _save_model_atomic(model, tokenizer, folder: Path) -> None:
-    """``save_pretrained`` into a temp folder beside ``folder``, then move each file in with ``os.replace``."""
+    """``save_pretrained`` into a temp folder beside ``folder``, then move each file in with ``os.replace``.
+
+    A model a plain transformers config cannot describe (packed experts, MoE layers with different expert counts)
+    gets the native format's ``quantization_config`` first, so plain ``from_pretrained`` (after ``import
+    moecompress``) rebuilds it."""
     import os
     import shutil
     import tempfile
+
+    from moecompress.export.native import MoECompressQuantizationConfig, needs_native_format
+
+    if needs_native_format(model):
+        model.config.quantization_config = MoECompressQuantizationConfig.from_model(model)
 
     temp = Path(tempfile.mkdtemp(prefix=".model-", dir=folder))
     try:

@@ -249,3 +249,16 @@ def test_inspect_describes_a_native_checkpoint_without_loading_it(testbed, tmp_p
     assert described["parameters"] == loaded["parameters"]
     assert described["bytes"] == loaded["bytes"]
     assert described["bytes_on_disk"]["total"] == loaded["bytes"]["total"]
+
+
+def test_a_pipeline_model_with_different_expert_counts_per_layer_reloads(testbed, tmp_path):
+    """Not quantised, but not describable by a plain config either: the pipeline saves it in the native format."""
+    from moecompress.pipeline import _save_model_atomic
+
+    model, tokenizer = load_model(model_folder("moe-ref-q3"), dtype=torch.float32)
+    keep_experts(model, {0: list(range(20)), 2: list(range(12))})
+    _save_model_atomic(model, tokenizer, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, experts_implementation="eager")
+    assert [view.num_experts for view in find_moe_blocks(reloaded)] == [20, 32, 12, 32, 32, 32]
+    input_ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(model, input_ids), _logits(reloaded, input_ids))

@@ -8,7 +8,8 @@ method with transformers' quantizer registry, so plain ``AutoModelForCausalLM.fr
   group size and symmetry per layer; their tensors are saved under the module's buffer names
   (``...experts.gate_up_proj_packed_w4``, ``...experts.expert_bits``, ...);
 * MoE layers with different expert counts (``config.moecompress.num_experts_per_layer``, written by the edits):
-  router and experts are resized on the meta skeleton before the weights load.
+  router and experts are resized on the meta skeleton before the weights load. Such a model, quantised or not,
+  is saved with a native ``quantization_config`` (:func:`needs_native_format`), so it reloads the same way.
 
 ``quantization_config`` fields: ``format_version`` (1), ``layers`` ``{decoder layer: {"expert_bits": [E],
 "group_size", "symmetric"}}`` for layers with packed experts.
@@ -137,6 +138,18 @@ def prepare_skeleton(model: nn.Module, quantization_config: MoECompressQuantizat
         setattr(model.get_submodule(parent_path), name, PackedLinear.skeleton(
             linear.in_features, linear.out_features, bits=int(spec["bits"]), group_size=int(spec["group_size"]),
             symmetric=bool(spec["symmetric"]), bias=bool(spec["bias"]), scale_dtype=scale_dtype))
+
+
+def needs_native_format(model: nn.Module) -> bool:
+    """Does ``model`` hold what a plain transformers config cannot describe (packed modules, MoE layers with
+    different expert counts)? Such a model must be saved with a native ``quantization_config``."""
+    from moecompress.models.edits import CONFIG_RECORD_KEY
+    from moecompress.models.families import text_config
+
+    record = getattr(text_config(model.config), CONFIG_RECORD_KEY, None) or {}
+    if record.get("num_experts_per_layer"):
+        return True
+    return any(callable(getattr(module, "parameter_counts", None)) for module in model.modules())
 
 
 def native_quantization_config(config) -> MoECompressQuantizationConfig | None:
