@@ -538,14 +538,24 @@ def _save_model_atomic(model, tokenizer, folder: Path) -> None:
     import shutil
     import tempfile
 
+    from moecompress.models import find_moe_blocks
+    from moecompress.models.edits import materialize_expert_id_map, restore_expert_id_map
+
     temp = Path(tempfile.mkdtemp(prefix=".model-", dir=folder))
+    # A remap merge (router rule R1) saves as a plain HF checkpoint with each merged expert repeated per router
+    # output; the in-memory model is compacted again right after (load_model compacts on load too).
+    remapped = any(view.expert_id_map is not None for view in find_moe_blocks(model))
     try:
+        if remapped:
+            materialize_expert_id_map(model)
         model.save_pretrained(temp)
         if tokenizer is not None:
             tokenizer.save_pretrained(temp)
         for file in temp.iterdir():
             os.replace(file, folder / file.name)
     finally:
+        if remapped:
+            restore_expert_id_map(model)
         shutil.rmtree(temp, ignore_errors=True)
 
 
