@@ -15,7 +15,7 @@ import torch
 
 from moecompress.calibration.statistics import Statistic, register_statistic
 from moecompress.errors import RecipeError
-from moecompress.models.view import MoEBlockView, route_from_logits
+from moecompress.models.view import MoEBlockView, RoutingSpec, route_from_logits
 
 DEFAULT_MAX_TOKENS = 2048
 
@@ -42,14 +42,13 @@ class MoEBlockInputs(Statistic):
         return inputs
 
 
-def routing_after_keep(view: MoEBlockView, kept: list[int], top_k: int | None = None):
-    """The :class:`RoutingSpec` of the layer after keeping ``kept`` (mirrors ``keep_experts``): top-k capped at the
-    kept count, group routing kept only when the kept experts are the original groups with equal counts."""
-    spec = view.routing
+def routing_after_keep(spec: RoutingSpec, num_experts: int, kept: list[int], top_k: int | None = None) -> RoutingSpec:
+    """The routing of a layer of ``num_experts`` experts after keeping ``kept`` (mirrors ``keep_experts``): top-k
+    capped at the kept count, group routing kept only when the kept experts are the original groups, equal counts."""
     new_top_k = min(spec.top_k, len(kept)) if top_k is None else top_k
     n_group, topk_group = 1, 1
     if spec.n_group > 1:
-        group_size = view.num_experts // spec.n_group
+        group_size = num_experts // spec.n_group
         per_group = torch.bincount(torch.tensor(kept) // group_size, minlength=spec.n_group)
         count = int(per_group[0])
         minimum = 2 if spec.group_score == "top2_sum" else 1
@@ -66,6 +65,7 @@ class BlockReconstruction:
     """
 
     def __init__(self, view: MoEBlockView, inputs: torch.Tensor, *, top_k: int | None = None) -> None:
+        self.num_experts = view.num_experts  # before any edit: everything below is a snapshot
         if view.routing.scales_expert_input:
             raise RecipeError(f"layer {view.layer_index}: {view.family} scales expert inputs by the router weight, "
                               "which NAEE's cached expert outputs cannot express; use prune_reap or prune_frequency")
@@ -77,19 +77,21 @@ class BlockReconstruction:
         self.inputs = inputs.to(device=device, dtype=view.router_weight.dtype)
         with torch.no_grad():
             self.logits = view.router_logits(self.inputs).float()  # [N, E]
+            bias = view.selection_bias
+            self.selection_bias = None if bias is None else bias.detach().float().clone()  # [E] or None
             self.expert_outputs = torch.stack([view.expert_forward(e, self.inputs).float()
-                                               for e in range(view.num_experts)])  # [E, N, d]
+                                               for e in range(self.num_experts)])  # [E, N, d]
             self.shared = torch.zeros_like(self.expert_outputs[0])
             for shared in view.shared_experts:
                 self.shared += shared.forward(self.inputs).float()
-            self.full_output = self.output(list(range(view.num_experts)), top_k=None)
+            self.full_output = self.output(list(range(self.num_experts)), top_k=None)
 
     def routing(self, kept: list[int], top_k: int | None = None):
         """Router output after keeping ``kept``: top_k_index in *original* expert ids ``[N, k]``, weights ``[N, k]``."""
-        spec = routing_after_keep(self.view, kept, top_k)
+        spec = routing_after_keep(self.view.routing, self.num_experts, kept, top_k)
         index = torch.tensor(kept, device=self.logits.device)
-        bias = self.view.selection_bias
-        routed = route_from_logits(self.logits[:, index], spec, None if bias is None else bias.float()[index])
+        bias = None if self.selection_bias is None else self.selection_bias.to(index.device)[index]
+        routed = route_from_logits(self.logits[:, index], spec, bias)
         return index[routed.top_k_index], routed.top_k_weights
 
     def output(self, kept: list[int], top_k: int | None = None) -> torch.Tensor:

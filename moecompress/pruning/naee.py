@@ -43,7 +43,7 @@ def _group_of(expert: int, num_experts: int, groups: int) -> int:
 def exact_search(reconstruction: BlockReconstruction, num_keep: int, protected: list[int], groups: int = 1) -> list[int]:
     """The kept set (sorted) of size ``num_keep`` containing ``protected`` with the smallest loss; with ``groups > 1``
     only sets holding ``num_keep / groups`` experts of every group. Ties go to the lexicographically first set."""
-    num_experts = reconstruction.view.num_experts
+    num_experts = reconstruction.num_experts
     free = [e for e in range(num_experts) if e not in protected]
     best, best_loss = None, float("inf")
     for chosen in itertools.combinations(free, num_keep - len(protected)):
@@ -64,7 +64,7 @@ def exact_search(reconstruction: BlockReconstruction, num_keep: int, protected: 
 def greedy_elimination(reconstruction: BlockReconstruction, num_keep: int, protected: list[int], groups: int = 1) -> list[int]:
     """Backward elimination: remove, one at a time, the expert whose removal gives the smallest loss. With
     ``groups > 1`` an expert may only leave a group that holds the most kept experts (counts stay balanced)."""
-    num_experts = reconstruction.view.num_experts
+    num_experts = reconstruction.num_experts
     kept = list(range(num_experts))
     while len(kept) > num_keep:
         counts = Counter(_group_of(e, num_experts, groups) for e in kept)
