@@ -37,16 +37,22 @@ class ExpertBudgetOptions(StageOptions):
     keep_ratio: float | None = pydantic.Field(None, gt=0, le=1, description="fraction of experts kept per layer")
     top_k: int | None = pydantic.Field(None, ge=1, description="new experts per token (default: unchanged, "
                                                                 "capped at the kept count)")
-    layer_budget: Literal["uniform", "global"] = pydantic.Field(
-        "uniform", description="uniform: the same count in every layer; global: one ranking across layers")
-    group_balanced: bool = pydantic.Field(False, description="keep the same number of experts in every routing "
-                                                             "group (DeepSeek-V3), so group routing stays on")
+    # None defaults (= uniform / off) keep the recorded recipe of a plain run as short as the user wrote it
+    layer_budget: Literal["uniform", "global"] | None = pydantic.Field(
+        None, description="uniform (default): the same count in every layer; global: one ranking across layers")
+    group_balanced: bool | None = pydantic.Field(None, description="keep the same number of experts in every routing "
+                                                                   "group (DeepSeek-V3), so group routing stays on")
 
     @pydantic.model_validator(mode="after")
     def _exactly_one_budget(self):
         if (self.num_experts_to_keep is None) == (self.keep_ratio is None):
             raise ValueError("give exactly one of `num_experts_to_keep` or `keep_ratio`")
         return self
+
+    @property
+    def budget(self) -> str:
+        """``uniform`` or ``global``."""
+        return self.layer_budget or "uniform"
 
 
 def experts_to_keep(options: ExpertBudgetOptions, num_experts: int) -> int:
@@ -199,7 +205,7 @@ class ExpertPruningStage(Stage):
                          for layer in scores}
         groups = {layer: layer_groups(views[layer]) for layer in scores} if self.options.group_balanced else None
         return select_kept_experts(scores, max(keep.values()), protected=super_experts_by_layer(context),
-                                   groups=groups, layer_budget=self.options.layer_budget,
+                                   groups=groups, layer_budget=self.options.budget,
                                    min_per_layer=min_per_layer, method=self.method)
 
     def run(self, context: RunContext) -> StageResult:
@@ -248,7 +254,7 @@ class ExpertPruningStage(Stage):
 
 
 class ProgressiveOptions(ExpertBudgetOptions):
-    progressive: bool = pydantic.Field(False, description="decide layer l on statistics recomputed after layers < l "
+    progressive: bool | None = pydantic.Field(None, description="decide layer l on statistics recomputed after layers < l "
                                                           "were pruned, in one streamed sweep (uniform budget only)")
 
 
@@ -280,7 +286,7 @@ class ProgressivePruningStage(ExpertPruningStage):
 
     def check(self, context: RunContext) -> None:
         super().check(context)
-        if self.options.progressive and self.options.layer_budget != "uniform":
+        if self.options.progressive and self.options.budget != "uniform":
             raise RecipeError(f"{self.method}: progressive mode decides one layer at a time, so it needs "
                               "layer_budget: uniform (a global budget ranks all layers at once)")
 

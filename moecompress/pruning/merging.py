@@ -59,7 +59,7 @@ class ExpertMergingStage(Stage):
         check_budget(self.method, self.options, context, merging=True)
         if self.options.top_k is not None:
             raise RecipeError(f"{self.method}: merges keep the router's top-k; remove top_k (or prune instead)")
-        if self.options.layer_budget == "global" and not self.global_budget_supported:
+        if self.options.budget == "global" and not self.global_budget_supported:
             raise RecipeError(f"{self.method} merges every layer into the same number of experts; use layer_budget: "
                               "uniform (merge_msmoe supports a global budget)")
 

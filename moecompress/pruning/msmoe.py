@@ -32,7 +32,7 @@ class MSmoeMerging(ExpertMergingStage):
         views = {view.layer_index: view for view in find_moe_blocks(context.model)}
         usage = {layer: statistics[layer]["expert_token_counts"].float() for layer in views}
         dominants = select_kept_experts(usage, max(self.num_clusters(view) for view in views.values()),
-                                        protected=protected, layer_budget=self.options.layer_budget,
+                                        protected=protected, layer_budget=self.options.budget,
                                         min_per_layer={layer: 1 for layer in views}, method=self.method)
         clusters = {}
         for layer in views:

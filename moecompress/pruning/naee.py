@@ -93,7 +93,7 @@ class NaeePruning(ProgressivePruningStage):
 
     def check(self, context: RunContext) -> None:
         super().check(context)
-        if self.options.layer_budget != "uniform":
+        if self.options.budget != "uniform":
             raise RecipeError("prune_naee searches each layer's kept set on its own; use layer_budget: uniform")
 
     def decide(self, context: RunContext):
