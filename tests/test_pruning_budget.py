@@ -105,3 +105,14 @@ def test_group_balanced_pruning_keeps_deepseek_group_routing(models, tmp_path):
         if balanced:
             with torch.no_grad():
                 assert torch.isfinite(pruned(tokens).logits).all()
+
+
+@pytest.mark.parametrize("name", ["premoe_code.yaml", "prune_reap.yaml", "merge_uncurl.yaml"])
+def test_preset_recipes_parse(name):
+    from moecompress.recipe import load_recipe
+
+    from conftest import REPO_ROOT
+
+    recipe = load_recipe(REPO_ROOT / "recipes" / name)
+    assert recipe.stages[0].method in {"prune_premoe", "prune_reap", "merge_uncurl"}
+    assert recipe.stages[-1].method == "evaluate"
