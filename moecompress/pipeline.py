@@ -334,10 +334,12 @@ class _PipelineRun:
         names = list(PROFILE_STATISTICS)
         if self.recipe.stages:
             names += [name for name in self.recipe.stages[0].statistics if name not in names]
+        # the first stage's statistic options (PreMoe's TCESS form, NAEE's token sample) so it needs no second pass
+        options = _stage_statistics_options(self.recipe.stages[0]) if self.recipe.stages else {}
         runner = LayerwiseRunner.from_source(checkpoint_folder, device=self.device, dtype=self._torch_dtype())
         summary = model_summary(runner.model)
         self.progress.start("profile", len(runner.layers))
-        run = runner.run(calibration, names, batch_size=self.recipe.calibration.batch_size,
+        run = runner.run(calibration, names, options=options or None, batch_size=self.recipe.calibration.batch_size,
                          on_layer=lambda done, total: self.progress.update("profile", done, total))
         self.progress.finish("profile")
         self.timings["profile"] = run.seconds
@@ -350,6 +352,7 @@ class _PipelineRun:
         return {
             "statistics": run.layers,
             "statistic_names": names,
+            "statistic_options": options,
             "super_experts": [list(pair) for pair in super_experts.routed],
             "super_experts_detail": super_experts.to_dict(),
             "moe_layers": moe_layers,
@@ -380,6 +383,7 @@ class _PipelineRun:
         if "statistics" in profile:  # the profiling pass ran in this process: its numbers serve the first stage
             context.statistics_cache = profile["statistics"]
             context.statistics_names = set(profile["statistic_names"])
+            context.statistics_options = dict(profile.get("statistic_options") or {})
         for stage in stages:
             stage.check(context)  # impossible options fail before any stage works
         records = []
@@ -467,6 +471,13 @@ class _PipelineRun:
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
+def _stage_statistics_options(stage: Stage) -> dict[str, dict]:
+    """``{statistic: options}`` a stage passes to ``context.statistics`` (stages that have a
+    ``statistics_options()`` method; none for the others)."""
+    method = getattr(stage, "statistics_options", None)
+    return dict(method()) if callable(method) else {}
+
+
 def collect_versions() -> dict[str, str]:
     """Versions of moecompress, Python and the libraries a result depends on."""
     import platform

@@ -18,6 +18,8 @@ from moecompress.models.loading import load_model
 from moecompress.pipeline import Pipeline, RunContext, StageResult
 from moecompress.pruning.base import select_kept_experts
 from moecompress.pruning.hcsmoe import HcSmoeMerging
+from moecompress.pruning.naee import NaeePruning
+from moecompress.pruning.premoe import PremoePruning
 from moecompress.pruning.reap import ReapPruning
 from moecompress.pruning.uncurl import UncurlMerging
 
@@ -77,3 +79,13 @@ def test_progressive_mode_scores_each_layer_after_the_layers_before_it_were_prun
     assert plain.decisions["kept_experts"] != result.decisions["kept_experts"]  # later layers see pruned inputs
     with torch.no_grad():
         torch.testing.assert_close(progressive(tokens).logits, by_hand(tokens).logits)
+
+
+@pytest.mark.parametrize("stage", [PremoePruning({"num_experts_to_keep": 4}),
+                                   NaeePruning({"num_experts_to_keep": 6, "max_tokens": 64})])
+def test_a_first_stage_with_statistic_options_needs_no_pass_beyond_the_profile(testbed, tmp_path, stage):
+    report = Pipeline([stage], calibration={**CALIBRATION, "files": [str(testbed / "calib")]}).run(
+        model_folder("moe-ref-mx"), tmp_path / "out", dtype="float32")
+    assert report["timings"]["calibration passes in stages"] == 0.0  # the profiling pass served the stage
+    assert all(len(kept) == stage.options.num_experts_to_keep
+               for kept in report["stages"][0]["decisions"]["kept_experts"].values())
