@@ -477,10 +477,12 @@ class _PipelineRun:
         names = list(PROFILE_STATISTICS)
         if self.recipe.stages:
             names += [name for name in self.recipe.stages[0].statistics if name not in names]
+        # the first stage's statistic options (PreMoe's TCESS form, NAEE's token sample) so it needs no second pass
+        options = _stage_statistics_options(self.recipe.stages[0]) if self.recipe.stages else {}
         runner = LayerwiseRunner.from_source(checkpoint_folder, device=self.device, dtype=self._torch_dtype())
         summary = model_summary(runner.model)
         self.progress.start("profile", len(runner.layers))
-        run = runner.run(calibration, names, batch_size=self.recipe.calibration.batch_size,
+        run = runner.run(calibration, names, options=options or None, batch_size=self.recipe.calibration.batch_size,
                          on_layer=lambda done, total: self.progress.update("profile", done, total))
         self.progress.finish("profile")
         self.timings["profile"] = run.seconds
@@ -493,6 +495,7 @@ class _PipelineRun:
         return {
             "statistics": run.layers,
             "statistic_names": names,
+            "statistic_options": options,
             "super_experts": [list(pair) for pair in super_experts.routed],
             "super_experts_detail": super_experts.to_dict(),
             "moe_layers": moe_layers,
@@ -523,6 +526,7 @@ class _PipelineRun:
         if "statistics" in profile:  # the profiling pass ran in this process: its numbers serve the first stage
             context.statistics_cache = profile["statistics"]
             context.statistics_names = set(profile["statistic_names"])
+            context.statistics_options = dict(profile.get("statistic_options") or {})
         for stage in stages:
             stage.check(context)  # impossible options fail before any stage works
         records = []
@@ -612,6 +616,13 @@ class _PipelineRun:
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
+def _stage_statistics_options(stage: Stage) -> dict[str, dict]:
+    """``{statistic: options}`` a stage passes to ``context.statistics`` (stages that have a
+    ``statistics_options()`` method; none for the others)."""
+    method = getattr(stage, "statistics_options", None)
+    return dict(method()) if callable(method) else {}
+
+
 def collect_versions() -> dict[str, str]:
     """Versions of moecompress, Python and the libraries a result depends on."""
     import platform
@@ -793,18 +804,26 @@ def _save_model_atomic(model, tokenizer, folder: Path) -> None:
     import tempfile
 
     from moecompress.export.native import MoECompressQuantizationConfig, needs_native_format
-
-    if needs_native_format(model):
-        model.config.quantization_config = MoECompressQuantizationConfig.from_model(model)
+    from moecompress.models import find_moe_blocks
+    from moecompress.models.edits import materialize_expert_id_map, restore_expert_id_map
 
     temp = Path(tempfile.mkdtemp(prefix=".model-", dir=folder))
+    # A remap merge (router rule R1) saves as a plain HF checkpoint with each merged expert repeated per router
+    # output; the in-memory model is compacted again right after (load_model compacts on load too).
+    remapped = any(view.expert_id_map is not None for view in find_moe_blocks(model))
     try:
+        if remapped:
+            materialize_expert_id_map(model)
+        if needs_native_format(model):
+            model.config.quantization_config = MoECompressQuantizationConfig.from_model(model)
         model.save_pretrained(temp)
         if tokenizer is not None:
             tokenizer.save_pretrained(temp)
         for file in temp.iterdir():
             os.replace(file, folder / file.name)
     finally:
+        if remapped:
+            restore_expert_id_map(model)
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -52,7 +52,7 @@ stages: [{method: prune_frequency, keep_ratio: 0.75}]
     "text, message",
     [
         ("stages: [{method: prune_frequence, num_experts_to_keep: 4}]", r"stages\[0\]: unknown method 'prune_frequence'; known methods: .*prune_frequency"),
-        ("stages: [{method: prune_frequency, num_experts_to_keep: 4, keep: 3}]", r"stages\[0\] \(prune_frequency\): unknown key 'keep' \(allowed: num_experts_to_keep, keep_ratio, top_k\)"),
+        ("stages: [{method: prune_frequency, num_experts_to_keep: 4, keep: 3}]", r"stages\[0\] \(prune_frequency\): unknown key 'keep' \(allowed: num_experts_to_keep, keep_ratio, top_k, layer_budget, group_balanced, progressive\)"),
         ("stages: [{method: prune_frequency, num_experts_to_keep: many}]", r"stages\[0\] \(prune_frequency\): num_experts_to_keep: .*valid integer.*'many'"),
         ("stages: [{method: prune_frequency, keep_ratio: 1.5}]", r"keep_ratio: .*less than or equal to 1"),
         ("stages: [{method: prune_frequency, num_experts_to_keep: 0}]", r"num_experts_to_keep: .*greater than or equal to 1"),

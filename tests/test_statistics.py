@@ -64,6 +64,7 @@ def _direct_statistics(view, captured, domain_ids, num_domains, config):
 
     expected = {name: None for name in ALL_STATISTICS}
     expected["router_logit_mean"] = logits.mean(0)
+    expected["moe_block_inputs"] = x  # every router input (the sample cap of 2048 tokens is not reached here)
     expected["router_logit_gram"] = logits.T @ logits
     top_logits, top_index = torch.topk(logits, view.routing.top_k, dim=-1)
     expected["tcess_markers"] = torch.zeros_like(logits).scatter_(1, top_index, top_logits).mean(0)

@@ -1,0 +1,144 @@
+"""Pruning scores against direct computations: REAP / EAN / frequency from a hooked HF forward, TCESS from its
+formula on hand-made logits, and the kept sets the stages choose from those scores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from conftest import testbed_model_path as model_folder
+import moecompress.analysis.block_outputs  # noqa: F401  (registers moe_block_inputs)
+from moecompress.analysis.expert_scores import ean_scores, frequency_scores, reap_scores, tcess_scores
+from moecompress.calibration import collect_statistics
+from moecompress.calibration.statistics import tcess_markers
+from moecompress.models import find_moe_blocks
+from moecompress.models.loading import load_model
+from moecompress.pipeline import RunContext
+from moecompress.pruning.ean import EanPruning
+from moecompress.pruning.frequency import FrequencyPruning
+from moecompress.pruning.premoe import PremoeOptions, PremoePruning
+from moecompress.pruning.reap import ReapPruning
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def q3_model_and_tokens(testbed):
+    model, _ = load_model(str(model_folder("moe-ref-q3")), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(1, 8192, (4, 24), generator=generator)
+    tokens[:, 0] = 0
+    return model, tokens
+
+
+def _hooked_reference(model, tokens):
+    """Per MoE layer ``(counts [E], ean [E], reap [E])`` from an HF forward: the experts module's inputs, top-k
+    indices and combine weights are captured, and expert outputs recomputed from the fused HF tensors."""
+    captured = {}
+    handles = []
+    for view in find_moe_blocks(model):
+        def hook(module, args, kwargs, output, layer=view.layer_index):
+            hidden, index, weights = (list(args) + [kwargs.get(k) for k in ("top_k_index", "top_k_weights")])[:3]
+            captured.setdefault(layer, []).append((module, hidden.detach(), index.detach(), weights.detach().float()))
+        handles.append(view.experts.register_forward_hook(hook, with_kwargs=True))
+    with torch.no_grad():
+        model(tokens)
+    for handle in handles:
+        handle.remove()
+    reference = {}
+    torch.set_grad_enabled(False)
+    for layer, batches in captured.items():
+        module = batches[0][0]
+        num_experts = module.gate_up_proj.shape[0]
+        counts = torch.zeros(num_experts, dtype=torch.float64)
+        ean = torch.zeros(num_experts, dtype=torch.float64)
+        reap = torch.zeros(num_experts, dtype=torch.float64)
+        for _, hidden, index, weights in batches:
+            for token in range(hidden.shape[0]):
+                for slot in range(index.shape[1]):
+                    expert = int(index[token, slot])
+                    gate, up = F.linear(hidden[token], module.gate_up_proj[expert]).chunk(2)
+                    norm = float(F.linear(F.silu(gate) * up, module.down_proj[expert]).norm())
+                    counts[expert] += 1
+                    ean[expert] += norm
+                    reap[expert] += float(weights[token, slot]) * norm
+        reference[layer] = (counts, ean, torch.where(counts > 0, reap / counts.clamp_min(1), torch.zeros_like(reap)))
+    torch.set_grad_enabled(True)
+    return reference
+
+
+def test_frequency_ean_and_reap_scores_match_a_hooked_hf_forward(q3_model_and_tokens):
+    model, tokens = q3_model_and_tokens
+    statistics = collect_statistics(model, tokens, ["expert_token_counts", "ean_sums", "reap_sums"], batch_size=2)
+    reference = _hooked_reference(model, tokens)
+    assert sorted(statistics) == sorted(reference)
+    for layer, (counts, ean, reap) in reference.items():
+        torch.testing.assert_close(frequency_scores(statistics[layer]).double(), counts)
+        torch.testing.assert_close(ean_scores(statistics[layer]).double(), ean, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(reap_scores(statistics[layer]).double(), reap, rtol=1e-4, atol=1e-5)
+        assert (reap[counts == 0] == 0).all()
+
+
+def test_tcess_markers_follow_the_premoe_formula_on_hand_made_logits():
+    logits = torch.tensor([[2.0, -1.0, 0.5, -3.0], [-0.5, -0.2, -4.0, 1.0]])
+    # top-2 of row 0: experts 0 (2.0) and 2 (0.5); row 1: experts 3 (1.0) and 1 (-0.2)
+    softmax_row0 = torch.softmax(torch.tensor([2.0, 0.5]), 0)  # [0.818, 0.182]
+    identity = tcess_markers(logits, top_k=2, threshold=-1.0, phi="identity")
+    torch.testing.assert_close(identity, torch.tensor([[2.0, 0, 0.5, 0], [0, -0.2, 0, 1.0]]))
+    peu = tcess_markers(logits, top_k=2, threshold=0.0, phi="peu")
+    sigmoid = torch.sigmoid(torch.tensor([0.5, -0.2]))  # above 0.5 and -0.2: phi takes them
+    torch.testing.assert_close(peu, torch.tensor([[2.0, 0, float(sigmoid[0]), 0], [0, float(sigmoid[1]), 0, 1.0]]))
+    assert (peu >= 0).all()  # max(s, sigmoid(s)) is always positive
+    filtered = tcess_markers(logits, top_k=2, threshold=0.5, phi="identity")
+    assert float(softmax_row0[1]) < 0.5  # expert 2's share of row 0's top-2 is below the threshold: dropped
+    torch.testing.assert_close(filtered, torch.tensor([[2.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+    code = tcess_markers(logits, top_k=1, threshold=-1.0, phi="identity")  # the premoe_code preset
+    torch.testing.assert_close(code, torch.tensor([[2.0, 0, 0, 0], [0, 0, 0, 1.0]]))
+
+
+def test_premoe_options_defaults_and_preset():
+    assert PremoeOptions(num_experts_to_keep=4).tcess() == {"top_k": None, "threshold": 0.0, "phi": "peu"}
+    assert PremoeOptions(num_experts_to_keep=4, preset="premoe_code").tcess() == {"top_k": 1, "threshold": -1.0,
+                                                                                  "phi": "identity"}
+    with pytest.raises(ValueError, match="either the preset or the values"):
+        PremoeOptions(num_experts_to_keep=4, preset="premoe_code", phi="peu")
+
+
+def test_tcess_statistic_is_the_mean_marker_over_all_tokens(q3_model_and_tokens):
+    model, tokens = q3_model_and_tokens
+    options = {"tcess_markers": {"top_k": 2, "threshold": 0.0, "phi": "peu"}}
+    statistics = collect_statistics(model, tokens, ["tcess_markers", "moe_block_inputs"], options=options,
+                                    batch_size=4)
+    for view in find_moe_blocks(model):
+        inputs = statistics[view.layer_index]["moe_block_inputs"]  # every router input (fewer than max_tokens)
+        assert inputs.shape[0] == tokens.numel()
+        logits = F.linear(inputs, view.router_weight.float())
+        expected = tcess_markers(logits, 2, 0.0, "peu").mean(0)
+        torch.testing.assert_close(tcess_scores(statistics[view.layer_index]), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage_class, options", [
+    (FrequencyPruning, {}), (EanPruning, {}), (ReapPruning, {}), (PremoePruning, {"preset": "premoe_code"}),
+])
+def test_stages_keep_the_best_scored_experts_and_the_super_experts(q3_model_and_tokens, stage_class, options, tmp_path):
+    model, tokens = q3_model_and_tokens
+    import copy
+
+    model = copy.deepcopy(model)
+    context = RunContext(model=model, tokenizer=None, source="", output_dir=tmp_path, calibration=tokens,
+                         super_experts=[(1, 5)], batch_size=2)
+    stage = stage_class({"num_experts_to_keep": 8, **options})
+    result = stage.run(context)
+    scores = result.metrics["scores"]
+    for layer, kept in result.decisions["kept_experts"].items():
+        layer_scores = torch.tensor(scores[layer])
+        assert len(kept) == 8
+        protected = {5} if layer == "1" else set()
+        assert protected <= set(kept)
+        dropped = [e for e in range(32) if e not in kept]
+        others = [e for e in kept if e not in protected]
+        assert layer_scores[dropped].max() <= layer_scores[others].min()
+    assert all(view.num_experts == 8 for view in find_moe_blocks(model))
+    assert context.super_experts == [(1, result.decisions["kept_experts"]["1"].index(5))]
+    assert (tmp_path / result.plots[0]).is_file()
