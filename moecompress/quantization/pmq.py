@@ -40,6 +40,7 @@ def pmq_costs(token_counts: torch.Tensor, raw_weight_sums: torch.Tensor, errors:
     return (importance[:, None] * errors.double().clamp_min(0).pow(gamma) * COST_SCALE).numpy()
 
 
+@torch.no_grad()
 def hessian_errors(view: MoEBlockView, input_hessians: torch.Tensor, down_hessians: torch.Tensor,
                    candidates: list[int], group_size: int, symmetric: bool) -> torch.Tensor:
     """``[E, C]``: ``tr(dW H dW^T)`` of gate/up plus down under RTN at each candidate width (the Hessian proxy)."""
