@@ -422,7 +422,7 @@ class _PipelineRun:
                 raise _other_run_error(self.output_dir, "was written by another run while this one worked", [],
                                        f"this run's result is kept in {partial}; compare the two, then re-run with "
                                        "--overwrite to publish it")
-            _move_into_place(partial, self.output_dir)
+            move_into_place(partial, self.output_dir)
             (self.output_dir / LOCK_FILE).unlink(missing_ok=True)
         except BaseException as error:
             kept = "profile" in state
@@ -827,7 +827,7 @@ def _save_model_atomic(model, tokenizer, folder: Path) -> None:
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def _move_into_place(partial: Path, output_dir: Path) -> None:
+def move_into_place(partial: Path, output_dir: Path) -> None:
     """Replace ``output_dir`` by the finished ``partial`` folder (old content is removed only after the move)."""
     if output_dir.exists():
         aside = output_dir.parent / f"{output_dir.name}.old-{os.getpid()}"

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from moecompress.commands.store import parse_layers
+from moecompress.pipeline import move_into_place
 from moecompress.pruning.retrieval import RetrievalError, check_output_folder, retrieve
 
 
@@ -31,13 +32,7 @@ def save_reduced_model(model, tokenizer, record: dict, out: Path) -> None:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
         (partial / "retrieval.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            aside = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, aside)
-            os.replace(partial, out)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(partial, out)
+        move_into_place(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 

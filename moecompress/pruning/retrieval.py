@@ -43,6 +43,7 @@ from moecompress.calibration.checkpoint import (LazyCheckpoint, _fused_target, _
 from moecompress.calibration.data import load_calibration, separator_token_id
 from moecompress.calibration.runner import collect_statistics
 from moecompress.calibration.statistics import LayerStatistics, tcess_markers
+from moecompress.pipeline import move_into_place
 from moecompress.errors import MoECompressError
 from moecompress.models import decoder_layers, find_moe_blocks, keep_experts
 from moecompress.models.view import MoEBlockView
@@ -427,7 +428,7 @@ class PatternStore:
             save_file({f"tcess/{task}": matrix.float().contiguous() for task, matrix in self.patterns.items()},
                       str(partial / STORE_TENSORS))
             (partial / STORE_JSON).write_text(json.dumps(self.describe(), indent=2) + "\n")
-            _move_into_place(partial, folder)
+            move_into_place(partial, folder)
         finally:
             shutil.rmtree(partial, ignore_errors=True)
         return folder
@@ -490,16 +491,6 @@ def matching_key(tcess_by_layer: Mapping[int, torch.Tensor]) -> torch.Tensor:
     if len(layers) == 1:
         return tcess_by_layer[layers[0]].float()
     return torch.cat([torch.nn.functional.normalize(tcess_by_layer[layer].float(), dim=0) for layer in layers])
-
-
-def _move_into_place(partial: Path, folder: Path) -> None:
-    if folder.exists():
-        aside = folder.parent / f".{folder.name}.old-{os.getpid()}"
-        os.replace(folder, aside)
-        os.replace(partial, folder)
-        shutil.rmtree(aside, ignore_errors=True)
-    else:
-        os.replace(partial, folder)
 
 
 def check_output_folder(out: str | Path, source: str | Path, overwrite: bool) -> None:
