@@ -17,6 +17,12 @@ reservations, not memory used: importing torch and transformers alone peaks at ~
 glibc/torch reserve more per thread and per large allocation, so a 1 GiB cap fails (or stalls in the kernel) while
 resident memory is ~0.5 GiB. Peak RSS is the meaningful number; the cap is off by default.
 
+``--stages prune+gptq`` measures a whole streamed compress run instead of the pass alone: the pipeline (profiling
+pass, ``prune_frequency`` to 3/4 of the experts decided from it, GPTQ 4-bit layer by layer on calibration inputs
+that went through the quantised layers, the output checkpoint written shard by shard; ``moecompress.streaming``)
+under the same watchdog. The benchmark copies the bundled demo model's tokenizer beside the random weights (same
+8192-token vocabulary) and calibrates on ``demo/calib``; the output goes to ``<folder>-out``.
+
 The model is random, so the statistics are meaningless; only memory and time are measured.
 """
 
@@ -120,6 +126,35 @@ def child(folder: Path, limit_bytes: int, num_samples: int, seq_len: int, batch_
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MODEL = REPO / "demo" / "models" / "moe-ref-q3"
+
+
+def compress_child(folder: Path, num_samples: int, seq_len: int, batch_size: int, dtype: str) -> None:
+    """The measured process for ``--stages prune+gptq``: a streamed compress run, then print JSON."""
+    import shutil
+
+    from moecompress.pipeline import Pipeline
+
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if not (folder / name).is_file():
+            shutil.copyfile(DEMO_MODEL / name, folder / name)
+    recipe = {
+        "calibration": {"files": [str(REPO / "demo" / "calib")], "num_samples": num_samples, "seq_len": seq_len,
+                        "batch_size": batch_size},
+        "stages": [{"method": "prune_frequency", "keep_ratio": 0.75},
+                   {"method": "gptq", "bits": 4, "group_size": 128, "hessian_memory_gib": 0.125}],
+    }
+    out = folder.parent / f"{folder.name}-out"
+    started = time.perf_counter()
+    report = Pipeline.from_recipe(recipe).run(folder, out, dtype=dtype, overwrite=True, execution="streamed")
+    seconds = time.perf_counter() - started
+    written = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(json.dumps({"seconds": seconds, "layers": len(report["calibration"]["moe_layers"]),
+                      "output_bytes": written, "timings": report["timings"],
+                      "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/moecompress-bench-3gb"))
@@ -133,12 +168,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget-fraction", type=float, default=1 / 3,
                         help="resident memory the pass may use, as a fraction of the checkpoint size (default 1/3)")
+    parser.add_argument("--stages", default="none", choices=["none", "prune+gptq"],
+                        help="none: the calibration pass alone; prune+gptq: a streamed compress run (see above)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         import torch
 
         torch.set_num_threads(args.threads)
+        if args.stages == "prune+gptq":
+            compress_child(args.folder, args.num_samples, args.seq_len, args.batch_size, args.dtype)
+            return
         child(args.folder, int(args.limit_gb * 2**30), args.num_samples, args.seq_len, args.batch_size, args.dtype)
         return
     if not (args.folder / "model.safetensors.index.json").is_file():
@@ -148,7 +188,8 @@ def main() -> None:
     checkpoint_bytes = sum(f.stat().st_size for f in args.folder.glob("*.safetensors"))
     command = [sys.executable, __file__, "--child", "--folder", str(args.folder), "--limit-gb", str(args.limit_gb),
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
-               "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads)]
+               "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads),
+               "--stages", args.stages]
     budget_bytes = int(checkpoint_bytes * args.budget_fraction)
     returncode, stdout, stderr, watchdog_peak = run_within_budget(command, budget_bytes)
     if returncode != 0:
@@ -161,8 +202,12 @@ def main() -> None:
     peak = max(measured["peak_rss_bytes"], watchdog_peak)
     print(f"checkpoint on disk: {checkpoint_bytes / 2**30:.2f} GiB ({shape_for_size(args.size_gb)['num_hidden_layers']} layers)")
     print(f"address-space limit of the pass: {args.limit_gb:.2f} GiB (RLIMIT_AS)" if args.limit_gb else "no limit")
-    print(f"calibration pass: {args.num_samples} x {args.seq_len} tokens, {args.dtype}, {measured['seconds']:.1f} s, "
+    what = "streamed compress run (prune_frequency 3/4 + GPTQ 4-bit)" if args.stages == "prune+gptq" else "calibration pass"
+    print(f"{what}: {args.num_samples} x {args.seq_len} tokens, {args.dtype}, {measured['seconds']:.1f} s, "
           f"{measured['layers']} MoE layers")
+    if "output_bytes" in measured:
+        print(f"output checkpoint: {measured['output_bytes'] / 2**30:.2f} GiB; phases (s): "
+              + ", ".join(f"{name} {seconds:.0f}" for name, seconds in measured["timings"].items()))
     print(f"memory budget (watchdog on resident memory): {budget_bytes / 2**30:.2f} GiB = "
           f"{args.budget_fraction:.2f} x the checkpoint size")
     print(f"peak RSS: {peak / 2**30:.2f} GiB = {peak / checkpoint_bytes:.2f} x the checkpoint size: "

@@ -126,6 +126,10 @@ class RunContext:
     # Bit-width per routed expert ``{(layer, expert): bits}`` decided by an allocation stage (PMQ, CAMERA-Q) for the
     # quantiser that follows; None = the quantiser's own ``bits``.
     bit_map: dict[tuple[int, int], int] | None = None
+    # Where calibration passes read the model from when ``model`` is a meta skeleton (a streamed run's decisions):
+    # the source checkpoint folder, loaded lazily layer by layer, at ``statistics_dtype``.
+    statistics_source: Any = None
+    statistics_dtype: Any = None
 
     def remap_super_experts(self, id_map: dict[tuple[int, int], int]) -> None:
         """Carry the super experts through an expert edit (``(layer, old) -> new`` for the edited layers)."""
@@ -151,7 +155,8 @@ class RunContext:
         keep_previous = not self.statistics_stale
         wanted = list(dict.fromkeys([*(self.statistics_names if keep_previous else ()), *names]))
         merged_options = {**(self.statistics_options if keep_previous else {}), **options}
-        runner = LayerwiseRunner.from_source(self.model, device=self.device)
+        source = self.model if self.statistics_source is None else self.statistics_source
+        runner = LayerwiseRunner.from_source(source, device=self.device, dtype=self.statistics_dtype)
         run = runner.run(self.calibration, wanted, options=merged_options, batch_size=self.batch_size,
                          on_layer=self.on_layer)
         self.statistics_cache, self.statistics_names = run.layers, set(wanted)
@@ -240,9 +245,12 @@ class Pipeline:
         return self.recipe.stages
 
     def run(self, source: str | Path, output_dir: str | Path, *, device: str | None = None, dtype: Any = "auto",
-            overwrite: bool = False, progress: ProgressReporter | None = None) -> dict[str, Any]:
+            overwrite: bool = False, progress: ProgressReporter | None = None,
+            execution: str = "auto") -> dict[str, Any]:
+        """``execution``: ``streamed`` (never hold the whole model, see ``moecompress.streaming``), ``in_memory``,
+        or ``auto`` (streamed when the recipe's stages allow it)."""
         return _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
-                            progress=progress or ProgressReporter()).execute()
+                            progress=progress or ProgressReporter(), execution=execution).execute()
 
 
 class _PipelineRun:
@@ -254,7 +262,11 @@ class _PipelineRun:
     folder (locked), the profiling pass and the stages.
     """
 
-    def __init__(self, pipeline: Pipeline, source, output_dir, *, device, dtype, overwrite, progress) -> None:
+    def __init__(self, pipeline: Pipeline, source, output_dir, *, device, dtype, overwrite, progress,
+                 execution: str = "auto") -> None:
+        from moecompress.streaming import choose_execution
+
+        self.stream_plan = choose_execution(execution, pipeline.recipe.stages)  # a bad mode fails first
         self.pipeline = pipeline
         self.recipe = pipeline.recipe
         self.source = str(source)
@@ -513,6 +525,8 @@ class _PipelineRun:
         stages = self.recipe.stages
         if not stages:
             return [], None, None
+        if self.stream_plan is not None:
+            return self._run_stages_streamed(checkpoint_folder, tokenizer, calibration, profile, state, partial)
         started = time.perf_counter()
         dtype = self._torch_dtype() or _checkpoint_dtype(checkpoint_folder)
         model, loaded_tokenizer = load_model(str(checkpoint_folder), dtype=dtype, device=self.device or "cpu")
@@ -570,6 +584,113 @@ class _PipelineRun:
             self.progress.finish("save model")
             self.timings["save_model"] = time.perf_counter() - started
         return records, summary_after, model
+
+    def _run_stages_streamed(self, checkpoint_folder, tokenizer, calibration, profile, state, partial):
+        """The streamed run (``moecompress.streaming``): decide on a meta skeleton, sweep the layers from disk into
+        the output checkpoint, then load the written model for the stages that read it (evaluate)."""
+        import time
+
+        from moecompress.export.native import build_meta_model
+        from moecompress.models.loading import load_model
+        from moecompress.models.summary import model_summary
+        from moecompress.streaming import StreamedStages
+
+        plan = self.stream_plan
+        dtype = self._torch_dtype() or _checkpoint_dtype(checkpoint_folder)
+        streamed = StreamedStages(plan, checkpoint_folder, dtype, device=self.device)
+        context = RunContext(
+            model=streamed.skeleton(), tokenizer=tokenizer, source=self.source, output_dir=partial,
+            calibration=calibration, super_experts=[tuple(pair) for pair in profile["super_experts"]],
+            device=self.device, batch_size=self.recipe.calibration.batch_size,
+            on_layer=lambda done, total: self.progress.update("calibration", done, total),
+        )
+        context.config = context.model.config
+        # the skeleton has no weights: a stage that needs a calibration pass (a resumed run, whose profile
+        # statistics are not kept) reads the unedited source checkpoint lazily
+        context.statistics_source, context.statistics_dtype = checkpoint_folder, dtype
+        if "statistics" in profile:
+            context.statistics_cache = profile["statistics"]
+            context.statistics_names = set(profile["statistic_names"])
+            context.statistics_options = dict(profile.get("statistic_options") or {})
+        for stage in plan.stages:
+            stage.check(context)
+        records = []
+        pruning_result = None
+        if plan.pruning is not None:  # decides on the meta skeleton from the profiling statistics
+            pruning_result, record = self._stage(0, plan.pruning, context, state, partial)
+            records.append(record)
+        index = 1 if plan.pruning is not None else 0
+        key = f"{index}:{plan.quantization.method}" if plan.quantization is not None else "stream"
+        done = state["stages"].get(key) if state.get("streamed_model_written") else None
+        if done is None:
+            started = time.perf_counter()
+            name = "stream layers" + (f": {plan.quantization.method}" if plan.quantization else "")
+            self.progress.start(name, None)
+            quantization_result, _ = streamed.write_model(context, pruning_result, partial)
+            self.progress.finish(name)
+            seconds = time.perf_counter() - started
+            self.timings["stream layers"] = seconds
+            if plan.quantization is not None:
+                result = plan.quantization.stage_result(quantization_result)
+                record = self._record(plan.quantization, result, seconds, context)
+                state["stages"][key] = {"record": record, "result": {
+                    "decisions": result.decisions, "metrics": result.metrics, "plots": result.plots,
+                    "changed_structure": result.changed_structure}}
+                records.append(record)
+            state["streamed_model_written"] = True
+            _write_json_atomic(partial / STATE_FILE, state)
+        elif plan.quantization is not None:
+            records.append({**done["record"], "resumed": True})
+        started = time.perf_counter()
+        model = None
+        if plan.after:  # stages that read the whole model load the written result
+            model, loaded_tokenizer = load_model(str(partial), dtype=dtype, device=self.device or "cpu")
+            context.model, context.config = model, model.config
+            context.statistics_source = None
+            context.tokenizer = loaded_tokenizer or tokenizer
+            context.statistics_cache, context.statistics_stale = None, True
+            self.timings["load_model"] = time.perf_counter() - started
+        first_after = len(plan.stages) - len(plan.after)
+        for offset, stage in enumerate(plan.after):
+            _, record = self._stage(first_after + offset, stage, context, state, partial)
+            records.append(record)
+        self.timings["calibration passes in stages"] = context.timings.get("calibration_passes", 0.0)
+        from transformers import AutoConfig
+
+        summary_after = model_summary(model if model is not None else
+                                      build_meta_model(AutoConfig.from_pretrained(str(partial)), dtype=dtype))
+        return records, summary_after, model
+
+    def _stage(self, index: int, stage: Stage, context: RunContext, state: dict, partial: Path):
+        """Run (or, when a stopped run finished it, replay) one stage; returns ``(result, report record)``."""
+        import time
+
+        key = f"{index}:{stage.method}"
+        name = f"stage {index + 1}/{len(self.recipe.stages)}: {stage.method}"
+        done = state["stages"].get(key)
+        self.progress.start(name, None)
+        started = time.perf_counter()
+        if done is not None:
+            result = StageResult(**done["result"])
+            if stage.replay(context, result) or not result.changed_structure:
+                self.progress.finish(name)
+                return result, {**done["record"], "resumed": True}
+        result = stage.run(context)
+        seconds = time.perf_counter() - started
+        record = self._record(stage, result, seconds, context)
+        state["stages"][key] = {"record": record, "result": {
+            "decisions": result.decisions, "metrics": result.metrics, "plots": result.plots,
+            "changed_structure": result.changed_structure}}
+        _write_json_atomic(partial / STATE_FILE, state)
+        self.timings[f"stage {index}: {stage.method}"] = seconds
+        self.progress.finish(name)
+        return result, record
+
+    @staticmethod
+    def _record(stage: Stage, result: StageResult, seconds: float, context: RunContext) -> dict:
+        return {"method": stage.method, "options": stage.options.model_dump(mode="json", exclude_none=True),
+                "decisions": result.decisions, "metrics": result.metrics, "plots": result.plots,
+                "seconds": seconds, "super_experts_after": [list(p) for p in context.super_experts]}
 
     def _report(self, calibration, profile, stage_records, summary_after) -> dict[str, Any]:
         from moecompress.calibration import peak_memory_bytes

@@ -160,10 +160,15 @@ def _scramble_header(path):
     path.write_bytes(bytes(data))
 
 
+def _weights_file(out):
+    """The run's (first) weights file: one file in memory, one shard per decoder layer when streamed."""
+    return sorted(out.glob("model*.safetensors"))[0]
+
+
 @pytest.mark.parametrize("damage", [
-    pytest.param(lambda out: (out / "model.safetensors").unlink(), id="model-file-missing"),
-    pytest.param(lambda out: _truncate(out / "model.safetensors"), id="model-file-truncated"),
-    pytest.param(lambda out: _scramble_header(out / "model.safetensors"), id="model-header-corrupt"),
+    pytest.param(lambda out: _weights_file(out).unlink(), id="model-file-missing"),
+    pytest.param(lambda out: _truncate(_weights_file(out)), id="model-file-truncated"),
+    pytest.param(lambda out: _scramble_header(_weights_file(out)), id="model-header-corrupt"),
     pytest.param(lambda out: (out / "config.json").unlink(), id="config-missing"),
     pytest.param(lambda out: (out / "report.json").unlink(), id="report-missing"),
 ])

@@ -201,6 +201,21 @@ class LayerwiseRunner:
                     on_layer(layer_index + 1, total)
         return time.perf_counter() - started
 
+    def each_layer(self, process_layer: Callable[[int, nn.Module], None], *,
+                   on_layer: ProgressCallback | None = None) -> float:
+        """Run ``process_layer(layer_index, layer)`` on each decoder layer in order with its weights loaded, without
+        calibration data (edits that need no inputs: RTN, applying decided expert pruning). Returns the seconds."""
+        started = time.perf_counter()
+        total = len(self.layers)
+        with torch.no_grad():
+            for layer_index, layer in enumerate(self.layers):
+                moved = self._onload(layer, f"{self.layers_path}.{layer_index}")
+                process_layer(layer_index, layer)
+                self._offload(layer, moved)
+                if on_layer is not None:
+                    on_layer(layer_index + 1, total)
+        return time.perf_counter() - started
+
     # ----- weights on and off the compute device ---------------------------------------------------------------
     def _onload(self, module: nn.Module, path: str):
         """Put ``module`` on the compute device; returns what :meth:`_offload` needs to undo it."""

@@ -31,6 +31,10 @@ def register(subparsers) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a run of another recipe, model or calibration data in --out (or its stopped "
                              "run); never replaces a folder that is not a moecompress run")
+    parser.add_argument("--execution", default="auto", choices=["auto", "streamed", "in_memory"],
+                        help="streamed: load, edit and write one decoder layer at a time, never the whole model "
+                             "(possible for one statistics-based pruning stage, then rtn/gptq, then evaluate); "
+                             "auto (default): streamed when the recipe allows it")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
     parser.set_defaults(func=run)
@@ -75,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
                         TimeElapsedColumn(), console=console, transient=False)
     try:
         report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
+                              execution=args.execution,
                               progress=RichProgress(progress))
     finally:
         if progress.live.is_started:

@@ -51,14 +51,21 @@ class MoECompressQuantizationConfig(QuantizationConfigMixin):
                 "linears": self.linears}
 
     @classmethod
-    def from_model(cls, model: nn.Module) -> "MoECompressQuantizationConfig":
-        """The config describing ``model``'s packed experts as they are now."""
+    def from_model(cls, model: nn.Module, layer_index: int | None = None) -> "MoECompressQuantizationConfig":
+        """The config describing ``model``'s packed modules as they are now (only decoder layer ``layer_index``'s,
+        when given: the others are not read)."""
         from moecompress.kernels.backend import PackedExperts
         from moecompress.kernels.linear import PackedLinear
-        from moecompress.models import find_moe_blocks
+        from moecompress.models import decoder_layers, find_moe_blocks
 
         layers = {}
+        prefix = ""
+        if layer_index is not None:
+            layer = decoder_layers(model)[layer_index]
+            prefix = next(name for name, module in model.named_modules() if module is layer) + "."
         for view in find_moe_blocks(model):
+            if layer_index is not None and view.layer_index != layer_index:
+                continue
             if isinstance(view.experts, PackedExperts):
                 layers[str(view.layer_index)] = {
                     "expert_bits": [int(bits) for bits in view.experts.expert_bits.tolist()],
@@ -67,7 +74,8 @@ class MoECompressQuantizationConfig(QuantizationConfigMixin):
                 }
         linears = {path: {"bits": module.bits, "group_size": module.group_size, "symmetric": module.symmetric,
                           "bias": module.bias is not None}
-                   for path, module in model.named_modules() if isinstance(module, PackedLinear)}
+                   for path, module in model.named_modules()
+                   if isinstance(module, PackedLinear) and path.startswith(prefix)}
         return cls(layers=layers, linears=linears)
 
 

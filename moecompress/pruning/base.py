@@ -190,6 +190,9 @@ class ExpertPruningStage(Stage):
 
     Options = ExpertBudgetOptions
     score_name: str = "score"
+    # True when ``decide`` reads only calibration statistics, not weights: the stage can then decide on a meta
+    # skeleton and a streamed run applies its decision layer by layer (moecompress.streaming)
+    decides_from_statistics: bool = True
 
     def check(self, context: RunContext) -> None:
         check_budget(self.method, self.options, context)

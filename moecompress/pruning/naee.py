@@ -87,6 +87,7 @@ class NaeePruning(ProgressivePruningStage):
     Options = NaeeOptions
     statistics = ("moe_block_inputs",)
     score_name = "block-output loss when removed alone"
+    decides_from_statistics = False  # the search runs the experts' weights: no streamed run (moecompress.streaming)
 
     def statistics_options(self) -> dict[str, dict]:
         return {"moe_block_inputs": {"max_tokens": self.options.max_tokens}}

@@ -22,8 +22,6 @@ format, ``moecompress.export.native``), so the model saves and reloads with ``fr
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +33,7 @@ from torch import nn
 from moecompress.calibration.runner import LayerReplay, LayerwiseRunner
 from moecompress.errors import MoECompressError, UnsupportedModelError
 from moecompress.export.native import MoECompressQuantizationConfig, prepare_skeleton, replace_experts
+from moecompress.export.shards import LayerFiles
 from moecompress.kernels.backend import PackedExperts
 from moecompress.kernels.linear import PackedLinear
 from moecompress.models import decoder_layers, find_moe_blocks
@@ -94,6 +93,16 @@ class QuantizationResult:
     experts: list[ExpertRecord] = field(default_factory=list)
     linears: dict[str, dict] = field(default_factory=dict)  # module path -> {"bits", "error"}
     seconds_per_layer: dict[int, float] = field(default_factory=dict)
+    # decoder layer -> the native-format description of its packed modules (``{"layers": ..., "linears": ...}``)
+    layer_configs: dict[int, dict] = field(default_factory=dict)
+
+    def quantization_config(self) -> MoECompressQuantizationConfig:
+        """The model's native ``quantization_config``, merged from every layer's (no module is read)."""
+        layers, linears = {}, {}
+        for layer_config in self.layer_configs.values():
+            layers.update(layer_config.get("layers", {}))
+            linears.update(layer_config.get("linears", {}))
+        return MoECompressQuantizationConfig(layers=layers, linears=linears)
 
     def bit_widths(self) -> dict[str, list[int]]:
         """``{layer: [bits per expert]}`` (the report's bit-width map)."""
@@ -134,99 +143,89 @@ def check_quantizable(model: nn.Module, settings: QuantizationSettings) -> None:
 
 # ----- the driver --------------------------------------------------------------------------------------------------
 def quantize_model(model: nn.Module, settings: QuantizationSettings, calibration=None, *, device=None,
-                   batch_size: int = 8, on_layer: Callable[[int, int], None] | None = None) -> QuantizationResult:
-    """Quantise ``model`` in place (RTN needs no ``calibration``; GPTQ does). Returns what was done per expert."""
+                   batch_size: int = 8, on_layer: Callable[[int, int], None] | None = None,
+                   runner: LayerwiseRunner | None = None,
+                   before_layer: Callable[[int, nn.Module], None] | None = None) -> QuantizationResult:
+    """Quantise ``model`` in place (RTN needs no ``calibration``; GPTQ does). Returns what was done per expert.
+
+    runner: the layer-by-layer runner to go through (default: one over the in-memory ``model``); a runner over a
+    lazily loaded checkpoint makes this a streamed run, where each layer is loaded, edited, quantised, written to
+    ``settings.progress_dir`` and released (``moecompress.streaming``). ``before_layer(layer_index, layer)`` runs on
+    each layer as soon as its weights are loaded, before it is quantised (the streamed run applies expert pruning
+    there).
+    """
     check_quantizable(model, settings)
     result = QuantizationResult()
-    if settings.method == "rtn":
-        total = len(decoder_layers(model))
-        for layer_index in range(total):
-            started = time.perf_counter()
+    runner = runner or LayerwiseRunner(model, device=device)
+    progress = _LayerProgress(settings.progress_dir, settings.fingerprint) if settings.progress_dir else None
+    if settings.method == "gptq" and calibration is None:
+        raise MoECompressError("GPTQ needs calibration data; add a `calibration:` section to the recipe")
+    pending: dict[int, _GPTQLayer] = {}
+
+    def process(layer_index: int, layer: nn.Module, replay: LayerReplay | None) -> None:
+        if before_layer is not None:
+            before_layer(layer_index, layer)
+        if progress is not None and progress.restore(model, layer_index, layer, result):
+            return  # written by an earlier, stopped run: only propagated
+        started = time.perf_counter()
+        if settings.method == "rtn":
             _quantize_layer_rtn(model, layer_index, settings, result)
-            result.seconds_per_layer[layer_index] = time.perf_counter() - started
-            if on_layer is not None:
-                on_layer(layer_index + 1, total)
-    else:
-        if calibration is None:
-            raise MoECompressError("GPTQ needs calibration data; add a `calibration:` section to the recipe")
-
-        pending: dict[int, _GPTQLayer] = {}
-        progress = _LayerProgress(settings.progress_dir, settings.fingerprint) if settings.progress_dir else None
-
-        def process(layer_index: int, layer: nn.Module, replay: LayerReplay) -> None:
-            if progress is not None and progress.restore(model, layer_index, layer, result):
-                return  # written by an earlier, stopped run: only propagated
-            started = time.perf_counter()
+        else:
             pending[layer_index] = _GPTQLayer(model, layer_index, layer, replay, settings, result)
             pending[layer_index].run()
-            result.seconds_per_layer[layer_index] = time.perf_counter() - started
+        result.seconds_per_layer[layer_index] = time.perf_counter() - started
 
-        def finish(layer_index: int, layer: nn.Module) -> None:
-            if layer_index in pending:
-                pending.pop(layer_index).install_packed_experts()
-                if progress is not None:
-                    progress.save(model, layer_index, layer, result)
+    def finish(layer_index: int, layer: nn.Module) -> None:
+        if layer_index in pending:
+            pending.pop(layer_index).install_packed_experts()
+        if layer_index in result.seconds_per_layer:  # quantised now, not restored
+            result.layer_configs[layer_index] = _layer_quantization_config(model, layer_index).to_dict()
+            if progress is not None:
+                progress.save(model, layer_index, layer, result)
 
-        LayerwiseRunner(model, device=device).sweep(calibration, process, batch_size=batch_size, on_layer=on_layer,
-                                                    finish_layer=finish)
-    model.config.quantization_config = MoECompressQuantizationConfig.from_model(model)
+    if settings.method == "rtn":
+        runner.each_layer(lambda index, layer: (process(index, layer, None), finish(index, layer)), on_layer=on_layer)
+    else:
+        runner.sweep(calibration, process, batch_size=batch_size, on_layer=on_layer, finish_layer=finish)
+    model.config.quantization_config = result.quantization_config()
     return result
 
 
 # ----- resuming --------------------------------------------------------------------------------------------------
 class _LayerProgress:
-    """Finished decoder layers on disk: ``layer-00003.safetensors`` (its state dict) and ``layer-00003.json`` (its
-    packed modules and expert records), valid for one ``fingerprint`` (stage options + calibration data)."""
+    """Finished decoder layers on disk (:class:`moecompress.export.shards.LayerFiles`): the layer's state dict, its
+    packed modules' config and expert records, valid for one ``fingerprint`` (stage options + calibration data)."""
 
     def __init__(self, folder: Path, fingerprint: str) -> None:
-        from safetensors.torch import load_file, save_file  # noqa: F401 (checked here, used below)
-
-        self.folder = Path(folder)
-        marker = self.folder / "fingerprint.txt"
-        if self.folder.exists() and (not marker.is_file() or marker.read_text() != fingerprint):
-            shutil.rmtree(self.folder)  # another stage configuration or calibration set: start over
-        self.folder.mkdir(parents=True, exist_ok=True)
-        marker.write_text(fingerprint)
+        self.files = LayerFiles(folder, fingerprint)
 
     def save(self, model: nn.Module, layer_index: int, layer: nn.Module, result: QuantizationResult) -> None:
-        from safetensors.torch import save_file
-
-        layer_config = _layer_quantization_config(model, layer_index)
-        records = [asdict(record) for record in result.experts if record.layer == layer_index]
-        tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in layer.state_dict().items()}
-        stem = self.folder / f"layer-{layer_index:05d}"
-        save_file(tensors, f"{stem}.safetensors.tmp")
-        Path(f"{stem}.safetensors.tmp").replace(f"{stem}.safetensors")
-        Path(f"{stem}.json.tmp").write_text(json.dumps({"config": layer_config.to_dict(), "experts": records,
-                                                        "linears": {path: spec for path, spec in result.linears.items()
-                                                                    if path in layer_config.linears}}))
-        Path(f"{stem}.json.tmp").replace(f"{stem}.json")  # written last: its presence marks the layer done
+        layer_config = result.layer_configs[layer_index]
+        self.files.save(layer_index, layer, {
+            "config": layer_config,
+            "experts": [asdict(record) for record in result.experts if record.layer == layer_index],
+            "linears": {path: spec for path, spec in result.linears.items() if path in layer_config.get("linears", {})},
+        })
 
     def restore(self, model: nn.Module, layer_index: int, layer: nn.Module, result: QuantizationResult) -> bool:
-        from safetensors.torch import load_file
-
-        stem = self.folder / f"layer-{layer_index:05d}"
-        if not Path(f"{stem}.json").is_file():
+        saved = self.files.metadata(layer_index)
+        if saved is None:
             return False
-        saved = json.loads(Path(f"{stem}.json").read_text())
         prepare_skeleton(model, MoECompressQuantizationConfig(**{k: v for k, v in saved["config"].items()
                                                                    if k != "quant_method"}),
                          dtype=next(p.dtype for p in layer.parameters() if p.is_floating_point()))
         device = next(p.device for p in layer.parameters() if p.device.type != "meta")
-        layer.load_state_dict(load_file(f"{stem}.safetensors", device=str(device)), strict=True, assign=True)
+        layer.load_state_dict(self.files.tensors(layer_index, device=str(device)), strict=True, assign=True)
         result.experts.extend(ExpertRecord(**record) for record in saved["experts"])
         result.linears.update(saved["linears"])
+        result.layer_configs[layer_index] = saved["config"]
         return True
 
 
 def _layer_quantization_config(model: nn.Module, layer_index: int) -> MoECompressQuantizationConfig:
-    """The native-format description of one decoder layer's packed modules."""
-    full = MoECompressQuantizationConfig.from_model(model)
-    layer_path = next(name for name, module in model.named_modules() if module is decoder_layers(model)[layer_index])
-    return MoECompressQuantizationConfig(
-        layers={key: spec for key, spec in full.layers.items() if int(key) == layer_index},
-        linears={path: spec for path, spec in full.linears.items() if path.startswith(layer_path + ".")},
-    )
+    """The native-format description of one decoder layer's packed modules (only that layer is read: in a streamed
+    run the other layers are on the meta device)."""
+    return MoECompressQuantizationConfig.from_model(model, layer_index=layer_index)
 
 
 # ----- RTN ---------------------------------------------------------------------------------------------------------
@@ -338,11 +337,12 @@ class _GPTQLayer:
                                              ExpertRecord(view.layer_index, expert, bits, tokens))
             floor = settings.cold_token_floor or fused.shape[2]
             record.cold = record.cold or tokens < floor
-            if tokens == 0 or float(hessians[offset].diagonal().sum()) == 0:  # no signal at all: plain rounding
+            damp = _cold_damping(settings.damp, tokens, floor, hessians[offset])
+            if damp is None:  # no calibration signal at all: plain rounding
                 packed[expert] = quantize_rtn(fused[expert].detach(), bits, settings.group_size, settings.symmetric)
                 errors[expert] = float("nan")
             else:
-                stacks.setdefault(bits, []).append((offset, expert, settings.damp + max(0.0, 1.0 - tokens / floor)))
+                stacks.setdefault(bits, []).append((offset, expert, damp))
         for bits, members in stacks.items():
             offsets, stack_experts, damps = (list(column) for column in zip(*members))
             result = gptq_quantize(fused.detach()[stack_experts], hessians[offsets], bits,
@@ -364,9 +364,9 @@ class _GPTQLayer:
               floor: int) -> tuple[PackedLinearWeight, float]:
         settings = self.settings
         _check_finite(weight, f"layer {self.layer_index} weight")
-        if tokens == 0 or float(hessian.diagonal().sum()) == 0:  # no calibration signal at all: plain rounding
+        damp = _cold_damping(settings.damp, tokens, floor, hessian)
+        if damp is None:  # no calibration signal at all: plain rounding
             return quantize_rtn(weight, bits, settings.group_size, settings.symmetric), float("nan")
-        damp = settings.damp + max(0.0, 1.0 - tokens / floor)
         result = gptq_quantize(weight, hessian, bits, group_size=settings.group_size, symmetric=settings.symmetric,
                                damp=damp, act_order=settings.act_order)
         return result.packed, result.relative_error
@@ -509,6 +509,15 @@ def _replace_linear(model: nn.Module, path: str, linear: nn.Linear, packed: Pack
     parent = model.get_submodule(parent_path)
     bias = None if linear.bias is None else linear.bias.detach()
     setattr(parent, name, PackedLinear(packed.to(linear.weight.device), bias))
+
+
+def _cold_damping(damp: float, tokens: int, floor: int, hessian: torch.Tensor) -> float | None:
+    """The damping of a weight whose Hessian saw ``tokens`` tokens: ``damp + (1 - tokens / floor)`` below the
+    floor (towards plain rounding, the limit of a large damping), ``damp`` above it; None when the Hessian holds no
+    signal at all (no token, or all-zero inputs), where the caller rounds (RTN)."""
+    if tokens == 0 or float(hessian.diagonal().sum()) == 0:
+        return None
+    return damp + max(0.0, 1.0 - tokens / floor)
 
 
 def _check_finite(weight: torch.Tensor, what: str) -> None:

@@ -25,7 +25,13 @@ import pydantic
 from moecompress.errors import MoECompressError, RecipeError
 from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage
 from moecompress.quantization.packing import SUPPORTED_BITS
-from moecompress.quantization.sequential import TARGETS, QuantizationSettings, check_quantizable, quantize_model
+from moecompress.quantization.sequential import (
+    TARGETS,
+    QuantizationResult,
+    QuantizationSettings,
+    check_quantizable,
+    quantize_model,
+)
 
 # The Triton kernels read one scale per 16-column tile, so a group must be whole tiles.
 GROUP_SIZE_MULTIPLE = 16
@@ -105,6 +111,10 @@ class _QuantizeStage(Stage):
         progress_dir = self._progress_dir(context)
         if progress_dir is not None:
             shutil.rmtree(progress_dir, ignore_errors=True)  # the stage is done: its record replaces the layer files
+        return self.stage_result(result)
+
+    def stage_result(self, result: QuantizationResult) -> StageResult:
+        """The report entry of a finished quantisation (in memory or streamed)."""
         cold = [{"layer": r.layer, "expert": r.expert, "tokens": r.tokens} for r in result.experts if r.cold]
         errors = [r.gate_up_error for r in result.experts if r.gate_up_error is not None and r.gate_up_error == r.gate_up_error]
         metrics = {

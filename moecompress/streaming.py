@@ -1,0 +1,158 @@
+"""Streamed compress runs: the model is never held whole.
+
+A recipe streams when its stages are, in order: at most one expert-pruning stage that decides from the profiling
+pass alone (``prune_frequency``, ``prune_reap``, ``prune_ean``, ``prune_premoe``: scores from statistics, not
+weights), at most one quantisation stage (``rtn`` or ``gptq``), and then only stages that do not modify the model
+(``evaluate``). The run then goes:
+
+1. the pruning stage decides on a meta skeleton of the model (shapes only) from the profiling statistics, as it
+   would in memory: same scores, same kept sets, same report entry;
+2. one layer-by-layer sweep over a second skeleton loads each decoder layer from the source safetensors, applies the
+   pruning decision to it, quantises it on calibration inputs that went through the already-quantised layers
+   (:func:`moecompress.quantization.sequential.quantize_model` with a lazy runner), stages it on disk
+   (:class:`moecompress.export.shards.LayerFiles`) and releases it;
+3. the staged layers become the output checkpoint shard by shard (:func:`moecompress.export.shards.write_checkpoint`);
+4. stages that need the whole model (``evaluate``) load the written result.
+
+Peak memory is one decoder layer, the calibration activations and one chunk of per-expert Hessians
+(``benchmarks/calibration_memory.py --stages prune+gptq`` measures it). A stopped run resumes at the first layer not
+yet staged. Merging, NAEE (its search runs the experts), progressive pruning and bit allocation (PMQ reads the
+weights) run in memory instead; ``execution: streamed`` then names the stage that prevents streaming.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moecompress.errors import RecipeError
+
+STREAM_LAYERS_FOLDER = ".stream-layers"
+EXECUTION_MODES = ("auto", "streamed", "in_memory")
+
+
+@dataclass
+class StreamPlan:
+    """How a recipe's stages split for a streamed run (``pruning`` and ``quantization`` may be None)."""
+
+    pruning: Any = None
+    quantization: Any = None
+    after: list = field(default_factory=list)  # stages that read the written model (evaluate)
+
+    @property
+    def stages(self) -> list:
+        return [stage for stage in (self.pruning, self.quantization) if stage is not None] + self.after
+
+
+def stream_plan(stages: list) -> tuple[StreamPlan | None, str]:
+    """``(plan, "")`` when ``stages`` can stream, else ``(None, reason)`` naming the stage that prevents it."""
+    from moecompress.pruning.base import ExpertPruningStage
+    from moecompress.quantization.stages import _QuantizeStage
+
+    plan = StreamPlan()
+    for index, stage in enumerate(stages):
+        modifies = getattr(stage, "modifies_model", True)
+        if not modifies:
+            plan.after.append(stage)
+            continue
+        if plan.after:
+            return None, f"stage {stage.method} edits the model after {plan.after[0].method} read it"
+        if isinstance(stage, ExpertPruningStage) and plan.pruning is None and plan.quantization is None and index == 0:
+            if not getattr(stage, "decides_from_statistics", True) or getattr(stage.options, "progressive", False):
+                what = "progressive mode" if getattr(stage.options, "progressive", False) else "its search"
+                return None, f"{stage.method}: {what} runs the experts' weights while deciding"
+            plan.pruning = stage
+        elif isinstance(stage, _QuantizeStage) and plan.quantization is None:
+            plan.quantization = stage
+        else:
+            return None, f"stage {stage.method} needs the whole model in memory (only one pruning stage that " \
+                         "decides from statistics, then rtn/gptq, then evaluate, stream)"
+    if plan.pruning is None and plan.quantization is None:
+        return None, "the recipe does not edit the model"
+    return plan, ""
+
+
+def choose_execution(mode: str, stages: list) -> StreamPlan | None:
+    """The plan to stream with, or None to run in memory; ``mode`` is one of :data:`EXECUTION_MODES`."""
+    if mode not in EXECUTION_MODES:
+        raise RecipeError(f"execution must be one of {list(EXECUTION_MODES)}, got {mode!r}")
+    if mode == "in_memory":
+        return None
+    plan, reason = stream_plan(stages)
+    if plan is None and mode == "streamed":
+        raise RecipeError(f"this recipe cannot run streamed: {reason}; run it with --execution in_memory (or auto)")
+    return plan
+
+
+class StreamedStages:
+    """Runs a :class:`StreamPlan` for one pipeline run (see the module docstring)."""
+
+    def __init__(self, plan: StreamPlan, checkpoint_folder: Path, dtype: torch.dtype, device=None) -> None:
+        self.plan = plan
+        self.checkpoint_folder = Path(checkpoint_folder)
+        self.dtype = dtype
+        self.device = device
+
+    def skeleton(self):
+        from moecompress.calibration.checkpoint import build_skeleton
+
+        model, _ = build_skeleton(self.checkpoint_folder, dtype=self.dtype)
+        return model
+
+    def decisions_key(self, pruning_result) -> str:
+        """What the staged layers depend on besides the quantisation settings: the kept experts."""
+        kept = pruning_result.decisions.get("kept_experts") if pruning_result is not None else None
+        return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+
+    def write_model(self, context, pruning_result, output_folder: Path):
+        """Sweep the layers (apply the pruning decision, quantise, stage) and write the checkpoint into
+        ``output_folder``. Returns ``(quantization result or None, the written model's meta skeleton)``."""
+        from moecompress.calibration import LayerwiseRunner
+        from moecompress.calibration.checkpoint import LazyCheckpoint
+        from moecompress.export.native import MoECompressQuantizationConfig, needs_native_format
+        from moecompress.export.shards import LayerFiles, write_checkpoint
+        from moecompress.models import keep_experts
+        from moecompress.quantization.sequential import quantize_model
+
+        model = self.skeleton()
+        checkpoint = LazyCheckpoint(self.checkpoint_folder)
+        runner = LayerwiseRunner(model, checkpoint=checkpoint, device=self.device, dtype=self.dtype)
+        kept_experts = {int(layer): list(kept) for layer, kept in
+                        ((pruning_result.decisions.get("kept_experts") or {}) if pruning_result else {}).items()}
+        top_k = getattr(self.plan.pruning.options, "top_k", None) if self.plan.pruning is not None else None
+
+        def prune_layer(layer_index: int, layer) -> None:
+            if layer_index in kept_experts:
+                keep_experts(model, {layer_index: kept_experts[layer_index]}, top_k=top_k)
+
+        staging = Path(output_folder) / STREAM_LAYERS_FOLDER
+        quantization_result = None
+        if self.plan.quantization is not None:
+            settings = self.plan.quantization.settings(context)
+            settings.progress_dir = staging
+            settings.fingerprint = settings.fingerprint + ":" + self.decisions_key(pruning_result)
+            quantization_result = quantize_model(model, settings, context.calibration, batch_size=context.batch_size,
+                                                 on_layer=context.on_layer, runner=runner, before_layer=prune_layer)
+            layer_files = LayerFiles(staging, settings.fingerprint)
+        else:
+            layer_files = LayerFiles(staging, "prune:" + self.decisions_key(pruning_result))
+
+            def stage_layer(layer_index: int, layer) -> None:
+                prune_layer(layer_index, layer)  # also for a staged layer: the skeleton must end with its shapes
+                if layer_files.metadata(layer_index) is None:  # else staged by an earlier, stopped run
+                    layer_files.save(layer_index, layer, {})
+
+            runner.each_layer(stage_layer, on_layer=context.on_layer)
+        if quantization_result is None and needs_native_format(model):  # layers with different expert counts
+            model.config.quantization_config = MoECompressQuantizationConfig()
+        write_checkpoint(model, layer_files, checkpoint, Path(output_folder), dtype=self.dtype,
+                         tokenizer=context.tokenizer, source_folder=self.checkpoint_folder)
+        shutil.rmtree(layer_files.folder, ignore_errors=True)  # every staged layer is in its shard now
+        return quantization_result, model
+
