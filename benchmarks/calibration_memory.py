@@ -130,7 +130,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "demo" / "models" / "moe-ref-q3"
 
 
-def compress_child(folder: Path, num_samples: int, seq_len: int, batch_size: int, dtype: str) -> None:
+def compress_child(folder: Path, num_samples: int, seq_len: int, batch_size: int, dtype: str,
+                   hessian_memory_gib: float) -> None:
     """The measured process for ``--stages prune+gptq``: a streamed compress run, then print JSON."""
     import shutil
 
@@ -143,7 +144,7 @@ def compress_child(folder: Path, num_samples: int, seq_len: int, batch_size: int
         "calibration": {"files": [str(REPO / "demo" / "calib")], "num_samples": num_samples, "seq_len": seq_len,
                         "batch_size": batch_size},
         "stages": [{"method": "prune_frequency", "keep_ratio": 0.75},
-                   {"method": "gptq", "bits": 4, "group_size": 128, "hessian_memory_gib": 0.125}],
+                   {"method": "gptq", "bits": 4, "group_size": 128, "hessian_memory_gib": hessian_memory_gib}],
     }
     out = folder.parent / f"{folder.name}-out"
     started = time.perf_counter()
@@ -170,6 +171,8 @@ def main() -> None:
                         help="resident memory the pass may use, as a fraction of the checkpoint size (default 1/3)")
     parser.add_argument("--stages", default="none", choices=["none", "prune+gptq"],
                         help="none: the calibration pass alone; prune+gptq: a streamed compress run (see above)")
+    parser.add_argument("--hessian-memory-gib", type=float, default=0.0625,
+                        help="prune+gptq: memory for one chunk of per-expert Hessians (the gptq stage option)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -177,7 +180,8 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
         if args.stages == "prune+gptq":
-            compress_child(args.folder, args.num_samples, args.seq_len, args.batch_size, args.dtype)
+            compress_child(args.folder, args.num_samples, args.seq_len, args.batch_size, args.dtype,
+                           args.hessian_memory_gib)
             return
         child(args.folder, int(args.limit_gb * 2**30), args.num_samples, args.seq_len, args.batch_size, args.dtype)
         return
@@ -189,7 +193,7 @@ def main() -> None:
     command = [sys.executable, __file__, "--child", "--folder", str(args.folder), "--limit-gb", str(args.limit_gb),
                "--num-samples", str(args.num_samples), "--seq-len", str(args.seq_len),
                "--batch-size", str(args.batch_size), "--dtype", args.dtype, "--threads", str(args.threads),
-               "--stages", args.stages]
+               "--stages", args.stages, "--hessian-memory-gib", str(args.hessian_memory_gib)]
     budget_bytes = int(checkpoint_bytes * args.budget_fraction)
     returncode, stdout, stderr, watchdog_peak = run_within_budget(command, budget_bytes)
     if returncode != 0:

@@ -84,9 +84,10 @@ def gptq_quantize(
 
     if act_order:
         order = torch.argsort(torch.diagonal(undamped, dim1=1, dim2=2), dim=1, descending=True)  # [B, in]
-    else:
+        upper, damps = _inverse_cholesky_upper(undamped[rows[:, :, None], order[:, :, None], order[:, None, :]], damps)
+    else:  # identity order: no permuted copy of the Hessians
         order = torch.arange(in_features, device=device).expand(stack, in_features)
-    upper, damps = _inverse_cholesky_upper(undamped[rows[:, :, None], order[:, :, None], order[:, None, :]], damps)
+        upper, damps = _inverse_cholesky_upper(undamped, damps)
     work = original.gather(2, order[:, None, :].expand(stack, out_features, in_features)).clone()
 
     scales = torch.zeros(stack, out_features, groups, device=device)
@@ -162,26 +163,30 @@ def _inverse_cholesky_upper(hessians: torch.Tensor, damps: torch.Tensor) -> tupl
 
     Inputs that never fired (``H_ii = 0``) get ``H_ii = 1``: their columns then round plainly (no other column
     depends on them). A matrix that does not factorise gets ten times the damping (at least 1e-4), up to five times.
-    Returns ``(U [B, n, n], damping used [B])``.
+    One matrix at a time, so the temporaries of the factorisation cost ``n^2``, not ``B n^2`` (a chunk of experts'
+    Hessians is most of a streamed run's memory). Returns ``(U [B, n, n], damping used [B])``.
     """
-    hessians = hessians.clone()
-    diagonals = torch.diagonal(hessians, dim1=1, dim2=2)
-    diagonals[diagonals == 0] = 1.0
-    mean_diagonals = diagonals.mean(dim=1)
-    identity = torch.eye(hessians.shape[1], device=hessians.device)
-    upper = torch.empty_like(hessians)
-    pending = torch.arange(hessians.shape[0], device=hessians.device)
+    upper = torch.empty_like(hessians, dtype=torch.float32)
     damps = damps.clone()
+    for index in range(hessians.shape[0]):
+        upper[index], damps[index] = _inverse_cholesky_upper_one(hessians[index], float(damps[index]))
+    return upper, damps
+
+
+def _inverse_cholesky_upper_one(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """:func:`_inverse_cholesky_upper` for one ``[n, n]`` Hessian: ``(U [n, n], damping used)``."""
+    damped = hessian.float().clone()
+    diagonal = torch.diagonal(damped)
+    diagonal[diagonal == 0] = 1.0
+    base_diagonal = diagonal.clone()
+    mean_diagonal = float(base_diagonal.mean())
     for _ in range(6):
-        damped = hessians[pending] + (damps[pending] * mean_diagonals[pending])[:, None, None] * identity
+        diagonal.copy_(base_diagonal + damp * mean_diagonal)
         factor, info = torch.linalg.cholesky_ex(damped)
-        inverse = torch.cholesky_inverse(factor)
-        factor_upper, info_upper = torch.linalg.cholesky_ex(inverse, upper=True)
-        good = (info == 0) & (info_upper == 0) & torch.isfinite(factor_upper).flatten(1).all(dim=1)
-        upper[pending[good]] = factor_upper[good]
-        pending = pending[~good]
-        if pending.numel() == 0:
-            return upper, damps
-        damps[pending] = (damps[pending] * 10).clamp_min(1e-4)  # a zero damping cannot grow by factors
-    raise ValueError(f"a Hessian could not be factorised even with damping {float(damps.max()):g} x mean(diag); it "
+        if int(info) == 0:
+            factor_upper, info_upper = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if int(info_upper) == 0 and bool(torch.isfinite(factor_upper).all()):
+                return factor_upper, damp
+        damp = max(damp * 10, 1e-4)  # a zero damping cannot grow by factors
+    raise ValueError(f"a Hessian could not be factorised even with damping {damp:g} x mean(diag); it "
                      "may hold NaN or inf (check the calibration data)")

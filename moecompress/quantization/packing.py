@@ -47,12 +47,31 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
     *lead, num_values = codes.shape
     words = packed_width(num_values, bits)
-    bit_positions = torch.arange(bits, device=codes.device)
-    # [..., K, bits] bit planes, flattened into one stream per row, padded to whole words.
-    bit_stream = ((codes.unsqueeze(-1) >> bit_positions) & 1).reshape(*lead, num_values * bits)
+    rows = codes.reshape(-1, num_values)
+    packed = torch.empty(rows.shape[0], words, dtype=torch.int32, device=codes.device)
+    for start, stop in _row_chunks(rows.shape[0], num_values * bits):
+        packed[start:stop] = _pack_rows(rows[start:stop], bits, words)
+    return packed.reshape(*lead, words)
+
+
+def _row_chunks(num_rows: int, values_per_row: int) -> list[tuple[int, int]]:
+    """Row ranges whose int64 temporaries stay near 16 MB (a stack of experts would otherwise need GBs)."""
+    step = max(1, _CHUNK_VALUES // max(values_per_row, 1))
+    return [(start, min(start + step, num_rows)) for start in range(0, num_rows, step)]
+
+
+_CHUNK_VALUES = 1 << 21
+
+
+def _pack_rows(rows: torch.Tensor, bits: int, words: int) -> torch.Tensor:
+    """:func:`pack_codes` of int64 ``[R, K]`` rows -> int32 ``[R, words]``."""
+    num_rows, num_values = rows.shape
+    bit_positions = torch.arange(bits, device=rows.device)
+    # [R, K, bits] bit planes, flattened into one stream per row, padded to whole words.
+    bit_stream = ((rows.unsqueeze(-1) >> bit_positions) & 1).reshape(num_rows, num_values * bits)
     bit_stream = torch.nn.functional.pad(bit_stream, (0, words * 32 - num_values * bits))
-    word_bits = bit_stream.reshape(*lead, words, 32)
-    word_values = (word_bits << torch.arange(32, device=codes.device)).sum(dim=-1)  # int64 in [0, 2^32)
+    word_bits = bit_stream.reshape(num_rows, words, 32)
+    word_values = (word_bits << torch.arange(32, device=rows.device)).sum(dim=-1)  # int64 in [0, 2^32)
     # Reinterpret as signed 32-bit (two's complement), which is how safetensors and the kernels store it.
     word_values = torch.where(word_values >= 2**31, word_values - 2**32, word_values)
     return word_values.to(torch.int32)
@@ -68,16 +87,20 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_values: int) -> torch.Tens
             f"packed row has {packed.shape[-1]} words but {num_values} values of {bits} bits need "
             f"{packed_width(num_values, bits)}; check the weight shape and bit-width"
         )
-    # Element k occupies bits [k*b, k*b + b) of the row's stream: read the (up to two) words holding them as one
-    # 64-bit value and shift. Two's-complement wrap of `high << 32` keeps the low 38 bits this reads intact.
-    unsigned_words = packed.to(torch.int64) & 0xFFFFFFFF
-    unsigned_words = torch.nn.functional.pad(unsigned_words, (0, 1))  # a zero word after the last one
+    *lead, words = packed.shape
+    rows = packed.reshape(-1, words)
+    codes = torch.empty(rows.shape[0], num_values, dtype=torch.uint8, device=packed.device)
     bit_offsets = torch.arange(num_values, device=packed.device) * bits
     word_index, shift = bit_offsets // 32, bit_offsets % 32
-    low = unsigned_words[..., word_index]
-    high = unsigned_words[..., word_index + 1]
-    codes = ((low | (high << 32)) >> shift) & ((1 << bits) - 1)
-    return codes.to(torch.uint8)
+    for start, stop in _row_chunks(rows.shape[0], num_values * 4):
+        # Element k occupies bits [k*b, k*b + b) of the row's stream: read the (up to two) words holding them as
+        # one 64-bit value and shift. Two's-complement wrap of `high << 32` keeps the low 38 bits this reads intact.
+        unsigned_words = rows[start:stop].to(torch.int64) & 0xFFFFFFFF
+        unsigned_words = torch.nn.functional.pad(unsigned_words, (0, 1))  # a zero word after the last one
+        low = unsigned_words[:, word_index]
+        high = unsigned_words[:, word_index + 1]
+        codes[start:stop] = (((low | (high << 32)) >> shift) & ((1 << bits) - 1)).to(torch.uint8)
+    return codes.reshape(*lead, num_values)
 
 
 def pack_signed(values: torch.Tensor, bits: int) -> torch.Tensor:

@@ -343,14 +343,10 @@ class _GPTQLayer:
                 errors[expert] = float("nan")
             else:
                 stacks.setdefault(bits, []).append((offset, expert, damp))
-        for bits, members in stacks.items():
-            offsets, stack_experts, damps = (list(column) for column in zip(*members))
-            result = gptq_quantize(fused.detach()[stack_experts], hessians[offsets], bits,
-                                   group_size=settings.group_size, symmetric=settings.symmetric,
-                                   damp=torch.tensor(damps), act_order=settings.act_order)
-            for position, expert in enumerate(stack_experts):
-                packed[expert] = result.packed.select(position)
-                errors[expert] = result.relative_error[position]
+        out_features, in_features = fused.shape[1], fused.shape[2]
+        for bits, all_members in stacks.items():
+            for members in _gptq_stacks(all_members, out_features, in_features, settings.hessian_memory_bytes):
+                self._gptq_stack(fused, hessians, members, bits, packed, errors)
         for expert in experts:
             fused.data[expert] = packed[expert].dequantize(fused.dtype)
             record = self.records[(view.layer_index, expert)]
@@ -359,6 +355,19 @@ class _GPTQLayer:
             else:
                 record.down_error = errors[expert]
         return [packed[expert] for expert in experts]
+
+    def _gptq_stack(self, fused: torch.Tensor, hessians: torch.Tensor, members: list[tuple[int, int, float]], bits: int,
+                    packed: dict[int, PackedLinearWeight], errors: dict[int, float]) -> None:
+        """GPTQ of one stack of experts ``members = [(offset in the chunk's Hessians, expert, damping)]``."""
+        settings = self.settings
+        offsets, stack_experts, damps = (list(column) for column in zip(*members))
+        contiguous = offsets == list(range(offsets[0], offsets[-1] + 1))
+        stack_hessians = hessians[offsets[0]:offsets[-1] + 1] if contiguous else hessians[offsets]  # no copy
+        result = gptq_quantize(fused.detach()[stack_experts], stack_hessians, bits, group_size=settings.group_size,
+                               symmetric=settings.symmetric, damp=torch.tensor(damps), act_order=settings.act_order)
+        for position, expert in enumerate(stack_experts):
+            packed[expert] = result.packed.select(position)
+            errors[expert] = result.relative_error[position]
 
     def _gptq(self, weight: torch.Tensor, hessian: torch.Tensor, bits: int, tokens: int,
               floor: int) -> tuple[PackedLinearWeight, float]:
@@ -487,6 +496,19 @@ def _is_attention(path: str) -> bool:
 
 def _is_down(path: str) -> bool:
     return path.rsplit(".", 1)[-1] in DOWN_PROJECTION_NAMES
+
+
+# GPTQ on a stack of B experts holds about this many fp32 copies of the stacked weights (the weights, the working
+# copy, codes as float and as int64, the block update, the dequantised result), besides the Hessians and factors.
+GPTQ_WEIGHT_COPIES = 8
+
+
+def _gptq_stacks(members: list, out_features: int, in_features: int, memory_bytes: int) -> list[list]:
+    """Split one width's experts into stacks whose GPTQ working memory (weights and inverse-Hessian factors) fits
+    ``memory_bytes``: a chunk's Hessians can be many, but one column sweep need not hold all their weights."""
+    per_expert = (GPTQ_WEIGHT_COPIES * out_features + in_features) * in_features * 4
+    size = max(1, memory_bytes // per_expert)
+    return [members[start:start + size] for start in range(0, len(members), size)]
 
 
 def _expert_chunks(view: MoEBlockView, half: str, memory_bytes: int) -> list[tuple[int, int]]:
