@@ -241,8 +241,13 @@ class Pipeline:
 
     def run(self, source: str | Path, output_dir: str | Path, *, device: str | None = None, dtype: Any = "auto",
             overwrite: bool = False, progress: ProgressReporter | None = None) -> dict[str, Any]:
-        return _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
-                            progress=progress or ProgressReporter()).execute()
+        report = _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
+                              progress=progress or ProgressReporter()).execute()
+        if self.recipe.exports:  # the recipe's `export:` key: deployment folders beside the native output
+            from moecompress.export.options import run_exports
+
+            report = {**report, "exports": run_exports(output_dir, self.recipe.exports)}
+        return report
 
 
 class _PipelineRun:
