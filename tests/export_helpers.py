@@ -55,6 +55,7 @@ def native_folder(tmp: Path, name: str, *, bits=4, group_size=32, symmetric=True
     folder = tmp / f"native-{name}"
     folder.mkdir()
     _save_model_atomic(model, tokenizer, folder)
+    (folder / "report.json").write_text("{}\n")  # as `moecompress compress` leaves it (the export's provenance check)
     return folder
 
 
