@@ -203,16 +203,20 @@ def _write_module(writer: ShardWriter, tally, module: str, weight: PackedLinearW
 
 
 def _consumer_notes(expert_targets: dict[Scheme, list[str]]) -> list[str]:
+    """What plain transformers (5.24) cannot load from this folder, and why (vLLM reads it)."""
     notes = []
     if len(expert_targets) > 1:
         notes.append(
-            "the MoE layers use different schemes: vLLM serves this (one scheme per MoE layer), but transformers 5.24 "
+            "MoE layers use different schemes: vLLM serves this (one scheme per MoE layer), but transformers 5.24 "
             "decompresses every layer's experts with ONE scheme (integrations/compressed_tensors.py "
-            "get_experts_scheme: the first config group whose re: targets mention experts), so plain "
-            "transformers cannot load it; use vLLM, or our native folder")
+            "get_experts_scheme: the first config group whose re: targets mention experts), so plain from_pretrained "
+            "fails (\"The size of tensor a (6) must match the size of tensor b (8)\" / \"tensor column shape must be "
+            "divisble by the given group_size\"); load it in vLLM, or use our native folder")
     if any(not symmetric for _, _, symmetric in expert_targets):
-        notes.append("asymmetric experts: transformers 5.24's MoE decompression (CompressedTensorsDequantize) passes no "
-                     "zero point, so plain transformers cannot load them; use vLLM (4/8 bit) or our native folder")
+        notes.append(
+            "asymmetric experts: transformers 5.24's MoE decompression (CompressedTensorsDequantize) builds its module "
+            "from weight_packed/weight_scale/weight_shape only, so plain from_pretrained fails (\"Asymmetric quant "
+            "requires zero-point values\"); load it in vLLM (4/8 bit), or use our native folder")
     return notes
 
 
