@@ -81,7 +81,7 @@ def test_asymmetric_zero_points_decompress_exactly(tmp_path):
     # zero points packed along the output dimension: ceil(288 * 4 / 32) = 36 words per group column
     assert keys["model.layers.0.block_sparse_moe.experts.0.w1.weight_zero_point"] == [36, 8]
     report = json.loads((tmp_path / "ct" / "export_report.json").read_text())
-    assert any("zero point" in note for note in report["notes"])
+    assert any("requires zero-point values" in note for note in report["notes"])  # transformers 5.24 refuses it
 
 
 def test_mixed_widths_per_layer_get_one_group_per_scheme(tmp_path):
