@@ -108,3 +108,16 @@ def test_widen_to_layer_max_is_lossless(tmp_path):
     [group] = read_config(tmp_path / "ct")["quantization_config"]["config_groups"].values()
     assert group["weights"]["num_bits"] == 4
     assert report["bytes_on_disk"] > report["source_bytes_on_disk"]  # widening costs space
+
+
+@pytest.mark.slow
+def test_pruned_deepseek_with_quantized_shared_experts_loads_in_plain_transformers(tmp_path):
+    native = native_folder(tmp_path, "moe-ref-ds", targets=("routed_experts", "shared_experts"),
+                           keep=lambda views: {view.layer_index: list(range(0, 32, 2)) for view in views})
+    export_folder(native, tmp_path / "ct", "compressed-tensors")
+    assert decompression_difference(native, tmp_path / "ct") == {"modules": 5 * 16 * 3 + 5 * 3, "max_abs_diff": 0.0}
+    assert read_config(tmp_path / "ct")["n_routed_experts"] == 16
+    [plain] = plain_transformers_logits([tmp_path / "ct"], tmp_path)
+    # shared experts are plain linears: compressed-tensors decompresses them from the fp32-loaded scales, routed
+    # experts in bf16; both close to our packed model
+    assert (plain - native_logits(native)).abs().max() < 0.1
