@@ -67,8 +67,9 @@ def test_mixtral_round_trip(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name, group_size", [("moe-ref-q3", 16), ("moe-ref-ds", 32)])
 def test_qwen3_and_deepseek_round_trip(tmp_path, name, group_size):
-    targets = ("routed_experts", "shared_experts") if name == "moe-ref-ds" else ("routed_experts",)
-    _, exported, _, difference = _round_trip(tmp_path, name, group_size=group_size, targets=targets)
+    # routed experts only: compressed-tensors decompresses quantized plain linears (shared experts) from the scales
+    # transformers loaded in fp32, not in bf16 like our --dequantize export (see the pruned DeepSeek test)
+    _, exported, _, difference = _round_trip(tmp_path, name, group_size=group_size)
     assert difference < 2.0  # bf16 rounding of dequantised weights can flip a near-tie in 32-expert routing
 
 
