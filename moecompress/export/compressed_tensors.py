@@ -45,7 +45,7 @@ from moecompress.export.deployability import check_deployable
 from moecompress.export.report import ExportTally, write_report
 from moecompress.export.source import (ExpertLayer, NativeCheckpoint, ShardWriter, check_output_folder,
                                        expert_projection_names, is_packed_experts_key, staged_output)
-from moecompress.quantization.packing import PackedLinearWeight
+from moecompress.quantization.packing import PackedLinearWeight, pack_signed
 
 FORMAT = "compressed-tensors"
 # Modules that are never quantised (compressed-tensors `ignore`): routers, norms, embeddings, the output head.
@@ -81,8 +81,6 @@ def widen(weight: PackedLinearWeight, bits: int) -> PackedLinearWeight:
     scales divided by it (exact; see the module docstring). 1-bit codes (+-1) scale by ``2^(bits-2)``."""
     if weight.bits == bits:
         return weight
-    from moecompress.quantization.packing import pack_signed
-
     factor = 2 ** (bits - max(weight.bits, 2)) if weight.bits == 1 else 2 ** (bits - weight.bits)
     codes = weight.codes().to(torch.int64) * factor
     scales = weight.scales / factor

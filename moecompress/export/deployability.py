@@ -89,7 +89,7 @@ def deployability_problems(checkpoint: NativeCheckpoint, *, tp: int = 1, widen_t
                                      _expert_sharded_inputs(checkpoint, layer, hidden), tp)
     for spec in checkpoint.packed_linears:
         problems += _scheme_problems(spec.path, spec.bits, spec.symmetric, spec.group_size,
-                                     {f"{spec.path} input": (checkpoint._linear_in_features(spec.path), _row_parallel(spec.path))}, tp)
+                                     {f"{spec.path} input": (checkpoint.linear_in_features(spec.path), _row_parallel(spec.path))}, tp)
     return problems
 
 

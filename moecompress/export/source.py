@@ -181,10 +181,10 @@ class NativeCheckpoint:
         packed = self.tensor(f"{spec.path}.weight_packed")
         scales = self.tensor(f"{spec.path}.weight_scale")
         zeros = None if spec.symmetric else self.tensor(f"{spec.path}.weight_zero_point")
-        in_features = self._linear_in_features(spec.path)
+        in_features = self.linear_in_features(spec.path)
         return PackedLinearWeight(packed, scales, zeros, spec.bits, spec.group_size, (packed.shape[0], in_features))
 
-    def _linear_in_features(self, path: str) -> int:
+    def linear_in_features(self, path: str) -> int:
         """A packed linear's input width, from the model skeleton's shapes (a meta model: no memory)."""
         if not hasattr(self, "_linear_inputs"):
             from moecompress.export.native import build_meta_model
