@@ -26,7 +26,7 @@ from moecompress import __version__
 from moecompress.errors import MoECompressError, UsageError
 
 # Subcommand modules, in the order `--help` lists them.
-COMMAND_MODULES = ("inspect", "compress", "eval", "retrieve", "store")
+COMMAND_MODULES = ("inspect", "compress", "eval", "export", "retrieve", "store")
 
 
 # Exit codes: a bad argument or input, the machine refusing (memory, disk, permissions), Ctrl-C.

@@ -249,8 +249,13 @@ class Pipeline:
             execution: str = "auto") -> dict[str, Any]:
         """``execution``: ``streamed`` (never hold the whole model, see ``moecompress.streaming``), ``in_memory``,
         or ``auto`` (streamed when the recipe's stages allow it)."""
-        return _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
-                            progress=progress or ProgressReporter(), execution=execution).execute()
+        report = _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
+                              progress=progress or ProgressReporter(), execution=execution).execute()
+        if self.recipe.exports:  # the recipe's `export:` key: deployment folders beside the native output
+            from moecompress.export.options import run_exports
+
+            report = {**report, "exports": run_exports(output_dir, self.recipe.exports)}
+        return report
 
 
 class _PipelineRun:

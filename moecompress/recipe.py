@@ -31,7 +31,7 @@ import yaml
 from moecompress.errors import RecipeError
 from moecompress.pipeline import STAGE_REGISTRY, Stage
 
-RECIPE_KEYS = ("calibration", "stages")
+RECIPE_KEYS = ("calibration", "stages", "export")
 
 
 class EbssConfig(pydantic.BaseModel):
@@ -110,6 +110,7 @@ class Recipe:
     stages: list[Stage]
     source: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    exports: list = field(default_factory=list)  # moecompress.export.options.ExportOptions (not in the run identity)
 
     @property
     def sha256(self) -> str:
@@ -159,7 +160,10 @@ def parse_recipe(data: Any, *, base_dir: str | Path | None = None) -> Recipe:
     if not isinstance(raw_stages, list):
         raise RecipeError(f"`stages` must be a list of {{method: NAME, ...}} entries, got {type(raw_stages).__name__}")
     stages = [_parse_stage(index, entry) for index, entry in enumerate(raw_stages)]
-    return Recipe(calibration=calibration, stages=stages, source=data)
+    from moecompress.export.options import parse_export
+
+    exports = parse_export(data["export"]) if data.get("export") is not None else []
+    return Recipe(calibration=calibration, stages=stages, source=data, exports=exports)
 
 
 def known_methods() -> list[str]:

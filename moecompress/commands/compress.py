@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from moecompress.cli import device_name, positive_int
+from moecompress.commands.export import add_export_options
+from moecompress.export import EXPORT_FORMATS
 from moecompress.pipeline import Pipeline, ProgressReporter
 
 
@@ -37,6 +39,11 @@ def register(subparsers) -> None:
                              "auto (default): streamed when the recipe allows it")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
+    parser.add_argument("--export", choices=EXPORT_FORMATS, default=None,
+                        help="also write a deployment folder in this format (default place: <--out>-<format>, beside "
+                             "the native output); a recipe can ask for it with `export: FORMAT`")
+    parser.add_argument("--export-out", type=Path, default=None, help="where --export writes (new or empty folder)")
+    add_export_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -84,6 +91,12 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if progress.live.is_started:
             progress.stop()
+    if args.export:
+        from moecompress.export.options import ExportOptions, run_exports
+
+        options = ExportOptions(format=args.export, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
+                                dequantize=args.dequantize, out=str(args.export_out) if args.export_out else None)
+        report = {**report, "exports": [*report.get("exports", []), *run_exports(args.out, [options])]}
     model = report.get("model", {})
     console.print(f"[bold]done[/bold]: {args.out}/report.json")
     console.print(f"parameters {model.get('parameters_before', 0):,} -> {model.get('parameters_after', 0):,}; "
@@ -91,4 +104,9 @@ def run(args: argparse.Namespace) -> int:
                   f"{report.get('calibration', {}).get('sha256', '')[:16]}...")
     for stage in report.get("stages", []):
         console.print(f"  {stage['method']}: {stage['seconds']:.1f} s" + (" (resumed)" if stage.get("resumed") else ""))
+    if report.get("exports"):
+        from moecompress.export.report import render_report
+
+        for export_report in report["exports"]:
+            console.print("\n".join(render_report(export_report)), markup=False)
     return 0

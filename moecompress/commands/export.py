@@ -1,0 +1,48 @@
+"""``moecompress export DIR --format compressed-tensors|hf --out DIR2``: a native output folder for other tools."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from moecompress.cli import positive_int
+from moecompress.export import EXPORT_FORMATS
+
+
+def add_export_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``export`` and ``compress --export``."""
+    parser.add_argument("--tp", type=positive_int, default=1,
+                        help="compressed-tensors: tensor-parallel size the folder must serve at; group sizes must "
+                             "divide each rank's slice (default 1)")
+    parser.add_argument("--widen-to-layer-max", action="store_true",
+                        help="compressed-tensors: store every expert of a layer at the layer's widest width (lossless, "
+                             "larger) so a layer with mixed widths has one scheme")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="hf: write quantized weights dequantized (full size) instead of refusing")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a compressed model for vLLM / plain transformers",
+        description="Convert a native moecompress output folder (the --out of `compress`) shard by shard into a "
+                    "compressed-tensors pack-quantized checkpoint (vLLM `--quantization compressed-tensors`, "
+                    "transformers with compressed-tensors installed) or a plain Hugging Face checkpoint. What vLLM "
+                    "cannot serve is refused before anything is written, with the recipe option that fixes it. "
+                    "Writes OUT/export_report.json (size, bits per parameter, loading commands).",
+    )
+    parser.add_argument("model", type=Path, help="native moecompress output folder")
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="output format")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (new or empty; never inside MODEL)")
+    add_export_options(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moecompress.export import export_folder
+    from moecompress.export.report import render_report
+
+    report = export_folder(args.model, args.out, args.format, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
+                           dequantize=args.dequantize)
+    print("\n".join(render_report(report)))
+    return 0
