@@ -7,8 +7,8 @@ weights), at most one quantisation stage (``rtn`` or ``gptq``), and then only st
 
 1. the pruning stage decides on a meta skeleton of the model (shapes only) from the profiling statistics, as it
    would in memory: same scores, same kept sets, same report entry;
-2. one layer-by-layer sweep over a second skeleton loads each decoder layer from the source safetensors, applies the
-   pruning decision to it, quantises it on calibration inputs that went through the already-quantised layers
+2. a second skeleton gets the pruned structure (shapes only); one layer-by-layer sweep loads each decoder layer from
+   the source safetensors, reading only the kept experts' tensors (router rows sliced to them), quantises it on calibration inputs that went through the already-quantised layers
    (:func:`moecompress.quantization.sequential.quantize_model` with a lazy runner), stages it on disk
    (:class:`moecompress.export.shards.LayerFiles`) and releases it;
 3. the staged layers become the output checkpoint shard by shard (:func:`moecompress.export.shards.write_checkpoint`);
@@ -122,14 +122,13 @@ class StreamedStages:
 
         model = self.skeleton()
         checkpoint = LazyCheckpoint(self.checkpoint_folder)
-        runner = LayerwiseRunner(model, checkpoint=checkpoint, device=self.device, dtype=self.dtype)
         kept_experts = {int(layer): list(kept) for layer, kept in
                         ((pruning_result.decisions.get("kept_experts") or {}) if pruning_result else {}).items()}
-        top_k = getattr(self.plan.pruning.options, "top_k", None) if self.plan.pruning is not None else None
-
-        def prune_layer(layer_index: int, layer) -> None:
-            if layer_index in kept_experts:
-                keep_experts(model, {layer_index: kept_experts[layer_index]}, top_k=top_k)
+        if kept_experts:  # prune the skeleton's structure up front (shapes only); each layer then reads only its
+            top_k = getattr(self.plan.pruning.options, "top_k", None)  # kept experts from disk
+            keep_experts(model, kept_experts, top_k=top_k)
+        runner = LayerwiseRunner(model, checkpoint=checkpoint, device=self.device, dtype=self.dtype,
+                                 expert_selection={layer: sorted(kept) for layer, kept in kept_experts.items()})
 
         staging = Path(output_folder) / STREAM_LAYERS_FOLDER
         quantization_result = None
@@ -138,13 +137,12 @@ class StreamedStages:
             settings.progress_dir = staging
             settings.fingerprint = settings.fingerprint + ":" + self.decisions_key(pruning_result)
             quantization_result = quantize_model(model, settings, context.calibration, batch_size=context.batch_size,
-                                                 on_layer=context.on_layer, runner=runner, before_layer=prune_layer)
+                                                 on_layer=context.on_layer, runner=runner)
             layer_files = LayerFiles(staging, settings.fingerprint)
         else:
             layer_files = LayerFiles(staging, "prune:" + self.decisions_key(pruning_result))
 
             def stage_layer(layer_index: int, layer) -> None:
-                prune_layer(layer_index, layer)  # also for a staged layer: the skeleton must end with its shapes
                 if layer_files.metadata(layer_index) is None:  # else staged by an earlier, stopped run
                     layer_files.save(layer_index, layer, {})
 

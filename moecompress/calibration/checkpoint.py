@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -91,11 +92,14 @@ class LazyCheckpoint:
             handle = self._handles[file_name] = safe_open(str(self.folder / file_name), framework="pt")
         return handle.get_tensor(disk_key)
 
-    def load_module(self, module: nn.Module, prefix: str, *, dtype: torch.dtype, device: torch.device | str) -> None:
+    def load_module(self, module: nn.Module, prefix: str, *, dtype: torch.dtype, device: torch.device | str,
+                    expert_ids: Sequence[int] | None = None) -> None:
         """Materialise ``module``'s parameters and persistent buffers from the checkpoint (``prefix`` = its path + '.').
 
         Fused expert tensors are allocated once in the target dtype and filled expert by expert as they are read,
-        so loading a layer needs about its own size, not two or three copies of it.
+        so loading a layer needs about its own size, not two or three copies of it. ``expert_ids``: the original
+        ids of the experts a pruned (meta) layer keeps, in storage order: only their per-expert tensors are read,
+        and tensors that run over experts (router rows, selection bias) are sliced to them.
         """
         expected = module.state_dict()
         per_expert = _per_expert_keys(key[len(prefix):] for key in self.keys_under(prefix))
@@ -109,6 +113,8 @@ class LazyCheckpoint:
                 wanted_dtype = (torch.float32 if keep_fp32 else dtype) if target.is_floating_point() else target.dtype
                 if prefix + key in self.files:
                     tensor = self.read(prefix + key)
+                    if expert_ids is not None and tuple(tensor.shape) != tuple(target.shape):
+                        tensor = _select_experts(prefix + key, tensor, target, expert_ids)
                     _check_shape(prefix + key, tensor, target)
                     loaded[key] = tensor.to(device=device, dtype=wanted_dtype)
                     continue
@@ -120,27 +126,31 @@ class LazyCheckpoint:
                     )
                 experts_prefix, tensor_name = fused
                 loaded[key] = self._fill_fused(prefix + experts_prefix, per_expert[experts_prefix], tensor_name,
-                                               target, wanted_dtype, device)
+                                               target, wanted_dtype, device, expert_ids)
         finally:
             # safetensors memory-maps each file; pages read stay mapped (and count as resident) while a handle is
             # open, so close them after every module to keep the pass's memory at one layer
             self._handles.clear()
         module.load_state_dict(loaded, strict=True, assign=True)
 
-    def _fill_fused(self, experts_path: str, roles: dict, tensor_name: str, target: torch.Tensor, dtype, device):
+    def _fill_fused(self, experts_path: str, roles: dict, tensor_name: str, target: torch.Tensor, dtype, device,
+                    expert_ids: Sequence[int] | None = None):
         """One fused tensor (``gate_up_proj [E, 2I, d]``, ``down_proj [E, d, I]`` or their biases) from per-expert
-        keys, concatenated layout (gate rows, then up rows)."""
+        keys, concatenated layout (gate rows, then up rows); row ``i`` holds expert ``expert_ids[i]`` when given."""
         is_bias = tensor_name.endswith("_bias")
         parts = ("gate", "up") if tensor_name.startswith("gate_up_proj") else ("down",)
         suffix = "_bias" if is_bias else ""
         num_experts = target.shape[0]
+        wanted = list(range(num_experts)) if expert_ids is None else [int(e) for e in expert_ids]
+        if len(wanted) != num_experts:
+            raise CheckpointError(f"{experts_path}: {len(wanted)} expert ids for a fused tensor of {num_experts} experts")
         for part in parts:
-            found = sorted(roles.get(part + suffix, {}))
-            if found != list(range(num_experts)):
+            found = set(roles.get(part + suffix, {}))
+            if not set(wanted) <= found or (expert_ids is None and len(found) != num_experts):
                 raise CheckpointError(f"{experts_path}: per-expert {part} weights are incomplete on disk (expected "
                                       f"experts 0..{num_experts - 1}, found {len(found)}); the checkpoint is corrupt")
         fused = torch.empty(target.shape, dtype=dtype, device=device)
-        for expert in range(num_experts):
+        for row, expert in enumerate(wanted):
             offset = 0
             for part in parts:
                 tensor = self.read(f"{experts_path}.{roles[part + suffix][expert]}")
@@ -148,12 +158,22 @@ class LazyCheckpoint:
                 if offset + rows > fused.shape[1] or tuple(tensor.shape[1:]) != tuple(fused.shape[2:]):
                     raise CheckpointError(f"{experts_path}.{expert}: {part} has shape {tuple(tensor.shape)}, which does "
                                           f"not fit the fused {tensor_name} {tuple(target.shape)}; checkpoint and config differ")
-                fused[expert, offset:offset + rows].copy_(tensor)
+                fused[row, offset:offset + rows].copy_(tensor)
                 offset += rows
             if offset != fused.shape[1]:
                 raise CheckpointError(f"{experts_path}.{expert}: per-expert tensors fill {offset} of {fused.shape[1]} rows "
                                       f"of {tensor_name}; checkpoint and config differ")
         return fused
+
+
+def _select_experts(key: str, full: torch.Tensor, target: torch.Tensor, expert_ids: Sequence[int]) -> torch.Tensor:
+    """Slice the one axis of ``full`` that runs over experts down to ``expert_ids`` (a pruned layer's router rows,
+    selection bias, or a fused experts tensor stored fused on disk)."""
+    differing = [dim for dim, (a, b) in enumerate(zip(full.shape, target.shape)) if a != b]
+    if full.dim() != target.dim() or len(differing) != 1 or target.shape[differing[0]] != len(expert_ids):
+        raise CheckpointError(f"{key} has shape {tuple(full.shape)} on disk, which does not slice by expert to "
+                              f"{tuple(target.shape)}; the checkpoint does not match its config")
+    return full.index_select(differing[0], torch.tensor(list(expert_ids), dtype=torch.long))
 
 
 def _per_expert_keys(keys) -> dict[str, dict[str, dict[int, str]]]:

@@ -72,9 +72,12 @@ class LayerwiseRunner:
     """
 
     def __init__(self, model: nn.Module, *, checkpoint: LazyCheckpoint | None = None,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 expert_selection: dict[int, list[int]] | None = None) -> None:
         self.model = model
         self.checkpoint = checkpoint
+        # decoder layer -> original ids of the experts its (meta, already pruned) MoE block keeps: only those are read
+        self.expert_selection = dict(expert_selection or {})
         self.dtype = dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         if device is None:
             first = next(model.parameters()).device
@@ -222,7 +225,9 @@ class LayerwiseRunner:
     def _onload(self, module: nn.Module, path: str):
         """Put ``module`` on the compute device; returns what :meth:`_offload` needs to undo it."""
         if self.checkpoint is not None:
-            self.checkpoint.load_module(module, path + "." if path else "", dtype=self.dtype, device=self.device)
+            layer_index = next((index for index, layer in enumerate(self.layers) if layer is module), None)
+            self.checkpoint.load_module(module, path + "." if path else "", dtype=self.dtype, device=self.device,
+                                        expert_ids=self.expert_selection.get(layer_index))
             return "lazy"
         previous = next(module.parameters()).device
         if previous != self.device:
