@@ -170,8 +170,10 @@ def _experts_pre_hook(layer: int, state: ODPState):
         hidden_states = args[0] if args else kwargs["hidden_states"]
         if len(args) >= 3:
             top_k_index, top_k_weights = args[1], args[2]
-        else:
-            top_k_index, top_k_weights = kwargs["top_k_index"], kwargs["top_k_weights"]
+        else:  # keyword calls; some families name them router_indices / routing_weights
+            index_key = next(key for key in _INDEX_KEYS if key in kwargs)
+            weights_key = next(key for key in _WEIGHT_KEYS if key in kwargs)
+            top_k_index, top_k_weights = kwargs[index_key], kwargs[weights_key]
         protected, dropped = _protection_masks(state, layer, hidden_states)
         entry = state.layers[layer]
         new_index, new_weights, skip = odp_routing(top_k_index, top_k_weights, entry.thresholds,
@@ -180,8 +182,12 @@ def _experts_pre_hook(layer: int, state: ODPState):
         entry.skipped += int(skip.sum())
         if len(args) >= 3:
             return (args[0], new_index, new_weights, *args[3:]), kwargs
-        return args, {**kwargs, "top_k_index": new_index, "top_k_weights": new_weights}
+        return args, {**kwargs, index_key: new_index, weights_key: new_weights}
     return hook
+
+
+_INDEX_KEYS = ("top_k_index", "router_indices")
+_WEIGHT_KEYS = ("top_k_weights", "routing_weights")
 
 
 def _attention_hook(layer: int, state: ODPState):
