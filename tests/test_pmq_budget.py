@@ -189,6 +189,8 @@ def test_mcmoe_code_preset_runs_the_reference_choices(testbed, tmp_path):
     assert (stage.options.eps_mode, stage.options.candidates, stage.options.at_least_one) == \
         ("block_output", [1, 2, 3], [2, 3])
     assert (stage.options.beta, stage.options.symmetric, stage.options.group_size) == (1.5, False, 128)
+    options = {key: value for key, value in stage.describe().items() if key != "method"}
+    assert PMQStage(options).options == stage.options  # a report's recipe parses back
     pipeline = Pipeline([stage, RTNStage({"bits": 4, "group_size": 128, "symmetric": False})],
                         calibration=_calibration(testbed))
     report = pipeline.run(model_folder("moe-ref-mx"), tmp_path / "out")

@@ -296,7 +296,8 @@ class PMQOptions(StageOptions):
                     "group_size": 128, "symmetric": True}
         if self.preset is not None:
             fixed = PRESETS[self.preset]
-            explicit = [name for name in fixed if getattr(self, name) is not None]
+            # values equal to the preset's are fine (a report's recipe repeats them), others contradict it
+            explicit = [name for name, value in fixed.items() if getattr(self, name) not in (None, value)]
             if explicit:
                 raise ValueError(f"preset {self.preset!r} fixes {explicit}; give either the preset or the values")
             defaults.update(fixed)
