@@ -208,10 +208,11 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
         expert_bytes = sum(tensor.numel() * tensor.element_size() for view in find_moe_blocks(model)
                            for tensor in [*view.experts.parameters(), *view.experts.buffers()])
     allocated = pmq_decided or bit_widths
-    flat = [bits for widths in allocated.values() for bits in widths]
+    # over the original experts: a pruned or dropped expert counts 0 bits
+    total_bits = sum(bits for widths in allocated.values() for bits in widths)
     return {
         "model": model_name, "config": config, "bit_widths": pmq_decided or bit_widths,
-        "mean_expert_bits": sum(flat) / len(flat), "expert_bytes": expert_bytes,
+        "mean_expert_bits": total_bits / (num_experts * len(allocated)), "expert_bytes": expert_bytes,
         "mean_acc_mutual_info": sum(scores[task]["acc_mutual_info"] for task in ACCURACY_TASKS) / len(ACCURACY_TASKS),
         "mean_bits_per_byte": sum(scores[task]["bits_per_byte"] for task in PERPLEXITY_TASKS) / len(PERPLEXITY_TASKS),
         "skipped_fraction": (sum(skipped.values()) / len(skipped)) if skipped else None,
