@@ -90,8 +90,10 @@ class MoECompressQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from moecompress.kernels.backend import register_packed_experts_backend
+        from moecompress.quantization.odp import apply_odp_from_config
 
         register_packed_experts_backend()
+        apply_odp_from_config(model)  # the config's MC-MoE ODP, unless MOECOMPRESS_ODP=0
         return model
 
     def update_dtype(self, dtype):

@@ -2,7 +2,8 @@
 
 Packed rows are dense little-endian bit streams of int32 words (compressed-tensors ``pack-quantized``): element ``k``
 of a row sits at bit ``k * BITS``. For 2/4/8 bits a value never crosses a word; for 3 bits it may, and the high
-part is read from the next word. ``w = (code - 2^(BITS-1) - zero_point) * scale``.
+part is read from the next word. ``w = (code - 2^(BITS-1) - zero_point) * scale``; 1 bit (sign times a scale) reads
+``w = (2 * code - 1 - zero_point) * scale`` (its zero points are 0).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def dequant_tile(
     tile_mask = n_mask[:, None] & k_mask[None, :]
     codes = load_codes(row_ptrs, offs_k[None, :], tile_mask, BITS).to(tl.float32)
     offset: tl.constexpr = 1 << (BITS - 1)
+    if BITS == 1:  # codes {0, 1} stand for -1 and +1: 2u - 1 = (2u) - offset
+        codes = codes * 2
     if GROUP_SIZE % BLOCK_K == 0:
         group = k_start // GROUP_SIZE
         scale_row = tl.load(scale_ptr + offs_n * stride_scale_n + group, mask=n_mask, other=0.0).to(tl.float32)

@@ -41,8 +41,12 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device = "cpu",
     experts_implementation: str = "eager",
+    odp: bool = True,
 ):
     """Load ``source`` (folder or hub id) as a causal LM. Returns ``(model, tokenizer)``, model in eval mode.
+
+    ``odp``: apply the MC-MoE online dynamic pruning the checkpoint's config records (``mcmoe_odp``); False (or the
+    environment variable ``MOECOMPRESS_ODP=0``) runs every routed expert.
 
     ``tokenizer`` is None when a local folder has no tokenizer files (e.g. a tiny test model). Raises
     :class:`CheckpointError` for a missing folder, a missing ``config.json``, a missing or corrupt safetensors
@@ -68,6 +72,9 @@ def load_model(
     model.eval()
     find_moe_blocks(model)  # a config that claims MoE but built no MoE block (e.g. num_experts=0) fails here
     restore_expert_id_map(model)
+    from moecompress.quantization.odp import apply_odp_from_config  # quantization builds on models: import when used
+
+    apply_odp_from_config(model, odp)
     return model, _load_tokenizer(source, local)
 
 

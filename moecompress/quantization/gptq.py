@@ -95,8 +95,9 @@ def gptq_quantize(
     if act_order or group_size <= 0:  # static groups: every group's scale from the original weights
         padded = torch.nn.functional.pad(original, (0, groups * group_width - in_features))
         grouped = padded.reshape(stack, out_features, groups, group_width)
+        columns = (in_features - torch.arange(groups, device=device) * group_width).clamp(max=group_width)
         static_scales, static_zeros = quantization_params(grouped.amin(-1), grouped.amax(-1), bits, symmetric,
-                                                          scale_dtype)
+                                                          scale_dtype, grouped.abs().sum(-1) / columns)
         scales.copy_(static_scales)
         if zeros is not None:
             zeros.copy_(static_zeros)
@@ -117,7 +118,7 @@ def gptq_quantize(
                 group_stop = min(offset + group_width, stop - start)
                 values = block_weights[:, :, offset:group_stop]
                 group_scales, group_zeros = quantization_params(values.amin(-1), values.amax(-1), bits, symmetric,
-                                                                scale_dtype)
+                                                                scale_dtype, values.abs().mean(-1))
                 scales[:, :, column // group_width] = group_scales
                 if zeros is not None:
                     zeros[:, :, column // group_width] = group_zeros

@@ -1,4 +1,4 @@
-"""Packed low-bit weight format (2, 3, 4, 8 bits; group-wise scales; symmetric or asymmetric).
+"""Packed low-bit weight format (1, 2, 3, 4, 8 bits; group-wise scales; symmetric or asymmetric).
 
 The layout is compressed-tensors' ``pack-quantized`` layout, so export can write it unchanged:
 
@@ -13,6 +13,12 @@ The layout is compressed-tensors' ``pack-quantized`` layout, so export can write
   int32 ``[ceil(out * b / 32), n_groups]``; ``weight_shape`` is int ``[out, in]``.
 
 So a kernel dequantises with ``w = (u - 2^(b-1) - zero_point) * scale``.
+
+**1 bit** is MC-MoE's binary expert: ``w = sign(W) * mean|W|`` per group (the reference code's
+``utils/normal_quantizer.py``). Its signed values are ``q in {-1, +1}`` (not ``{-1, 0}``): the code ``u`` is 1 for
+``+1`` and 0 for ``-1`` (``q = 2u - 1``), the scale is the group's mean absolute value, and the zero point is always 0
+(asymmetric layers store zeros of 0 so that every width of a layer has the same tensors; compressed-tensors export
+writes none for 1 bit). A kernel dequantises 1 bit with ``w = (2u - 1 - zero_point) * scale``.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (1, 2, 3, 4, 8)
 
 
 def _check_bits(bits: int) -> None:
@@ -103,14 +109,30 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_values: int) -> torch.Tens
     return codes.reshape(*lead, num_values)
 
 
+def signed_range(bits: int) -> tuple[int, int]:
+    """Smallest and largest signed value of a ``bits``-bit code: ``[-2^(b-1), 2^(b-1) - 1]``, and ``[-1, 1]`` for
+    1 bit (whose two values are -1 and +1)."""
+    return (-1, 1) if bits == 1 else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+
+
 def pack_signed(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """Signed ``q`` in ``[-2^(b-1), 2^(b-1))`` ``[..., K]`` -> int32 ``[..., W]`` (adds the offset ``2^(b-1)``)."""
-    return pack_codes(values.to(torch.int64) + (1 << (bits - 1)), bits)
+    """Signed ``q`` in ``[-2^(b-1), 2^(b-1))`` ``[..., K]`` -> int32 ``[..., W]`` (adds the offset ``2^(b-1)``).
+
+    1 bit: ``q`` in ``{-1, +1}``, code ``(q + 1) / 2``."""
+    values = values.to(torch.int64)
+    if bits == 1:
+        if values.numel() and bool((values.abs() != 1).any()):
+            raise ValueError("1-bit values must be -1 or +1 (sign times a scale)")
+        return pack_codes((values + 1) // 2, 1)
+    return pack_codes(values + (1 << (bits - 1)), bits)
 
 
 def unpack_signed(packed: torch.Tensor, bits: int, num_values: int) -> torch.Tensor:
-    """int32 ``[..., W]`` -> signed int8 ``[..., num_values]`` (subtracts the offset ``2^(b-1)``)."""
-    return (unpack_codes(packed, bits, num_values).to(torch.int16) - (1 << (bits - 1))).to(torch.int8)
+    """int32 ``[..., W]`` -> signed int8 ``[..., num_values]`` (subtracts the offset ``2^(b-1)``; 1 bit: ``2u - 1``)."""
+    codes = unpack_codes(packed, bits, num_values).to(torch.int16)
+    if bits == 1:
+        return (codes * 2 - 1).to(torch.int8)
+    return (codes - (1 << (bits - 1))).to(torch.int8)
 
 
 def num_groups(in_features: int, group_size: int) -> int:
@@ -125,7 +147,7 @@ class PackedLinearWeight:
     packed: int32 ``[..., out, ceil(in*bits/32)]`` (leading dims allowed: a stack of experts).
     scales: float ``[..., out, n_groups]`` (fp16/bf16/fp32: the compute dtype of the dequantised weight).
     zeros: signed int8 zero points ``[..., out, n_groups]``, or None for symmetric (zero point 0).
-    bits: 2, 3, 4 or 8. group_size: input columns per scale (``-1``: one group per row).
+    bits: 1, 2, 3, 4 or 8. group_size: input columns per scale (``-1``: one group per row).
     shape: ``(out, in)`` of one matrix.
     """
 
@@ -226,7 +248,7 @@ class PackedLinearWeight:
             "weight_scale": self.scales.contiguous(),
             "weight_shape": torch.tensor(list(self.shape), dtype=torch.int32),
         }
-        if self.zeros is not None:
+        if self.zeros is not None and self.bits > 1:  # 1 bit: the zero point is always 0, none is written
             # compressed-tensors packs group zero points along the output dimension (dim 0).
             state["weight_zero_point"] = pack_signed(self.zeros.t(), self.bits).t().contiguous()
         return state
@@ -249,8 +271,12 @@ def quantization_params(
     bits: int,
     symmetric: bool,
     scale_dtype: torch.dtype,
+    mean_abs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Scales and zero points of groups with the given minima and maxima (compressed-tensors' rules).
+
+    1 bit instead takes ``mean_abs [...]``, each group's mean absolute value, as its scale (MC-MoE's
+    ``sign(W) * mean|W|``); its zero points (asymmetric) are 0.
 
     min_vals / max_vals ``[...]`` fp32 (each group's min and max). Symmetric: ``scale = absmax / ((2^b - 1) / 2)``,
     zero None. Asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(qmin - min / scale)``; min/max are
@@ -259,9 +285,15 @@ def quantization_params(
     them uses exactly the scale a kernel will read back.
     """
     _check_bits(bits)
+    if bits == 1:
+        if mean_abs is None:
+            raise ValueError("1-bit scales are each group's mean |w|: pass mean_abs")
+        scales = mean_abs.float()
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales).to(scale_dtype).float()
+        return scales, None if symmetric else torch.zeros_like(scales)
     min_vals = min_vals.float().clamp(max=0.0)
     max_vals = max_vals.float().clamp(min=0.0)
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    qmin, qmax = signed_range(bits)
     if symmetric:
         scales = torch.maximum(min_vals.abs(), max_vals) / ((qmax - qmin) / 2)
     else:
@@ -275,8 +307,12 @@ def quantization_params(
 def quantize_values(
     values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
-    """Signed codes ``round(values / scale + zero)`` clamped to the ``bits`` range; broadcasting shapes, fp32."""
-    qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    """Signed codes ``round(values / scale + zero)`` clamped to the ``bits`` range; broadcasting shapes, fp32.
+
+    1 bit: the sign, ``+1`` for ``values >= 0`` and ``-1`` below (zero points are 0)."""
+    if bits == 1:
+        return torch.where(values.float() >= 0, 1.0, -1.0)
+    qmin, qmax = signed_range(bits)
     shifted = values.float() / scales
     if zeros is not None:
         shifted = shifted + zeros
@@ -305,7 +341,12 @@ def quantize_rtn(
     grouped = padded.reshape(*lead, out_features, groups, width)
     # Padding columns are zeros, which never change min/max once 0 is included.
     scale_dtype = scale_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
-    scales, zeros = quantization_params(grouped.amin(dim=-1), grouped.amax(dim=-1), bits, symmetric, scale_dtype)
+    mean_abs = None
+    if bits == 1:  # over the group's real columns: the last group may be padded
+        columns = (in_features - torch.arange(groups, device=weight.device) * width).clamp(max=width)
+        mean_abs = grouped.abs().sum(dim=-1) / columns
+    scales, zeros = quantization_params(grouped.amin(dim=-1), grouped.amax(dim=-1), bits, symmetric, scale_dtype,
+                                        mean_abs)
     values = quantize_values(grouped, scales.unsqueeze(-1), None if zeros is None else zeros.unsqueeze(-1), bits)
     values = values.reshape(*lead, out_features, groups * width)[..., :in_features]
     return PackedLinearWeight(

@@ -3,7 +3,7 @@
 
 ```yaml
 - method: gptq
-  bits: 4                # 2, 3, 4 or 8; an earlier stage's bit map (context.bit_map) overrides it per expert
+  bits: 4                # 1, 2, 3, 4 or 8; an earlier stage's bit map (context.bit_map) overrides it per expert
   group_size: 128        # -1: one scale per output row; a last, shorter group is allowed
   symmetric: true
   damp: 0.01             # fraction of the mean Hessian diagonal
@@ -38,7 +38,7 @@ GROUP_SIZE_MULTIPLE = 16
 
 
 class QuantizeOptions(StageOptions):
-    bits: int = pydantic.Field(4, description="bits per weight of every quantised matrix (2, 3, 4 or 8)")
+    bits: int = pydantic.Field(4, description="bits per weight of every quantised matrix (1, 2, 3, 4 or 8; 1 = sign times the group mean |w|)")
     group_size: int = pydantic.Field(128, description="input columns per scale; -1 = one scale per output row")
     symmetric: bool = pydantic.Field(True, description="symmetric scales (no zero points)")
     targets: list[str] = pydantic.Field(["routed_experts"], description=f"what to quantise: {list(TARGETS)}")
