@@ -43,6 +43,7 @@ class LayerEnergies:
         return torch.cat([self.routed.reshape(-1), *[energy.reshape(-1) for energy in self.shared]])
 
 
+@torch.no_grad()
 def down_column_norms_squared(view: MoEBlockView) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """``(routed [E, I], shared [[I_s]])``: squared L2 norm of every down column (fp32 CPU)."""
     routed = torch.stack([view.expert_weights(expert).down.float().square().sum(0).cpu()
@@ -63,6 +64,7 @@ def layer_energies(view: MoEBlockView, layer_statistics: LayerStatistics, alpha:
     return LayerEnergies(view.layer_index, routed, shared)
 
 
+@torch.no_grad()
 def weight_norm_scores(view: MoEBlockView) -> LayerEnergies:
     """Data-free baseline: ``||w_gate_c|| * ||w_up_c|| * ||w_down_c||`` per micro-expert (same layout as energies)."""
     routed = []
