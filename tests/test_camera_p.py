@@ -168,3 +168,42 @@ def test_stage_decides_each_layer_on_statistics_of_the_model_pruned_so_far(tmp_p
     assert stage.replay(RunContext(model=replayed, tokenizer=None, source="tiny", output_dir=tmp_path),
                         StageResult(decisions=result.decisions))
     torch.testing.assert_close(_logits(replayed), _logits(model))
+
+
+# ----- recipe and pipeline ------------------------------------------------------------------------------------------
+def test_camera_code_recipe_parses_with_the_code_settings():
+    from pathlib import Path
+
+    from moecompress.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "camera_code.yaml")
+    stage = recipe.stages[0]
+    assert stage.method == "prune_camera" and stage.options.ratio == 0.2
+    assert (stage.options.setting("alpha"), stage.options.setting("max_expert_share"),
+            stage.options.setting("protect_super_experts")) == (0.9, 1.0, False)
+    with pytest.raises(ValueError, match="fixes"):
+        CameraPruning({"ratio": 0.2, "preset": "camera_code", "alpha": 0.5})
+
+
+def test_physical_pipeline_run_saves_a_smaller_native_checkpoint_that_reloads(testbed, tmp_path):
+    from moecompress.models.loading import load_model
+    from moecompress.pipeline import Pipeline
+
+    from conftest import testbed_model_path
+
+    source = testbed_model_path("moe-ref-q3")
+    stage = CameraPruning({"ratio": 0.25, "mode": "physical"})
+    report = Pipeline([stage], calibration={"num_samples": 4, "seq_len": 32, "files": [str(testbed / "calib")]}).run(
+        source, tmp_path / "out", dtype="float32")
+    record = report["stages"][0]
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert all(isinstance(view.experts, VariableWidthExperts) for view in find_moe_blocks(reloaded))
+    masked, _ = load_model(str(source), dtype=torch.float32)
+    context = RunContext(model=masked, tokenizer=None, source=str(source), output_dir=tmp_path)
+    CameraPruning({"ratio": 0.25}).replay(context, StageResult(decisions=record["decisions"]))
+    tokens = torch.randint(1, 8000, (2, 20), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_logits(reloaded, tokens), _logits(masked, tokens), rtol=1e-4, atol=1e-4)
+    assert report["model"]["parameters_after"] < report["model"]["parameters_before"]
+    for layer in record["metrics"]["layers"].values():
+        assert layer["pruned"] == int(0.25 * layer["micro_experts"])
+        assert min(layer["expert_widths"]) >= 80 - int(0.9 * 80)

@@ -14,6 +14,9 @@ of super experts (``context.super_experts``) are never pruned.
   mode: masked           # masked: zeroed channels, same shapes | physical: experts really become smaller
   pad_to: 64             # physical only: one width per model (max kept, rounded up) in the plain HF layout
   score: camera          # camera (default) | weight_norm | random: the baselines of the benchmark
+  max_expert_share: 0.9  # no expert loses more than this share of its channels
+  protect_super_experts: true
+  # preset: camera_code  # the released code's form: alpha 0.9, no floor, no super-expert guard
 ```
 
 ``physical`` replaces each layer's experts by :class:`moecompress.kernels.variable_width.VariableWidthExperts`
@@ -218,24 +221,46 @@ def _check_physical_layout(view) -> None:
 
 
 # ----- the stage ----------------------------------------------------------------------------------------------------
+DEFAULTS = {"alpha": DEFAULT_ALPHA, "max_expert_share": 0.9, "protect_super_experts": True}
+# The released code (xuyuzhuang11/CAMERA run.sh): alpha 0.9, pure global ranking, no guards.
+PRESETS = {"camera_code": {"alpha": 0.9, "max_expert_share": 1.0, "protect_super_experts": False}}
+
+
 class CameraPruneOptions(StageOptions):
     ratio: float = pydantic.Field(..., gt=0, lt=1, description="share of each layer's micro-experts removed")
-    alpha: float = pydantic.Field(DEFAULT_ALPHA, ge=0, le=1, description="weight of the max term in the energy")
+    alpha: float | None = pydantic.Field(None, ge=0, le=1, description="weight of the max term in the energy "
+                                         f"(default {DEFAULT_ALPHA})")
     mode: Literal["masked", "physical"] = pydantic.Field("masked", description="masked: zero channels, same "
                                                          "shapes; physical: experts really become smaller")
     pad_to: int | None = pydantic.Field(None, gt=0, description="physical only: one width for every expert, "
                                         "rounded up to this multiple (plain HF layout)")
-    max_expert_share: float = pydantic.Field(0.9, gt=0, le=1, description="most an expert may lose")
-    protect_super_experts: bool = pydantic.Field(True, description="never prune channels of super experts")
+    max_expert_share: float | None = pydantic.Field(None, gt=0, le=1, description="most an expert may lose "
+                                                    "(default 0.9)")
+    protect_super_experts: bool | None = pydantic.Field(None, description="never prune channels of super experts "
+                                                        "(default true)")
+    preset: Literal["camera_code"] | None = pydantic.Field(None, description="camera_code: the released code's "
+                                                           "form (alpha 0.9, no per-expert floor, no super-expert guard)")
     score: Literal["camera", "weight_norm", "random"] = pydantic.Field("camera", description="camera energies, or "
                                                                        "the weight-norm / random baselines")
     seed: int = pydantic.Field(0, description="seed of score: random")
 
     @pydantic.model_validator(mode="after")
-    def _pad_needs_physical(self):
+    def _consistent(self):
         if self.pad_to is not None and self.mode != "physical":
             raise ValueError("pad_to applies to mode: physical (masked mode keeps every shape)")
+        if self.preset is not None:
+            explicit = [name for name in PRESETS[self.preset] if getattr(self, name) is not None]
+            if explicit:
+                raise ValueError(f"preset {self.preset!r} fixes {explicit}; give either the preset or the values")
         return self
+
+    def setting(self, name: str):
+        """The effective value of ``alpha`` / ``max_expert_share`` / ``protect_super_experts``: explicit, preset,
+        or default."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        return (PRESETS[self.preset] if self.preset is not None else DEFAULTS)[name]
 
 
 @register_stage
@@ -246,9 +271,6 @@ class CameraPruning(Stage):
     Options = CameraPruneOptions
 
     def check(self, context: RunContext) -> None:
-        if self.options.score == "camera" and context.calibration is None:
-            raise RecipeError("prune_camera needs calibration data for its energies; add a `calibration:` section "
-                              "to the recipe (or use score: weight_norm)")
         for view in find_moe_blocks(context.model):
             if isinstance(view.experts, VariableWidthExperts):
                 raise RecipeError(f"prune_camera: layer {view.layer_index} already has variable-width experts; prune "
@@ -257,18 +279,21 @@ class CameraPruning(Stage):
     def run(self, context: RunContext) -> StageResult:
         self.check(context)
         options = self.options
-        protected = super_experts_by_layer(context) if options.protect_super_experts else {}
+        if options.score == "camera" and context.calibration is None:
+            raise RecipeError("prune_camera needs calibration data for its energies; add a `calibration:` section "
+                              "to the recipe (or use score: weight_norm)")
+        protected = super_experts_by_layer(context) if options.setting("protect_super_experts") else {}
         plans: dict[int, LayerPrunePlan] = {}
         all_scores: dict[int, LayerEnergies] = {}
 
         def prune_view(view, statistics):
             if options.score == "camera":
-                scores = layer_energies(view, statistics, options.alpha)
+                scores = layer_energies(view, statistics, options.setting("alpha"))
             elif options.score == "weight_norm":
                 scores = weight_norm_scores(view)
             else:
                 scores = random_scores(view, options.seed)
-            plan = plan_layer(scores, options.ratio, max_expert_share=options.max_expert_share,
+            plan = plan_layer(scores, options.ratio, max_expert_share=options.setting("max_expert_share"),
                               protected_experts=protected.get(view.layer_index, []))
             apply_masked(context.model, plan)
             plans[view.layer_index], all_scores[view.layer_index] = plan, scores
