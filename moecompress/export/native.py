@@ -113,6 +113,8 @@ def prepare_skeleton(model: nn.Module, quantization_config: MoECompressQuantizat
         keep_experts(model, resize)
     if record.get("variable_width"):
         _variable_width_skeleton(model, record["variable_width"])
+    if record.get("camera_q"):
+        _segmented_skeleton(model, record["camera_q"], dtype)
     views = {view.layer_index: view for view in find_moe_blocks(model)}
     scale_dtype = dtype if isinstance(dtype, torch.dtype) else (model.dtype if model.dtype.is_floating_point else torch.bfloat16)
     for layer_key, spec in quantization_config.layers.items():
@@ -164,6 +166,25 @@ def _variable_width_skeleton(model: nn.Module, widths: dict) -> None:
                 slice_linear_rows_and_columns(shared.module, torch.arange(int(width)))
 
 
+def _segmented_skeleton(model: nn.Module, layers: dict, dtype) -> None:
+    """Give each layer named in ``config.moecompress["camera_q"]`` (``{layer: {"segment_widths": [E][3], "bits",
+    "group_size"}}``, written by CAMERA-Q) its segment-packed experts."""
+    from moecompress.kernels.variable_width import SegmentedPackedExperts
+    from moecompress.models import find_moe_blocks
+
+    views = {view.layer_index: view for view in find_moe_blocks(model)}
+    scale_dtype = dtype if isinstance(dtype, torch.dtype) else (model.dtype if model.dtype.is_floating_point else torch.bfloat16)
+    for layer_key, spec in layers.items():
+        view = views.get(int(layer_key))
+        if view is None or len(spec["segment_widths"]) != view.num_experts:
+            raise CheckpointError(f"config.moecompress.camera_q names layer {layer_key}, which does not match the model; "
+                                  "the config.json was edited or belongs to another model")
+        replace_experts(view, SegmentedPackedExperts(spec["segment_widths"], spec["bits"], view.hidden_size,
+                                                     int(spec["group_size"]), view.experts.act_fn,
+                                                     config=getattr(view.experts, "config", None),
+                                                     scale_dtype=scale_dtype, device=view.router_weight.device))
+
+
 def needs_native_format(model: nn.Module) -> bool:
     """Does ``model`` hold what a plain transformers config cannot describe (packed modules, MoE layers with
     different expert counts)? Such a model must be saved with a native ``quantization_config``."""
@@ -171,7 +192,7 @@ def needs_native_format(model: nn.Module) -> bool:
     from moecompress.models.families import text_config
 
     record = getattr(text_config(model.config), CONFIG_RECORD_KEY, None) or {}
-    if record.get("num_experts_per_layer") or record.get("variable_width"):
+    if record.get("num_experts_per_layer") or record.get("variable_width") or record.get("camera_q"):
         return True
     return any(callable(getattr(module, "parameter_counts", None)) for module in model.modules())
 

@@ -140,4 +140,121 @@ def slice_linear_rows_and_columns(module: nn.Module, kept_channels: torch.Tensor
             setattr(module, attr, int(kept_channels.numel()))
 
 
-__all__ = ["DenseSlice", "VariableWidthExperts", "slice_linear_rows_and_columns"]
+
+
+class SegmentedPackedExperts(nn.Module):
+    """Routed experts whose channels are split into up to three contiguous segments, each packed at its own width
+    (CAMERA-Q, ``moecompress.quantization.camera_q``): expert ``e`` is the sum of its sub-FFNs
+    ``E_e(x) = sum_s W_down[:, S_s] (act(W_gate[S_s] x) * W_up[S_s] x)``.
+
+    Buffers per expert ``e`` and segment ``s`` of width ``w > 0`` at ``bits[s]`` (symmetric, group-wise; compressed-
+    tensors rows as in :class:`moecompress.quantization.packing.PackedLinearWeight`):
+    ``e{e}_s{s}_gate_up_packed`` int32 ``[2w, ceil(H b / 32)]`` (gate rows then up rows), ``e{e}_s{s}_gate_up_scale``
+    ``[2w, G_H]``, ``e{e}_s{s}_down_packed`` int32 ``[H, ceil(w b / 32)]``, ``e{e}_s{s}_down_scale`` ``[H, G_w]``;
+    ``segment_widths`` int32 ``[E, 3]``. The torch path dequantises each segment per forward.
+    """
+
+    def __init__(self, segment_widths: list[list[int]], bits: list[int], hidden_dim: int, group_size: int, act_fn,
+                 *, config=None, scale_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
+        from moecompress.quantization.packing import num_groups, packed_width
+
+        super().__init__()
+        self.widths = [[int(w) for w in widths] for widths in segment_widths]
+        self.bits = [int(b) for b in bits]
+        self.num_experts = len(self.widths)
+        self.hidden_dim = int(hidden_dim)
+        self.group_size = int(group_size)
+        self.intermediate_dim = max(sum(widths) for widths in self.widths)
+        self.act_fn = act_fn
+        self.config = config
+        self.register_buffer("segment_widths", torch.tensor(self.widths, dtype=torch.int32, device=device))
+        for expert, widths in enumerate(self.widths):
+            for segment, (width, b) in enumerate(zip(widths, self.bits)):
+                if width == 0:
+                    continue
+                prefix = f"e{expert}_s{segment}"
+                self.register_buffer(f"{prefix}_gate_up_packed", torch.zeros(2 * width, packed_width(hidden_dim, b),
+                                                                             dtype=torch.int32, device=device))
+                self.register_buffer(f"{prefix}_gate_up_scale", torch.zeros(2 * width, num_groups(hidden_dim, group_size),
+                                                                            dtype=scale_dtype, device=device))
+                self.register_buffer(f"{prefix}_down_packed", torch.zeros(hidden_dim, packed_width(width, b),
+                                                                          dtype=torch.int32, device=device))
+                self.register_buffer(f"{prefix}_down_scale", torch.zeros(hidden_dim, num_groups(width, group_size),
+                                                                         dtype=scale_dtype, device=device))
+
+    @classmethod
+    def from_packed(cls, segments: list[list], bits: list[int], act_fn, config=None) -> "SegmentedPackedExperts":
+        """segments: per expert, per segment ``(gate_up PackedLinearWeight [2w, H], down [H, w])`` or None."""
+        first = next(pair for expert in segments for pair in expert if pair is not None)
+        widths = [[0 if pair is None else pair[0].shape[0] // 2 for pair in expert] for expert in segments]
+        module = cls(widths, bits, first[0].shape[1], first[0].group_size, act_fn, config=config,
+                     scale_dtype=first[0].scales.dtype, device=first[0].packed.device)
+        for expert, pairs in enumerate(segments):
+            for segment, pair in enumerate(pairs):
+                if pair is None:
+                    continue
+                if not pair[0].symmetric or not pair[1].symmetric:
+                    raise MoECompressError("SegmentedPackedExperts stores symmetric segments only")
+                prefix = f"e{expert}_s{segment}"
+                for name, weight in (("gate_up", pair[0]), ("down", pair[1])):
+                    getattr(module, f"{prefix}_{name}_packed").copy_(weight.packed)
+                    getattr(module, f"{prefix}_{name}_scale").copy_(weight.scales)
+        return module
+
+    def segment(self, expert: int, segment: int):
+        """``(gate_up, down)`` PackedLinearWeight of one segment, or None when it is empty."""
+        from moecompress.quantization.packing import PackedLinearWeight
+
+        width = self.widths[expert][segment]
+        if width == 0:
+            return None
+        prefix, b = f"e{expert}_s{segment}", self.bits[segment]
+        gate_up = PackedLinearWeight(getattr(self, f"{prefix}_gate_up_packed"), getattr(self, f"{prefix}_gate_up_scale"),
+                                     None, b, self.group_size, (2 * width, self.hidden_dim))
+        down = PackedLinearWeight(getattr(self, f"{prefix}_down_packed"), getattr(self, f"{prefix}_down_scale"),
+                                  None, b, self.group_size, (self.hidden_dim, width))
+        return gate_up, down
+
+    def expert_linear(self, expert: int, name: str) -> DenseSlice:
+        """Dequantised ``gate_up_proj`` ``[2 I_e, H]`` (all gate rows, then all up rows) or ``down_proj`` ``[H, I_e]``."""
+        pairs = [pair for pair in (self.segment(expert, s) for s in range(len(self.bits))) if pair is not None]
+        if name == "gate_up_proj":
+            halves = [pair[0].dequantize().chunk(2, dim=0) for pair in pairs]
+            return DenseSlice(torch.cat([h[0] for h in halves] + [h[1] for h in halves]))
+        if name == "down_proj":
+            return DenseSlice(torch.cat([pair[1].dequantize() for pair in pairs], dim=1))
+        raise MoECompressError(f"unknown expert matrix {name!r}; use 'gate_up_proj' or 'down_proj'")
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden_states ``[T, H]``, top_k_index / top_k_weights ``[T, k]`` -> ``[T, H]`` (sum of segment sub-FFNs)."""
+        final_hidden_states = torch.zeros_like(hidden_states)
+        for expert in torch.unique(top_k_index).tolist():
+            if not 0 <= expert < self.num_experts:
+                continue
+            top_k_position, token_index = torch.where(top_k_index.t() == expert)
+            current_state = hidden_states[token_index]
+            current = None
+            for segment in range(len(self.bits)):
+                pair = self.segment(expert, segment)
+                if pair is None:
+                    continue
+                gate, up = nn.functional.linear(current_state, pair[0].dequantize(hidden_states.dtype)).chunk(2, dim=-1)
+                part = nn.functional.linear(self.act_fn(gate) * up, pair[1].dequantize(hidden_states.dtype))
+                current = part if current is None else current + part
+            current = current * top_k_weights[token_index, top_k_position, None]
+            final_hidden_states.index_add_(0, token_index, current.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+    def parameter_counts(self) -> dict[int, int]:
+        """``{id(buffer): weights it encodes}``: packed buffers count their matrix's weights, scales 0."""
+        counts = {id(buffer): 0 for buffer in self.buffers(recurse=False)}
+        for expert in range(self.num_experts):
+            for segment in range(len(self.bits)):
+                pair = self.segment(expert, segment)
+                if pair is not None:
+                    for weight in pair:
+                        counts[id(weight.packed)] = weight.shape[0] * weight.shape[1]
+        return counts
+
+
+__all__ = ["DenseSlice", "SegmentedPackedExperts", "VariableWidthExperts", "slice_linear_rows_and_columns"]
