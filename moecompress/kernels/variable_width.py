@@ -100,7 +100,19 @@ class VariableWidthExperts(nn.Module):
     # ----- forward ------------------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden_states ``[T, H]``, top_k_index ``[T, k]`` (ids outside ``[0, E)`` are skipped), top_k_weights
-        ``[T, k]`` -> ``[T, H]``; the same operations, in the same order, as transformers' eager experts loop."""
+        ``[T, k]`` -> ``[T, H]``. With ``config._experts_implementation == "moecompress_packed"`` (the packed
+        experts' backend switch) and Triton runnable on the device, the grouped Triton kernels
+        (:mod:`moecompress.kernels.triton_variable_width`); otherwise the same operations, in the same order, as
+        transformers' eager experts loop."""
+        if self._use_triton(hidden_states.device):
+            # lazy: importing Triton costs seconds, and only this path needs it
+            from moecompress.kernels.triton_variable_width import variable_width_experts_triton
+
+            device = hidden_states.device
+            return variable_width_experts_triton(
+                hidden_states, top_k_index, top_k_weights, self.gate_up_rows, self.down_rows,
+                torch.tensor(self.offsets[:-1], dtype=torch.int32, device=device),
+                self.expert_widths.to(device=device, dtype=torch.int32), self.intermediate_dim)
         final_hidden_states = torch.zeros_like(hidden_states)
         with torch.no_grad():
             hit = torch.unique(top_k_index)
@@ -115,6 +127,13 @@ class VariableWidthExperts(nn.Module):
             current = current * top_k_weights[token_index, top_k_position, None]
             final_hidden_states.index_add_(0, token_index, current.to(final_hidden_states.dtype))
         return final_hidden_states
+
+    def _use_triton(self, device: torch.device) -> bool:
+        from moecompress.kernels.backend import BACKEND_NAME, _is_silu
+        from moecompress.kernels.runtime import triton_available
+
+        return (getattr(self.config, "_experts_implementation", None) == BACKEND_NAME and _is_silu(self.act_fn)
+                and triton_available(device))
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, widths {min(self.widths)}.."
