@@ -95,6 +95,39 @@ def physical_check(model, tokenizer, calibration, super_experts, ratio: float) -
     return record
 
 
+def quantized_run(model, tokenizer, calibration, super_experts, tasks, args, method: str, options: dict) -> dict:
+    """One quantisation stage (``camera_q`` or ``gptq``) on a copy of ``model``, then the task scores."""
+    from moecompress.evals import evaluate_model
+    from moecompress.pipeline import STAGE_REGISTRY, RunContext
+    from moecompress.recipe import known_methods
+
+    known_methods()
+    quantized = copy.deepcopy(model)
+    context = RunContext(model=quantized, tokenizer=tokenizer, source="benchmark", output_dir=Path(tempfile.mkdtemp()),
+                         calibration=calibration, super_experts=list(super_experts), batch_size=8)
+    result = STAGE_REGISTRY[method](options).run(context)
+    scores = evaluate_model(quantized, tokenizer, tasks, limit=args.limit, batch_size=32)
+    average = result.metrics.get("mean_effective_avg_bits", options.get("bits"))
+    print(method, options, average, scores, flush=True)
+    return {"score": method, "ratio": 0.0, "options": options, "avg_bits": average, "scores": scores,
+            "memory_bytes": model_bytes(quantized)}
+
+
+def analysis_time(model, tokenizer) -> dict:
+    """Seconds of the CAMERA energy pass (one layer-wise sweep, energies of every layer) with 128 x 512 tokens."""
+    import time
+
+    from moecompress.analysis.camera import STATISTICS, layer_energies
+    from moecompress.calibration import LayerwiseRunner, load_calibration
+
+    calibration = load_calibration(tokenizer, files=[str(TESTBED / "calib")], num_samples=128, seq_len=512, seed=0)
+    energies = []
+    started = time.perf_counter()
+    LayerwiseRunner.from_source(model).run(calibration, list(STATISTICS), batch_size=8, layer_callback=lambda index, layer, collectors: energies.extend(
+        layer_energies(collector.view, collector.result()) for collector in collectors))
+    return {"seconds": time.perf_counter() - started, "tokens": 128 * 512, "layers": len(energies)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="moe-ref-q3")
@@ -106,6 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--physical", action="store_true", help="also measure physical vs masked at the first ratio")
+    parser.add_argument("--camera-q", default="", help="comma-separated average bits: CAMERA-Q runs (bits 4/3/2) "
+                        "against uniform GPTQ at 2 and 3 bits, same group size")
+    parser.add_argument("--group-size", type=int, default=16, help="--camera-q: group size of every quantiser")
+    parser.add_argument("--analysis-time", action="store_true", help="time the energy pass with 128 x 512 "
+                        "calibration tokens (the lead's measurement; the cost model is printed either way)")
     parser.add_argument("--json-out", type=Path)
     parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of finished runs and exit")
     args = parser.parse_args(argv)
@@ -144,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = LayerwiseRunner.from_source(model).run(calibration, ["max_abs_expert_output"], batch_size=8)
     super_experts = find_super_experts(profile.layers, profile.num_hidden_layers).routed
     results["super_experts"] = [list(pair) for pair in super_experts]
-    for ratio in map(float, args.ratios.split(",")):
+    for ratio in [float(r) for r in args.ratios.split(",") if r]:
         for score in args.scores.split(","):
             key = f"{score}/{ratio:g}"
             if key in results["runs"]:
@@ -158,12 +196,35 @@ def main(argv: list[str] | None = None) -> int:
             save()
             print(key, scores, flush=True)
             del pruned, result
+    for average in [float(a) for a in args.camera_q.split(",") if a]:
+        key = f"camera_q/{average:g}"
+        if key not in results["runs"]:
+            results["runs"][key] = quantized_run(model, tokenizer, calibration, super_experts, tasks, args,
+                                                 "camera_q", {"avg_bits": average, "bits": [4, 3, 2],
+                                                              "group_size": args.group_size, "alpha": args.alpha})
+            save()
+    if args.camera_q:
+        for bits in (2, 3):
+            key = f"gptq/{bits}"
+            if key not in results["runs"]:
+                results["runs"][key] = quantized_run(model, tokenizer, calibration, super_experts, tasks, args,
+                                                     "gptq", {"bits": bits, "group_size": args.group_size})
+                save()
+    if args.analysis_time and "analysis_time" not in results:
+        results["analysis_time"] = analysis_time(model, tokenizer)
+        save()
     if args.physical and "physical" not in results:
         results["physical"] = physical_check(model, tokenizer, calibration, super_experts,
                                              float(args.ratios.split(",")[0]))
         save()
     print(markdown_table([results]))
     return 0
+
+
+def _row_name(run: dict) -> str:
+    if run.get("avg_bits") is not None:  # a quantised run
+        return f"{run['score']} {float(run['avg_bits']):.2f} bits (group {run['options']['group_size']})"
+    return run["score"]
 
 
 def _mean_acc(scores: dict) -> float:
@@ -180,7 +241,7 @@ def markdown_table(all_results: list[dict]) -> str:
     for results in all_results:
         full = results["runs"]["full"]["scores"]
         full_mean = _mean_acc(full)
-        rows = [("full model", 0.0, full)] + [(run["score"], run["ratio"], run["scores"]) for key, run in
+        rows = [("full model", 0.0, full)] + [(_row_name(run), run["ratio"], run["scores"]) for key, run in
                                               sorted(results["runs"].items(), key=lambda item: (item[1].get("ratio", 0), item[0])) if key != "full"]
         for name, ratio, scores in rows:
             mean = _mean_acc(scores)
