@@ -128,6 +128,10 @@ class VariableWidthExperts(nn.Module):
             final_hidden_states.index_add_(0, token_index, current.to(final_hidden_states.dtype))
         return final_hidden_states
 
+    def parameter_counts(self) -> dict[int, int]:
+        """``{id(tensor): weights it holds}`` for summaries: the widths buffer is bookkeeping (0 weights)."""
+        return {id(self.expert_widths): 0}
+
     def _use_triton(self, device: torch.device) -> bool:
         from moecompress.kernels.backend import BACKEND_NAME, _is_silu
         from moecompress.kernels.runtime import triton_available
