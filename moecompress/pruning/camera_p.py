@@ -42,7 +42,7 @@ from moecompress.analysis.camera import (DEFAULT_ALPHA, STATISTICS, LayerEnergie
 from moecompress.errors import CalibrationError, RecipeError
 from moecompress.kernels.variable_width import VariableWidthExperts, slice_linear_rows_and_columns
 from moecompress.models import find_moe_blocks
-from moecompress.models.edits import (CONFIG_RECORD_KEY, EditError, _config_record, _replace_tensor, sync_config,
+from moecompress.models.edits import (EditError, _config_record, _replace_tensor, sync_config,
                                       zero_micro_experts)
 from moecompress.models.families import adapter_for, text_config
 from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage

@@ -36,7 +36,6 @@ engine packs one width per expert, and a per-channel width inside an expert need
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pydantic
