@@ -14,6 +14,7 @@ import sys
 import torch
 import transformers
 
+from moecompress.errors import CalibrationError
 from moecompress.export.native import build_meta_model
 from moecompress.models.families import adapter_for
 from moecompress.models.loading import load_config, local_checkpoint_folder, validate_safetensors
@@ -63,6 +64,32 @@ def expert_usage(source: str, calibration_files: list[str], *, num_samples: int,
             "unused_experts": int((counts == 0).sum()),
         })
     return rows
+
+
+def micro_expert_energies(source: str, calibration_files: list[str], *, num_samples: int, seq_len: int,
+                          alpha: float = 0.9, plot_path: str | None = None, seed: int = 0) -> dict:
+    """CAMERA micro-expert energies per MoE layer (one lazy layer-by-layer pass; moecompress.analysis.camera).
+
+    Returns ``{"alpha", "layers": [summarize(...) per layer], "plot"}``: quantiles of the energies, the share of
+    the layer's energy held by its lowest 20/40/60% micro-experts, per-expert and shared shares; the plot (cumulative
+    energy share per layer) is written to ``plot_path`` when given.
+    """
+    from pathlib import Path
+
+    from moecompress.analysis.camera import STATISTICS, energy_plot, layer_energies, summarize
+    from moecompress.calibration import LayerwiseRunner, load_calibration
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    calibration = load_calibration(tokenizer, files=calibration_files, num_samples=num_samples, seq_len=seq_len, seed=seed)
+    energies = []
+
+    def on_layer(layer_index, layer, collectors):  # while the layer's weights are loaded (down-column norms)
+        for collector in collectors:
+            energies.append(layer_energies(collector.view, collector.result(), alpha))
+
+    LayerwiseRunner.from_source(source).run(calibration, list(STATISTICS), layer_callback=on_layer)
+    plot = str(energy_plot(energies, Path(plot_path))) if plot_path else None
+    return {"alpha": alpha, "layers": [summarize(layer) for layer in energies], "plot": plot}
 
 
 def _checkpoint_dtype(config) -> torch.dtype:
@@ -122,6 +149,22 @@ def render(summary: dict, console=None) -> None:
             usage.add_row(str(row["layer"]), f"{row['max_share']:.1%}", f"{row['min_share']:.1%}", f"{uniform:.1%}",
                           str(row["unused_experts"]))
         console.print(usage)
+    if summary.get("micro_experts"):
+        micro = summary["micro_experts"]
+        table = Table(title=f"CAMERA micro-expert energies (alpha {micro['alpha']:g}): share of the layer's energy in "
+                      "its lowest-energy micro-experts")
+        for column in ("layer", "micro-experts", "zero", "median", "max", "lowest 20%", "lowest 40%", "lowest 60%",
+                       "top expert", "shared"):
+            table.add_column(column, justify="right")
+        for row in micro["layers"]:
+            shares = row["lowest_share"]
+            table.add_row(str(row["layer"]), str(row["micro_experts"]), str(row["zero_energy"]),
+                          f"{row['quantiles']['median']:.3g}", f"{row['quantiles']['max']:.3g}", f"{shares['20%']:.2%}",
+                          f"{shares['40%']:.2%}", f"{shares['60%']:.2%}", f"{max(row['expert_energy_share']):.1%}",
+                          ", ".join(f"{share:.1%}" for share in row["shared_energy_share"]) or "-")
+        console.print(table)
+        if micro.get("plot"):
+            console.print(f"plot: {micro['plot']}")
 
 
 def _human_bytes(size: int) -> str:
@@ -136,6 +179,11 @@ def run(args: argparse.Namespace) -> int:
     summary = inspect_checkpoint(args.model)
     if args.calib:
         summary["expert_usage"] = expert_usage(args.model, args.calib, num_samples=args.num_samples, seq_len=args.seq_len)
+    if args.micro:
+        if not args.calib:
+            raise CalibrationError("inspect --micro needs calibration text; add --calib FILES (or --calib bundled)")
+        summary["micro_experts"] = micro_expert_energies(args.model, args.calib, num_samples=args.num_samples,
+                                                         seq_len=args.seq_len, alpha=args.alpha, plot_path=args.plot)
     if args.json:
         json.dump(summary, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -157,4 +205,9 @@ def register(subparsers) -> None:
                         help="calibration .jsonl/.txt files or folders (or 'bundled'): adds expert usage per layer")
     parser.add_argument("--num-samples", type=int, default=32, help="calibration sequences for --calib (default 32)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sequence (default 256)")
+    parser.add_argument("--micro", action="store_true",
+                        help="with --calib: CAMERA micro-expert energies per layer (distribution, lowest 20/40/60%%, plot)")
+    parser.add_argument("--alpha", type=float, default=0.9, help="--micro: weight of the max term (default 0.9)")
+    parser.add_argument("--plot", default="camera_energies.png", help="--micro: where the plot goes "
+                        "(default camera_energies.png)")
     parser.set_defaults(func=run)

@@ -121,6 +121,10 @@ def prepare_skeleton(model: nn.Module, quantization_config: MoECompressQuantizat
               if per_layer_counts.get(view.layer_index, view.num_experts) != view.num_experts}
     if resize:
         keep_experts(model, resize)
+    if record.get("variable_width"):
+        _variable_width_skeleton(model, record["variable_width"])
+    if record.get("camera_q"):
+        _segmented_skeleton(model, record["camera_q"], dtype)
     views = {view.layer_index: view for view in find_moe_blocks(model)}
     scale_dtype = dtype if isinstance(dtype, torch.dtype) else (model.dtype if model.dtype.is_floating_point else torch.bfloat16)
     for layer_key, spec in quantization_config.layers.items():
@@ -150,6 +154,47 @@ def prepare_skeleton(model: nn.Module, quantization_config: MoECompressQuantizat
             symmetric=bool(spec["symmetric"]), bias=bool(spec["bias"]), scale_dtype=scale_dtype))
 
 
+def _variable_width_skeleton(model: nn.Module, widths: dict) -> None:
+    """Give each layer named in ``config.moecompress["variable_width"]`` (``{layer: {"expert_widths": [E],
+    "shared_widths": [S]}}``, written by CAMERA-P's physical mode) variable-width experts and sliced shared experts."""
+    from moecompress.kernels.variable_width import VariableWidthExperts, slice_linear_rows_and_columns
+    from moecompress.models import find_moe_blocks
+
+    views = {view.layer_index: view for view in find_moe_blocks(model)}
+    for layer_key, spec in widths.items():
+        view = views.get(int(layer_key))
+        if view is None or len(spec["expert_widths"]) != view.num_experts:
+            raise CheckpointError(f"config.moecompress.variable_width names layer {layer_key} with "
+                                  f"{len(spec['expert_widths'])} experts, which the model does not have; the "
+                                  "config.json was edited or belongs to another model")
+        experts = VariableWidthExperts(spec["expert_widths"], view.hidden_size, view.experts.act_fn,
+                                       config=getattr(view.experts, "config", None),
+                                       dtype=view.experts.gate_up_proj.dtype, device=view.experts.gate_up_proj.device)
+        replace_experts(view, experts)
+        for shared, width in zip(view.shared_experts, spec.get("shared_widths", [])):
+            if int(width) != int(shared.module.down_proj.in_features):
+                slice_linear_rows_and_columns(shared.module, torch.arange(int(width)))
+
+
+def _segmented_skeleton(model: nn.Module, layers: dict, dtype) -> None:
+    """Give each layer named in ``config.moecompress["camera_q"]`` (``{layer: {"segment_widths": [E][3], "bits",
+    "group_size"}}``, written by CAMERA-Q) its segment-packed experts."""
+    from moecompress.kernels.variable_width import SegmentedPackedExperts
+    from moecompress.models import find_moe_blocks
+
+    views = {view.layer_index: view for view in find_moe_blocks(model)}
+    scale_dtype = dtype if isinstance(dtype, torch.dtype) else (model.dtype if model.dtype.is_floating_point else torch.bfloat16)
+    for layer_key, spec in layers.items():
+        view = views.get(int(layer_key))
+        if view is None or len(spec["segment_widths"]) != view.num_experts:
+            raise CheckpointError(f"config.moecompress.camera_q names layer {layer_key}, which does not match the model; "
+                                  "the config.json was edited or belongs to another model")
+        replace_experts(view, SegmentedPackedExperts(spec["segment_widths"], spec["bits"], view.hidden_size,
+                                                     int(spec["group_size"]), view.experts.act_fn,
+                                                     config=getattr(view.experts, "config", None),
+                                                     scale_dtype=scale_dtype, device=view.router_weight.device))
+
+
 def needs_native_format(model: nn.Module) -> bool:
     """Does ``model`` hold what a plain transformers config cannot describe (packed modules, MoE layers with
     different expert counts)? Such a model must be saved with a native ``quantization_config``."""
@@ -157,7 +202,7 @@ def needs_native_format(model: nn.Module) -> bool:
     from moecompress.models.families import text_config
 
     record = getattr(text_config(model.config), CONFIG_RECORD_KEY, None) or {}
-    if record.get("num_experts_per_layer"):
+    if record.get("num_experts_per_layer") or record.get("variable_width") or record.get("camera_q"):
         return True
     return any(callable(getattr(module, "parameter_counts", None)) for module in model.modules())
 
