@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 
+from pathlib import Path
+
 from moecompress.errors import RecipeError
 from moecompress.pipeline import Pipeline
 from moecompress.pruning.frequency import FrequencyPruning
 from moecompress.recipe import load_recipe, parse_recipe
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _write(tmp_path, text):
@@ -82,22 +86,27 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def test_shipped_recipes_are_valid():
-    from pathlib import Path
+    import moecompress.evals  # noqa: F401  (registers the evaluate stage)
 
-    recipes = Path(__file__).resolve().parents[1] / "recipes"
-    profile = load_recipe(recipes / "profile.yaml")
+    profile = load_recipe(REPO / "recipes" / "profile.yaml")
     assert profile.stages == []
-    import yaml
-
-    from moecompress.recipe import known_methods
-
-    raw = yaml.safe_load((recipes / "demo.yaml").read_text())
-    assert [stage["method"] for stage in raw["stages"]] == ["prune_frequency", "evaluate"]
-    if "evaluate" in known_methods():
-        demo = load_recipe(recipes / "demo.yaml")
-    else:  # the evaluate stage lives in moecompress.evals (another module); everything else must already validate
-        with pytest.raises(RecipeError, match=r"stages\[1\]: unknown method 'evaluate'"):
-            load_recipe(recipes / "demo.yaml")
-        demo = parse_recipe({**raw, "stages": raw["stages"][:1]}, base_dir=recipes)
-    assert demo.stages[0].method == "prune_frequency" and demo.stages[0].options.num_experts_to_keep == 24
+    demo = load_recipe(REPO / "recipes" / "demo.yaml")
+    assert [stage.method for stage in demo.stages] == ["prune_reap", "mcmoe_pmq", "gptq", "evaluate"]
+    assert demo.stages[0].options.num_experts_to_keep == 24 and demo.stages[2].options.agq
+    assert [export.format for export in demo.exports] == ["compressed-tensors"]
     assert Path(demo.calibration.files[0]).is_dir()  # ../demo/calib, resolved against recipes/
+
+
+def test_every_bundled_recipe_parses_and_the_presets_stream_as_documented():
+    """recipes/*.yaml are what users start from: each must validate, and the streamed preset must stream."""
+    from moecompress.streaming import stream_plan
+
+    import moecompress.evals  # noqa: F401  (registers the evaluate stage)
+
+    recipes = {path.name: load_recipe(path) for path in sorted((REPO / "recipes").glob("*.yaml"))}
+    assert {"demo.yaml", "fit_30b_in_12gb.yaml", "w4_streamed.yaml"} <= set(recipes)
+    assert stream_plan(recipes["w4_streamed.yaml"].stages)[0] is not None
+    plan, reason = stream_plan(recipes["fit_30b_in_12gb.yaml"].stages)
+    assert plan is None and "mcmoe_pmq" in reason  # documented: PMQ runs in memory
+    fit = recipes["fit_30b_in_12gb.yaml"]
+    assert fit.stages[1].options.target_size == "12GiB" and fit.exports[0].format == "compressed-tensors"
