@@ -110,3 +110,14 @@ def test_every_bundled_recipe_parses_and_the_presets_stream_as_documented():
     assert plan is None and "mcmoe_pmq" in reason  # documented: PMQ runs in memory
     fit = recipes["fit_30b_in_12gb.yaml"]
     assert fit.stages[1].options.target_size == "12GiB" and fit.exports[0].format == "compressed-tensors"
+
+
+def test_camera_p_is_the_issue_name_of_prune_camera():
+    import moecompress.pruning  # noqa: F401
+
+    from moecompress.pruning.camera_p import CameraPruning
+
+    recipe = parse_recipe({"stages": [{"method": "camera_p", "ratio": 0.2, "mode": "physical"}]})
+    stage = recipe.stages[0]
+    assert isinstance(stage, CameraPruning) and stage.method == "camera_p"
+    assert stage.options.ratio == 0.2 and stage.options.mode == "physical"

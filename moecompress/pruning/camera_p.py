@@ -368,3 +368,10 @@ def sweep_pruning(context: RunContext, prune_view) -> None:
 
 __all__ = ["CameraPruning", "LayerPrunePlan", "apply_masked", "kept_channels", "make_padded", "make_physical",
            "plan_layer", "sweep_pruning"]
+
+
+@register_stage
+class CameraPPruning(CameraPruning):
+    """``method: camera_p``: the name the CAMERA issue and methods.md use; the same stage as ``prune_camera``."""
+
+    method = "camera_p"
