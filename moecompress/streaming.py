@@ -121,7 +121,7 @@ class StreamedStages:
         from moecompress.quantization.sequential import quantize_model
 
         model = self.skeleton()
-        checkpoint = LazyCheckpoint(self.checkpoint_folder)
+        checkpoint = LazyCheckpoint(self.checkpoint_folder, self.skeleton())  # keys mapped for the unpruned model
         kept_experts = {int(layer): list(kept) for layer, kept in
                         ((pruning_result.decisions.get("kept_experts") or {}) if pruning_result else {}).items()}
         if kept_experts:  # prune the skeleton's structure up front (shapes only); each layer then reads only its

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from moecompress.errors import CheckpointError
-from moecompress.models.loading import local_checkpoint_folder, validate_checkpoint
+from moecompress.models.loading import disk_key_renames, local_checkpoint_folder, validate_checkpoint
 
 # Checkpoint spellings that transformers' conversion mapping renames on load (``conversion_mapping.py``).
 KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)
@@ -59,7 +59,9 @@ def resolve_checkpoint(source: str | Path) -> Path:
 class LazyCheckpoint:
     """Index of a safetensors checkpoint: which file holds which (renamed) key; tensors are read on demand."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, model: nn.Module | None = None) -> None:
+        """``model``: the (meta) model the tensors are for; its keys are then mapped the way transformers maps them
+        on load (:func:`moecompress.models.loading.disk_key_renames`), else only ``block_sparse_moe -> mlp``."""
         self.folder = Path(folder)
         index_file = self.folder / "model.safetensors.index.json"
         if index_file.is_file():
@@ -76,8 +78,9 @@ class LazyCheckpoint:
                 with safe_open(str(file), framework="pt") as handle:
                     weight_map.update({key: file.name for key in handle.keys()})
         self.files: dict[str, tuple[str, str]] = {}  # model key -> (file name, key on disk)
+        renames = disk_key_renames(model, weight_map) if model is not None else {}
         for disk_key, file_name in weight_map.items():
-            self.files[rename_key(disk_key)] = (file_name, disk_key)
+            self.files[renames.get(disk_key) or rename_key(disk_key)] = (file_name, disk_key)
         self._handles: dict[str, object] = {}  # open files while one module loads (closed after: see load_module)
 
     def keys_under(self, prefix: str) -> list[str]:

@@ -96,7 +96,7 @@ class LayerwiseRunner:
             return cls(source, device=device, dtype=dtype)
         folder = resolve_checkpoint(source)
         model, _ = build_skeleton(folder, dtype=dtype)
-        return cls(model, checkpoint=LazyCheckpoint(folder), device=device, dtype=dtype or model.dtype)
+        return cls(model, checkpoint=LazyCheckpoint(folder, model), device=device, dtype=dtype or model.dtype)
 
     # ----- step 1: layer-0 inputs ------------------------------------------------------------------------------
     def catch_layer0_inputs(self, input_ids: torch.Tensor, batch_size: int) -> list[tuple[torch.Tensor, tuple, dict]]:

@@ -239,6 +239,22 @@ def _disk_keys_as_model_keys(model, disk_keys: list[str], expected: dict) -> dic
     return mapped
 
 
+def disk_key_renames(model, disk_keys) -> dict[str, str]:
+    """``{key on disk: key in model's naming}`` for a reader that loads tensors itself (the lazy calibration pass):
+    transformers' own renamings (``block_sparse_moe.gate`` -> ``mlp.router``, ...), and the target of every
+    one-to-one converter; keys that a converter *merges* (per-expert ``experts.3.w1`` -> fused ``gate_up_proj``)
+    keep their per-expert form under the renamed prefix, for the reader to fuse them expert by expert."""
+    expected = dict(model.state_dict())
+    weight_mapping = get_model_conversion_mapping(model)
+    renamings = [entry for entry in weight_mapping if isinstance(entry, WeightRenaming)]
+    renamed = {}
+    for key, (target, pattern) in _disk_keys_as_model_keys(model, list(disk_keys), expected).items():
+        if pattern is not None and "*" in pattern:  # a merging converter: rename only
+            target, _ = rename_source_key(key, renamings, [], model.base_model_prefix, expected)
+        renamed[key] = target
+    return renamed
+
+
 def _fused_expert_problems(mapped: dict, shapes: dict, expected: dict) -> tuple[list[str], list[str]]:
     """Per-expert tensors fused into one model tensor (``experts.*.gate_proj`` -> ``experts.gate_up_proj [E, ...]``):
     every source pattern must give one tensor per expert (else: incomplete), and the stacked (and concatenated)
