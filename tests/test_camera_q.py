@@ -104,6 +104,6 @@ def test_bad_options_fail_with_a_fix():
     with pytest.raises(ValueError, match="highest first"):
         CameraQuantization({"avg_bits": 2.5, "bits": [2, 3, 4]})
     with pytest.raises(ValueError, match="cannot be packed"):
-        CameraQuantization({"avg_bits": 2.25, "bits": [3, 2, 1]})
+        CameraQuantization({"avg_bits": 2.25, "bits": [5, 3, 2]})
     with pytest.raises(ValueError, match="between"):
         CameraQuantization({"avg_bits": 5, "bits": [4, 3, 2]})
