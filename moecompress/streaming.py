@@ -111,7 +111,7 @@ class StreamedStages:
         return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
     def write_model(self, context, pruning_result, output_folder: Path):
-        """Sweep the layers (apply the pruning decision, quantise, stage) and write the checkpoint into
+        """Sweep the layers (load the kept experts, quantise, stage) and write the checkpoint into
         ``output_folder``. Returns ``(quantization result or None, the written model's meta skeleton)``."""
         from moecompress.calibration import LayerwiseRunner
         from moecompress.calibration.checkpoint import LazyCheckpoint
@@ -124,9 +124,9 @@ class StreamedStages:
         checkpoint = LazyCheckpoint(self.checkpoint_folder, self.skeleton())  # keys mapped for the unpruned model
         kept_experts = {int(layer): list(kept) for layer, kept in
                         ((pruning_result.decisions.get("kept_experts") or {}) if pruning_result else {}).items()}
-        if kept_experts:  # prune the skeleton's structure up front (shapes only); each layer then reads only its
-            top_k = getattr(self.plan.pruning.options, "top_k", None)  # kept experts from disk
-            keep_experts(model, kept_experts, top_k=top_k)
+        if kept_experts:
+            # prune the skeleton's structure up front (shapes only); each layer then reads only its kept experts
+            keep_experts(model, kept_experts, top_k=getattr(self.plan.pruning.options, "top_k", None))
         runner = LayerwiseRunner(model, checkpoint=checkpoint, device=self.device, dtype=self.dtype,
                                  expert_selection={layer: sorted(kept) for layer, kept in kept_experts.items()})
 
