@@ -18,6 +18,9 @@ from moecompress.calibration import LayerwiseRunner, histogram_quantile, load_ca
 from moecompress.calibration.statistics import STATISTICS
 from moecompress.models import find_moe_blocks
 
+# registers topk_weight_ratio_hist, so the list below does not depend on which test modules were collected first
+import moecompress.quantization.odp  # noqa: F401, E402
+
 ALL_STATISTICS = sorted(STATISTICS)
 BATCH_SIZE = 4
 
@@ -114,6 +117,8 @@ def _direct_statistics(view, captured, domain_ids, num_domains, config):
     expected["camera_energy_max"] = energy_max
     first, second = torch.topk(combine, 2, dim=-1).values.unbind(-1)
     expected["top2_weight_ratio_hist"] = second / first
+    ordered = combine.sort(dim=-1, descending=True).values
+    expected["topk_weight_ratio_hist"] = ordered[:, 1:] / ordered[:, :1]  # [T, k-1]: w_r / w_0 per rank
     shared_hessians = {name: {} for name in ("shared_input_hessian", "shared_input_hessian_affinity",
                                              "shared_down_hessian", "shared_down_hessian_affinity")}
     for index, shared in enumerate(view.shared_experts):
@@ -167,6 +172,13 @@ def test_every_statistic_matches_a_direct_computation(model_name, testbed):
                 for q in (0.25, 0.5, 0.9):
                     rank_value = float(ordered[max(int(torch.tensor(q * want.numel()).ceil()) - 1, 0)])
                     assert abs(histogram_quantile(got, q) - rank_value) <= 1.0 / bins, (q, rank_value)
+            elif name == "topk_weight_ratio_hist":
+                assert got.shape[0] == want.shape[1]  # one histogram per rank r >= 1
+                bins = got.shape[1]
+                for rank in range(want.shape[1]):
+                    want_hist = torch.bincount((want[:, rank] * bins).long().clamp(0, bins - 1), minlength=bins)
+                    assert int(got[rank].sum()) == want.shape[0]
+                    assert int((got[rank] - want_hist).abs().sum()) <= 2  # fp32 vs fp64 at a bin edge
             elif name == "max_abs_expert_output":
                 _assert_close(got["routed"], want["routed"], name)
                 assert len(got["shared"]) == len(want["shared"])
