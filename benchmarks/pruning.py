@@ -7,6 +7,7 @@
     python benchmarks/pruning.py --model moe-ref-ds --profiles general --keeps 24,16 --group-balanced both \
         --tasks tb_code_next,tb_kjv_next,tb_austen_next --json-out results/pruning_ds.json
     python benchmarks/pruning.py --table results/pruning_q3.json     # print the markdown table of a finished run
+    python benchmarks/pruning.py --model moe-ref-q3 --profiling-cost --threads 1  # each method's cost vs one pass
 
 A profile is the calibration text the methods are tuned on (``../shared/testbed/calib``, never the tasks):
 ``general`` = all eight domains mixed, or one domain name (``pycode``) = that domain's file only. For each profile
@@ -23,6 +24,7 @@ import copy
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -81,11 +83,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json-out", type=Path, required=False)
     parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of finished runs and exit")
+    parser.add_argument("--profiling-cost", action="store_true",
+                        help="time each method's profiling (its statistics pass and its decision) against one plain "
+                             "calibration pass over the same tokens, and exit")
     args = parser.parse_args(argv)
     if args.table:
         for path in args.table:
             print(markdown_table(json.loads(path.read_text())))
         return 0
+    if args.profiling_cost:
+        return profiling_cost(args)
 
     import torch
 
@@ -143,6 +150,52 @@ def main(argv: list[str] | None = None) -> int:
             print(_key(profile, method, keep, balanced), scores, flush=True)
             del pruned, context, result
     print(markdown_table(results))
+    return 0
+
+
+def profiling_cost(args) -> int:
+    """Per method, on the general profile: seconds of the calibration pass collecting that method's statistics
+    (with its options) plus seconds of its decision and edit, against one plain calibration pass (the layer-wise
+    runner counting routed tokens only) over the same tokens, in one process, one after the other."""
+    import torch
+
+    from moecompress.analysis.super_experts import find_super_experts
+    from moecompress.calibration import LayerwiseRunner, load_calibration
+    from moecompress.models.loading import load_model
+    from moecompress.pipeline import RunContext
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(str(TESTBED / "models" / args.model), dtype=torch.float32)
+    calibration = load_calibration(tokenizer, files=[str(TESTBED / "calib")], num_samples=args.num_samples,
+                                   seq_len=args.seq_len, seed=0)
+    keep = int(args.keeps.split(",")[0])
+    LayerwiseRunner.from_source(model).run(calibration, ["expert_token_counts"], batch_size=8)  # warm-up
+    started = time.perf_counter()
+    LayerwiseRunner.from_source(model).run(calibration, ["expert_token_counts"], batch_size=8)
+    plain_seconds = time.perf_counter() - started
+    print(f"`python benchmarks/pruning.py --model {args.model} --profiling-cost --keeps {keep} --num-samples "
+          f"{args.num_samples} --seq-len {args.seq_len} --threads {args.threads}`: one plain calibration pass "
+          f"({args.num_samples} x {args.seq_len} tokens) = {plain_seconds:.2f} s\n")
+    print("| method | statistics pass (s) | decision + edit (s) | total (s) | total / plain pass |")
+    print("|---|---:|---:|---:|---:|")
+    for method in args.methods.split(","):
+        stage = stage_for(method, keep, False)
+        started = time.perf_counter()
+        statistics, names, options, num_layers = profile_statistics(model, calibration, [stage])
+        pass_seconds = time.perf_counter() - started
+        pruned = copy.deepcopy(model)
+        context = RunContext(model=pruned, tokenizer=tokenizer, source=args.model, output_dir=Path("/tmp/pruning-cost"),
+                             calibration=calibration,
+                             super_experts=list(find_super_experts(statistics, num_layers).routed), batch_size=8,
+                             statistics_cache=statistics, statistics_names=set(names),
+                             statistics_options=dict(options))
+        started = time.perf_counter()
+        stage.run(context)
+        decision_seconds = time.perf_counter() - started
+        total = pass_seconds + decision_seconds
+        print(f"| {method} | {pass_seconds:.2f} | {decision_seconds:.2f} | {total:.2f} | {total / plain_seconds:.2f}x |",
+              flush=True)
+        del pruned, context
     return 0
 
 
