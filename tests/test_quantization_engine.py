@@ -81,13 +81,22 @@ def test_agq_expert_equals_gptq_on_directly_computed_affinity_hessian(testbed):
     settings = QuantizationSettings(method="gptq", bits=3, group_size=32, agq=True, cold_token_floor=1)
     quantize_model(model, settings, calibration)
     packed = find_moe_blocks(model)[0].experts.expert_linear(expert, "gate_up_proj")
+    # The two Hessians agree to float rounding only (another summation order), and GPTQ carries a rare code that
+    # rounds the other way into the columns after it: so almost all codes and scales agree, not all of them.
     same = (packed.codes() == expected.packed.codes()).float().mean()
-    assert same > 0.99  # the Hessians agree to float rounding; a rare boundary value may round the other way
-    assert torch.allclose(packed.scales.float(), expected.packed.scales.float(), rtol=1e-3)
-    # and the weighting matters: plain GPTQ on the same tokens gives other codes
+    assert same > 0.99
+    assert _share_close(packed.scales, expected.packed.scales) > 0.99
+    # and the weighting matters: plain GPTQ on the same tokens gives other codes and scales
     plain = gptq_quantize(view.experts.gate_up_proj[expert].detach().clone(), x[token].T @ x[token], 3,
                           group_size=32, damp=0.01)
-    assert not torch.equal(plain.packed.codes(), expected.packed.codes())
+    assert (plain.packed.codes() == expected.packed.codes()).float().mean() < 0.95
+    assert _share_close(plain.packed.scales, expected.packed.scales) < 0.5
+
+
+def _share_close(values: torch.Tensor, reference: torch.Tensor, rtol: float = 1e-3) -> float:
+    """Share of ``values`` within ``rtol`` (relative) of ``reference``."""
+    relative = (values.float() - reference.float()).abs() / reference.float().abs().clamp_min(1e-12)
+    return float((relative <= rtol).float().mean())
 
 
 def test_gptq_beats_rtn_on_the_calibration_objective(testbed):

@@ -160,7 +160,6 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings, calibration
     progress = _LayerProgress(settings.progress_dir, settings.fingerprint) if settings.progress_dir else None
     if settings.method == "gptq" and calibration is None:
         raise MoECompressError("GPTQ needs calibration data; add a `calibration:` section to the recipe")
-    pending: dict[int, _GPTQLayer] = {}
 
     def process(layer_index: int, layer: nn.Module, replay: LayerReplay | None) -> None:
         if before_layer is not None:
@@ -171,13 +170,14 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings, calibration
         if settings.method == "rtn":
             _quantize_layer_rtn(model, layer_index, settings, result)
         else:
-            pending[layer_index] = _GPTQLayer(model, layer_index, layer, replay, settings, result)
-            pending[layer_index].run()
+            quantized_layer = _GPTQLayer(model, layer_index, layer, replay, settings, result)
+            quantized_layer.run()
+            # propagate through the packed experts, as a resumed run does through the layers it restores: the
+            # fused experts hold the same dequantised weights, but another matmul path may round differently
+            quantized_layer.install_packed_experts()
         result.seconds_per_layer[layer_index] = time.perf_counter() - started
 
     def finish(layer_index: int, layer: nn.Module) -> None:
-        if layer_index in pending:
-            pending.pop(layer_index).install_packed_experts()
         if layer_index in result.seconds_per_layer:  # quantised now, not restored
             result.layer_configs[layer_index] = _layer_quantization_config(model, layer_index).to_dict()
             if progress is not None:
@@ -272,7 +272,7 @@ class _GPTQLayer:
         self.result.experts.extend(self.records[key] for key in sorted(self.records))
 
     def install_packed_experts(self) -> None:
-        """Swap the fused experts (which hold the dequantised weights the layer was propagated with) for packed ones."""
+        """Swap the fused experts (which hold the dequantised weights) for packed ones."""
         for view in self.replay.views():
             _install_packed_experts(view, self.gate_up[view.layer_index], self.down[view.layer_index])
 
