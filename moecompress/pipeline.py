@@ -548,38 +548,7 @@ class _PipelineRun:
             context.statistics_options = dict(profile.get("statistic_options") or {})
         for stage in stages:
             stage.check(context)  # impossible options fail before any stage works
-        records = []
-        for index, stage in enumerate(stages):
-            key = f"{index}:{stage.method}"
-            name = f"stage {index + 1}/{len(stages)}: {stage.method}"
-            done = state["stages"].get(key)
-            started = time.perf_counter()
-            self.progress.start(name, None)
-            if done is not None:
-                result = StageResult(**done["result"])
-                # every finished stage replays its decisions: a structural edit, or one a later stage reads (a bit map)
-                replayed = stage.replay(context, result)
-                if result.changed_structure and not replayed:
-                    done = None  # cannot replay: run it again
-                else:
-                    if result.changed_structure:
-                        context.mark_statistics_stale()
-                    records.append({**done["record"], "resumed": True})
-            if done is None:
-                result = stage.run(context)
-                if result.changed_structure:
-                    context.mark_statistics_stale()
-                seconds = time.perf_counter() - started
-                record = {"method": stage.method, "options": stage.options.model_dump(mode="json", exclude_none=True),
-                          "decisions": result.decisions, "metrics": result.metrics, "plots": result.plots,
-                          "seconds": seconds, "super_experts_after": [list(p) for p in context.super_experts]}
-                records.append(record)
-                state["stages"][key] = {"record": record, "result": {
-                    "decisions": result.decisions, "metrics": result.metrics, "plots": result.plots,
-                    "changed_structure": result.changed_structure}}
-                _write_json_atomic(partial / STATE_FILE, state)
-                self.timings[f"stage {index}: {stage.method}"] = seconds
-            self.progress.finish(name)
+        records = [self._stage(index, stage, context, state, partial)[1] for index, stage in enumerate(stages)]
         self.timings["calibration passes in stages"] = context.timings.get("calibration_passes", 0.0)
         summary_after = model_summary(model)
         if any(getattr(stage, "modifies_model", True) for stage in stages):
@@ -676,11 +645,17 @@ class _PipelineRun:
         self.progress.start(name, None)
         started = time.perf_counter()
         if done is not None:
+            # every finished stage replays its decisions: a structural edit, or one a later stage reads (a bit map);
+            # a structural edit that cannot be replayed runs again
             result = StageResult(**done["result"])
             if stage.replay(context, result) or not result.changed_structure:
+                if result.changed_structure:
+                    context.mark_statistics_stale()
                 self.progress.finish(name)
                 return result, {**done["record"], "resumed": True}
         result = stage.run(context)
+        if result.changed_structure:
+            context.mark_statistics_stale()
         seconds = time.perf_counter() - started
         record = self._record(stage, result, seconds, context)
         state["stages"][key] = {"record": record, "result": {
