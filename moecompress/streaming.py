@@ -121,7 +121,8 @@ class StreamedStages:
         from moecompress.quantization.sequential import quantize_model
 
         model = self.skeleton()
-        checkpoint = LazyCheckpoint(self.checkpoint_folder, self.skeleton())  # keys mapped for the unpruned model
+        # keys are mapped once, here, while the skeleton still has the source's structure (before keep_experts)
+        checkpoint = LazyCheckpoint(self.checkpoint_folder, model)
         kept_experts = {int(layer): list(kept) for layer, kept in
                         ((pruning_result.decisions.get("kept_experts") or {}) if pruning_result else {}).items()}
         if kept_experts:
