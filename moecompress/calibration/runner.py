@@ -145,7 +145,7 @@ class LayerwiseRunner:
             batch_domains = _split_domains(token_domains, [hidden.shape[0] * hidden.shape[1] for hidden, _, _ in cached])
             total = len(self.layers)
             for layer_index, layer in enumerate(self.layers):
-                moved = self._onload(layer, f"{self.layers_path}.{layer_index}")
+                moved = self._onload(layer, f"{self.layers_path}.{layer_index}", layer_index)
                 collectors = [LayerCollector(view, names, options) for view in views_by_layer.get(layer_index, [])]
                 for collector in collectors:
                     collector.attach()
@@ -195,7 +195,7 @@ class LayerwiseRunner:
             cached = self.catch_layer0_inputs(input_ids, batch_size)
             total = len(self.layers)
             for layer_index, layer in enumerate(self.layers):
-                moved = self._onload(layer, f"{self.layers_path}.{layer_index}")
+                moved = self._onload(layer, f"{self.layers_path}.{layer_index}", layer_index)
                 replay = LayerReplay(self.model, layer_index, layer, cached)
                 process_layer(layer_index, layer, replay)
                 replay.propagate()
@@ -214,7 +214,7 @@ class LayerwiseRunner:
         total = len(self.layers)
         with torch.no_grad():
             for layer_index, layer in enumerate(self.layers):
-                moved = self._onload(layer, f"{self.layers_path}.{layer_index}")
+                moved = self._onload(layer, f"{self.layers_path}.{layer_index}", layer_index)
                 process_layer(layer_index, layer)
                 self._offload(layer, moved)
                 if on_layer is not None:
@@ -222,10 +222,10 @@ class LayerwiseRunner:
         return time.perf_counter() - started
 
     # ----- weights on and off the compute device ---------------------------------------------------------------
-    def _onload(self, module: nn.Module, path: str):
-        """Put ``module`` on the compute device; returns what :meth:`_offload` needs to undo it."""
+    def _onload(self, module: nn.Module, path: str, layer_index: int | None = None):
+        """Put ``module`` (decoder layer ``layer_index``, or None for the embeddings) on the compute device; returns
+        what :meth:`_offload` needs to undo it."""
         if self.checkpoint is not None:
-            layer_index = next((index for index, layer in enumerate(self.layers) if layer is module), None)
             self.checkpoint.load_module(module, path + "." if path else "", dtype=self.dtype, device=self.device,
                                         expert_ids=self.expert_selection.get(layer_index))
             return "lazy"
