@@ -32,7 +32,7 @@ import torch
 from moecompress.errors import CalibrationError
 from moecompress.models.view import MoEBlockView
 
-TOP2_RATIO_BINS = 1000
+WEIGHT_RATIO_BINS = 1000
 
 
 # ----- events --------------------------------------------------------------------------------------------------
@@ -392,29 +392,37 @@ class MaxAbsExpertOutput(Statistic):
 
 
 @register_statistic
-class Top2WeightRatioHist(Statistic):
-    name = "top2_weight_ratio_hist"
-    description = f"[{TOP2_RATIO_BINS}] histogram on [0, 1] of w_1/w_0 (second/first combine weight) per token"
+class TopKWeightRatioHist(Statistic):
+    name = "topk_weight_ratio_hist"
+    description = (f"[k-1, {WEIGHT_RATIO_BINS}] histograms on [0, 1] of w_r/w_0 per rank r >= 1 (combine weights sorted; "
+                   "row 0 is the top-2 ratio)")
 
     def __init__(self, view, options=None):
         super().__init__(view, options)
-        self.bins = int(self.options.get("bins", TOP2_RATIO_BINS))
-        self.hist = torch.zeros(self.bins, dtype=torch.long)
+        self.bins = int(self.options.get("bins", WEIGHT_RATIO_BINS))
+        self.hist = torch.zeros(max(view.routing.top_k - 1, 0), self.bins, dtype=torch.long)
 
     def on_router(self, batch):
-        if batch.combine_weights.shape[1] < 2:
+        ranks = batch.combine_weights.shape[1]
+        if ranks < 2:
             return
-        top2 = torch.topk(batch.combine_weights, 2, dim=-1).values
-        ratio = (top2[:, 1] / top2[:, 0].clamp_min(1e-30)).clamp(0, 1)
-        index = (ratio * self.bins).long().clamp_max(self.bins - 1).cpu()
-        self.hist += torch.bincount(index, minlength=self.bins)
+        ratios = ranks_over_top(batch.combine_weights)  # [T, k-1]
+        index = (ratios.clamp(0, 1) * self.bins).long().clamp_max(self.bins - 1).cpu()
+        for rank in range(min(ranks - 1, self.hist.shape[0])):
+            self.hist[rank] += torch.bincount(index[:, rank], minlength=self.bins)
 
     def result(self):
         return self.hist.clone()
 
 
+def ranks_over_top(weights: torch.Tensor) -> torch.Tensor:
+    """``[T, k]`` combine weights -> ``[T, k-1]`` ``w_r / w_0`` of the weights sorted in decreasing order."""
+    ordered = torch.sort(weights.float(), dim=-1, descending=True).values
+    return ordered[:, 1:] / ordered[:, :1].clamp_min(1e-30)
+
+
 def histogram_quantile(hist: torch.Tensor, q: float) -> float:
-    """Quantile ``q`` of a ``[0, 1]`` histogram (bin centre), e.g. the median of ``top2_weight_ratio_hist``."""
+    """Quantile ``q`` of a ``[0, 1]`` histogram (bin centre), e.g. the median of a ``topk_weight_ratio_hist`` row."""
     total = int(hist.sum())
     if total == 0:
         return float("nan")

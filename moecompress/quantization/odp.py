@@ -37,8 +37,7 @@ import pydantic
 import torch
 from torch import nn
 
-from moecompress.calibration.statistics import (TOP2_RATIO_BINS, Statistic, histogram_quantile,
-                                                register_statistic)
+from moecompress.calibration.statistics import histogram_quantile, ranks_over_top
 from moecompress.errors import MoECompressError, RecipeError
 from moecompress.models.edits import CONFIG_RECORD_KEY
 from moecompress.models.families import decoder_layers, find_moe_blocks, text_config
@@ -47,36 +46,6 @@ from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, r
 CONFIG_KEY = "odp"
 ENVIRONMENT_SWITCH = "MOECOMPRESS_ODP"
 _STATE_ATTR = "moecompress_odp_state"
-
-
-# ----- calibration statistic ----------------------------------------------------------------------------------------
-@register_statistic
-class TopKWeightRatioHist(Statistic):
-    name = "topk_weight_ratio_hist"
-    description = f"[k-1, {TOP2_RATIO_BINS}] histograms on [0, 1] of w_r/w_0 per rank r >= 1 (combine weights sorted)"
-
-    def __init__(self, view, options=None):
-        super().__init__(view, options)
-        self.bins = int(self.options.get("bins", TOP2_RATIO_BINS))
-        self.hist = torch.zeros(max(view.routing.top_k - 1, 0), self.bins, dtype=torch.long)
-
-    def on_router(self, batch):
-        ranks = batch.combine_weights.shape[1]
-        if ranks < 2:
-            return
-        ratios = ranks_over_top(batch.combine_weights)  # [T, k-1]
-        index = (ratios.clamp(0, 1) * self.bins).long().clamp_max(self.bins - 1).cpu()
-        for rank in range(min(ranks - 1, self.hist.shape[0])):
-            self.hist[rank] += torch.bincount(index[:, rank], minlength=self.bins)
-
-    def result(self):
-        return self.hist.clone()
-
-
-def ranks_over_top(weights: torch.Tensor) -> torch.Tensor:
-    """``[T, k]`` combine weights -> ``[T, k-1]`` ``w_r / w_0`` of the weights sorted in decreasing order."""
-    ordered = torch.sort(weights.float(), dim=-1, descending=True).values
-    return ordered[:, 1:] / ordered[:, :1].clamp_min(1e-30)
 
 
 # ----- the rule -------------------------------------------------------------------------------------------------------
