@@ -105,7 +105,7 @@ class LazyCheckpoint:
         and tensors that run over experts (router rows, selection bias) are sliced to them.
         """
         expected = module.state_dict()
-        per_expert = _per_expert_keys(key[len(prefix):] for key in self.keys_under(prefix))
+        per_expert = per_expert_keys(key[len(prefix):] for key in self.keys_under(prefix))
         loaded: dict[str, torch.Tensor] = {}
         try:
             for key, target in expected.items():
@@ -121,7 +121,7 @@ class LazyCheckpoint:
                     _check_shape(prefix + key, tensor, target)
                     loaded[key] = tensor.to(device=device, dtype=wanted_dtype)
                     continue
-                fused = _fused_target(key)
+                fused = fused_target(key)
                 if fused is None or fused[0] not in per_expert:
                     raise CheckpointError(
                         f"checkpoint {self.folder} lacks {prefix}{key}; the checkpoint does not match its config "
@@ -179,7 +179,7 @@ def _select_experts(key: str, full: torch.Tensor, target: torch.Tensor, expert_i
     return full.index_select(differing[0], torch.tensor(list(expert_ids), dtype=torch.long))
 
 
-def _per_expert_keys(keys) -> dict[str, dict[str, dict[int, str]]]:
+def per_expert_keys(keys) -> dict[str, dict[str, dict[int, str]]]:
     """``{experts prefix: {role (gate/up/down, +_bias): {expert: key suffix after the prefix}}}``."""
     grouped: dict[str, dict[str, dict[int, str]]] = defaultdict(lambda: defaultdict(dict))
     for key in keys:
@@ -192,7 +192,7 @@ def _per_expert_keys(keys) -> dict[str, dict[str, dict[int, str]]]:
     return grouped
 
 
-def _fused_target(key: str) -> tuple[str, str] | None:
+def fused_target(key: str) -> tuple[str, str] | None:
     """``mlp.experts.gate_up_proj`` -> (``mlp.experts``, ``gate_up_proj``); None for other keys."""
     prefix, _, name = key.rpartition(".")
     if name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):

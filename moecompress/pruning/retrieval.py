@@ -38,7 +38,7 @@ from torch import nn
 
 from moecompress.analysis.super_experts import STATISTIC as SUPER_EXPERT_STATISTIC
 from moecompress.analysis.super_experts import find_super_experts
-from moecompress.calibration.checkpoint import (LazyCheckpoint, _fused_target, _per_expert_keys, build_skeleton,
+from moecompress.calibration.checkpoint import (LazyCheckpoint, fused_target, per_expert_keys, build_skeleton,
                                                 resolve_checkpoint)
 from moecompress.calibration.data import load_calibration, separator_token_id
 from moecompress.calibration.runner import collect_statistics
@@ -265,7 +265,7 @@ def assemble(model: nn.Module, sources: AssemblySources, *, full_shapes: Mapping
             continue
         seen.add(id(target))
         wanted_dtype = dtype if target.is_floating_point() else target.dtype
-        fused = _fused_target(key)
+        fused = fused_target(key)
         if fused is not None and fused[0] in experts_paths:
             layout = experts_paths[fused[0]]
             loaded[key] = _fill_expert_tensor(sources, layout, fused[1], list(expert_ids[layout.layer]), target,
@@ -338,7 +338,7 @@ def _fill_expert_tensor(sources: AssemblySources, layout: _MoELayout, name: str,
 
 def _per_expert_roles(checkpoint: CountingCheckpoint, experts_path: str) -> dict[str, dict[int, str]]:
     """``{role: {expert: key suffix}}`` of the per-expert keys of one experts module on disk."""
-    grouped = _per_expert_keys(checkpoint.keys_under(experts_path + "."))
+    grouped = per_expert_keys(checkpoint.keys_under(experts_path + "."))
     if experts_path not in grouped:
         raise RetrievalError(f"checkpoint {checkpoint.folder} has neither fused nor per-expert tensors for {experts_path}; "
                              "the checkpoint does not match its config")
