@@ -217,12 +217,13 @@ class Pipeline:
     """
 
     def __init__(self, stages: list[Stage] | None = None, calibration: Any = None) -> None:
-        from moecompress.recipe import CalibrationConfig, Recipe
+        from moecompress.recipe import CalibrationConfig, Recipe, check_stage_order
 
         if calibration is None:
             calibration = CalibrationConfig()
         elif isinstance(calibration, dict):
             calibration = CalibrationConfig(**calibration)
+        check_stage_order(list(stages or []))
         self.recipe = Recipe(calibration=calibration, stages=list(stages or []))
 
     @classmethod

@@ -160,10 +160,28 @@ def parse_recipe(data: Any, *, base_dir: str | Path | None = None) -> Recipe:
     if not isinstance(raw_stages, list):
         raise RecipeError(f"`stages` must be a list of {{method: NAME, ...}} entries, got {type(raw_stages).__name__}")
     stages = [_parse_stage(index, entry) for index, entry in enumerate(raw_stages)]
+    check_stage_order(stages)
     from moecompress.export.options import parse_export
 
     exports = parse_export(data["export"]) if data.get("export") is not None else []
     return Recipe(calibration=calibration, stages=stages, source=data, exports=exports)
+
+
+# Stages that replace the fused experts by quantised ones, which cannot hold a `router_rule: remap` merge's map.
+QUANTIZING_METHODS = ("rtn", "gptq", "camera_q")
+
+
+def check_stage_order(stages: list[Stage]) -> None:
+    """Refuse stage orders that cannot work, before any stage runs."""
+    remap_merge = next((index for index, stage in enumerate(stages)
+                        if getattr(stage.options, "router_rule", None) == "remap"), None)
+    if remap_merge is None:
+        return
+    later_quantizer = next((stage for stage in stages[remap_merge + 1:] if stage.method in QUANTIZING_METHODS), None)
+    if later_quantizer is not None:
+        raise RecipeError(f"stage {later_quantizer.method} cannot quantise experts merged by "
+                          f"{stages[remap_merge].method} with router_rule: remap (the full router stays and maps onto "
+                          "merged experts, which quantised experts cannot hold yet); set router_rule: collapse")
 
 
 def known_methods() -> list[str]:

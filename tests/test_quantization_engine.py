@@ -271,3 +271,15 @@ def test_a_pipeline_model_with_different_expert_counts_per_layer_reloads(testbed
     assert [view.num_experts for view in find_moe_blocks(reloaded)] == [20, 32, 12, 32, 32, 32]
     input_ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(model, input_ids), _logits(reloaded, input_ids))
+
+
+def test_quantising_a_remap_merged_model_is_refused_with_the_fix():
+    """Called directly (no recipe), quantize_model refuses a model whose router maps onto merged experts."""
+    from moecompress.errors import UnsupportedModelError
+    from moecompress.models.edits import merge_experts
+
+    model, _ = load_model(model_folder("moe-ref-mx"), dtype=torch.float32)
+    merge_experts(model, {view.layer_index: [[0, 1], [2, 3], [4, 5], [6, 7]] for view in find_moe_blocks(model)},
+                  router_rule="remap")
+    with pytest.raises(UnsupportedModelError, match="router_rule='collapse'"):
+        quantize_model(model, QuantizationSettings(method="rtn", bits=4, group_size=32))

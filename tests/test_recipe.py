@@ -121,3 +121,19 @@ def test_camera_p_is_the_issue_name_of_prune_camera():
     stage = recipe.stages[0]
     assert isinstance(stage, CameraPruning) and stage.method == "camera_p"
     assert stage.options.ratio == 0.2 and stage.options.mode == "physical"
+
+
+def test_quantising_after_a_remap_merge_is_refused_before_any_stage_runs():
+    """A `router_rule: remap` merge keeps the full router and maps it onto merged experts; quantised experts cannot
+    hold that map, so the recipe (and the same pipeline built in Python) fails at once, naming the fix."""
+    from moecompress.pruning.uncurl import UncurlMerging
+    from moecompress.quantization.stages import GPTQStage
+
+    recipe = {"stages": [{"method": "merge_uncurl", "num_experts_to_keep": 4}, {"method": "gptq", "bits": 4}]}
+    with pytest.raises(RecipeError, match="router_rule: collapse"):
+        parse_recipe(recipe)
+    with pytest.raises(RecipeError, match="router_rule: collapse"):
+        Pipeline([UncurlMerging({"num_experts_to_keep": 4}), GPTQStage({"bits": 4})])
+    # collapse (a plain smaller model) stays allowed
+    parse_recipe({"stages": [{"method": "merge_uncurl", "num_experts_to_keep": 4, "router_rule": "collapse"},
+                             {"method": "gptq", "bits": 4}]})

@@ -135,6 +135,10 @@ def check_quantizable(model: nn.Module, settings: QuantizationSettings) -> None:
             raise UnsupportedModelError(
                 f"{view.family}: quantised experts need the concatenated, bias-free expert layout with the combine "
                 "weight applied to the output; this family's experts cannot be quantised yet (leave them out)")
+        if view.expert_id_map is not None:
+            raise UnsupportedModelError(
+                f"layer {view.layer_index} holds experts merged with router_rule='remap' (the full router maps onto "
+                "merged experts), which quantised experts cannot hold yet; merge with router_rule='collapse'")
     for target in settings.targets:
         if target != "routed_experts" and not _modules_for_target(model, target):
             raise MoECompressError(f"quantisation target {target!r} matches nothing in this {views[0].family} model "
