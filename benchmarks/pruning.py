@@ -68,6 +68,16 @@ def profile_statistics(model, calibration, stages) -> tuple[dict, list[str], dic
     return run.layers, set(names), options, run.num_hidden_layers
 
 
+def cached_context(model, tokenizer, source: str, calibration, super_experts, statistics, names, options,
+                   output_dir: Path):
+    """A run context whose statistics cache holds the profiling pass, so a stage decides without another pass."""
+    from moecompress.pipeline import RunContext
+
+    return RunContext(model=model, tokenizer=tokenizer, source=source, output_dir=output_dir,
+                      calibration=calibration, super_experts=list(super_experts), batch_size=8,
+                      statistics_cache=statistics, statistics_names=set(names), statistics_options=dict(options))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="moe-ref-q3")
@@ -100,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
     from moecompress.calibration import load_calibration
     from moecompress.evals import evaluate_model
     from moecompress.models.loading import load_model
-    from moecompress.pipeline import RunContext
 
     torch.set_num_threads(args.threads)
     tasks = args.tasks.split(",")
@@ -135,11 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         super_experts = find_super_experts(statistics, num_layers).routed
         for method, keep, balanced in todo:
             pruned = copy.deepcopy(model)
-            context = RunContext(model=pruned, tokenizer=tokenizer, source=str(source),
-                                 output_dir=Path(f"/tmp/pruning-bench/{args.model}"), calibration=calibration,
-                                 super_experts=list(super_experts), batch_size=8,
-                                 statistics_cache=statistics, statistics_names=set(names),
-                                 statistics_options=dict(options))
+            context = cached_context(pruned, tokenizer, str(source), calibration, super_experts, statistics, names,
+                                     options, Path(f"/tmp/pruning-bench/{args.model}"))
             result = stage_for(method, keep, balanced).run(context)
             scores = evaluate_model(pruned, tokenizer, tasks, limit=args.limit, batch_size=32)
             results["runs"][_key(profile, method, keep, balanced)] = {
@@ -162,7 +168,6 @@ def profiling_cost(args) -> int:
     from moecompress.analysis.super_experts import find_super_experts
     from moecompress.calibration import LayerwiseRunner, load_calibration
     from moecompress.models.loading import load_model
-    from moecompress.pipeline import RunContext
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(str(TESTBED / "models" / args.model), dtype=torch.float32)
@@ -184,11 +189,9 @@ def profiling_cost(args) -> int:
         statistics, names, options, num_layers = profile_statistics(model, calibration, [stage])
         pass_seconds = time.perf_counter() - started
         pruned = copy.deepcopy(model)
-        context = RunContext(model=pruned, tokenizer=tokenizer, source=args.model, output_dir=Path("/tmp/pruning-cost"),
-                             calibration=calibration,
-                             super_experts=list(find_super_experts(statistics, num_layers).routed), batch_size=8,
-                             statistics_cache=statistics, statistics_names=set(names),
-                             statistics_options=dict(options))
+        context = cached_context(pruned, tokenizer, args.model, calibration,
+                                 find_super_experts(statistics, num_layers).routed, statistics, names, options,
+                                 Path("/tmp/pruning-cost"))
         started = time.perf_counter()
         stage.run(context)
         decision_seconds = time.perf_counter() - started

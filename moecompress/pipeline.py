@@ -223,8 +223,9 @@ class Pipeline:
             calibration = CalibrationConfig()
         elif isinstance(calibration, dict):
             calibration = CalibrationConfig(**calibration)
-        check_stage_order(list(stages or []))
-        self.recipe = Recipe(calibration=calibration, stages=list(stages or []))
+        stages = list(stages or [])
+        check_stage_order(stages)
+        self.recipe = Recipe(calibration=calibration, stages=stages)
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> "Pipeline":
