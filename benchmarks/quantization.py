@@ -4,11 +4,15 @@
     python benchmarks/quantization.py --models moe-ref-mx --bits 2 --group-sizes 32 --limit 100
     python benchmarks/quantization.py --merge runs/quant-*.json         # print one table from earlier runs
     python benchmarks/quantization.py --timing --models moe-ref-q3      # GPTQ time vs one plain calibration pass
+    python benchmarks/quantization.py --scale-search minmax,mse          # both scale rules, side by side
+    python benchmarks/quantization.py --compare runs/quant-*.json        # paired differences with bootstrap CIs
 
 Quality: mean ``acc_mutual_info`` over tb_code_next, tb_kjv_next, tb_austen_next (``--limit`` items per task) and
 mean ``bits_per_byte`` over tb_ppl_pycode, tb_ppl_kjv, tb_ppl_austen (``--ppl-limit`` documents per task), each model quantised in fp32 on
 calibration text from ``../shared/testbed/calib`` (all domains, seeded), never on the evaluation tasks.
-Results are written after every configuration to ``--json-out``, so a long run keeps what it has.
+Results are written after every configuration to ``--json-out``, so a long run keeps what it has; each row keeps
+the per-item correctness of every accuracy task, so ``--compare`` can give paired differences (GPTQ - RTN and
+AGQ - GPTQ on the same items) with a 95% bootstrap interval instead of comparing two noisy means.
 """
 
 from __future__ import annotations
@@ -42,13 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json-out", type=Path, default=Path("runs/quantization.json"))
+    parser.add_argument("--scale-search", default="minmax", help="comma list of group-scale rules: minmax, mse")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="paired differences (GPTQ - RTN, AGQ - GPTQ) of earlier runs' rows")
     parser.add_argument("--timing", action="store_true", help="measure GPTQ time against one calibration pass")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.merge:
         rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
         print(markdown_table(rows))
+        return 0
+    if args.compare:
+        rows = [row for path in args.compare for row in json.loads(path.read_text())["rows"]]
+        print(comparison_table(rows))
         return 0
 
     import torch
@@ -65,20 +76,23 @@ def main(argv: list[str] | None = None) -> int:
             _write(args.json_out, rows)
         for group_size in (int(size) for size in args.group_sizes.split(",")):
             for bits in (int(bits) for bits in args.bits.split(",")):
-                for method in args.methods.split(","):
-                    rows.append(evaluate_configuration(args, model_name, method, bits, group_size))
-                    _write(args.json_out, rows)
-                    print(markdown_table(rows[-1:], header=False), file=sys.stderr)
+                for scale_search in args.scale_search.split(","):
+                    for method in args.methods.split(","):
+                        rows.append(evaluate_configuration(args, model_name, method, bits, group_size, scale_search))
+                        _write(args.json_out, rows)
+                        print(markdown_table(rows[-1:], header=False), file=sys.stderr)
     print(markdown_table(rows))
     return 0
 
 
-def evaluate_configuration(args, model_name: str, method: str | None, bits: int | None, group_size: int | None) -> dict:
+def evaluate_configuration(args, model_name: str, method: str | None, bits: int | None, group_size: int | None,
+                           scale_search: str = "minmax") -> dict:
     """Quantise (unless ``method`` is None: the full model) and score one configuration."""
     import torch
 
     from moecompress.calibration import load_calibration
     from moecompress.evals import evaluate_model
+    from moecompress.evals.runner import run_lm_eval, scores_from_results
     from moecompress.models import load_model
     from moecompress.quantization.sequential import QuantizationSettings, quantize_model
 
@@ -88,24 +102,61 @@ def evaluate_configuration(args, model_name: str, method: str | None, bits: int 
         calibration = load_calibration(tokenizer, files=[TESTBED / "calib"], num_samples=args.num_samples,
                                        seq_len=args.seq_len, seed=0)
         started = time.perf_counter()
-        quantize_model(model, QuantizationSettings(bits=bits, group_size=group_size, **METHODS[method]), calibration)
+        settings = QuantizationSettings(bits=bits, group_size=group_size, scale_search=scale_search, **METHODS[method])
+        quantize_model(model, settings, calibration)
         seconds = time.perf_counter() - started
     with _stdout_to_stderr():
-        scores = evaluate_model(model, tokenizer, list(ACCURACY_TASKS), limit=args.limit)
+        results = run_lm_eval(model, tokenizer, list(ACCURACY_TASKS), limit=args.limit, log_samples=True)
+        scores = scores_from_results(results)
+        items = {task: [float(sample["acc_mutual_info"]) for sample in sorted(samples, key=lambda s: s["doc_id"])]
+                 for task, samples in results["samples"].items()}
         scores.update(evaluate_model(model, tokenizer, list(PERPLEXITY_TASKS), limit=args.ppl_limit or args.limit))
     accuracy = sum(scores[task]["acc_mutual_info"] for task in ACCURACY_TASKS) / len(ACCURACY_TASKS)
     bits_per_byte = sum(scores[task]["bits_per_byte"] for task in PERPLEXITY_TASKS) / len(PERPLEXITY_TASKS)
     return {"model": model_name, "method": method or "full", "bits": bits, "group_size": group_size,
-            "mean_acc_mutual_info": accuracy, "mean_bits_per_byte": bits_per_byte, "scores": scores,
-            "quantize_seconds": seconds}
+            "scale_search": scale_search if method else None, "mean_acc_mutual_info": accuracy,
+            "mean_bits_per_byte": bits_per_byte, "scores": scores, "items": items, "quantize_seconds": seconds}
 
 
 def markdown_table(rows: list[dict], header: bool = True) -> str:
-    lines = ["| model | method | bits | group | mean acc_mutual_info | mean bits/byte |",
-             "|---|---|---:|---:|---:|---:|"] if header else []
+    lines = ["| model | method | bits | group | scales | mean acc_mutual_info | mean bits/byte |",
+             "|---|---|---:|---:|---|---:|---:|"] if header else []
     for row in rows:
         lines.append(f"| {row['model']} | {row['method']} | {row['bits'] or 'fp32'} | {row['group_size'] or '-'} | "
-                     f"{row['mean_acc_mutual_info']:.3f} | {row['mean_bits_per_byte']:.3f} |")
+                     f"{row.get('scale_search') or '-'} | {row['mean_acc_mutual_info']:.3f} | "
+                     f"{row['mean_bits_per_byte']:.3f} |")
+    return "\n".join(lines)
+
+
+PAIRS = (("gptq", "rtn"), ("gptq+agq", "gptq"))
+
+
+def comparison_table(rows: list[dict], resamples: int = 10000, seed: int = 0) -> str:
+    """Paired differences ``a - b`` for each configuration (model, bits, group, scales) holding both methods: the
+    mean accuracy over the same items (with a 95% bootstrap interval over items, resampled within each task so
+    that every task keeps its weight in the mean) and the mean bits per byte."""
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+    lines = ["| model | bits | group | scales | pair | accuracy difference [95% CI] | bits/byte difference |",
+             "|---|---:|---:|---|---|---|---:|"]
+    by_configuration: dict[tuple, dict[str, dict]] = {}
+    for row in rows:
+        if row["method"] != "full" and "items" in row:
+            key = (row["model"], row["bits"], row["group_size"], row.get("scale_search") or "minmax")
+            by_configuration.setdefault(key, {})[row["method"]] = row
+    for (model, bits, group, scales), methods in by_configuration.items():
+        for first, second in PAIRS:
+            if first not in methods or second not in methods:
+                continue
+            per_task = [np.asarray(methods[first]["items"][task]) - np.asarray(methods[second]["items"][task])
+                        for task in ACCURACY_TASKS]
+            observed = float(np.mean([d.mean() for d in per_task]))
+            draws = np.mean([d[generator.integers(0, len(d), (resamples, len(d)))].mean(1) for d in per_task], 0)
+            low, high = np.percentile(draws, [2.5, 97.5])
+            bpb = methods[first]["mean_bits_per_byte"] - methods[second]["mean_bits_per_byte"]
+            lines.append(f"| {model} | {bits} | {group} | {scales} | {first} - {second} | "
+                         f"{observed:+.3f} [{low:+.3f}, {high:+.3f}] | {bpb:+.4f} |")
     return "\n".join(lines)
 
 

@@ -25,9 +25,9 @@ import torch
 
 from moecompress.quantization.packing import (
     PackedLinearWeight,
+    fit_group_params,
     num_groups,
     pack_signed,
-    quantization_params,
     quantize_values,
 )
 
@@ -57,6 +57,7 @@ def gptq_quantize(
     act_order: bool = False,
     block_size: int = DEFAULT_BLOCK_SIZE,
     scale_dtype: torch.dtype | None = None,
+    scale_search: str = "minmax",
 ) -> GPTQResult:
     """GPTQ-quantise ``weight [out, in]`` given ``hessian [in, in]`` (``sum x x^T`` over calibration inputs).
 
@@ -64,7 +65,9 @@ def gptq_quantize(
     quantised together: one column sweep for all of them, each with its own Hessian and damping).
     group_size: input columns per scale (``<= 0``: one scale per row); a last, shorter group is allowed.
     damp: added to the diagonal as a fraction of its mean (a float, or ``[B]``). scale_dtype: storage dtype of the
-    scales (default: the weight's). Runs in fp32 on the weight's device.
+    scales (default: the weight's). scale_search: ``"minmax"`` or ``"mse"`` (each group's clipping searched on the
+    weights its scale is taken from, :func:`moecompress.quantization.packing.fit_group_params`). Runs in fp32 on
+    the weight's device.
     """
     single = weight.dim() == 2
     weights = weight.unsqueeze(0) if single else weight
@@ -96,8 +99,8 @@ def gptq_quantize(
         padded = torch.nn.functional.pad(original, (0, groups * group_width - in_features))
         grouped = padded.reshape(stack, out_features, groups, group_width)
         columns = (in_features - torch.arange(groups, device=device) * group_width).clamp(max=group_width)
-        static_scales, static_zeros = quantization_params(grouped.amin(-1), grouped.amax(-1), bits, symmetric,
-                                                          scale_dtype, grouped.abs().sum(-1) / columns)
+        static_scales, static_zeros = fit_group_params(grouped, bits, symmetric, scale_dtype,
+                                                       grouped.abs().sum(-1) / columns, scale_search)
         scales.copy_(static_scales)
         if zeros is not None:
             zeros.copy_(static_zeros)
@@ -117,8 +120,8 @@ def gptq_quantize(
             if not act_order and group_size > 0 and column % group_width == 0:
                 group_stop = min(offset + group_width, stop - start)
                 values = block_weights[:, :, offset:group_stop]
-                group_scales, group_zeros = quantization_params(values.amin(-1), values.amax(-1), bits, symmetric,
-                                                                scale_dtype, values.abs().mean(-1))
+                group_scales, group_zeros = fit_group_params(values, bits, symmetric, scale_dtype,
+                                                             values.abs().mean(-1), scale_search)
                 scales[:, :, column // group_width] = group_scales
                 if zeros is not None:
                     zeros[:, :, column // group_width] = group_zeros

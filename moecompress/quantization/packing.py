@@ -304,6 +304,61 @@ def quantization_params(
     return scales, zeros
 
 
+# How a group's scale is chosen. "minmax": from the group's min and max (compressed-tensors' rule, no search).
+# "mse": the GPTQ reference's clipping search (its ``Quantizer(mse=True)``, and MoEQuant's ``--w_clip``): the range
+# [min, max] is shrunk by p = 1, 0.99, ..., 0.21 and each group keeps the p whose rounding error
+# sum |w - q(w)|^2.4 is smallest. At 2 and 3 bits clipping the few large weights of a group costs less than the
+# coarser steps an unclipped range forces on all the others.
+SCALE_SEARCHES = ("minmax", "mse")
+MSE_GRID = 100
+MSE_MAX_SHRINK = 0.8
+MSE_NORM = 2.4
+
+
+def fit_group_params(
+    groups: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+    scale_dtype: torch.dtype,
+    mean_abs: torch.Tensor | None = None,
+    scale_search: str = "minmax",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scales and zero points ``[...]`` (fp32) of the groups ``groups [..., columns]`` (one group per last-dim row).
+
+    scale_search: ``"minmax"`` (:func:`quantization_params` of each group's min and max) or ``"mse"`` (the clipping
+    search described at :data:`SCALE_SEARCHES`; never a larger error than ``"minmax"``, whose range is the first
+    candidate). 1 bit takes ``mean_abs`` (``[...]``) and no search: ``mean|w|`` already minimises the squared error of
+    ``sign(w) * s``. Zero-padded columns change neither the range nor the error (0 is always exactly representable).
+    """
+    if scale_search not in SCALE_SEARCHES:
+        raise ValueError(f"scale_search={scale_search!r} is not known; use one of {list(SCALE_SEARCHES)}")
+    groups = groups.float()
+    min_vals, max_vals = groups.amin(-1), groups.amax(-1)
+    scales, zeros = quantization_params(min_vals, max_vals, bits, symmetric, scale_dtype, mean_abs)
+    if scale_search == "minmax" or bits == 1:
+        return scales, zeros
+    best_error = _rounding_error(groups, scales, zeros, bits)
+    for step in range(1, int(MSE_MAX_SHRINK * MSE_GRID)):
+        shrink = 1.0 - step / MSE_GRID
+        candidate_scales, candidate_zeros = quantization_params(min_vals * shrink, max_vals * shrink, bits,
+                                                                symmetric, scale_dtype)
+        error = _rounding_error(groups, candidate_scales, candidate_zeros, bits)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        scales = torch.where(better, candidate_scales, scales)
+        if zeros is not None:
+            zeros = torch.where(better, candidate_zeros, zeros)
+    return scales, zeros
+
+
+def _rounding_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """``sum |w - q(w)|^MSE_NORM`` per group: ``groups [..., columns]``, scales / zeros ``[...]`` -> ``[...]``."""
+    zeros = None if zeros is None else zeros.unsqueeze(-1)
+    codes = quantize_values(groups, scales.unsqueeze(-1), zeros, bits)
+    dequantised = (codes - (0 if zeros is None else zeros)) * scales.unsqueeze(-1)
+    return (groups - dequantised).abs().pow(MSE_NORM).sum(-1)
+
+
 def quantize_values(
     values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int
 ) -> torch.Tensor:
@@ -325,11 +380,12 @@ def quantize_rtn(
     group_size: int = 128,
     symmetric: bool = True,
     scale_dtype: torch.dtype | None = None,
+    scale_search: str = "minmax",
 ) -> PackedLinearWeight:
     """Round-to-nearest quantisation of ``weight [..., out, in]`` with compressed-tensors' scale/zero-point rules
-    (:func:`quantization_params`). ``group_size <= 0``: per-channel. The last group may be shorter than
-    ``group_size`` when it does not divide ``in``. scale_dtype defaults to the weight's dtype (fp16/bf16 checkpoints
-    keep their dtype; fp32 stays fp32).
+    (:func:`quantization_params`), or clipped scales (``scale_search="mse"``, :func:`fit_group_params`).
+    ``group_size <= 0``: per-channel. The last group may be shorter than ``group_size`` when it does not divide
+    ``in``. scale_dtype defaults to the weight's dtype (fp16/bf16 checkpoints keep their dtype; fp32 stays fp32).
     """
     _check_bits(bits)
     if weight.dim() < 2:
@@ -345,8 +401,7 @@ def quantize_rtn(
     if bits == 1:  # over the group's real columns: the last group may be padded
         columns = (in_features - torch.arange(groups, device=weight.device) * width).clamp(max=width)
         mean_abs = grouped.abs().sum(dim=-1) / columns
-    scales, zeros = quantization_params(grouped.amin(dim=-1), grouped.amax(dim=-1), bits, symmetric, scale_dtype,
-                                        mean_abs)
+    scales, zeros = fit_group_params(grouped, bits, symmetric, scale_dtype, mean_abs, scale_search)
     values = quantize_values(grouped, scales.unsqueeze(-1), None if zeros is None else zeros.unsqueeze(-1), bits)
     values = values.reshape(*lead, out_features, groups * width)[..., :in_features]
     return PackedLinearWeight(

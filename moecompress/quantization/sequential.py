@@ -39,7 +39,7 @@ from moecompress.kernels.linear import PackedLinear
 from moecompress.models import decoder_layers, find_moe_blocks
 from moecompress.models.view import MoEBlockView
 from moecompress.quantization.gptq import gptq_quantize, hessian_weighted_error
-from moecompress.quantization.packing import SUPPORTED_BITS, PackedLinearWeight, quantize_rtn
+from moecompress.quantization.packing import SCALE_SEARCHES, SUPPORTED_BITS, PackedLinearWeight, quantize_rtn
 
 TARGETS = ("routed_experts", "shared_experts", "attention", "dense_mlp")
 DOWN_PROJECTION_NAMES = ("down_proj", "w2", "c_proj", "fc2", "dense_4h_to_h")
@@ -56,6 +56,7 @@ class QuantizationSettings:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    scale_search: str = "minmax"  # or "mse": clipped group scales (moecompress.quantization.packing.SCALE_SEARCHES)
     damp: float = 0.01
     act_order: bool = False
     agq: bool = False
@@ -67,6 +68,10 @@ class QuantizationSettings:
     # found there instead of quantising them again (a killed run resumes at the first layer not yet written).
     progress_dir: Path | None = None
     fingerprint: str = ""
+
+    def round_to_nearest(self, weight: torch.Tensor, bits: int) -> PackedLinearWeight:
+        """RTN of ``weight [..., out, in]`` at ``bits`` with these settings' groups, symmetry and scale search."""
+        return quantize_rtn(weight, bits, self.group_size, self.symmetric, scale_search=self.scale_search)
 
     def expert_bits(self, layer: int, expert: int) -> int:
         if self.bit_map and (layer, expert) in self.bit_map:
@@ -124,6 +129,9 @@ def check_quantizable(model: nn.Module, settings: QuantizationSettings) -> None:
         raise MoECompressError(f"unknown quantisation target(s) {unknown}; choose from {list(TARGETS)}")
     if settings.bits not in SUPPORTED_BITS:
         raise MoECompressError(f"bits={settings.bits} cannot be packed; use one of {list(SUPPORTED_BITS)}")
+    if settings.scale_search not in SCALE_SEARCHES:
+        raise MoECompressError(f"scale_search={settings.scale_search!r} is not known; use one of "
+                               f"{list(SCALE_SEARCHES)}")
     for (layer, expert), bits in (settings.bit_map or {}).items():
         if int(bits) not in SUPPORTED_BITS:
             raise MoECompressError(f"the bit map gives layer {layer} expert {expert} {bits} bits, which cannot be "
@@ -237,7 +245,7 @@ def _quantize_layer_rtn(model: nn.Module, layer_index: int, settings: Quantizati
                         result: QuantizationResult) -> None:
     layer = decoder_layers(model)[layer_index]
     for path, linear in _layer_linears(model, layer_index, layer, settings.targets):
-        packed = quantize_rtn(linear.weight.detach(), settings.bits, settings.group_size, settings.symmetric)
+        packed = settings.round_to_nearest(linear.weight.detach(), settings.bits)
         _replace_linear(model, path, linear, packed)
         result.linears[path] = {"bits": settings.bits, "error": _weight_error(linear.weight, packed)}
     for view in (v for v in find_moe_blocks(model) if v.layer_index == layer_index):
@@ -245,9 +253,8 @@ def _quantize_layer_rtn(model: nn.Module, layer_index: int, settings: Quantizati
         for expert in range(view.num_experts):
             bits = settings.expert_bits(layer_index, expert)
             weights = view.expert_weights(expert)
-            gate_up.append(quantize_rtn(torch.cat([weights.gate, weights.up]), bits, settings.group_size,
-                                        settings.symmetric))
-            down.append(quantize_rtn(weights.down, bits, settings.group_size, settings.symmetric))
+            gate_up.append(settings.round_to_nearest(torch.cat([weights.gate, weights.up]), bits))
+            down.append(settings.round_to_nearest(weights.down, bits))
             result.experts.append(ExpertRecord(layer_index, expert, bits))
         _install_packed_experts(view, gate_up, down)
 
@@ -343,7 +350,7 @@ class _GPTQLayer:
             record.cold = record.cold or tokens < floor
             damp = _cold_damping(settings.damp, tokens, floor, hessians[offset])
             if damp is None:  # no calibration signal at all: plain rounding
-                packed[expert] = quantize_rtn(fused[expert].detach(), bits, settings.group_size, settings.symmetric)
+                packed[expert] = settings.round_to_nearest(fused[expert].detach(), bits)
                 errors[expert] = float("nan")
             else:
                 stacks.setdefault(bits, []).append((offset, expert, damp))
@@ -368,7 +375,8 @@ class _GPTQLayer:
         contiguous = offsets == list(range(offsets[0], offsets[-1] + 1))
         stack_hessians = hessians[offsets[0]:offsets[-1] + 1] if contiguous else hessians[offsets]  # no copy
         result = gptq_quantize(fused.detach()[stack_experts], stack_hessians, bits, group_size=settings.group_size,
-                               symmetric=settings.symmetric, damp=torch.tensor(damps), act_order=settings.act_order)
+                               symmetric=settings.symmetric, damp=torch.tensor(damps), act_order=settings.act_order,
+                               scale_search=settings.scale_search)
         for position, expert in enumerate(stack_experts):
             packed[expert] = result.packed.select(position)
             errors[expert] = result.relative_error[position]
@@ -379,9 +387,9 @@ class _GPTQLayer:
         _check_finite(weight, f"layer {self.layer_index} weight")
         damp = _cold_damping(settings.damp, tokens, floor, hessian)
         if damp is None:  # no calibration signal at all: plain rounding
-            return quantize_rtn(weight, bits, settings.group_size, settings.symmetric), float("nan")
+            return settings.round_to_nearest(weight, bits), float("nan")
         result = gptq_quantize(weight, hessian, bits, group_size=settings.group_size, symmetric=settings.symmetric,
-                               damp=damp, act_order=settings.act_order)
+                               damp=damp, act_order=settings.act_order, scale_search=settings.scale_search)
         return result.packed, result.relative_error
 
     def _quantize_shared(self, statistics, shared_name: str, shared_paths: dict[str, tuple[int, int]], linears) -> None:

@@ -6,6 +6,7 @@
   bits: 4                # 1, 2, 3, 4 or 8; an earlier stage's bit map (context.bit_map) overrides it per expert
   group_size: 128        # -1: one scale per output row; a last, shorter group is allowed
   symmetric: true
+  scale_search: minmax   # or mse: each group's clipping range searched (the GPTQ reference's mse=True)
   damp: 0.01             # fraction of the mean Hessian diagonal
   act_order: false
   agq: true              # weight each routed token's Hessian contribution by its combine weight (MoEQuant)
@@ -19,6 +20,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import pydantic
 
@@ -41,6 +43,9 @@ class QuantizeOptions(StageOptions):
     bits: int = pydantic.Field(4, description="bits per weight of every quantised matrix (1, 2, 3, 4 or 8; 1 = sign times the group mean |w|)")
     group_size: int = pydantic.Field(128, description="input columns per scale; -1 = one scale per output row")
     symmetric: bool = pydantic.Field(True, description="symmetric scales (no zero points)")
+    scale_search: Literal["minmax", "mse"] = pydantic.Field(
+        "minmax", description="group scales from min/max, or mse: the clipping that minimises each group's "
+                              "rounding error (GPTQ's mse=True; helps most at 2 and 3 bits)")
     targets: list[str] = pydantic.Field(["routed_experts"], description=f"what to quantise: {list(TARGETS)}")
 
     @pydantic.field_validator("bits")
@@ -81,7 +86,8 @@ class _QuantizeStage(Stage):
         if getattr(options, "hessian_memory_gib", None) is not None:
             extra["hessian_memory_bytes"] = int(options.hessian_memory_gib * (1 << 30))
         return QuantizationSettings(method=self.quantization_method, bits=options.bits, group_size=options.group_size,
-                                    symmetric=options.symmetric, targets=tuple(options.targets),
+                                    symmetric=options.symmetric, scale_search=options.scale_search,
+                                    targets=tuple(options.targets),
                                     bit_map=context.bit_map, progress_dir=self._progress_dir(context),
                                     fingerprint=self._fingerprint(context), **extra)
 
