@@ -7,13 +7,16 @@ and GPTQ calibrated on EBSS vs on text.
     python benchmarks/mcmoe.py --models moe-ref-mx --configs odp0.5,odp0.3
     python benchmarks/mcmoe.py --models moe-ref-mx --configs uniform2,uniform2_ebss
     python benchmarks/mcmoe.py --merge runs/mcmoe-*.json            # one table from earlier runs
+    python benchmarks/mcmoe.py --compare runs/mcmoe-*.json          # paired differences (pmq - uniform2/random/...)
 
 Every configuration runs the compression pipeline in fp32 on ``--num-samples x --seq-len`` tokens of the test-bed
 calibration text (all domains, seeded), saves the model, reloads it with ``moecompress.models.load_model`` and scores
 it: mean ``acc_mutual_info`` over tb_code_next, tb_kjv_next, tb_austen_next (``--limit`` items each) and mean
 ``bits_per_byte`` over tb_ppl_pycode, tb_ppl_kjv, tb_ppl_austen (``--ppl-limit`` documents each). Expert bits are
 the mean nominal width over routed experts (dropped experts count 0); ``expert bytes`` is what the saved routed experts
-take (packed words, scales, zero points). Quantiser: GPTQ, groups of ``--group-size``, symmetric.
+take (packed words, scales, zero points). Quantiser: GPTQ, groups of ``--group-size``, symmetric, scales by
+``--scale-search``. Each row keeps the per-item correctness of the accuracy tasks, so that ``--compare`` gives paired
+differences on the same items with a 95% bootstrap interval (``moecompress.evals.paired``).
 
 Configurations:
   full                 the unquantised model
@@ -101,11 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json-out", type=Path, default=Path("runs/mcmoe.json"))
+    parser.add_argument("--scale-search", default="minmax", choices=["minmax", "mse"], help="GPTQ's group scales")
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON")
+    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="JSON")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.merge:
         print(markdown_table([row for path in args.merge for row in json.loads(path.read_text())["rows"]]))
+        return 0
+    if args.compare:
+        print(comparison_table([row for path in args.compare for row in json.loads(path.read_text())["rows"]]))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -138,7 +146,7 @@ def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, d
 
     calibration = {"files": [str(TESTBED / "calib")], "num_samples": args.num_samples, "seq_len": args.seq_len,
                    "seed": 0}
-    gptq = GPTQStage({"bits": 2, "group_size": args.group_size})
+    gptq = GPTQStage({"bits": 2, "group_size": args.group_size, "scale_search": args.scale_search})
     pmq = {"group_size": args.group_size}
     if config == "full":
         return [], calibration
@@ -180,7 +188,8 @@ def whole_model_bytes(args) -> str:
 
 
 def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
-    from moecompress.evals import evaluate_model
+    from moecompress.evals import evaluate_model, run_lm_eval, scores_from_results
+    from moecompress.evals.paired import item_scores
     from moecompress.pipeline import Pipeline
     from moecompress.quantization.odp import reset_odp_counters, skipped_fractions
 
@@ -196,7 +205,8 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
         else:
             model, tokenizer = load_model(source, dtype=torch.float32)
         reset_odp_counters(model)
-        scores = evaluate_model(model, tokenizer, list(ACCURACY_TASKS), limit=args.limit)
+        results = run_lm_eval(model, tokenizer, list(ACCURACY_TASKS), limit=args.limit, log_samples=True)
+        scores, items = scores_from_results(results), item_scores(results, "acc_mutual_info")
         scores.update(evaluate_model(model, tokenizer, list(PERPLEXITY_TASKS), limit=args.ppl_limit))
         skipped = skipped_fractions(model)
         bit_widths = {}
@@ -217,7 +227,7 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
         "mean_bits_per_byte": sum(scores[task]["bits_per_byte"] for task in PERPLEXITY_TASKS) / len(PERPLEXITY_TASKS),
         "skipped_fraction": (sum(skipped.values()) / len(skipped)) if skipped else None,
         "skipped_per_layer": {str(layer): value for layer, value in skipped.items()},
-        "scores": scores, "limit": args.limit, "ppl_limit": args.ppl_limit, "group_size": args.group_size,
+        "scores": scores, "items": items, "scale_search": args.scale_search, "limit": args.limit, "ppl_limit": args.ppl_limit, "group_size": args.group_size,
         "target": args.target if config in ("joint", "prune_then_quantize") else None,
         "ebss_usage_std": _ebss_std(report),
     }
@@ -226,6 +236,30 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
 def _ebss_std(report: dict):
     calibration = report.get("calibration") or {}
     return calibration.get("ebss") if isinstance(calibration, dict) else None
+
+
+PAIRS = (("pmq", "uniform2"), ("pmq", "random"), ("pmq", "frequency"), ("joint", "prune_then_quantize"),
+         ("uniform2_ebss", "uniform2"))
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Paired differences ``a - b`` per model (rows of the same ``--limit`` and scales): mean accuracy on the same
+    items with its 95% bootstrap interval, and mean bits per byte."""
+    from moecompress.evals.paired import paired_difference
+
+    lines = ["| model | pair | accuracy difference [95% CI] | bits/byte difference |", "|---|---|---|---:|"]
+    by_model: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if "items" in row:
+            by_model.setdefault(row["model"], {})[row["config"]] = row
+    for model, configs in by_model.items():
+        for first, second in PAIRS:
+            if first in configs and second in configs:
+                difference = paired_difference(configs[first]["items"], configs[second]["items"],
+                                               tasks=list(ACCURACY_TASKS))
+                bpb = configs[first]["mean_bits_per_byte"] - configs[second]["mean_bits_per_byte"]
+                lines.append(f"| {model} | {first} - {second} | {difference} | {bpb:+.4f} |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict], header: bool = True) -> str:

@@ -92,6 +92,7 @@ def evaluate_configuration(args, model_name: str, method: str | None, bits: int 
 
     from moecompress.calibration import load_calibration
     from moecompress.evals import evaluate_model
+    from moecompress.evals.paired import item_scores
     from moecompress.evals.runner import run_lm_eval, scores_from_results
     from moecompress.models import load_model
     from moecompress.quantization.sequential import QuantizationSettings, quantize_model
@@ -108,8 +109,7 @@ def evaluate_configuration(args, model_name: str, method: str | None, bits: int 
     with _stdout_to_stderr():
         results = run_lm_eval(model, tokenizer, list(ACCURACY_TASKS), limit=args.limit, log_samples=True)
         scores = scores_from_results(results)
-        items = {task: [float(sample["acc_mutual_info"]) for sample in sorted(samples, key=lambda s: s["doc_id"])]
-                 for task, samples in results["samples"].items()}
+        items = item_scores(results, "acc_mutual_info")
         scores.update(evaluate_model(model, tokenizer, list(PERPLEXITY_TASKS), limit=args.ppl_limit or args.limit))
     accuracy = sum(scores[task]["acc_mutual_info"] for task in ACCURACY_TASKS) / len(ACCURACY_TASKS)
     bits_per_byte = sum(scores[task]["bits_per_byte"] for task in PERPLEXITY_TASKS) / len(PERPLEXITY_TASKS)
@@ -131,13 +131,12 @@ def markdown_table(rows: list[dict], header: bool = True) -> str:
 PAIRS = (("gptq", "rtn"), ("gptq+agq", "gptq"))
 
 
-def comparison_table(rows: list[dict], resamples: int = 10000, seed: int = 0) -> str:
+def comparison_table(rows: list[dict]) -> str:
     """Paired differences ``a - b`` for each configuration (model, bits, group, scales) holding both methods: the
-    mean accuracy over the same items (with a 95% bootstrap interval over items, resampled within each task so
-    that every task keeps its weight in the mean) and the mean bits per byte."""
-    import numpy as np
+    mean accuracy difference on the same items with its 95% bootstrap interval
+    (:func:`moecompress.evals.paired.paired_difference`), and the mean bits-per-byte difference."""
+    from moecompress.evals.paired import paired_difference
 
-    generator = np.random.default_rng(seed)
     lines = ["| model | bits | group | scales | pair | accuracy difference [95% CI] | bits/byte difference |",
              "|---|---:|---:|---|---|---|---:|"]
     by_configuration: dict[tuple, dict[str, dict]] = {}
@@ -147,16 +146,12 @@ def comparison_table(rows: list[dict], resamples: int = 10000, seed: int = 0) ->
             by_configuration.setdefault(key, {})[row["method"]] = row
     for (model, bits, group, scales), methods in by_configuration.items():
         for first, second in PAIRS:
-            if first not in methods or second not in methods:
-                continue
-            per_task = [np.asarray(methods[first]["items"][task]) - np.asarray(methods[second]["items"][task])
-                        for task in ACCURACY_TASKS]
-            observed = float(np.mean([d.mean() for d in per_task]))
-            draws = np.mean([d[generator.integers(0, len(d), (resamples, len(d)))].mean(1) for d in per_task], 0)
-            low, high = np.percentile(draws, [2.5, 97.5])
-            bpb = methods[first]["mean_bits_per_byte"] - methods[second]["mean_bits_per_byte"]
-            lines.append(f"| {model} | {bits} | {group} | {scales} | {first} - {second} | "
-                         f"{observed:+.3f} [{low:+.3f}, {high:+.3f}] | {bpb:+.4f} |")
+            if first in methods and second in methods:
+                difference = paired_difference(methods[first]["items"], methods[second]["items"],
+                                               tasks=list(ACCURACY_TASKS))
+                bpb = methods[first]["mean_bits_per_byte"] - methods[second]["mean_bits_per_byte"]
+                lines.append(f"| {model} | {bits} | {group} | {scales} | {first} - {second} | {difference} | "
+                             f"{bpb:+.4f} |")
     return "\n".join(lines)
 
 

@@ -42,18 +42,20 @@ def test_the_allocation_gives_important_experts_more_bits_within_the_budget():
     assert unpinned == [(2, 3, 4)[i] for i in brute]
 
 
-def test_hessian_errors_equal_a_direct_computation(testbed):
+@pytest.mark.parametrize("scale_search", ["minmax", "mse"])
+def test_hessian_errors_equal_a_direct_computation(testbed, scale_search):
     model, tokenizer = load_model(model_folder("moe-ref-mx"), dtype=torch.float32)
     calibration = load_calibration(tokenizer, files=[testbed / "calib"], num_samples=4, seq_len=32, seed=0)
     statistics = LayerwiseRunner(model).run(calibration, ["expert_input_hessian", "down_proj_hessian"]).layers
     view = find_moe_blocks(model)[0]
     layer = statistics[view.layer_index]
-    errors = hessian_errors(view, layer["expert_input_hessian"], layer["down_proj_hessian"], [2, 4], 32, True)
+    errors = hessian_errors(view, layer["expert_input_hessian"], layer["down_proj_hessian"], [2, 4], 32, True,
+                            scale_search)
     weights = view.expert_weights(3)
-    gate_up, down = torch.cat([weights.gate, weights.up]), weights.down
+    gate_up, down = torch.cat([weights.gate, weights.up]).detach(), weights.down.detach()
     for column, bits in enumerate([2, 4]):
-        d_gate_up = gate_up - quantize_rtn(gate_up, bits, 32).dequantize(torch.float32)
-        d_down = down - quantize_rtn(down, bits, 32).dequantize(torch.float32)
+        d_gate_up = gate_up - quantize_rtn(gate_up, bits, 32, scale_search=scale_search).dequantize(torch.float32)
+        d_down = down - quantize_rtn(down, bits, 32, scale_search=scale_search).dequantize(torch.float32)
         direct = torch.trace(d_gate_up @ layer["expert_input_hessian"][3] @ d_gate_up.T) + \
             torch.trace(d_down @ layer["down_proj_hessian"][3] @ d_down.T)
         assert float(errors[3, column]) == pytest.approx(float(direct), rel=1e-4)

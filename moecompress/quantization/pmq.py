@@ -61,7 +61,7 @@ DROP = 0  # the candidate that removes an expert
 # asymmetric min/max groups of 128.
 PRESETS = {
     "mcmoe_code": {"eps_mode": "block_output", "candidates": [1, 2, 3], "at_least_one": [2, 3], "alpha": 1.0,
-                   "beta": 1.5, "gamma": 1.0, "group_size": 128, "symmetric": False},
+                   "beta": 1.5, "gamma": 1.0, "group_size": 128, "symmetric": False, "scale_search": "minmax"},
 }
 
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -119,16 +119,18 @@ def pmq_costs(token_counts: torch.Tensor, raw_weight_sums: torch.Tensor, errors:
     return (importance[:, None] * errors.double().clamp_min(0).pow(gamma) * COST_SCALE).numpy()
 
 
-def _dequantised(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+def _dequantised(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                 scale_search: str = "minmax") -> torch.Tensor:
     """RTN at ``bits`` and back (fp32); 0 bits: the dropped weight, zeros."""
     if bits == DROP:
         return torch.zeros_like(weight, dtype=torch.float32)
-    return quantize_rtn(weight, bits, group_size, symmetric).dequantize(torch.float32)
+    return quantize_rtn(weight, bits, group_size, symmetric, scale_search=scale_search).dequantize(torch.float32)
 
 
 @torch.no_grad()
 def hessian_errors(view: MoEBlockView, input_hessians: torch.Tensor, down_hessians: torch.Tensor,
-                   candidates: list[int], group_size: int, symmetric: bool) -> torch.Tensor:
+                   candidates: list[int], group_size: int, symmetric: bool,
+                   scale_search: str = "minmax") -> torch.Tensor:
     """``[E, C]``: ``tr(dW H dW^T)`` of gate/up plus down under RTN at each candidate width (the Hessian proxy)."""
     errors = torch.zeros(view.num_experts, len(candidates), dtype=torch.float64)
     for expert in range(view.num_experts):
@@ -137,7 +139,7 @@ def hessian_errors(view: MoEBlockView, input_hessians: torch.Tensor, down_hessia
         down = weights.down.float()
         for column, bits in enumerate(candidates):
             for weight, hessian in ((gate_up, input_hessians[expert]), (down, down_hessians[expert])):
-                delta = weight - _dequantised(weight, bits, group_size, symmetric)
+                delta = weight - _dequantised(weight, bits, group_size, symmetric, scale_search)
                 errors[expert, column] += float(((delta @ hessian.float()) * delta).sum())
     return errors
 
@@ -155,7 +157,7 @@ def _expert_output(view: MoEBlockView, gate: torch.Tensor, up: torch.Tensor, dow
 
 @torch.no_grad()
 def block_output_errors(view: MoEBlockView, inputs: torch.Tensor, candidates: list[int], group_size: int,
-                        symmetric: bool) -> torch.Tensor:
+                        symmetric: bool, scale_search: str = "minmax") -> torch.Tensor:
     """``[E, C]``: ``||Z - Z~||_F`` on the cached block inputs ``[N, d]`` when only expert ``e`` is RTN-quantised
     at each candidate width (the reference code's ``eps``), or removed (candidate 0).
 
@@ -180,7 +182,7 @@ def block_output_errors(view: MoEBlockView, inputs: torch.Tensor, candidates: li
             if bits == DROP:
                 errors[expert, column] = reconstruction.loss([e for e in range(view.num_experts) if e != expert])
                 continue
-            quantised = [_dequantised(matrix, bits, group_size, symmetric) for matrix in matrices]
+            quantised = [_dequantised(matrix, bits, group_size, symmetric, scale_search) for matrix in matrices]
             delta = combine * (full - _expert_output(view, *quantised, weights, expert_inputs))
             errors[expert, column] = float(torch.linalg.norm(delta))
     return errors
@@ -288,12 +290,14 @@ class PMQOptions(StageOptions):
     group_size: int | None = pydantic.Field(None, description="group size of the RTN that measures the errors and "
                                             "the bytes (use the quantiser's; default 128)")
     symmetric: bool | None = pydantic.Field(None, description="symmetric RTN (default true; use the quantiser's)")
+    scale_search: Literal["minmax", "mse"] | None = pydantic.Field(
+        None, description="group scales of that RTN (default minmax; use the quantiser's)")
     solver: str = pydantic.Field("dp", description="dp (exact, default), milp (HiGHS) or pulp (CBC)")
 
     @pydantic.model_validator(mode="after")
     def _consistent(self):
         defaults = {"eps_mode": "hessian", "candidates": [2, 3, 4], "alpha": 1.0, "beta": 1.0, "gamma": 1.0,
-                    "group_size": 128, "symmetric": True}
+                    "group_size": 128, "symmetric": True, "scale_search": "minmax"}
         if self.preset is not None:
             fixed = PRESETS[self.preset]
             # values equal to the preset's are fine (a report's recipe repeats them), others contradict it
@@ -386,10 +390,10 @@ class PMQStage(Stage):
             if options.eps_mode == "hessian":
                 errors = hessian_errors(view, layer_statistics["expert_input_hessian"],
                                         layer_statistics["down_proj_hessian"], options.candidates, options.group_size,
-                                        options.symmetric)
+                                        options.symmetric, options.scale_search)
             else:
                 errors = block_output_errors(view, layer_statistics["moe_block_inputs"], options.candidates,
-                                             options.group_size, options.symmetric)
+                                             options.group_size, options.symmetric, options.scale_search)
             costs = pmq_costs(layer_statistics["expert_token_counts"], layer_statistics["routing_weight_sums_raw"],
                               errors, alpha=options.alpha, beta=options.beta, gamma=options.gamma)
             layers.append(LayerCosts(view.layer_index, costs, self._expert_bytes(view),

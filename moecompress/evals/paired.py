@@ -1,0 +1,71 @@
+"""Paired comparison of two models on the same evaluation items.
+
+Two compressed models scored on the same 250 items of a task differ by far less noise than two independent 250-item
+samples would: most items are answered alike by both. So the question "is A better than B" is asked of the per-item
+differences, with a bootstrap interval over items. Over several tasks the mean is the mean of the per-task means
+(each task keeps its weight), and the bootstrap resamples items within each task.
+
+    scores = item_scores(run_lm_eval(model, tokenizer, tasks, log_samples=True), "acc_mutual_info")
+    difference = paired_difference(scores_a, scores_b)    # PairedDifference(mean, low, high)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """``mean`` of ``a - b`` over the tasks' per-task means, and its ``confidence`` bootstrap interval."""
+
+    mean: float
+    low: float
+    high: float
+    confidence: float = 0.95
+
+    @property
+    def significant(self) -> bool:
+        """The interval excludes 0."""
+        return self.low > 0 or self.high < 0
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.3f} [{self.low:+.3f}, {self.high:+.3f}]"
+
+
+def item_scores(results: dict[str, Any], metric: str) -> dict[str, list[float]]:
+    """``{task: [metric per item, in document order]}`` from lm-eval's results of a ``log_samples=True`` run."""
+    if "samples" not in results:
+        raise ValueError("lm-eval results hold no per-item samples; run it with log_samples=True")
+    scores = {}
+    for task, samples in results["samples"].items():
+        ordered = sorted(samples, key=lambda sample: sample["doc_id"])
+        if ordered and metric not in ordered[0]:
+            raise ValueError(f"task {task} has no per-item {metric!r}; it has {sorted(ordered[0].get('metrics', []))}")
+        scores[task] = [float(sample[metric]) for sample in ordered]
+    return scores
+
+
+def paired_difference(scores_a: dict[str, list[float]], scores_b: dict[str, list[float]], *,
+                      tasks: list[str] | None = None, resamples: int = 10_000, confidence: float = 0.95,
+                      seed: int = 0) -> PairedDifference:
+    """Mean over ``tasks`` (default: all of ``scores_a``) of the per-task mean of ``a - b``, item by item, with a
+    bootstrap interval: each resample draws every task's items with replacement. Both must hold the same items."""
+    tasks = list(tasks or scores_a)
+    generator = np.random.default_rng(seed)
+    observed, draws = [], []
+    for task in tasks:
+        first, second = np.asarray(scores_a[task], float), np.asarray(scores_b[task], float)
+        if first.shape != second.shape or first.size == 0:
+            raise ValueError(f"task {task}: the two runs scored {first.size} and {second.size} items; a paired "
+                             "comparison needs the same items (the same --limit)")
+        differences = first - second
+        observed.append(differences.mean())
+        picks = generator.integers(0, differences.size, size=(resamples, differences.size))
+        draws.append(differences[picks].mean(axis=1))
+    draws_mean = np.mean(draws, axis=0)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(draws_mean, [tail, 100 - tail])
+    return PairedDifference(float(np.mean(observed)), float(low), float(high), confidence)
