@@ -29,6 +29,8 @@ Configurations:
   odp<q>               the full model with mcmoe_odp (thresholds = quantile q of w_r/w_0, 2% protected tokens);
                        reports the fraction of expert calls skipped while scoring
   uniform2_ebss        uniform2 calibrated on an EBSS set (tau 1.2, beam 4) of the same size instead of text
+  uniform2_ebss_balanced  the same with tau 0.001 and no_repeat_ngram 4 (the setting where the balance term works
+                       on the test bed, benchmarks/ebss_balance.py)
 """
 
 from __future__ import annotations
@@ -154,6 +156,8 @@ def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, d
         return [gptq], calibration
     if config == "uniform2_ebss":
         return [gptq], {**calibration, "ebss": {"tau": 1.2, "beam": 4, "compare_text": True}}
+    if config == "uniform2_ebss_balanced":
+        return [gptq], {**calibration, "ebss": {"tau": 0.001, "beam": 4, "no_repeat_ngram": 4, "compare_text": True}}
     if config == "pmq":
         return [PMQStage({**pmq, "avg_bits": args.avg_bits, "candidates": [2, 3, 4]}), gptq], calibration
     if config in ("random", "frequency"):
@@ -239,7 +243,7 @@ def _ebss_std(report: dict):
 
 
 PAIRS = (("pmq", "uniform2"), ("pmq", "random"), ("pmq", "frequency"), ("joint", "prune_then_quantize"),
-         ("uniform2_ebss", "uniform2"))
+         ("uniform2_ebss", "uniform2"), ("uniform2_ebss_balanced", "uniform2"))
 
 
 def comparison_table(rows: list[dict]) -> str:

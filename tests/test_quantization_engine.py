@@ -76,7 +76,8 @@ def test_agq_expert_equals_gptq_on_directly_computed_affinity_hessian(testbed):
     token, slot = torch.where(index == expert)
     combine = weights[token, slot]
     hessian = (x[token] * combine[:, None]).T @ x[token]
-    expected = gptq_quantize(view.experts.gate_up_proj[expert].detach().clone(), hessian, 3, group_size=32, damp=0.01)
+    expected = gptq_quantize(view.experts.gate_up_proj[expert].detach().clone(), hessian, 3, group_size=32, damp=0.01,
+                             scale_search="mse")  # the stage's default scales
 
     settings = QuantizationSettings(method="gptq", bits=3, group_size=32, agq=True, cold_token_floor=1)
     quantize_model(model, settings, calibration)
@@ -88,7 +89,7 @@ def test_agq_expert_equals_gptq_on_directly_computed_affinity_hessian(testbed):
     assert _share_close(packed.scales, expected.packed.scales) > 0.99
     # and the weighting matters: plain GPTQ on the same tokens gives other codes and scales
     plain = gptq_quantize(view.experts.gate_up_proj[expert].detach().clone(), x[token].T @ x[token], 3,
-                          group_size=32, damp=0.01)
+                          group_size=32, damp=0.01, scale_search="mse")
     assert (plain.packed.codes() == expected.packed.codes()).float().mean() < 0.95
     assert _share_close(plain.packed.scales, expected.packed.scales) < 0.5
 

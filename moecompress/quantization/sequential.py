@@ -56,7 +56,7 @@ class QuantizationSettings:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
-    scale_search: str = "minmax"  # or "mse": clipped group scales (moecompress.quantization.packing.SCALE_SEARCHES)
+    scale_search: str = "mse"  # clipped group scales, or "minmax" (moecompress.quantization.packing.SCALE_SEARCHES)
     damp: float = 0.01
     act_order: bool = False
     agq: bool = False

@@ -6,7 +6,7 @@
   bits: 4                # 1, 2, 3, 4 or 8; an earlier stage's bit map (context.bit_map) overrides it per expert
   group_size: 128        # -1: one scale per output row; a last, shorter group is allowed
   symmetric: true
-  scale_search: minmax   # or mse: each group's clipping range searched (the GPTQ reference's mse=True)
+  scale_search: mse      # each group's clipping searched (GPTQ's mse=True); minmax: compressed-tensors' rule
   damp: 0.01             # fraction of the mean Hessian diagonal
   act_order: false
   agq: true              # weight each routed token's Hessian contribution by its combine weight (MoEQuant)
@@ -44,8 +44,8 @@ class QuantizeOptions(StageOptions):
     group_size: int = pydantic.Field(128, description="input columns per scale; -1 = one scale per output row")
     symmetric: bool = pydantic.Field(True, description="symmetric scales (no zero points)")
     scale_search: Literal["minmax", "mse"] = pydantic.Field(
-        "minmax", description="group scales from min/max, or mse: the clipping that minimises each group's "
-                              "rounding error (GPTQ's mse=True; helps most at 2 and 3 bits)")
+        "mse", description="mse: each group's clipping that minimises its rounding error (GPTQ's mse=True; helps "
+                           "most at 2 and 3 bits); minmax: scales from the group's min and max")
     targets: list[str] = pydantic.Field(["routed_experts"], description=f"what to quantise: {list(TARGETS)}")
 
     @pydantic.field_validator("bits")
