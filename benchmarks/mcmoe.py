@@ -243,7 +243,7 @@ def _ebss_std(report: dict):
 
 
 PAIRS = (("pmq", "uniform2"), ("pmq", "random"), ("pmq", "frequency"), ("joint", "prune_then_quantize"),
-         ("uniform2_ebss", "uniform2"), ("uniform2_ebss_balanced", "uniform2"))
+         ("uniform2_ebss", "uniform2"), ("uniform2_ebss_balanced", "uniform2"), ("odp0.5", "full"), ("odp0.3", "full"))
 
 
 def comparison_table(rows: list[dict]) -> str:
