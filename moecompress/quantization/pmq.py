@@ -291,7 +291,8 @@ class PMQOptions(StageOptions):
                                             "the bytes (use the quantiser's; default 128)")
     symmetric: bool | None = pydantic.Field(None, description="symmetric RTN (default true; use the quantiser's)")
     scale_search: Literal["minmax", "mse"] | None = pydantic.Field(
-        None, description="group scales of that RTN (default minmax; use the quantiser's)")
+        None, description="group scales of that RTN: minmax (default, as the reference code) or mse (the "
+                           "rtn/gptq stages' default scales)")
     solver: str = pydantic.Field("dp", description="dp (exact, default), milp (HiGHS) or pulp (CBC)")
 
     @pydantic.model_validator(mode="after")
