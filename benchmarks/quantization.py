@@ -173,7 +173,9 @@ def timing(args) -> int:
         for method in ("gptq", "gptq+agq"):
             model, _ = load_model(TESTBED / "models" / model_name, dtype=torch.float32)
             started = time.perf_counter()
-            quantize_model(model, QuantizationSettings(bits=4, group_size=128, **METHODS[method]), calibration)
+            settings = QuantizationSettings(bits=4, group_size=128, scale_search=args.scale_search.split(",")[0],
+                                            **METHODS[method])
+            quantize_model(model, settings, calibration)
             seconds = time.perf_counter() - started
             print(f"{model_name} {method}: {seconds:.1f} s = {seconds / plain:.1f}x one calibration pass "
                   f"({plain:.1f} s, {args.num_samples} x {args.seq_len} tokens)")
