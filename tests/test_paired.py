@@ -60,3 +60,13 @@ def test_item_scores_come_from_a_real_lm_eval_run(testbed, one_thread):
     assert np.mean(scores["tb_code_next"]) == pytest.approx(aggregate)
     with pytest.raises(ValueError, match="log_samples=True"):
         item_scores({"results": {}}, "acc_mutual_info")
+
+
+def test_drawing_in_small_chunks_gives_the_same_interval(monkeypatch):
+    """Large tasks are resampled in bounded chunks; the random stream, and so the interval, must not change."""
+    import moecompress.evals.paired as paired
+
+    first, second = _correlated_runs(300, flip=0.3, seed=3)
+    whole = paired_difference({"t": first}, {"t": second})
+    monkeypatch.setattr(paired, "_DRAW_CHUNK", 1000)  # 3 resamples per chunk
+    assert paired_difference({"t": first}, {"t": second}) == whole

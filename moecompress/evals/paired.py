@@ -52,7 +52,10 @@ def paired_difference(scores_a: dict[str, list[float]], scores_b: dict[str, list
                       tasks: list[str] | None = None, resamples: int = 10_000, confidence: float = 0.95,
                       seed: int = 0) -> PairedDifference:
     """Mean over ``tasks`` (default: all of ``scores_a``) of the per-task mean of ``a - b``, item by item, with a
-    bootstrap interval: each resample draws every task's items with replacement. Both must hold the same items."""
+    bootstrap interval: each resample draws every task's items with replacement. Both must hold the same items in
+    the same order (lm-eval's ``limit`` takes a task's first documents, so runs with the same limit do); only the
+    counts can be checked here. For per-item metrics (accuracies); corpus ratios such as bits per byte need another
+    statistic."""
     tasks = list(tasks or scores_a)
     generator = np.random.default_rng(seed)
     observed, draws = [], []
@@ -63,9 +66,23 @@ def paired_difference(scores_a: dict[str, list[float]], scores_b: dict[str, list
                              "comparison needs the same items (the same --limit)")
         differences = first - second
         observed.append(differences.mean())
-        picks = generator.integers(0, differences.size, size=(resamples, differences.size))
-        draws.append(differences[picks].mean(axis=1))
+        draws.append(_bootstrap_means(differences, resamples, generator))
     draws_mean = np.mean(draws, axis=0)
     tail = (1 - confidence) / 2 * 100
     low, high = np.percentile(draws_mean, [tail, 100 - tail])
     return PairedDifference(float(np.mean(observed)), float(low), float(high), confidence)
+
+
+# Resampled indices are drawn this many at a time, so a large task never holds a [resamples, items] array at once.
+_DRAW_CHUNK = 1 << 22
+
+
+def _bootstrap_means(values: np.ndarray, resamples: int, generator: np.random.Generator) -> np.ndarray:
+    """``[resamples]`` means of ``values`` resampled with replacement, drawn in row chunks of bounded memory."""
+    rows_per_chunk = max(1, _DRAW_CHUNK // values.size)
+    means = np.empty(resamples)
+    for start in range(0, resamples, rows_per_chunk):
+        stop = min(start + rows_per_chunk, resamples)
+        picks = generator.integers(0, values.size, size=(stop - start, values.size))
+        means[start:stop] = values[picks].mean(axis=1)
+    return means
