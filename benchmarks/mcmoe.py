@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.merge:
-        print(markdown_table([row for path in args.merge for row in json.loads(path.read_text())["rows"]]))
+        print(markdown_table(_read_rows(args.merge)))
         return 0
     if args.compare:
-        print(comparison_table([row for path in args.compare for row in json.loads(path.read_text())["rows"]]))
+        print(comparison_table(_read_rows(args.compare)))
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             print(markdown_table([row], header=False), file=sys.stderr, flush=True)
     print(markdown_table(rows))
     return 0
+
+
+def _read_rows(paths: list[Path]) -> list[dict]:
+    return [row for path in paths for row in json.loads(path.read_text())["rows"]]
 
 
 def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, dict]:
@@ -231,7 +235,8 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
         "mean_bits_per_byte": sum(scores[task]["bits_per_byte"] for task in PERPLEXITY_TASKS) / len(PERPLEXITY_TASKS),
         "skipped_fraction": (sum(skipped.values()) / len(skipped)) if skipped else None,
         "skipped_per_layer": {str(layer): value for layer, value in skipped.items()},
-        "scores": scores, "items": items, "scale_search": args.scale_search, "limit": args.limit, "ppl_limit": args.ppl_limit, "group_size": args.group_size,
+        "scores": scores, "items": items, "scale_search": args.scale_search, "limit": args.limit,
+        "ppl_limit": args.ppl_limit, "group_size": args.group_size,
         "target": args.target if config in ("joint", "prune_then_quantize") else None,
         "ebss_usage_std": _ebss_std(report),
     }
@@ -243,13 +248,14 @@ def _ebss_std(report: dict):
 
 
 PAIRS = (("pmq", "uniform2"), ("pmq", "random"), ("pmq", "frequency"), ("joint", "prune_then_quantize"),
-         ("uniform2_ebss", "uniform2"), ("uniform2_ebss_balanced", "uniform2"), ("odp0.5", "full"), ("odp0.3", "full"))
+         ("uniform2_ebss", "uniform2"), ("uniform2_ebss_balanced", "uniform2"),
+         ("odp0.5", "full"), ("odp0.3", "full"))
 
 
 def comparison_table(rows: list[dict]) -> str:
     """Paired differences ``a - b`` per model (rows of the same ``--limit`` and scales): mean accuracy on the same
     items with its 95% bootstrap interval, and mean bits per byte."""
-    from moecompress.evals.paired import paired_difference
+    from moecompress.evals.paired import paired_differences
 
     lines = ["| model | pair | accuracy difference [95% CI] | bits/byte difference |", "|---|---|---|---:|"]
     by_model: dict[str, dict[str, dict]] = {}
@@ -257,12 +263,10 @@ def comparison_table(rows: list[dict]) -> str:
         if "items" in row:
             by_model.setdefault(row["model"], {})[row["config"]] = row
     for model, configs in by_model.items():
-        for first, second in PAIRS:
-            if first in configs and second in configs:
-                difference = paired_difference(configs[first]["items"], configs[second]["items"],
-                                               tasks=list(ACCURACY_TASKS))
-                bpb = configs[first]["mean_bits_per_byte"] - configs[second]["mean_bits_per_byte"]
-                lines.append(f"| {model} | {first} - {second} | {difference} | {bpb:+.4f} |")
+        items = {config: row["items"] for config, row in configs.items()}
+        for first, second, difference in paired_differences(items, PAIRS, tasks=list(ACCURACY_TASKS)):
+            bpb = configs[first]["mean_bits_per_byte"] - configs[second]["mean_bits_per_byte"]
+            lines.append(f"| {model} | {first} - {second} | {difference} | {bpb:+.4f} |")
     return "\n".join(lines)
 
 

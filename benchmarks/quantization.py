@@ -54,12 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     if args.merge:
-        rows = [row for path in args.merge for row in json.loads(path.read_text())["rows"]]
-        print(markdown_table(rows))
+        print(markdown_table(_read_rows(args.merge)))
         return 0
     if args.compare:
-        rows = [row for path in args.compare for row in json.loads(path.read_text())["rows"]]
-        print(comparison_table(rows))
+        print(comparison_table(_read_rows(args.compare)))
         return 0
 
     import torch
@@ -135,7 +133,7 @@ def comparison_table(rows: list[dict]) -> str:
     """Paired differences ``a - b`` for each configuration (model, bits, group, scales) holding both methods: the
     mean accuracy difference on the same items with its 95% bootstrap interval
     (:func:`moecompress.evals.paired.paired_difference`), and the mean bits-per-byte difference."""
-    from moecompress.evals.paired import paired_difference
+    from moecompress.evals.paired import paired_differences
 
     lines = ["| model | bits | group | scales | pair | accuracy difference [95% CI] | bits/byte difference |",
              "|---|---:|---:|---|---|---|---:|"]
@@ -145,13 +143,11 @@ def comparison_table(rows: list[dict]) -> str:
             key = (row["model"], row["bits"], row["group_size"], row.get("scale_search") or "minmax")
             by_configuration.setdefault(key, {})[row["method"]] = row
     for (model, bits, group, scales), methods in by_configuration.items():
-        for first, second in PAIRS:
-            if first in methods and second in methods:
-                difference = paired_difference(methods[first]["items"], methods[second]["items"],
-                                               tasks=list(ACCURACY_TASKS))
-                bpb = methods[first]["mean_bits_per_byte"] - methods[second]["mean_bits_per_byte"]
-                lines.append(f"| {model} | {bits} | {group} | {scales} | {first} - {second} | {difference} | "
-                             f"{bpb:+.4f} |")
+        items = {method: row["items"] for method, row in methods.items()}
+        for first, second, difference in paired_differences(items, PAIRS, tasks=list(ACCURACY_TASKS)):
+            bpb = methods[first]["mean_bits_per_byte"] - methods[second]["mean_bits_per_byte"]
+            lines.append(f"| {model} | {bits} | {group} | {scales} | {first} - {second} | {difference} | "
+                         f"{bpb:+.4f} |")
     return "\n".join(lines)
 
 
@@ -180,6 +176,10 @@ def timing(args) -> int:
             print(f"{model_name} {method}: {seconds:.1f} s = {seconds / plain:.1f}x one calibration pass "
                   f"({plain:.1f} s, {args.num_samples} x {args.seq_len} tokens)")
     return 0
+
+
+def _read_rows(paths: list[Path]) -> list[dict]:
+    return [row for path in paths for row in json.loads(path.read_text())["rows"]]
 
 
 def _write(path: Path, rows: list[dict]) -> None:

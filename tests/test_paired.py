@@ -70,3 +70,12 @@ def test_drawing_in_small_chunks_gives_the_same_interval(monkeypatch):
     whole = paired_difference({"t": first}, {"t": second})
     monkeypatch.setattr(paired, "_DRAW_CHUNK", 1000)  # 3 resamples per chunk
     assert paired_difference({"t": first}, {"t": second}) == whole
+
+
+def test_pairs_of_runs_are_compared_only_when_both_ran():
+    from moecompress.evals.paired import paired_differences
+
+    runs = {"gptq": {"t": [1, 1, 0, 1]}, "rtn": {"t": [0, 1, 0, 0]}}
+    compared = paired_differences(runs, [("gptq", "rtn"), ("gptq+agq", "gptq")])
+    assert [(first, second) for first, second, _ in compared] == [("gptq", "rtn")]
+    assert compared[0][2] == paired_difference(runs["gptq"], runs["rtn"])

@@ -73,6 +73,14 @@ def paired_difference(scores_a: dict[str, list[float]], scores_b: dict[str, list
     return PairedDifference(float(np.mean(observed)), float(low), float(high), confidence)
 
 
+def paired_differences(items_by_run: dict[str, dict[str, list[float]]], pairs, *, tasks: list[str] | None = None,
+                       ) -> list[tuple[str, str, PairedDifference]]:
+    """``(a, b, paired_difference(a, b))`` for each ``(a, b)`` of ``pairs`` whose runs are both in ``items_by_run``
+    (``{run name: item scores}``), in the order of ``pairs``."""
+    return [(first, second, paired_difference(items_by_run[first], items_by_run[second], tasks=tasks))
+            for first, second in pairs if first in items_by_run and second in items_by_run]
+
+
 # Resampled indices are drawn this many at a time, so a large task never holds a [resamples, items] array at once.
 _DRAW_CHUNK = 1 << 22
 
