@@ -25,6 +25,11 @@ class TaskError(MoECompressError):
     """An evaluation task is missing, or its data file or fields are wrong."""
 
 
+class RetrievalError(MoECompressError):
+    """A pattern store or a retrieval request is unusable (wrong model, unknown task, impossible budget), or a model
+    cannot be assembled from part of its checkpoint."""
+
+
 class UsageError(MoECompressError):
     """A command-line value that cannot work here: a device this machine lacks, a thread count below 1..."""
 

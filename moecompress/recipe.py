@@ -20,7 +20,9 @@ recipe file's folder.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import pkgutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,37 +30,12 @@ from typing import Any
 import pydantic
 import yaml
 
+from moecompress.calibration.ebss import EbssOptions
 from moecompress.errors import RecipeError
-from moecompress.pipeline import STAGE_REGISTRY, Stage
+from moecompress.export.options import ExportOptions, parse_export
+from moecompress.stages import STAGE_REGISTRY, Stage
 
 RECIPE_KEYS = ("calibration", "stages", "export")
-
-
-class EbssConfig(pydantic.BaseModel):
-    """``calibration: {ebss: ...}``: the model writes its own calibration set (MoEQuant EBSS, methods.md 4).
-
-    num_samples / seq_len default to the calibration section's; seed too. ``compare_text`` samples the section's
-    text source (files, dataset or bundled) at the same size and reports both sets' expert-usage std.
-    """
-
-    model_config = pydantic.ConfigDict(extra="forbid")
-
-    num_samples: int | None = pydantic.Field(None, ge=1)
-    seq_len: int | None = pydantic.Field(None, ge=2)
-    tau: float = pydantic.Field(1.2, gt=0)  # .inf: plain beam search by log-prob
-    beam: int = pydantic.Field(4, ge=1)
-    top_m: int = pydantic.Field(64, ge=1)
-    no_repeat_ngram: int | None = pydantic.Field(None, ge=1)
-    seed: int | None = None
-    batch_size: int = pydantic.Field(8, ge=1)
-    cache_dir: str | None = None
-    compare_text: bool = True
-
-    @pydantic.model_validator(mode="after")
-    def _enough_candidates(self):
-        if self.top_m < self.beam:
-            raise ValueError(f"top_m ({self.top_m}) must be >= beam ({self.beam}): the search is exact only then")
-        return self
 
 
 class CalibrationConfig(pydantic.BaseModel):
@@ -75,7 +52,7 @@ class CalibrationConfig(pydantic.BaseModel):
     seq_len: int = pydantic.Field(512, ge=2)
     seed: int = 0
     batch_size: int = pydantic.Field(8, ge=1)
-    ebss: EbssConfig | None = None
+    ebss: EbssOptions | None = None
 
     @pydantic.field_validator("files", mode="before")
     @classmethod
@@ -86,14 +63,14 @@ class CalibrationConfig(pydantic.BaseModel):
     @classmethod
     def _ebss_section(cls, value):
         """Validate ``ebss:`` on its own, so its errors list its keys (not the calibration section's)."""
-        if value is None or isinstance(value, EbssConfig):
+        if value is None or isinstance(value, EbssOptions):
             return value
         if not isinstance(value, dict):
             raise ValueError("`ebss` must be a mapping (num_samples, seq_len, tau, beam, ...)")
         try:
-            return EbssConfig(**value)
+            return EbssOptions.model_validate(value)
         except pydantic.ValidationError as error:
-            raise ValueError(_format_validation_error("ebss", error, EbssConfig).removeprefix("ebss: ")) from None
+            raise ValueError(_format_validation_error("ebss", error, EbssOptions).removeprefix("ebss: ")) from None
 
     @pydantic.model_validator(mode="after")
     def _files_or_dataset(self):
@@ -110,7 +87,7 @@ class Recipe:
     stages: list[Stage]
     source: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
-    exports: list = field(default_factory=list)  # moecompress.export.options.ExportOptions (not in the run identity)
+    exports: list[ExportOptions] = field(default_factory=list)  # not in the run identity
 
     @property
     def sha256(self) -> str:
@@ -161,8 +138,6 @@ def parse_recipe(data: Any, *, base_dir: str | Path | None = None) -> Recipe:
         raise RecipeError(f"`stages` must be a list of {{method: NAME, ...}} entries, got {type(raw_stages).__name__}")
     stages = [_parse_stage(index, entry) for index, entry in enumerate(raw_stages)]
     check_stage_order(stages)
-    from moecompress.export.options import parse_export
-
     exports = parse_export(data["export"]) if data.get("export") is not None else []
     return Recipe(calibration=calibration, stages=stages, source=data, exports=exports)
 
@@ -243,9 +218,6 @@ def _import_stage_modules() -> None:
 
     A module that fails to import (someone's work in progress) is skipped and named in the unknown-method error.
     """
-    import importlib
-    import pkgutil
-
     for package_name in (*_STAGE_PACKAGES_ALL, *_STAGE_PACKAGES_NAMED):
         try:
             package = importlib.import_module(package_name)

@@ -10,8 +10,8 @@ weights), at most one quantisation stage (``rtn`` or ``gptq``), and then only st
 2. a second skeleton gets the pruned structure (shapes only); one layer-by-layer sweep loads each decoder layer from
    the source safetensors, reading only the kept experts' tensors (router rows sliced to them), quantises it on calibration inputs that went through the already-quantised layers
    (:func:`moecompress.quantization.sequential.quantize_model` with a lazy runner), stages it on disk
-   (:class:`moecompress.export.shards.LayerFiles`) and releases it;
-3. the staged layers become the output checkpoint shard by shard (:func:`moecompress.export.shards.write_checkpoint`);
+   (:class:`moecompress.checkpoint.shards.LayerFiles`) and releases it;
+3. the staged layers become the output checkpoint shard by shard (:func:`moecompress.checkpoint.shards.write_checkpoint`);
 4. stages that need the whole model (``evaluate``) load the written result.
 
 Peak memory is one decoder layer, the calibration activations and one chunk of per-expert Hessians
@@ -31,7 +31,15 @@ from typing import Any
 
 import torch
 
+from moecompress.calibration import LayerwiseRunner
+from moecompress.checkpoint.lazy import LazyCheckpoint, build_skeleton
+from moecompress.checkpoint.native import MoECompressQuantizationConfig, needs_native_format
+from moecompress.checkpoint.shards import LayerFiles, write_checkpoint
 from moecompress.errors import RecipeError
+from moecompress.models.edits import keep_experts
+from moecompress.pruning.base import ExpertPruningStage
+from moecompress.quantization.sequential import quantize_model
+from moecompress.quantization.stages import QuantizeStage
 
 STREAM_LAYERS_FOLDER = ".stream-layers"
 EXECUTION_MODES = ("auto", "streamed", "in_memory")
@@ -52,9 +60,6 @@ class StreamPlan:
 
 def stream_plan(stages: list) -> tuple[StreamPlan | None, str]:
     """``(plan, "")`` when ``stages`` can stream, else ``(None, reason)`` naming the stage that prevents it."""
-    from moecompress.pruning.base import ExpertPruningStage
-    from moecompress.quantization.stages import _QuantizeStage
-
     plan = StreamPlan()
     for index, stage in enumerate(stages):
         modifies = getattr(stage, "modifies_model", True)
@@ -68,7 +73,7 @@ def stream_plan(stages: list) -> tuple[StreamPlan | None, str]:
                 what = "progressive mode" if getattr(stage.options, "progressive", False) else "its search"
                 return None, f"{stage.method}: {what} runs the experts' weights while deciding"
             plan.pruning = stage
-        elif isinstance(stage, _QuantizeStage) and plan.quantization is None:
+        elif isinstance(stage, QuantizeStage) and plan.quantization is None:
             plan.quantization = stage
         else:
             return None, f"stage {stage.method} needs the whole model in memory (only one pruning stage that " \
@@ -100,8 +105,6 @@ class StreamedStages:
         self.device = device
 
     def skeleton(self):
-        from moecompress.calibration.checkpoint import build_skeleton
-
         model, _ = build_skeleton(self.checkpoint_folder, dtype=self.dtype)
         return model
 
@@ -113,13 +116,6 @@ class StreamedStages:
     def write_model(self, context, pruning_result, output_folder: Path):
         """Sweep the layers (load the kept experts, quantise, stage) and write the checkpoint into
         ``output_folder``. Returns ``(quantization result or None, the written model's meta skeleton)``."""
-        from moecompress.calibration import LayerwiseRunner
-        from moecompress.calibration.checkpoint import LazyCheckpoint
-        from moecompress.export.native import MoECompressQuantizationConfig, needs_native_format
-        from moecompress.export.shards import LayerFiles, write_checkpoint
-        from moecompress.models import keep_experts
-        from moecompress.quantization.sequential import quantize_model
-
         model = self.skeleton()
         # keys are mapped once, here, while the skeleton still has the source's structure (before keep_experts)
         checkpoint = LazyCheckpoint(self.checkpoint_folder, model)

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 import torch
-
 from conftest import testbed_model_path
-from moecompress.models import find_moe_blocks, keep_experts, load_model
+
+from moecompress.checkpoint import load_model
+from moecompress.models import find_moe_blocks, keep_experts
 from moecompress.quantization.sequential import QuantizationSettings, quantize_model
 
 # Token ids every logits comparison uses (the test-bed vocabulary has 8192 entries).
@@ -50,11 +51,11 @@ def native_folder(tmp: Path, name: str, *, bits=4, group_size=32, symmetric=True
                        for view in find_moe_blocks(model) for expert in range(view.num_experts)}
         quantize_model(model, QuantizationSettings(method="rtn", bits=bits, group_size=group_size, symmetric=symmetric,
                                                    bit_map=mapping, targets=targets))
-    from moecompress.pipeline import _save_model_atomic
+    from moecompress.checkpoint import save_model
 
     folder = tmp / f"native-{name}"
     folder.mkdir()
-    _save_model_atomic(model, tokenizer, folder)
+    save_model(model, tokenizer, folder)
     (folder / "report.json").write_text("{}\n")  # as `moecompress compress` leaves it (the export's provenance check)
     return folder
 
@@ -73,8 +74,9 @@ def plain_transformers_logits(folders: list[Path], tmp: Path) -> list[torch.Tens
 
 def native_logits(folder: Path) -> torch.Tensor:
     """Our packed model's fp32 logits (the native loader: from_pretrained after import moecompress)."""
-    import moecompress  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import moecompress  # noqa: F401
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     with torch.no_grad():

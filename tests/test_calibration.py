@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.calibration import LayerwiseRunner, load_calibration, read_documents, token_ids_sha256
-from moecompress.calibration.checkpoint import LazyCheckpoint, fuse_expert_tensors
+from moecompress.checkpoint.lazy import LazyCheckpoint, fuse_expert_tensors
 from moecompress.errors import CalibrationError, CheckpointError
 
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import json
 
+import conftest
 import pytest
 import torch
 from transformers import AutoTokenizer
 
-import conftest
 from moecompress.analysis.camera import STATISTICS, layer_energies, lowest_share_of_energy
 from moecompress.calibration import collect_statistics, load_calibration
+from moecompress.checkpoint import load_model
 from moecompress.cli import main
-from moecompress.models import find_moe_blocks, load_model
+from moecompress.models import find_moe_blocks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,13 +13,14 @@ from transformers import AutoModelForCausalLM
 
 from moecompress.analysis.camera import LayerEnergies, layer_energies, random_scores, summarize
 from moecompress.calibration import collect_statistics
+from moecompress.checkpoint import save_model
 from moecompress.errors import RecipeError
 from moecompress.kernels.variable_width import VariableWidthExperts
 from moecompress.models import find_moe_blocks
 from moecompress.models.edits import EditError
 from moecompress.models.tiny import tiny_model
-from moecompress.pipeline import RunContext, StageResult, _save_model_atomic
-from moecompress.pruning.camera_p import (CameraPruning, apply_masked, make_padded, make_physical, plan_layer)
+from moecompress.pipeline import RunContext, StageResult
+from moecompress.pruning.camera_p import CameraPruning, apply_masked, make_padded, make_physical, plan_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 FAMILIES = ("qwen2_moe", "mixtral", "deepseek_v3")  # shared expert with a gate / none / ungated shared expert
@@ -100,13 +101,13 @@ def test_physical_experts_give_the_masked_logits_and_shrink_by_the_pruned_share(
     masked = _logits(model)
     for name in ("masked", "physical"):
         (tmp_path / name).mkdir()
-    _save_model_atomic(model, None, tmp_path / "masked")
+    save_model(model, None, tmp_path / "masked")
     make_physical(model, plans)
     assert all(isinstance(view.experts, VariableWidthExperts) for view in find_moe_blocks(model))
     torch.testing.assert_close(_logits(model), masked, rtol=1e-5, atol=1e-5)
     pruned_weights = sum(plan.num_pruned for plan in plans.values()) * 3 * find_moe_blocks(model)[0].hidden_size
     assert sum(p.numel() for p in model.parameters()) == dense_parameters - pruned_weights
-    _save_model_atomic(model, None, tmp_path / "physical")
+    save_model(model, None, tmp_path / "physical")
     saved = {name: os.path.getsize(tmp_path / name / "model.safetensors") for name in ("masked", "physical")}
     assert saved["masked"] - saved["physical"] >= 4 * pruned_weights - 4096  # fp32, minus header differences
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "physical").eval()
@@ -187,10 +188,10 @@ def test_camera_code_recipe_parses_with_the_code_settings():
 
 
 def test_physical_pipeline_run_saves_a_smaller_native_checkpoint_that_reloads(testbed, tmp_path):
-    from moecompress.models.loading import load_model
-    from moecompress.pipeline import Pipeline
-
     from conftest import testbed_model_path
+
+    from moecompress.checkpoint import load_model
+    from moecompress.pipeline import Pipeline
 
     source = testbed_model_path("moe-ref-q3")
     stage = CameraPruning({"ratio": 0.25, "mode": "physical"})

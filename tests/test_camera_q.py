@@ -8,12 +8,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from moecompress.checkpoint import save_model
 from moecompress.kernels.variable_width import SegmentedPackedExperts
 from moecompress.models import find_moe_blocks
 from moecompress.models.tiny import tiny_config, tiny_model_from_config
-from moecompress.pipeline import RunContext, _save_model_atomic
-from moecompress.quantization.camera_q import (CameraQuantization, expert_segments, permute_expert_channels,
-                                               solve_channel_bits)
+from moecompress.pipeline import RunContext
+from moecompress.quantization.camera_q import (
+    CameraQuantization,
+    expert_segments,
+    permute_expert_channels,
+    solve_channel_bits,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -94,7 +99,7 @@ def test_stage_quantises_each_segment_at_its_width_and_reloads(tmp_path):
     expected = _logits(model)
     folder = tmp_path / "saved"
     folder.mkdir()
-    _save_model_atomic(model, None, folder)
+    save_model(model, None, folder)
     reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
     assert isinstance(find_moe_blocks(reloaded)[0].experts, SegmentedPackedExperts)
     torch.testing.assert_close(_logits(reloaded), expected, rtol=1e-5, atol=1e-5)

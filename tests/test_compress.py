@@ -6,10 +6,9 @@ import json
 
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
-from moecompress.cli import main
 
+from moecompress.cli import main
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import copy
 
+import conftest
 import pytest
 import torch
 import transformers
-
-import conftest
 from conftest import TESTBED_MODELS
-from moecompress.models import EditError, find_moe_blocks, keep_experts, load_model, remap_expert_ids
-from moecompress.models.tiny import tiny_families, tiny_model
 from test_edits_reference import routers_with_pruned_logits
+
+from moecompress.checkpoint import load_model
+from moecompress.models import EditError, find_moe_blocks, keep_experts, remap_expert_ids
+from moecompress.models.tiny import tiny_families, tiny_model
 
 
 def _logits(model, tokens):

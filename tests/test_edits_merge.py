@@ -9,20 +9,18 @@ import copy
 import pytest
 import torch
 import transformers
+from conftest import tiny_family_params
 
+from moecompress.checkpoint import load_model
 from moecompress.models import (
     EditError,
     find_moe_blocks,
     keep_experts,
-    load_model,
     materialize_expert_id_map,
     merge_experts,
     merged_expert_ids,
 )
-from conftest import tiny_family_params
 from moecompress.models.tiny import tiny_model
-
-
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 CLUSTERS = [[0, 5], [1], [2, 3, 7], [4, 6]]

@@ -6,12 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from conftest import tiny_family_params
 
 from moecompress.models import EditError, adapter_for, find_moe_blocks, slice_micro_experts, zero_micro_experts
-from conftest import tiny_family_params
 from moecompress.models.tiny import tiny_model
-
-
 
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
 KEPT_CHANNELS = [0, 2, 3, 7, 8, 11, 12, 15]

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.errors import TaskError
 from moecompress.evals import bundled_task_names, evaluate_model, resolve_tasks, run_lm_eval
 from moecompress.evals.lm import build_lm

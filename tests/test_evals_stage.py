@@ -6,8 +6,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.errors import RecipeError, TaskError
 from moecompress.evals import EvaluateStage, evaluate_model
 from moecompress.pipeline import STAGE_REGISTRY, RunContext

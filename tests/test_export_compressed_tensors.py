@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from export_helpers import native_folder, native_logits, plain_transformers_logits, read_config
 from safetensors import safe_open
 
-from export_helpers import native_folder, native_logits, plain_transformers_logits, read_config
 from moecompress.export import export_folder
 from moecompress.export.compressed_tensors import decompression_difference
 from moecompress.export.deployability import NotDeployableError

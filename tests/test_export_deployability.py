@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from export_helpers import native_folder
+
+from moecompress.checkpoint.native_reader import NativeCheckpoint
 from moecompress.export import export_folder
 from moecompress.export.deployability import NotDeployableError, deployability_problems
-from moecompress.export.source import NativeCheckpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
-
 from conftest import testbed_model_path as model_folder
 from export_helpers import native_folder
+
 from moecompress.cli import main
 from moecompress.errors import CheckpointError, UsageError
 from moecompress.export import export_folder
@@ -54,12 +54,12 @@ def test_the_output_folder_rules(native, tmp_path):
 
 
 def test_a_failure_midway_leaves_nothing(native, tmp_path, monkeypatch):
-    from moecompress.export import source
+    from moecompress.checkpoint import shards
 
     def fail(self):
         raise OSError("disk full")
 
-    monkeypatch.setattr(source.ShardWriter, "finish", fail)
+    monkeypatch.setattr(shards.ShardWriter, "finish", fail)
     with pytest.raises(OSError, match="disk full"):
         export_folder(native, tmp_path / "out", "compressed-tensors")
     assert not (tmp_path / "out").exists()

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from export_helpers import INPUT_IDS, native_folder, plain_transformers_logits, read_config
+
+from moecompress.checkpoint import load_model
 from moecompress.errors import UsageError
 from moecompress.export import export_folder
 from moecompress.export.deployability import NotDeployableError
-from moecompress.models import load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.cli import main
 from moecompress.errors import RecipeError
 from moecompress.export.options import ExportOptions, parse_export

@@ -7,9 +7,9 @@ import json
 import re
 import struct
 
+import conftest
 import pytest
 
-import conftest
 from moecompress.cli import main
 
 DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4}
@@ -71,7 +71,7 @@ def test_inspect_bytes_are_the_loaded_model_in_memory(name, testbed, capsys):
     (transformers 5.24 keeps DeepSeek-V3's router weight and selection bias in float32 in a bf16 model)."""
     import torch
 
-    from moecompress.models import load_model
+    from moecompress.checkpoint import load_model
 
     folder = conftest.testbed_model_path(name)
     summary = _inspect_json(capsys, folder)
@@ -138,7 +138,8 @@ def test_inspect_calib_counts_equal_a_direct_router_count(capsys, testbed):
     from transformers import AutoTokenizer
 
     from moecompress.calibration import load_calibration
-    from moecompress.models import find_moe_blocks, load_model
+    from moecompress.checkpoint import load_model
+    from moecompress.models import find_moe_blocks
 
     source = conftest.testbed_model_path("moe-ref-ds")
     calib_file = testbed / "calib" / "pycode.jsonl"

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import warnings
 
+import conftest
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-import conftest
 from moecompress.errors import MoECompressError
-from moecompress.kernels.backend import BACKEND_NAME, PackedExperts, pack_model_experts, packed_experts_forward
+from moecompress.kernels.backend import BACKEND_NAME, PackedExperts, packed_experts_forward
 from moecompress.kernels.runtime import triton_available
-from moecompress.quantization.packing import quantize_rtn
+from moecompress.quantization.packing import pack_model_experts, quantize_rtn
 
 
 def _load(testbed):

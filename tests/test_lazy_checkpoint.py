@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moecompress.calibration.checkpoint import LazyCheckpoint, build_skeleton
+from moecompress.checkpoint.lazy import LazyCheckpoint, build_skeleton
 from moecompress.errors import CheckpointError
 from moecompress.models import decoder_layers
 from moecompress.models.tiny import tiny_model

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 
+import conftest
 import pytest
 import torch
 import transformers
 
-import conftest
+from moecompress.checkpoint import load_model
 from moecompress.errors import CheckpointError, UnsupportedModelError
-from moecompress.models import find_moe_blocks, load_model
+from moecompress.models import find_moe_blocks
 from moecompress.models.tiny import tiny_model
 
 

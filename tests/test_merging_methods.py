@@ -7,13 +7,17 @@ import copy
 
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.analysis.alignment import align_cluster, alignment_permutation, permute_expert_neurons
-from moecompress.analysis.clustering import (average_linkage_clusters, dominant_expert_groups, router_logit_affinity,
-                                             spectral_clusters)
+from moecompress.analysis.clustering import (
+    average_linkage_clusters,
+    dominant_expert_groups,
+    router_logit_affinity,
+    spectral_clusters,
+)
+from moecompress.checkpoint import load_model
 from moecompress.models import find_moe_blocks
-from moecompress.models.loading import load_model
 from moecompress.models.view import ExpertWeights, route_from_logits
 from moecompress.pipeline import RunContext
 from moecompress.pruning.hcsmoe import HcSmoeMerging

@@ -10,9 +10,9 @@ import copy
 import pytest
 import torch
 import transformers
+from conftest import tiny_family_params
 
 import moecompress.models.edits as edits
-from conftest import tiny_family_params
 from moecompress.models import EditError, adapter_for, find_moe_blocks, keep_experts, merge_experts
 from moecompress.models.families import minimum_experts
 from moecompress.models.tiny import tiny_model

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 import transformers
-
 from conftest import tiny_family_params
+
 from moecompress.models import ADAPTERS, find_moe_blocks, slice_micro_experts
 from moecompress.models.tiny import tiny_model
 

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 import transformers
-
 from conftest import tiny_family_params
+
 from moecompress.models import adapter_for, find_moe_blocks, keep_experts, merge_experts
 from moecompress.models.tiny import tiny_model
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import torch
-
-from moecompress.kernels import pack_model_experts
-from moecompress.models import find_moe_blocks, load_model
 from conftest import testbed_model_path as model_folder
+
+from moecompress.checkpoint import load_model
+from moecompress.models import find_moe_blocks
+from moecompress.quantization.packing import pack_model_experts
 
 
 def test_view_of_packed_experts_matches_the_packed_block(testbed):

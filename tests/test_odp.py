@@ -6,13 +6,21 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-
 from conftest import testbed_model_path as model_folder
-from moecompress.kernels.backend import pack_model_experts
-from moecompress.models import find_moe_blocks, load_model
+
+from moecompress.checkpoint import load_model
+from moecompress.models import find_moe_blocks
 from moecompress.pipeline import Pipeline
-from moecompress.quantization.odp import (ODPStage, install_odp, odp_routing, odp_state, remove_odp,
-                                          skipped_fractions, token_importance)
+from moecompress.quantization.odp import (
+    ODPStage,
+    install_odp,
+    odp_routing,
+    odp_state,
+    remove_odp,
+    skipped_fractions,
+    token_importance,
+)
+from moecompress.quantization.packing import pack_model_experts
 from moecompress.quantization.stages import RTNStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")

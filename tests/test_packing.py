@@ -6,14 +6,8 @@ import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
-from moecompress.quantization.packing import (
-    PackedLinearWeight,
-    pack_codes,
-    pack_signed,
-    quantize_rtn,
-    unpack_codes,
-    unpack_signed,
-)
+from moecompress.kernels.layout import PackedLinearWeight, pack_codes, pack_signed, unpack_codes, unpack_signed
+from moecompress.quantization.packing import quantize_rtn
 
 BITS = (2, 3, 4, 8)
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moecompress.kernels.layout import PackedLinearWeight, pack_signed, unpack_signed
 from moecompress.kernels.reference import moe_experts_reference, packed_linear_reference
 from moecompress.kernels.triton_gemm import packed_linear_triton
 from moecompress.kernels.triton_moe import PackedExpertStack, moe_experts_triton
 from moecompress.quantization.gptq import gptq_quantize
-from moecompress.quantization.packing import PackedLinearWeight, pack_signed, quantize_rtn, unpack_signed
+from moecompress.quantization.packing import quantize_rtn
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
+from moecompress.checkpoint import load_model
 from moecompress.evals import run_lm_eval
 from moecompress.evals.paired import item_scores, paired_difference
-from moecompress.models import load_model
 
 
 def _correlated_runs(items: int, flip: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.errors import MoECompressError, RecipeError
 from moecompress.pipeline import Pipeline, RunContext, Stage, StageResult, register_stage
 from moecompress.pruning.frequency import FrequencyPruning, select_most_used
@@ -133,7 +133,7 @@ def test_super_experts_are_never_pruned_and_follow_the_edit(testbed):
     from transformers import AutoTokenizer
 
     from moecompress.calibration import load_calibration
-    from moecompress.models.loading import load_model
+    from moecompress.checkpoint import load_model
 
     model, _ = load_model(model_folder("moe-ref-mx"), dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_folder("moe-ref-mx"))

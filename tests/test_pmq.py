@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.calibration import LayerwiseRunner, load_calibration
+from moecompress.checkpoint import load_model
 from moecompress.errors import RecipeError
-from moecompress.models import find_moe_blocks, load_model
+from moecompress.models import find_moe_blocks
 from moecompress.pipeline import Pipeline
 from moecompress.quantization.packing import quantize_rtn
 from moecompress.quantization.pmq import PMQStage, allocate_layer, hessian_errors, pmq_costs

@@ -8,18 +8,26 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.analysis.block_outputs import MoEBlockInputs  # noqa: F401  (registers moe_block_inputs)
 from moecompress.calibration import LayerwiseRunner, load_calibration
+from moecompress.checkpoint import load_model
 from moecompress.errors import RecipeError
-from moecompress.models import find_moe_blocks, load_model
+from moecompress.models import find_moe_blocks
 from moecompress.models.edits import keep_experts
 from moecompress.models.summary import model_summary
 from moecompress.pipeline import Pipeline
 from moecompress.quantization.packing import quantize_rtn
-from moecompress.quantization.pmq import (LayerCosts, PMQStage, TargetSize, allocate_model, block_output_errors,
-                                          packed_expert_bytes, parse_target_size)
+from moecompress.quantization.pmq import (
+    LayerCosts,
+    PMQStage,
+    TargetSize,
+    allocate_model,
+    block_output_errors,
+    packed_expert_bytes,
+    parse_target_size,
+)
 from moecompress.quantization.stages import RTNStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
+from moecompress.checkpoint import load_model
 from moecompress.errors import RecipeError
 from moecompress.models import find_moe_blocks
-from moecompress.models.loading import load_model
 from moecompress.pipeline import RunContext
 from moecompress.pruning.base import ExpertBudgetOptions, select_kept_experts
 from moecompress.pruning.frequency import FrequencyPruning, select_most_used
@@ -109,9 +109,9 @@ def test_group_balanced_pruning_keeps_deepseek_group_routing(models, tmp_path):
 
 @pytest.mark.parametrize("name", ["premoe_code.yaml", "prune_reap.yaml", "merge_uncurl.yaml"])
 def test_preset_recipes_parse(name):
-    from moecompress.recipe import load_recipe
-
     from conftest import REPO_ROOT
+
+    from moecompress.recipe import load_recipe
 
     recipe = load_recipe(REPO_ROOT / "recipes" / name)
     assert recipe.stages[0].method in {"prune_premoe", "prune_reap", "merge_uncurl"}

@@ -8,12 +8,12 @@ import itertools
 
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.analysis.block_outputs import BlockReconstruction
+from moecompress.checkpoint import load_model
 from moecompress.models import find_moe_blocks
 from moecompress.models.edits import keep_experts
-from moecompress.models.loading import load_model
 from moecompress.pipeline import RunContext
 from moecompress.pruning.naee import NaeePruning, exact_search, greedy_elimination
 

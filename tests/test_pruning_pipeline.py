@@ -8,13 +8,13 @@ import copy
 
 import pytest
 import torch
+from conftest import testbed_model_path as model_folder
 from transformers import AutoModelForCausalLM
 
-from conftest import testbed_model_path as model_folder
 from moecompress.calibration import collect_statistics
+from moecompress.checkpoint import load_model
 from moecompress.models import find_moe_blocks
 from moecompress.models.edits import keep_experts
-from moecompress.models.loading import load_model
 from moecompress.pipeline import Pipeline, RunContext, StageResult
 from moecompress.pruning.base import select_kept_experts
 from moecompress.pruning.hcsmoe import HcSmoeMerging

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import testbed_model_path as model_folder
 from torch.nn import functional as F
 
-from conftest import testbed_model_path as model_folder
 import moecompress.analysis.block_outputs  # noqa: F401  (registers moe_block_inputs)
 from moecompress.analysis.expert_scores import ean_scores, frequency_scores, reap_scores, tcess_scores
 from moecompress.calibration import collect_statistics
 from moecompress.calibration.statistics import tcess_markers
+from moecompress.checkpoint import load_model
 from moecompress.models import find_moe_blocks
-from moecompress.models.loading import load_model
 from moecompress.pipeline import RunContext
 from moecompress.pruning.ean import EanPruning
 from moecompress.pruning.frequency import FrequencyPruning

@@ -8,14 +8,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import testbed_model_path as model_folder
 from transformers import AutoModelForCausalLM
 
 import moecompress  # noqa: F401  (registers the native format with transformers)
-from conftest import testbed_model_path as model_folder
 from moecompress.calibration import load_calibration
+from moecompress.checkpoint import load_model
 from moecompress.errors import CheckpointError, MoECompressError, RecipeError
 from moecompress.kernels.backend import PackedExperts
-from moecompress.models import find_moe_blocks, keep_experts, load_model
+from moecompress.models import find_moe_blocks, keep_experts
 from moecompress.quantization.gptq import gptq_quantize
 from moecompress.quantization.sequential import QuantizationSettings, quantize_model
 
@@ -263,11 +264,11 @@ def test_inspect_describes_a_native_checkpoint_without_loading_it(testbed, tmp_p
 
 def test_a_pipeline_model_with_different_expert_counts_per_layer_reloads(testbed, tmp_path):
     """Not quantised, but not describable by a plain config either: the pipeline saves it in the native format."""
-    from moecompress.pipeline import _save_model_atomic
+    from moecompress.checkpoint import save_model
 
     model, tokenizer = load_model(model_folder("moe-ref-q3"), dtype=torch.float32)
     keep_experts(model, {0: list(range(20)), 2: list(range(12))})
-    _save_model_atomic(model, tokenizer, tmp_path)
+    save_model(model, tokenizer, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, experts_implementation="eager")
     assert [view.num_experts for view in find_moe_blocks(reloaded)] == [20, 32, 12, 32, 32, 32]
     input_ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))

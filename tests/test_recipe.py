@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
+
+import pytest
 
 from moecompress.errors import RecipeError
 from moecompress.pipeline import Pipeline
@@ -99,9 +99,8 @@ def test_shipped_recipes_are_valid():
 
 def test_every_bundled_recipe_parses_and_the_presets_stream_as_documented():
     """recipes/*.yaml are what users start from: each must validate, and the streamed preset must stream."""
-    from moecompress.streaming import stream_plan
-
     import moecompress.evals  # noqa: F401  (registers the evaluate stage)
+    from moecompress.streaming import stream_plan
 
     recipes = {path.name: load_recipe(path) for path in sorted((REPO / "recipes").glob("*.yaml"))}
     assert {"demo.yaml", "fit_30b_in_12gb.yaml", "w4_streamed.yaml"} <= set(recipes)
@@ -114,7 +113,6 @@ def test_every_bundled_recipe_parses_and_the_presets_stream_as_documented():
 
 def test_camera_p_is_the_issue_name_of_prune_camera():
     import moecompress.pruning  # noqa: F401
-
     from moecompress.pruning.camera_p import CameraPruning
 
     recipe = parse_recipe({"stages": [{"method": "camera_p", "ratio": 0.2, "mode": "physical"}]})

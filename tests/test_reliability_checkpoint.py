@@ -14,14 +14,13 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import testbed_model_path as model_folder
 from conftest import tiny_family_params
+from safetensors.torch import load_file, save_file
+
+from moecompress.checkpoint import load_model, loading, validate_checkpoint
 from moecompress.cli import main
 from moecompress.errors import CheckpointError
-from moecompress.models import loading
-from moecompress.models.loading import load_model, validate_checkpoint
 from moecompress.models.tiny import tiny_model
 
 SHARD_1, SHARD_2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO_ROOT
 from conftest import testbed_model_path as model_folder
-from moecompress import cli
+
 from moecompress.cli import main
+from moecompress.commands.arguments import check_device
 from moecompress.pipeline import _PipelineRun
 
 MODEL = str(model_folder("moe-ref-mx"))
@@ -133,9 +133,9 @@ def test_ctrl_c_in_other_commands(capsys, monkeypatch, command):
         monkeypatch.setattr(inspect, "inspect_checkpoint", interrupted)
         argv = ["inspect", MODEL]
     else:
-        import moecompress.evals
+        from moecompress.commands import eval as eval_command
 
-        monkeypatch.setattr(moecompress.evals, "evaluate_model", interrupted)
+        monkeypatch.setattr(eval_command, "evaluate_model", interrupted)
         argv = ["eval", MODEL, "--tasks", "tb_arith", "--limit", "2"]
     assert main(argv) == 130
     assert _one_line(capsys.readouterr()) == f"moecompress {command}: interrupted"
@@ -168,9 +168,9 @@ def test_a_bug_keeps_its_traceback(recipe, tmp_path, monkeypatch):
 
 
 def test_check_device_accepts_what_the_machine_has():
-    assert cli.check_device("cpu") == "cpu"
+    assert check_device("cpu") == "cpu"
     if torch.cuda.is_available():
-        assert cli.check_device("cuda:0") == "cuda:0"
+        assert check_device("cuda:0") == "cuda:0"
 
 
 # ----- a real process: the console entry point, a real SIGINT ------------------------------------------------------------

@@ -14,12 +14,12 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import testbed_model_path as model_folder
+
+from moecompress.checkpoint import checkpoint_fingerprint
 from moecompress.cli import main
 from moecompress.errors import MoECompressError, RecipeError, RunInterrupted, TaskError
 from moecompress.evals.stage import EvaluateStage
-from moecompress.models.loading import checkpoint_fingerprint
 from moecompress.models.tiny import tiny_model
 from moecompress.pipeline import LOCK_FILE, Pipeline, RunLock, Stage, StageResult, _PipelineRun, register_stage
 from moecompress.pruning.frequency import FrequencyPruning

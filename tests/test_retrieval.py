@@ -13,17 +13,26 @@ import re
 import struct
 from pathlib import Path
 
+import conftest
 import pytest
 import torch
 import transformers
-
-import conftest
-from moecompress.calibration import load_calibration, tcess_markers
-from moecompress.models import find_moe_blocks, load_model
-from moecompress.pruning.retrieval import (AssemblySources, CountingCheckpoint, PatternStore, PromptScorer,
-                                           RetrievalError, RetrievedModel, TcessOptions, build_pattern_store,
-                                           build_reduced_model, checkpoint_fingerprint, select_kept_experts)
 from test_edits_reference import routers_with_pruned_logits
+
+from moecompress.calibration import load_calibration, tcess_markers
+from moecompress.checkpoint import load_model
+from moecompress.checkpoint.fingerprint import routing_fingerprint
+from moecompress.checkpoint.partial import AssemblySources, CountingCheckpoint, build_reduced_model
+from moecompress.models import find_moe_blocks
+from moecompress.pruning.retrieval import (
+    PatternStore,
+    PromptScorer,
+    RetrievalError,
+    RetrievedModel,
+    TcessOptions,
+    build_pattern_store,
+    select_kept_experts,
+)
 
 Q3 = conftest.TESTBED / "models" / "moe-ref-q3"
 CALIB = conftest.TESTBED / "calib"
@@ -120,8 +129,8 @@ def test_store_saves_atomically_and_round_trips(store, tmp_path):
 
 
 def test_fingerprint_tells_models_apart(testbed):
-    assert checkpoint_fingerprint(Q3) == checkpoint_fingerprint(Q3)
-    assert checkpoint_fingerprint(Q3) != checkpoint_fingerprint(testbed / "models" / "moe-ref-mx")
+    assert routing_fingerprint(Q3) == routing_fingerprint(Q3)
+    assert routing_fingerprint(Q3) != routing_fingerprint(testbed / "models" / "moe-ref-mx")
 
 
 def test_tcess_presets_and_bad_options():

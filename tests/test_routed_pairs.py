@@ -8,9 +8,9 @@ per-expert ``ExpertSlice`` events still arrive in ascending expert order with ``
 from __future__ import annotations
 
 import torch
+from conftest import testbed_model_path as model_folder
 from torch import nn
 
-from conftest import testbed_model_path as model_folder
 from moecompress.calibration.backend import LayerCollector
 from moecompress.calibration.statistics import Statistic
 from moecompress.models import find_moe_blocks

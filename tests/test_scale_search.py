@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import testbed_model_path as model_folder
+
 from moecompress.calibration import load_calibration
+from moecompress.checkpoint import load_model
 from moecompress.errors import RecipeError
-from moecompress.models import load_model
 from moecompress.quantization.gptq import gptq_quantize, hessian_weighted_error
 from moecompress.quantization.packing import (
     MSE_GRID,

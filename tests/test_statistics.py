@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import testbed_model_path as model_folder
 from torch.nn import functional as F
 
-from conftest import testbed_model_path as model_folder
 from moecompress.analysis.super_experts import find_super_experts
 from moecompress.calibration import LayerwiseRunner, histogram_quantile, load_calibration
 from moecompress.calibration.statistics import STATISTICS

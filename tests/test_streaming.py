@@ -7,13 +7,13 @@ import json
 
 import pytest
 import torch
+from conftest import testbed_model_path as model_folder
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import moecompress  # noqa: F401  (registers the native format with transformers)
-from conftest import testbed_model_path as model_folder
+from moecompress.checkpoint.shards import INDEX_FILE
 from moecompress.errors import RecipeError, RunInterrupted
-from moecompress.export.shards import INDEX_FILE
 from moecompress.pipeline import Pipeline
 from moecompress.quantization import sequential
 from moecompress.streaming import stream_plan

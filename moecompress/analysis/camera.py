@@ -113,10 +113,10 @@ def summarize(energies: LayerEnergies, shares=SUMMARY_SHARES) -> dict:
 
 def energy_plot(all_energies: list[LayerEnergies], path: Path, title: str = "CAMERA micro-expert energies") -> Path:
     """Per layer, the cumulative energy share against the share of micro-experts, lowest first (one curve a layer)."""
-    import matplotlib
+    import matplotlib  # heavy: imported only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     path.parent.mkdir(parents=True, exist_ok=True)
     figure, axis = plt.subplots(figsize=(6, 4))

@@ -46,7 +46,7 @@ def _split(num_experts: int, num_clusters: int, singletons: list[int]) -> tuple[
 
 def spectral_clusters(affinity: torch.Tensor, num_clusters: int, singletons: list[int] = (), seed: int = 0) -> list[list[int]]:
     """Spectral clustering of the experts on ``affinity`` ``[E, E]`` into ``num_clusters`` clusters."""
-    from sklearn.cluster import SpectralClustering
+    from sklearn.cluster import SpectralClustering  # scikit-learn is heavy: imported by the merges that use it
 
     free, free_clusters = _split(affinity.shape[0], num_clusters, list(singletons))
     if free_clusters >= len(free):
@@ -60,7 +60,7 @@ def spectral_clusters(affinity: torch.Tensor, num_clusters: int, singletons: lis
 
 def average_linkage_clusters(representations: torch.Tensor, num_clusters: int, singletons: list[int] = ()) -> list[list[int]]:
     """Agglomerative average-linkage clustering of ``representations`` ``[E, d]`` (Euclidean)."""
-    from sklearn.cluster import AgglomerativeClustering
+    from sklearn.cluster import AgglomerativeClustering  # scikit-learn is heavy: imported by the merges that use it
 
     free, free_clusters = _split(representations.shape[0], num_clusters, list(singletons))
     if free_clusters >= len(free):

@@ -1,6 +1,12 @@
 """Calibration: data (files, hub, bundled), the layer-by-layer runner, and the statistics it collects in one pass."""
 
-from moecompress.calibration.data import CalibrationSet, load_calibration, read_documents, sample_sequences, token_ids_sha256
+from moecompress.calibration.data import (
+    CalibrationSet,
+    load_calibration,
+    read_documents,
+    sample_sequences,
+    token_ids_sha256,
+)
 from moecompress.calibration.runner import CalibrationRun, LayerwiseRunner, collect_statistics, peak_memory_bytes
 from moecompress.calibration.statistics import (
     STATISTICS,

@@ -20,9 +20,17 @@ from typing import Iterator
 
 import torch
 from torch import nn
+from transformers.integrations.moe import ExpertsInterface
 
-from moecompress.calibration.statistics import (STATISTICS, ExpertSlice, LayerStatistics, RouterBatch, RoutedPairs, SharedSlice,
-                                                Statistic)
+from moecompress.calibration.statistics import (
+    STATISTICS,
+    ExpertSlice,
+    LayerStatistics,
+    RoutedPairs,
+    RouterBatch,
+    SharedSlice,
+    Statistic,
+)
 from moecompress.models.view import MoEBlockView
 
 BACKEND_NAME = "moecompress_calibration"
@@ -232,8 +240,6 @@ def calibration_experts_forward(experts: nn.Module, hidden_states: torch.Tensor,
 
 def register_backend() -> None:
     """Register :func:`calibration_experts_forward` with transformers' ``ExpertsInterface`` (idempotent)."""
-    from transformers.integrations.moe import ExpertsInterface
-
     ExpertsInterface.register(BACKEND_NAME, calibration_experts_forward)
 
 

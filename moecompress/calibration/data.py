@@ -175,7 +175,7 @@ def read_hub_dataset(name: str, *, config: str | None = None, split: str = "trai
             "Use local files (`calibration: {files: [...]}`) or the bundled set, or unset offline mode."
         )
     try:
-        import datasets
+        import datasets  # heavy, and only for `calibration.dataset`
     except ImportError:  # pragma: no cover - depends on the environment
         raise CalibrationError("the `datasets` package is needed for `calibration.dataset`; pip install datasets") from None
     try:

@@ -29,17 +29,18 @@ import json
 import math
 import os
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import pydantic
 import safetensors.torch
 import torch
 from transformers import DynamicCache
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from moecompress.calibration.data import CalibrationSet, separator_token_id
+from moecompress.calibration.data import CalibrationSet, load_calibration, separator_token_id
+from moecompress.checkpoint.loading import load_model
 from moecompress.errors import CalibrationError
 from moecompress.models import find_moe_blocks
 
@@ -47,39 +48,50 @@ CACHE_VERSION = 1
 EBSS_DOMAIN = "ebss"
 
 
-@dataclass(frozen=True)
-class EbssOptions:
-    """num_samples x seq_len tokens (separator included); tau: balance temperature (``inf`` = plain beam search);
-    beam: beam width; top_m: extensions scored per beam; no_repeat_ngram: ban repeating n-grams (off by default, as
-    in the paper); seed: the first tokens; batch_size: sequences searched together (``batch_size * beam`` rows)."""
+class EbssOptions(pydantic.BaseModel):
+    """MoEQuant EBSS settings, also the recipe's ``calibration: {ebss: ...}`` section (methods.md 4).
 
-    num_samples: int = 128
-    seq_len: int = 512
-    tau: float = 1.2
-    beam: int = 4
-    top_m: int = 64
-    no_repeat_ngram: int | None = None
-    seed: int = 0
-    batch_size: int = 8
+    num_samples x seq_len tokens (separator included; None: the recipe's calibration section's, 128 x 512 when
+    called directly); tau: balance temperature (``inf`` = plain beam search); beam: beam width; top_m: extensions
+    scored per beam; no_repeat_ngram: ban repeating n-grams (off by default, as in the paper); seed: the first tokens
+    (None: the section's, 0 directly); batch_size: sequences searched together (``batch_size * beam`` rows);
+    cache_dir: where generated sets are cached (default :func:`default_cache_dir`); compare_text: a recipe also
+    samples the section's text source at the same size and reports both sets' expert-usage std.
 
-    def __post_init__(self) -> None:
-        if self.num_samples < 1 or self.seq_len < 2:
-            raise CalibrationError(f"EBSS needs num_samples >= 1 and seq_len >= 2 (got {self.num_samples}, "
-                                   f"{self.seq_len}): one separator plus at least one generated token")
-        if not self.tau > 0:
-            raise CalibrationError(f"EBSS tau must be > 0 (got {self.tau}); use .inf for plain beam search")
-        if self.beam < 1 or self.top_m < self.beam:
-            raise CalibrationError(f"EBSS needs beam >= 1 and top_m >= beam (got beam={self.beam}, "
-                                   f"top_m={self.top_m}); the search is exact only when top_m >= beam")
-        if self.batch_size < 1:
-            raise CalibrationError(f"EBSS batch_size must be >= 1 (got {self.batch_size})")
+    A bad value is a ``pydantic.ValidationError`` naming the field (in a recipe, a ``RecipeError``), as for stages.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+    num_samples: int | None = pydantic.Field(None, ge=1)
+    seq_len: int | None = pydantic.Field(None, ge=2)
+    tau: float = pydantic.Field(1.2, gt=0)  # .inf: plain beam search by log-prob
+    beam: int = pydantic.Field(4, ge=1)
+    top_m: int = pydantic.Field(64, ge=1)
+    no_repeat_ngram: int | None = pydantic.Field(None, ge=1)
+    seed: int | None = None
+    batch_size: int = pydantic.Field(8, ge=1)
+    cache_dir: str | None = None
+    compare_text: bool = True
+
+    @pydantic.model_validator(mode="after")
+    def _enough_candidates(self):
+        if self.top_m < self.beam:
+            raise ValueError(f"top_m ({self.top_m}) must be >= beam ({self.beam}): the search is exact only then")
+        return self
+
+    def resolved(self, num_samples: int = 128, seq_len: int = 512, seed: int = 0) -> "EbssOptions":
+        """These options with the sizes and seed left unset taken from the arguments (a recipe's section)."""
+        return self.model_copy(update={
+            "num_samples": self.num_samples or num_samples, "seq_len": self.seq_len or seq_len,
+            "seed": seed if self.seed is None else self.seed})
 
     def cache_fields(self) -> dict:
         """What the generated tokens depend on (batch_size changes them at most by float rounding)."""
-        fields = asdict(self)
-        fields.pop("batch_size")
-        fields["tau"] = "inf" if math.isinf(self.tau) else self.tau
-        return fields
+        resolved = self.resolved()
+        return {"num_samples": resolved.num_samples, "seq_len": resolved.seq_len,
+                "tau": "inf" if math.isinf(self.tau) else self.tau, "beam": self.beam, "top_m": self.top_m,
+                "no_repeat_ngram": self.no_repeat_ngram, "seed": resolved.seed}
 
 
 @dataclass
@@ -203,6 +215,7 @@ def ebss_search(model, first_tokens: torch.Tensor, separator: int, options: Ebss
     first_tokens ``[B]`` -> token ids ``[B, seq_len]`` (separator, first token, ``seq_len - 2`` searched tokens).
     ``vocab_limit``: logits of ids at or beyond it (embedding padding past the tokenizer) are never chosen.
     """
+    options = options.resolved()
     batch, width = first_tokens.shape[0], options.beam
     device = next(model.parameters()).device
     rows = batch * width
@@ -255,7 +268,7 @@ def generate_ebss(model, tokenizer, options: EbssOptions | None = None, *, cache
     on_step(done, total): progress in search steps. reference: a text calibration set whose expert-usage sigma is
     reported beside the EBSS set's (``describe()["ebss"]``).
     """
-    options = options or EbssOptions()
+    options = (options or EbssOptions()).resolved()
     separator = separator_token_id(tokenizer)
     fingerprint = model_fingerprint(model)
     path = _cache_path(cache_dir, fingerprint, options)
@@ -362,15 +375,8 @@ def ebss_calibration(checkpoint_folder, tokenizer, config, *, device=None, dtype
     the same size first (bad files fail before the model loads) and its expert-usage sigma is reported beside the
     EBSS set's. ``progress``: a :class:`moecompress.pipeline.ProgressReporter` (bar ``ebss calibration``).
     """
-    from moecompress.calibration.data import load_calibration
-    from moecompress.models.loading import load_model
-
     section = config.ebss
-    options = EbssOptions(
-        num_samples=section.num_samples or config.num_samples, seq_len=section.seq_len or config.seq_len,
-        tau=section.tau, beam=section.beam, top_m=section.top_m, no_repeat_ngram=section.no_repeat_ngram,
-        seed=config.seed if section.seed is None else section.seed, batch_size=section.batch_size,
-    )
+    options = section.resolved(num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
     reference = None
     if section.compare_text:
         reference = load_calibration(tokenizer, files=config.files, dataset=config.dataset,
@@ -382,7 +388,7 @@ def ebss_calibration(checkpoint_folder, tokenizer, config, *, device=None, dtype
         progress.start("ebss calibration", None)
         on_step = lambda done, total: progress.update("ebss calibration", done, total)  # noqa: E731
     try:
-        return generate_ebss(model, tokenizer, options, cache_dir=section.cache_dir, reference=reference,
+        return generate_ebss(model, tokenizer, options, cache_dir=options.cache_dir, reference=reference,
                              on_step=on_step)
     finally:
         if progress is not None:

@@ -14,6 +14,9 @@ so a checkpoint larger than RAM can be profiled. The experts run through the cal
 
 from __future__ import annotations
 
+import ctypes
+import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +26,10 @@ import torch
 from torch import nn
 
 from moecompress.calibration.backend import LayerCollector, calibration_backend
-from moecompress.calibration.checkpoint import LazyCheckpoint, build_skeleton, release_module, resolve_checkpoint
 from moecompress.calibration.data import CalibrationSet
 from moecompress.calibration.statistics import LayerStatistics, check_statistic_names
+from moecompress.checkpoint.lazy import LazyCheckpoint, build_skeleton, release_module
+from moecompress.checkpoint.validation import resolve_checkpoint
 from moecompress.errors import CalibrationError
 from moecompress.models import decoder_layers, find_moe_blocks
 
@@ -336,8 +340,6 @@ def _return_freed_memory() -> None:
     global _MALLOC_TRIM
     if _MALLOC_TRIM is None:
         try:
-            import ctypes
-
             _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
             _MALLOC_TRIM = False
@@ -363,8 +365,6 @@ def _keep_large_allocations_returnable() -> None:
         return
     _MALLOPT_DONE = True
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
     except (OSError, AttributeError):
         pass
@@ -375,9 +375,6 @@ _MALLOPT_DONE = False
 
 def peak_memory_bytes() -> int:
     """Peak resident memory of this process (and of the GPU, if one was used), in bytes."""
-    import resource
-    import sys
-
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = peak if sys.platform == "darwin" else peak * 1024
     if torch.cuda.is_available():

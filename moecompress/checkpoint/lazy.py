@@ -13,17 +13,20 @@ does the fuse on load, in the storage layout the uniform view declares for the f
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from moecompress.checkpoint.headers import INDEX_FILE, read_weight_map
+from moecompress.checkpoint.validation import disk_key_renames
 from moecompress.errors import CheckpointError
-from moecompress.models.loading import disk_key_renames, local_checkpoint_folder, validate_checkpoint
 
 # Checkpoint spellings that transformers' conversion mapping renames on load (``conversion_mapping.py``).
 KEY_RENAMES = ((".block_sparse_moe.", ".mlp."),)
@@ -32,51 +35,17 @@ EXPERT_PROJECTION_ROLES = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "
 _PER_EXPERT_KEY = re.compile(r"^(?P<prefix>(?:.*\.)?experts)\.(?P<expert>\d+)\.(?P<projection>\w+)\.(?P<kind>weight|bias)$")
 
 
-def resolve_checkpoint(source: str | Path) -> Path:
-    """A local folder with ``config.json`` and safetensors, or a hub id resolved through the local HF cache; either
-    way checked by :func:`moecompress.models.loading.validate_checkpoint` (headers, shards, weights vs config)
-    before any tensor is read, so a damaged checkpoint is one clear :class:`CheckpointError`, not a traceback
-    halfway through a pass."""
-    path = local_checkpoint_folder(source)  # None for a hub id; a clear error for a bad path
-    if path is not None:
-        if not (path / "config.json").is_file():
-            raise CheckpointError(f"{path} has no config.json; point at a Hugging Face model folder")
-    else:
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
-        except Exception as error:  # hub errors come in many types; one clear message instead
-            raise CheckpointError(
-                f"{source!r} is not a local folder and could not be fetched from the hub ({type(error).__name__}: "
-                f"{error}); check the path or hub id, or download the model first (offline mode uses only the local "
-                "cache)"
-            ) from None
-    validate_checkpoint(path)
-    return path
-
-
 class LazyCheckpoint:
     """Index of a safetensors checkpoint: which file holds which (renamed) key; tensors are read on demand."""
 
     def __init__(self, folder: str | Path, model: nn.Module | None = None) -> None:
         """``model``: the (meta) model the tensors are for; its keys are then mapped the way transformers maps them
-        on load (:func:`moecompress.models.loading.disk_key_renames`), else only ``block_sparse_moe -> mlp``."""
+        on load (:func:`moecompress.checkpoint.validation.disk_key_renames`), else only ``block_sparse_moe -> mlp``."""
         self.folder = Path(folder)
-        index_file = self.folder / "model.safetensors.index.json"
-        if index_file.is_file():
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        else:
-            files = sorted(self.folder.glob("*.safetensors"))
-            if not files:
-                raise CheckpointError(f"{self.folder} has no .safetensors files; moecompress reads safetensors checkpoints "
-                                      "(convert .bin checkpoints with transformers' save_pretrained first)")
-            from safetensors import safe_open
-
-            weight_map = {}
-            for file in files:
-                with safe_open(str(file), framework="pt") as handle:
-                    weight_map.update({key: file.name for key in handle.keys()})
+        if not (self.folder / INDEX_FILE).is_file() and not any(self.folder.glob("*.safetensors")):
+            raise CheckpointError(f"{self.folder} has no .safetensors files; moecompress reads safetensors checkpoints "
+                                  "(convert .bin checkpoints with transformers' save_pretrained first)")
+        weight_map = read_weight_map(self.folder)
         self.files: dict[str, tuple[str, str]] = {}  # model key -> (file name, key on disk)
         renames = disk_key_renames(model, weight_map) if model is not None else {}
         for disk_key, file_name in weight_map.items():
@@ -87,13 +56,19 @@ class LazyCheckpoint:
         return [key for key in self.files if key.startswith(prefix)]
 
     def read(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         file_name, disk_key = self.files[key]
+        return self._open(file_name).get_tensor(disk_key)
+
+    def _open(self, file_name: str):
+        """The open ``safe_open`` handle of one file (kept until :meth:`close` or the end of :meth:`load_module`)."""
         handle = self._handles.get(file_name)
         if handle is None:
             handle = self._handles[file_name] = safe_open(str(self.folder / file_name), framework="pt")
-        return handle.get_tensor(disk_key)
+        return handle
+
+    def close(self) -> None:
+        """Drop open file handles (their memory maps keep pages resident)."""
+        self._handles.clear()
 
     def load_module(self, module: nn.Module, prefix: str, *, dtype: torch.dtype, device: torch.device | str,
                     expert_ids: Sequence[int] | None = None) -> None:
@@ -243,9 +218,6 @@ def fuse_expert_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def build_skeleton(folder: str | Path, *, dtype: torch.dtype | None = None):
     """The causal-LM class of ``folder`` with parameters on ``meta`` and real buffers. Returns ``(model, config)``."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     try:
         config = AutoConfig.from_pretrained(str(folder))
     except Exception as error:

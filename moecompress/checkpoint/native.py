@@ -17,18 +17,37 @@ method with transformers' quantizer registry, so plain ``AutoModelForCausalLM.fr
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from moecompress.errors import CheckpointError
+from moecompress.kernels.backend import PackedExperts, register_packed_experts_backend
+from moecompress.kernels.linear import PackedLinear
+from moecompress.kernels.odp import apply_odp_from_config
+from moecompress.kernels.variable_width import (
+    SegmentedPackedExperts,
+    VariableWidthExperts,
+    slice_linear_rows_and_columns,
+)
+from moecompress.models.edits import (
+    CONFIG_RECORD_KEY,
+    keep_experts,
+    materialize_expert_id_map,
+    replace_experts,
+    restore_expert_id_map,
+)
+from moecompress.models.families import decoder_layers, find_moe_blocks, text_config
 
-# The module classes (kernels, models) are imported inside the functions that build modules: `import moecompress`
-# imports this file to register the format and must stay light; they are needed only when a checkpoint loads.
 QUANT_METHOD = "moecompress"
 FORMAT_VERSION = 1
 
@@ -54,10 +73,6 @@ class MoECompressQuantizationConfig(QuantizationConfigMixin):
     def from_model(cls, model: nn.Module, layer_index: int | None = None) -> "MoECompressQuantizationConfig":
         """The config describing ``model``'s packed modules as they are now (only decoder layer ``layer_index``'s,
         when given: the others are not read)."""
-        from moecompress.kernels.backend import PackedExperts
-        from moecompress.kernels.linear import PackedLinear
-        from moecompress.models import decoder_layers, find_moe_blocks
-
         layers = {}
         prefix = ""
         if layer_index is not None:
@@ -89,9 +104,6 @@ class MoECompressQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from moecompress.kernels.backend import register_packed_experts_backend
-        from moecompress.quantization.odp import apply_odp_from_config
-
         register_packed_experts_backend()
         apply_odp_from_config(model)  # the config's MC-MoE ODP, unless MOECOMPRESS_ODP=0
         return model
@@ -109,12 +121,6 @@ class MoECompressQuantizer(HfQuantizer):
 
 def prepare_skeleton(model: nn.Module, quantization_config: MoECompressQuantizationConfig, dtype=None) -> None:
     """Give a freshly built (meta) model the native checkpoint's structure: per-layer expert counts, packed experts."""
-    from moecompress.kernels.backend import PackedExperts
-    from moecompress.kernels.linear import PackedLinear
-    from moecompress.models import find_moe_blocks, keep_experts
-    from moecompress.models.edits import CONFIG_RECORD_KEY
-    from moecompress.models.families import text_config
-
     record = getattr(text_config(model.config), CONFIG_RECORD_KEY, None) or {}
     per_layer_counts = {int(layer): int(count) for layer, count in (record.get("num_experts_per_layer") or {}).items()}
     resize = {view.layer_index: list(range(per_layer_counts[view.layer_index])) for view in find_moe_blocks(model)
@@ -157,9 +163,6 @@ def prepare_skeleton(model: nn.Module, quantization_config: MoECompressQuantizat
 def _variable_width_skeleton(model: nn.Module, widths: dict) -> None:
     """Give each layer named in ``config.moecompress["variable_width"]`` (``{layer: {"expert_widths": [E],
     "shared_widths": [S]}}``, written by CAMERA-P's physical mode) variable-width experts and sliced shared experts."""
-    from moecompress.kernels.variable_width import VariableWidthExperts, slice_linear_rows_and_columns
-    from moecompress.models import find_moe_blocks
-
     views = {view.layer_index: view for view in find_moe_blocks(model)}
     for layer_key, spec in widths.items():
         view = views.get(int(layer_key))
@@ -179,9 +182,6 @@ def _variable_width_skeleton(model: nn.Module, widths: dict) -> None:
 def _segmented_skeleton(model: nn.Module, layers: dict, dtype) -> None:
     """Give each layer named in ``config.moecompress["camera_q"]`` (``{layer: {"segment_widths": [E][3], "bits",
     "group_size"}}``, written by CAMERA-Q) its segment-packed experts."""
-    from moecompress.kernels.variable_width import SegmentedPackedExperts
-    from moecompress.models import find_moe_blocks
-
     views = {view.layer_index: view for view in find_moe_blocks(model)}
     scale_dtype = dtype if isinstance(dtype, torch.dtype) else (model.dtype if model.dtype.is_floating_point else torch.bfloat16)
     for layer_key, spec in layers.items():
@@ -198,9 +198,6 @@ def _segmented_skeleton(model: nn.Module, layers: dict, dtype) -> None:
 def needs_native_format(model: nn.Module) -> bool:
     """Does ``model`` hold what a plain transformers config cannot describe (packed modules, MoE layers with
     different expert counts)? Such a model must be saved with a native ``quantization_config``."""
-    from moecompress.models.edits import CONFIG_RECORD_KEY
-    from moecompress.models.families import text_config
-
     record = getattr(text_config(model.config), CONFIG_RECORD_KEY, None) or {}
     if record.get("num_experts_per_layer") or record.get("variable_width") or record.get("camera_q"):
         return True
@@ -222,8 +219,6 @@ def native_quantization_config(config) -> MoECompressQuantizationConfig | None:
 def build_meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
     """The causal LM a checkpoint's ``config`` describes, on the meta device (shapes only), with a native
     checkpoint's structure (packed modules, per-layer expert counts) in place: what its weights must fit."""
-    import transformers
-
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
         native = native_quantization_config(config)
@@ -232,18 +227,33 @@ def build_meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
     return model
 
 
-def replace_experts(view, new_experts: nn.Module) -> None:
-    """Put ``new_experts`` where ``view.experts`` sits in its block (counts and the remap map carried over)."""
-    from moecompress.models.view import EXPERT_ID_MAP_ATTR
-
-    attribute = next(name for name, child in view.block.named_children() if child is view.experts)
-    id_map = getattr(view.experts, EXPERT_ID_MAP_ATTR, None)
-    if id_map is not None:
-        setattr(new_experts, EXPERT_ID_MAP_ATTR, id_map)
-    setattr(view.block, attribute, new_experts)
-
-
 def register_native_format() -> None:
     """Make ``quant_method: moecompress`` known to transformers (idempotent; done by ``import moecompress``)."""
     AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, MoECompressQuantizationConfig)
     AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, MoECompressQuantizer)
+
+
+def save_model(model: nn.Module, tokenizer, folder: Path) -> None:
+    """``save_pretrained`` into a temp folder beside ``folder``, then move each file in with ``os.replace``.
+
+    A model a plain transformers config cannot describe (packed experts, MoE layers with different expert counts)
+    gets the native format's ``quantization_config`` first, so plain ``from_pretrained`` (after ``import
+    moecompress``) rebuilds it."""
+    temp = Path(tempfile.mkdtemp(prefix=".model-", dir=folder))
+    # A remap merge (router rule R1) saves as a plain HF checkpoint with each merged expert repeated per router
+    # output; the in-memory model is compacted again right after (load_model compacts on load too).
+    remapped = any(view.expert_id_map is not None for view in find_moe_blocks(model))
+    try:
+        if remapped:
+            materialize_expert_id_map(model)
+        if needs_native_format(model):
+            model.config.quantization_config = MoECompressQuantizationConfig.from_model(model)
+        model.save_pretrained(temp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temp)
+        for file in temp.iterdir():
+            os.replace(file, folder / file.name)
+    finally:
+        if remapped:
+            restore_expert_id_map(model)
+        shutil.rmtree(temp, ignore_errors=True)

@@ -1,35 +1,30 @@
-"""Reading a native moecompress folder tensor by tensor, and writing an export folder shard by shard.
+"""Reading a native moecompress folder tensor by tensor, for the exporters.
 
 Both exporters (:mod:`moecompress.export.compressed_tensors`, :mod:`moecompress.export.hf`) stream: they read one
-MoE layer's packed experts (or one plain tensor) at a time with ``safetensors.safe_open``, convert it, and hand it
-to a :class:`ShardWriter`, which flushes a shard once it holds ``max_shard_bytes``. Nothing ever holds the model.
-
-The output is built in ``OUT/.export-partial`` and moved into ``OUT`` only when complete
-(:func:`staged_output`): a failed export leaves ``OUT`` as it was (removed again if this export created it), and
-nothing is ever written into the input folder.
+MoE layer's packed experts (or one plain tensor) at a time with ``safetensors.safe_open`` through a
+:class:`NativeCheckpoint`, convert it, and hand it to a :class:`moecompress.checkpoint.shards.ShardWriter`. Nothing
+ever holds the model.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
+import transformers
 from safetensors import safe_open
-from safetensors.torch import save_file
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-from moecompress.errors import CheckpointError, UsageError
-from moecompress.models.loading import validate_checkpoint
-from moecompress.quantization.packing import PackedLinearWeight
+from moecompress.checkpoint.headers import read_weight_map
+from moecompress.checkpoint.native import build_meta_model
+from moecompress.checkpoint.validation import validate_checkpoint
+from moecompress.errors import CheckpointError
+from moecompress.kernels.layout import PackedLinearWeight
 
-INDEX_FILE = "model.safetensors.index.json"
-PARTIAL_NAME = ".export-partial"
 # Files besides the weights that a consumer needs: tokenizer, generation defaults, chat template.
 COPIED_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "generation_config.json",
                         "chat_template*", "vocab.*", "merges.txt", "*.model", "preprocessor_config.json")
@@ -187,9 +182,6 @@ class NativeCheckpoint:
     def linear_in_features(self, path: str) -> int:
         """A packed linear's input width, from the model skeleton's shapes (a meta model: no memory)."""
         if not hasattr(self, "_linear_inputs"):
-            from moecompress.export.native import build_meta_model
-            import transformers
-
             config = transformers.AutoConfig.from_pretrained(self.folder)
             model = build_meta_model(config)
             self._linear_inputs = {spec.path: model.get_submodule(spec.path).in_features for spec in self.packed_linears}
@@ -206,14 +198,7 @@ class NativeCheckpoint:
         return prefixes
 
     def _key_files(self) -> dict[str, str]:
-        index = self.folder / INDEX_FILE
-        if index.is_file():
-            return dict(json.loads(index.read_text())["weight_map"])
-        file_of = {}
-        for path in sorted(self.folder.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as handle:
-                file_of.update({key: path.name for key in handle.keys()})
-        return file_of
+        return read_weight_map(self.folder)
 
     def copy_side_files(self, destination: Path) -> list[str]:
         """Copy the tokenizer, generation config and chat template files; returns their names."""
@@ -234,95 +219,10 @@ def is_packed_experts_key(key: str) -> bool:
     return bool(_PACKED_EXPERTS_KEY.match(key))
 
 
-class ShardWriter:
-    """Collects tensors and writes ``model-0000i-of-0000N.safetensors`` shards of about ``max_shard_bytes``.
-
-    ``finish()`` renames the shards to their final names (N is known only at the end) and writes the index."""
-
-    def __init__(self, folder: Path, max_shard_bytes: int = 2 << 30) -> None:
-        self.folder = Path(folder)
-        self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.shards: list[list[str]] = []
-        self.total_bytes = 0
-        self.written: set[str] = set()
-
-    def add(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self.written:
-            raise CheckpointError(f"export wrote tensor {key} twice; this is a moecompress bug, please report it")
-        tensor = tensor.contiguous()
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
-            self.flush()
-        self.pending[key] = tensor
-        self.written.add(key)
-        self.pending_bytes += size
-        self.total_bytes += size
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        save_file(self.pending, str(self.folder / f".shard-{len(self.shards):05d}.safetensors"), metadata={"format": "pt"})
-        self.shards.append(sorted(self.pending))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        """Write the last shard, give every shard its final name and write the index; returns the file names."""
-        self.flush()
-        count = len(self.shards)
-        names = (["model.safetensors"] if count == 1
-                 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
-        weight_map = {}
-        for number, (name, keys) in enumerate(zip(names, self.shards)):
-            os.replace(self.folder / f".shard-{number:05d}.safetensors", self.folder / name)
-            weight_map.update({key: name for key in keys})
-        if count > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return names
-
-
-def check_output_folder(source: Path, out: Path) -> None:
-    """``out`` must not be the input, inside it or contain it, and must be empty or new."""
-    source, out = Path(source).resolve(), Path(out).resolve()
-    if out == source or source in out.parents:
-        raise UsageError(f"--out {out} is inside the input folder {source}; export never writes into its input, pick "
-                         "another folder")
-    if out in source.parents:
-        raise UsageError(f"--out {out} contains the input folder {source}; pick a folder beside it")
-    if out.exists() and (not out.is_dir() or any(path.name != PARTIAL_NAME for path in out.iterdir())):
-        raise UsageError(f"--out {out} already exists and is not empty; pick a new folder or remove it")
-
-
-@contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
-    """Yield ``OUT/.export-partial`` to write into; on success its files move into ``OUT``. On failure the partial
-    folder is removed, and ``OUT`` too if this export created it: nothing is left behind."""
-    out = Path(out)
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    partial = out / PARTIAL_NAME
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        yield partial
-        for path in sorted(partial.iterdir()):
-            os.replace(path, out / path.name)
-        partial.rmdir()
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if created:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
 def expert_projection_names(model_type: str) -> tuple[str, str, str]:
     """Checkpoint names of an expert's gate, up and down projections (``w1, w3, w2`` for Mixtral), read from
     transformers' conversion mapping (the per-expert layout it fuses on load); ``gate_proj, up_proj, down_proj``
     for families without one."""
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
     gate, up, down = "gate_proj", "up_proj", "down_proj"
     for converter in get_checkpoint_conversion_mapping(model_type) or []:
         sources = getattr(converter, "_original_source_patterns", None) or []
@@ -335,8 +235,3 @@ def expert_projection_names(model_type: str) -> tuple[str, str, str]:
         elif targets[0].endswith("experts.down_proj") and len(names) == 1:
             down = names[0].group(1)
     return gate, up, down
-
-
-def folder_bytes(folder: Path) -> int:
-    """Bytes of the safetensors files in ``folder`` (what a consumer downloads for the weights)."""
-    return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))

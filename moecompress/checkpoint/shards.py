@@ -1,4 +1,6 @@
-"""Writing a checkpoint one decoder layer at a time (the streamed compress run).
+"""Writing checkpoints shard by shard: one decoder layer at a time (the streamed compress run, :class:`LayerFiles`
+and :func:`write_checkpoint`), or a stream of tensors cut into shards of a given size (the exports,
+:class:`ShardWriter`).
 
 A streamed run never holds the whole model: each decoder layer is loaded, edited, quantised and staged on disk by
 :class:`LayerFiles` (``layer-00003.safetensors``: the layer's state dict under its in-memory names, and
@@ -28,9 +30,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
-from moecompress.models import decoder_layers
-
-INDEX_FILE = "model.safetensors.index.json"
+from moecompress.checkpoint.headers import INDEX_FILE
+from moecompress.checkpoint.lazy import release_module
+from moecompress.errors import CheckpointError
+from moecompress.folders import write_text_atomic
+from moecompress.models.families import decoder_layers
 
 
 class LayerFiles:
@@ -80,7 +84,7 @@ def shard_name(index: int, total: int) -> str:
 def write_checkpoint(model: nn.Module, layer_files: LayerFiles, checkpoint, folder: Path, *,
                      dtype: torch.dtype, tokenizer=None, source_folder: Path | None = None) -> dict[str, int]:
     """Write ``model`` (a meta skeleton whose structure matches the staged layers) into ``folder`` from the staged
-    decoder layers and the source ``checkpoint`` (a :class:`moecompress.calibration.checkpoint.LazyCheckpoint`, for
+    decoder layers and the source ``checkpoint`` (a :class:`moecompress.checkpoint.lazy.LazyCheckpoint`, for
     the tensors outside the decoder layers). The staged layers are kept (the caller removes them once the whole
     folder is written: a run stopped in between resumes from them). Returns ``{shard file: bytes}``.
     """
@@ -99,7 +103,7 @@ def write_checkpoint(model: nn.Module, layer_files: LayerFiles, checkpoint, fold
                                    shard_name(0, total)))
     index = {"metadata": {"total_size": sum((folder / f).stat().st_size for f in set(weight_map.values()))},
              "weight_map": dict(sorted(weight_map.items()))}
-    _write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=2))
+    write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=2))
     model.config.save_pretrained(folder)
     if source_folder is not None and (source_folder / "generation_config.json").is_file():
         shutil.copyfile(source_folder / "generation_config.json", folder / "generation_config.json")
@@ -111,8 +115,6 @@ def write_checkpoint(model: nn.Module, layer_files: LayerFiles, checkpoint, fold
 def _outside_layers_state(model: nn.Module, layers: nn.ModuleList, checkpoint, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Embeddings, final norm, ``lm_head``, ...: read from the source checkpoint (they are never edited), minus
     the tied copies ``save_pretrained`` leaves out."""
-    from moecompress.calibration.checkpoint import release_module
-
     state: dict[str, torch.Tensor] = {}
     for path, module in _modules_outside(model, layers):
         if not module.state_dict():
@@ -160,7 +162,50 @@ def _write_shard(model: nn.Module, state: dict[str, torch.Tensor], folder: Path,
     return {key: name for key in state}
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    temp = path.parent / f".{path.name}.tmp"
-    temp.write_text(text)
-    os.replace(temp, path)
+class ShardWriter:
+    """Collects tensors and writes ``model-0000i-of-0000N.safetensors`` shards of about ``max_shard_bytes``.
+
+    ``finish()`` renames the shards to their final names (N is known only at the end) and writes the index."""
+
+    def __init__(self, folder: Path, max_shard_bytes: int = 2 << 30) -> None:
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+        self.written: set[str] = set()
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self.written:
+            raise CheckpointError(f"export wrote tensor {key} twice; this is a moecompress bug, please report it")
+        tensor = tensor.contiguous()
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self.flush()
+        self.pending[key] = tensor
+        self.written.add(key)
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        save_file(self.pending, str(self.folder / f".shard-{len(self.shards):05d}.safetensors"), metadata={"format": "pt"})
+        self.shards.append(sorted(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> list[str]:
+        """Write the last shard, give every shard its final name and write the index; returns the file names."""
+        self.flush()
+        count = len(self.shards)
+        names = (["model.safetensors"] if count == 1
+                 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+        weight_map = {}
+        for number, (name, keys) in enumerate(zip(names, self.shards)):
+            os.replace(self.folder / f".shard-{number:05d}.safetensors", self.folder / name)
+            weight_map.update({key: name for key in keys})
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        return names

@@ -1,81 +1,46 @@
-"""Load an MoE checkpoint (a local folder or a hub id) with clear errors, never writing into the source.
+"""Is this a checkpoint moecompress can read? The one validation every command runs, reading headers only.
 
-Order of checks, cheapest first, so that a bad input fails before gigabytes are read:
-1. the folder exists and has a ``config.json``; 2. the config is a supported MoE family (dense or unknown
-models get :class:`UnsupportedModelError` naming the supported families); 3. :func:`validate_checkpoint`: every
-safetensors file the folder has (or its index names) exists and has a readable header whose tensors fit in the
-file, and the tensors the headers list are exactly the ones the config's model needs, with its shapes (a missing
-tensor, or weights of another architecture than the config names, fail here); 4. the model loads, and a load that
-leaves any weight newly initialised is an error; 5. it has MoE blocks. Models a remap merge saved with
-:func:`moecompress.models.edits.materialize_expert_id_map` are compacted again after loading.
+Order of checks, cheapest first, so that a bad input fails before gigabytes are read: the folder (or hub id)
+resolves and has a ``config.json``; :func:`validate_checkpoint`: every safetensors file the folder has (or its index
+names) exists and has a readable header whose tensors fit in the file, and the tensors the headers list are exactly
+the ones the config's model needs, with its shapes (a missing tensor, or weights of another architecture than the
+config names, fail here). Keys are mapped the way transformers maps them on load (its conversion mapping), and the
+same mapping serves readers that load tensors themselves (:func:`disk_key_renames`).
 
-:func:`validate_checkpoint` is the one validation every command runs (``inspect``, ``eval`` and ``compress``, the
-latter through :func:`moecompress.calibration.checkpoint.resolve_checkpoint`); :func:`checkpoint_fingerprint` is
-the cheap identity of a checkpoint that a compression run records to know whether a stopped run may be resumed.
+``inspect``, ``eval`` and ``compress`` (the latter through :func:`resolve_checkpoint`) all run it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import struct
 from pathlib import Path
 
-import torch
 import transformers
+from huggingface_hub import snapshot_download
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
+from moecompress.checkpoint.headers import INDEX_FILE, first_names, read_safetensors_header
+from moecompress.checkpoint.native import build_meta_model
 from moecompress.errors import CheckpointError
-from moecompress.models.edits import restore_expert_id_map
-from moecompress.models.families import adapter_for, find_moe_blocks
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def load_model(
-    source: str | Path,
-    *,
-    dtype: torch.dtype = torch.bfloat16,
-    device: str | torch.device = "cpu",
-    experts_implementation: str = "eager",
-    odp: bool = True,
-):
-    """Load ``source`` (folder or hub id) as a causal LM. Returns ``(model, tokenizer)``, model in eval mode.
-
-    ``odp``: apply the MC-MoE online dynamic pruning the checkpoint's config records (``mcmoe_odp``); False (or the
-    environment variable ``MOECOMPRESS_ODP=0``) runs every routed expert.
-
-    ``tokenizer`` is None when a local folder has no tokenizer files (e.g. a tiny test model). Raises
-    :class:`CheckpointError` for a missing folder, a missing ``config.json``, a missing or corrupt safetensors
-    file, and :class:`UnsupportedModelError` for a dense model or an MoE family without an adapter.
-    """
-    config = load_config(source)
-    adapter_for(config)  # a dense or unknown model fails here, before any weight is read
-    local = local_checkpoint_folder(source)
-    if local is not None:
-        validate_checkpoint(local, config)
-    try:
-        model, loading_info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(source), dtype=dtype, experts_implementation=experts_implementation, device_map=None,
-            output_loading_info=True,
-        )
-    except (OSError, ValueError, RuntimeError) as error:
-        raise CheckpointError(
-            f"could not load the weights of {source}: {error}. Check that the checkpoint is complete and was saved "
-            "by transformers (or by moecompress's export)."
-        ) from error
-    _refuse_newly_initialised_weights(source, loading_info)
-    model.to(device)
-    model.eval()
-    find_moe_blocks(model)  # a config that claims MoE but built no MoE block (e.g. num_experts=0) fails here
-    restore_expert_id_map(model)
-    from moecompress.quantization.odp import apply_odp_from_config  # quantization builds on models: import when used
-
-    apply_odp_from_config(model, odp)
-    return model, _load_tokenizer(source, local)
+def local_checkpoint_folder(source: str | Path) -> Path | None:
+    """``source`` as a local folder, None for a hub id; a path-looking source that does not exist is an error."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; give the checkpoint folder that holds config.json and the weights.")
+    text = str(source)
+    looks_like_hub_id = text.count("/") <= 1 and not text.startswith((".", "/", "~")) and os.sep + os.sep not in text
+    if not looks_like_hub_id:
+        raise CheckpointError(f"checkpoint folder {path} does not exist; check the path.")
+    return None
 
 
 def load_config(source: str | Path) -> transformers.PretrainedConfig:
@@ -97,22 +62,26 @@ def load_config(source: str | Path) -> transformers.PretrainedConfig:
         raise CheckpointError(f"{local}/config.json cannot be read: {error}") from error
 
 
-def _refuse_newly_initialised_weights(source, loading_info: dict) -> None:
-    """transformers initialises a weight the checkpoint lacks (or holds with another shape) at random and only logs
-    it; a model with random weights must never be scored or compressed, so that is an error here."""
-    missing = sorted(loading_info.get("missing_keys") or ())
-    mismatched = sorted(str(entry[0] if isinstance(entry, (tuple, list)) else entry)
-                        for entry in loading_info.get("mismatched_keys") or ())
-    if missing or mismatched:
-        problems = []
-        if missing:
-            problems.append(f"{len(missing)} weight(s) missing from the checkpoint ({_first(missing)})")
-        if mismatched:
-            problems.append(f"{len(mismatched)} weight(s) with another shape than the config gives ({_first(mismatched)})")
-        raise CheckpointError(
-            f"loading {source} would leave weights newly initialised: {'; '.join(problems)}. The checkpoint is "
-            "incomplete or its config.json names another architecture than its weights; re-save or re-download it."
-        )
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A local folder with ``config.json`` and safetensors, or a hub id resolved through the local HF cache; either
+    way checked by :func:`validate_checkpoint` (headers, shards, weights vs config)
+    before any tensor is read, so a damaged checkpoint is one clear :class:`CheckpointError`, not a traceback
+    halfway through a pass."""
+    path = local_checkpoint_folder(source)  # None for a hub id; a clear error for a bad path
+    if path is not None:
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json; point at a Hugging Face model folder")
+    else:
+        try:
+            path = Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as error:  # hub errors come in many types; one clear message instead
+            raise CheckpointError(
+                f"{source!r} is not a local folder and could not be fetched from the hub ({type(error).__name__}: "
+                f"{error}); check the path or hub id, or download the model first (offline mode uses only the local "
+                "cache)"
+            ) from None
+    validate_checkpoint(path)
+    return path
 
 
 def validate_checkpoint(folder: Path, config: transformers.PretrainedConfig | None = None, *,
@@ -147,7 +116,7 @@ def _check_safetensors_files(folder: Path) -> tuple[list[Path], dict[str, tuple[
     truncated downloads and files that are not safetensors at all. Returns the files and ``{key on disk: shape}``.
     """
     files = sorted(folder.glob("*.safetensors"))
-    index_path = folder / "model.safetensors.index.json"
+    index_path = folder / INDEX_FILE
     weight_map = None
     if index_path.is_file():
         try:
@@ -169,13 +138,13 @@ def _check_safetensors_files(folder: Path) -> tuple[list[Path], dict[str, tuple[
         )
     shapes, file_of = {}, {}
     for path in files:
-        for key, entry in _read_safetensors_header(path).items():
+        for key, entry in read_safetensors_header(path).items():
             shapes[key], file_of[key] = tuple(entry["shape"]), path.name
     if weight_map is not None:
         wrong = sorted(key for key, name in weight_map.items() if file_of.get(key) != name)
         if wrong:
             raise CheckpointError(f"{index_path} maps {len(wrong)} tensor(s) to a shard that does not hold them "
-                                  f"({_first(wrong)}); the index and the shards are from different saves, re-save "
+                                  f"({first_names(wrong)}); the index and the shards are from different saves, re-save "
                                   "or re-download the checkpoint.")
         shapes = {key: shape for key, shape in shapes.items() if key in weight_map}  # what loaders read
     return files, shapes
@@ -199,7 +168,7 @@ def _check_weights_fit_config(folder: Path, config: transformers.PretrainedConfi
                    if pattern is None and target in expected and shapes[key] != expected[target]]
     incomplete, misfit = _fused_expert_problems(mapped, shapes, expected)
     missing, wrong_shape = missing + incomplete, wrong_shape + misfit
-    problems = [f"{len(names)} {label} ({_first(names)})" for label, names in (
+    problems = [f"{len(names)} {label} ({first_names(names)})" for label, names in (
         ("tensor(s) the model needs are missing", missing),
         ("tensor(s) belong to no part of the model", unexpected),
         ("tensor(s) do not fit the config's shapes", wrong_shape),
@@ -214,8 +183,6 @@ def _check_weights_fit_config(folder: Path, config: transformers.PretrainedConfi
 
 def _meta_model(config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
     """The causal LM ``config`` builds, on the meta device (names and shapes only, no memory)."""
-    from moecompress.export.native import build_meta_model  # export builds on models: imported when used
-
     try:
         return build_meta_model(config)
     except (ValueError, KeyError, TypeError) as error:
@@ -288,101 +255,10 @@ def _pattern(patterns) -> re.Pattern | None:
     return re.compile("|".join(f"({pattern})" for pattern in patterns)) if patterns else None
 
 
-def _first(names, count: int = 3) -> str:
-    names = list(names)
-    return ", ".join(names[:count]) + (f", ... {len(names) - count} more" if len(names) > count else "")
-
-
-def checkpoint_fingerprint(folder: Path, *, sample_bytes: int = 65_536, samples_per_file: int = 4) -> str:
-    """sha256 identity of a checkpoint folder without reading all its data: ``config.json`` (parsed; key order and
-    the ``transformers_version`` field ignored), and for every safetensors file its name, its header (names, dtypes,
-    shapes, offsets) and ``samples_per_file`` blocks of ``sample_bytes`` spread over its data (so two trainings of
-    one architecture, whose headers are equal, differ). Cost: a few small reads per file, whatever its size. Call
-    it on a folder :func:`validate_checkpoint` accepted.
-    """
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    config = json.loads((folder / "config.json").read_text())
-    config.pop("transformers_version", None)
-    digest.update(json.dumps(config, sort_keys=True).encode())
-    for path in sorted(folder.glob("*.safetensors")):
-        with path.open("rb") as handle:
-            (header_length,) = struct.unpack("<Q", handle.read(8))
-            digest.update(path.name.encode() + b"\0" + handle.read(header_length))
-            data_start, file_size = 8 + header_length, path.stat().st_size
-            span = max(file_size - data_start - sample_bytes, 0)
-            for index in range(samples_per_file):
-                handle.seek(data_start + span * index // max(samples_per_file - 1, 1))
-                digest.update(handle.read(sample_bytes))
-    return digest.hexdigest()
-
-
-def _read_safetensors_header(path: Path) -> dict[str, dict]:
-    """``{key: {"dtype", "shape", "data_offsets"}}`` of one safetensors file; :class:`CheckpointError` when the file
-    is too short, its header length or JSON is broken, an entry is malformed, or its tensors overrun the file."""
-    file_size = path.stat().st_size
-    problem, entries = None, {}
-    with path.open("rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            problem = "the file is shorter than a safetensors header"
-        else:
-            (header_length,) = struct.unpack("<Q", prefix)
-            if header_length > file_size - 8 or header_length > 100_000_000:
-                problem = "its header length field is larger than the file"
-            else:
-                try:
-                    header = json.loads(handle.read(header_length))
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    problem = "its header is not valid JSON"
-                else:
-                    entries = header if isinstance(header, dict) else {}
-                    entries = {name: entry for name, entry in entries.items() if name != "__metadata__"}
-                    malformed = [name for name, entry in entries.items() if not _is_tensor_entry(entry)]
-                    data_size = file_size - 8 - header_length
-                    ends = [entry["data_offsets"][1] for name, entry in entries.items() if name not in malformed]
-                    if not isinstance(header, dict) or malformed:
-                        problem = f"its header has malformed entries ({_first(malformed) or 'not a mapping'})"
-                    elif ends and max(ends) > data_size:
-                        problem = f"it is truncated ({data_size} data bytes, tensors need {max(ends)})"
-    if problem is not None:
-        raise CheckpointError(f"{path} is corrupt: {problem}. Re-download or re-save this checkpoint file.")
-    return entries
-
-
-def _is_tensor_entry(entry) -> bool:
-    return (isinstance(entry, dict) and isinstance(entry.get("shape"), list)
-            and all(isinstance(size, int) for size in entry["shape"])
-            and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2)
-
-
-def local_checkpoint_folder(source: str | Path) -> Path | None:
-    """``source`` as a local folder, None for a hub id; a path-looking source that does not exist is an error."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; give the checkpoint folder that holds config.json and the weights.")
-    text = str(source)
-    looks_like_hub_id = text.count("/") <= 1 and not text.startswith((".", "/", "~")) and os.sep + os.sep not in text
-    if not looks_like_hub_id:
-        raise CheckpointError(f"checkpoint folder {path} does not exist; check the path.")
-    return None
-
-
 def has_tokenizer_files(folder: Path) -> bool:
     """Whether ``folder`` holds any of the files a tokenizer is loaded from."""
     return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
 
 
-def _load_tokenizer(source: str | Path, local: Path | None):
-    if local is not None and not has_tokenizer_files(local):
-        return None
-    try:
-        return transformers.AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"the tokenizer of {source} cannot be loaded: {error}") from error
-
-
-__all__ = ["checkpoint_fingerprint", "has_tokenizer_files", "load_config", "load_model", "local_checkpoint_folder",
+__all__ = ["disk_key_renames", "has_tokenizer_files", "load_config", "local_checkpoint_folder", "resolve_checkpoint",
            "validate_checkpoint", "validate_safetensors"]

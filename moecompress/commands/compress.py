@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from moecompress.cli import device_name, positive_int
+from moecompress.commands.arguments import device_name, positive_int
 from moecompress.commands.export import add_export_options
 from moecompress.export import EXPORT_FORMATS
+from moecompress.export.options import ExportOptions, run_exports
+from moecompress.export.report import render_report
 from moecompress.pipeline import Pipeline, ProgressReporter
 
 
@@ -78,8 +81,6 @@ class RichProgress(ProgressReporter):
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
     pipeline = Pipeline.from_recipe(args.recipe)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -92,8 +93,6 @@ def run(args: argparse.Namespace) -> int:
         if progress.live.is_started:
             progress.stop()
     if args.export:
-        from moecompress.export.options import ExportOptions, run_exports
-
         options = ExportOptions(format=args.export, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
                                 dequantize=args.dequantize, out=str(args.export_out) if args.export_out else None)
         report = {**report, "exports": [*report.get("exports", []), *run_exports(args.out, [options])]}
@@ -105,8 +104,6 @@ def run(args: argparse.Namespace) -> int:
     for stage in report.get("stages", []):
         console.print(f"  {stage['method']}: {stage['seconds']:.1f} s" + (" (resumed)" if stage.get("resumed") else ""))
     if report.get("exports"):
-        from moecompress.export.report import render_report
-
         for export_report in report["exports"]:
             console.print("\n".join(render_report(export_report)), markup=False)
     return 0

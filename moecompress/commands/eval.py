@@ -8,7 +8,12 @@ import json
 import sys
 import time
 
-from moecompress.cli import device_name, positive_int
+from rich.console import Console
+
+from moecompress.commands.arguments import device_name, positive_int
+from moecompress.evals import evaluate_model, resolve_tasks
+from moecompress.evals.loading import load_model_for_eval
+from moecompress.evals.tables import scores_table
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,9 +61,6 @@ def _batch_size(text: str) -> int | str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moecompress.evals import evaluate_model, resolve_tasks
-    from moecompress.evals.loading import load_model_for_eval
-
     task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     batch_size: int | str = args.batch_size
     resolve_tasks(task_names, include_path=args.include_path)  # bad task names or data fail before the model loads
@@ -74,9 +76,5 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(scores, indent=2, sort_keys=True))
     else:
-        from rich.console import Console
-
-        from moecompress.evals.tables import scores_table
-
         Console().print(scores_table({str(args.model): scores}, title=f"moecompress eval ({seconds:.0f} s)"))
     return 0

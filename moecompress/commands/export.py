@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from moecompress.cli import positive_int
-from moecompress.export import EXPORT_FORMATS
+from moecompress.commands.arguments import positive_int
+from moecompress.export import EXPORT_FORMATS, export_folder
+from moecompress.export.report import render_report
 
 
 def add_export_options(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +40,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moecompress.export import export_folder
-    from moecompress.export.report import render_report
-
     report = export_folder(args.model, args.out, args.format, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
                            dequantize=args.dequantize)
     print("\n".join(render_report(report)))

@@ -10,15 +10,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 import transformers
+from rich.console import Console
+from rich.table import Table
 
+from moecompress.analysis.camera import STATISTICS, energy_plot, layer_energies, summarize
+from moecompress.calibration import LayerwiseRunner, collect_statistics, load_calibration
+from moecompress.checkpoint.headers import checkpoint_bytes
+from moecompress.checkpoint.native import build_meta_model
+from moecompress.checkpoint.validation import load_config, local_checkpoint_folder, validate_safetensors
 from moecompress.errors import CalibrationError
-from moecompress.export.native import build_meta_model
 from moecompress.models.families import adapter_for
-from moecompress.models.loading import load_config, local_checkpoint_folder, validate_safetensors
-from moecompress.models.summary import checkpoint_bytes, model_summary
+from moecompress.models.summary import model_summary
 
 
 def inspect_checkpoint(source: str) -> dict:
@@ -47,8 +53,6 @@ def expert_usage(source: str, calibration_files: list[str], *, num_samples: int,
     Returns one row per MoE layer: ``layer``, ``expert_token_counts`` (routed tokens per expert), ``max_share`` and
     ``min_share`` (share of routed slots of the most- and least-used expert) and ``unused_experts``.
     """
-    from moecompress.calibration import collect_statistics, load_calibration
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     calibration = load_calibration(tokenizer, files=calibration_files, num_samples=num_samples, seq_len=seq_len, seed=seed)
     statistics = collect_statistics(source, calibration, ["expert_token_counts"])
@@ -74,11 +78,6 @@ def micro_expert_energies(source: str, calibration_files: list[str], *, num_samp
     the layer's energy held by its lowest 20/40/60% micro-experts, per-expert and shared shares; the plot (cumulative
     energy share per layer) is written to ``plot_path`` when given.
     """
-    from pathlib import Path
-
-    from moecompress.analysis.camera import STATISTICS, energy_plot, layer_energies, summarize
-    from moecompress.calibration import LayerwiseRunner, load_calibration
-
     tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     calibration = load_calibration(tokenizer, files=calibration_files, num_samples=num_samples, seq_len=seq_len, seed=seed)
     energies = []
@@ -99,9 +98,6 @@ def _checkpoint_dtype(config) -> torch.dtype:
 
 def render(summary: dict, console=None) -> None:
     """Print ``summary`` as readable tables (per MoE layer, then parameters and bytes)."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console(width=None if sys.stdout.isatty() else 120)
     dense = summary["dense_layers"]
     layers = Table(

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from moecompress.checkpoint.validation import resolve_checkpoint
 from moecompress.commands.store import parse_layers
-from moecompress.pipeline import move_into_place
+from moecompress.folders import move_into_place
 from moecompress.pruning.retrieval import RetrievalError, check_output_folder, retrieve
 
 
@@ -46,8 +47,6 @@ def _human(size: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moecompress.calibration.checkpoint import resolve_checkpoint
-
     if (args.prompt is None) == (args.prompt_file is None):
         raise RetrievalError("give the prompt with exactly one of --prompt TEXT or --prompt-file FILE")
     prompt = args.prompt

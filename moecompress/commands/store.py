@@ -13,9 +13,16 @@ import sys
 
 import torch
 
-from moecompress.calibration.checkpoint import resolve_checkpoint
-from moecompress.pruning.retrieval import (TCESS_PRESETS, PatternStore, RetrievalError, TcessOptions, build_pattern_store,
-                                           check_output_folder, parse_task_spec)
+from moecompress.checkpoint.validation import resolve_checkpoint
+from moecompress.pruning.retrieval import (
+    TCESS_PRESETS,
+    PatternStore,
+    RetrievalError,
+    TcessOptions,
+    build_pattern_store,
+    check_output_folder,
+    parse_task_spec,
+)
 
 
 def parse_layers(text: str | None) -> list[int] | None:

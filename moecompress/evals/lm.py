@@ -16,7 +16,6 @@ That is how models trained on documents separated by ``<|endoftext|>`` saw text.
 from __future__ import annotations
 
 import os
-
 from typing import Any
 
 from lm_eval.models.huggingface import HFLM

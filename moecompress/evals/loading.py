@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from moecompress.checkpoint.loading import load_model
 from moecompress.errors import CheckpointError
 
 
@@ -15,8 +16,6 @@ def load_model_for_eval(source: str | Path, *, device: str = "cpu", dtype: torch
 
     Raises :class:`CheckpointError` when the checkpoint has no tokenizer (evaluation needs one to encode tasks).
     """
-    from moecompress.models import load_model
-
     model, tokenizer = load_model(source, dtype=dtype, device=device, experts_implementation="eager")
     if tokenizer is None:
         raise CheckpointError(

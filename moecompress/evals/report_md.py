@@ -120,7 +120,7 @@ def _stages_section(stages: list[dict[str, Any]]) -> list[str]:
 
 def _plots(report: dict[str, Any], out_dir: Path) -> list[tuple[str, str]]:
     """Draw every plot the report has data for; ``[(caption, path relative to out_dir)]``."""
-    from moecompress.evals import plots
+    from moecompress.evals import plots  # imports matplotlib (heavy): only when a report is drawn
 
     drawn: list[tuple[str, str]] = []
     plot_dir = out_dir / PLOTS_FOLDER

@@ -29,7 +29,7 @@ def run_lm_eval(
     """
     import lm_eval  # imported here: it takes seconds, and importing moecompress.evals must stay cheap
 
-    from moecompress.evals.lm import build_lm
+    from moecompress.evals.lm import build_lm  # imports lm_eval (seconds): deferred with it
 
     resolved = resolve_tasks(tasks, include_path=include_path)
     language_model = build_lm(

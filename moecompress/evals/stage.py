@@ -27,9 +27,10 @@ import pydantic
 import torch
 
 from moecompress.errors import RecipeError
+from moecompress.evals.loading import load_model_for_eval
 from moecompress.evals.runner import evaluate_model
 from moecompress.evals.taskdefs import resolve_tasks
-from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage
+from moecompress.stages import RunContext, Stage, StageOptions, StageResult, register_stage
 
 CACHE_FOLDER = "eval_cache"
 
@@ -137,8 +138,6 @@ class EvaluateStage(Stage):
         cache_file = Path(context.output_dir) / CACHE_FOLDER / f"original-{self.cache_key(context.source)}.json"
         if cache_file.is_file():
             return json.loads(cache_file.read_text())["scores"]
-        from moecompress.evals.loading import load_model_for_eval
-
         dtype = torch.float32 if options.dtype == "float32" else next(context.model.parameters()).dtype
         original_model, original_tokenizer = load_model_for_eval(context.source, device=options.device, dtype=dtype)
         try:

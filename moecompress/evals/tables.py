@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from rich.table import Table
+
 # Metrics where lower is better (perplexities, bits per byte); everything else is higher-is-better.
 LOWER_IS_BETTER = ("perplexity", "bits_per_byte", "loss")
 
@@ -33,8 +35,6 @@ def score_rows(scores_by_model: dict[str, dict[str, dict[str, float]]]) -> list[
 
 def scores_table(scores_by_model: dict[str, dict[str, dict[str, float]]], *, title: str | None = None):
     """A ``rich.table.Table`` of ``{model: {task: {metric: value}}}``."""
-    from rich.table import Table
-
     table = Table(title=title)
     table.add_column("task")
     table.add_column("metric")

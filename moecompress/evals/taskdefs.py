@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def bundled_task_names() -> list[str]:
 
 
 def _task_manager(include_paths: list[Path], include_defaults: bool):
-    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks import TaskManager  # lm-eval takes seconds to import: only when tasks are resolved
 
     return TaskManager(include_path=[str(path) for path in include_paths], include_defaults=include_defaults)
 
@@ -76,7 +77,7 @@ def resolve_tasks(task_names: list[str], include_path: str | Path | None = None)
     local_manager = _task_manager(include_paths, include_defaults=False)
     local_index = local_manager.task_index
 
-    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._index import Kind  # lm-eval takes seconds to import: only when tasks are resolved
 
     specs: list[dict[str, Any] | str] = []
     names: list[str] = []
@@ -114,8 +115,6 @@ def resolve_tasks(task_names: list[str], include_path: str | Path | None = None)
         )
     if _offline():
         # Not an error: the hub data may be cached. Said once, so a failure further down is understood.
-        import warnings
-
         warnings.warn(
             f"task(s) {', '.join(remote_names)} come from lm-eval's hub tasks and offline mode is set "
             "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): they work only if their datasets are already cached",
@@ -126,7 +125,7 @@ def resolve_tasks(task_names: list[str], include_path: str | Path | None = None)
 
 def local_task_config(yaml_path: str | Path) -> dict[str, Any]:
     """Load one local lm-eval YAML task as a config dict, with its local data files made absolute and checked."""
-    from lm_eval.tasks._yaml_loader import load_yaml
+    from lm_eval.tasks._yaml_loader import load_yaml  # lm-eval takes seconds to import: only when tasks are read
 
     yaml_path = Path(yaml_path).resolve()
     try:

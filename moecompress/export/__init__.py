@@ -1,4 +1,4 @@
-"""Save and load compressed checkpoints (native, compressed-tensors, plain HF).
+"""Exports of a native moecompress folder to other formats (compressed-tensors, plain HF).
 
 :func:`export_folder` is the one entry point of ``moecompress export`` / ``compress --export`` / a recipe's
 ``export:`` key. The exporters import compressed-tensors only when called (``import moecompress`` stays light).
@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from moecompress.errors import UsageError
+from moecompress.export.hf import export_hf
 
 EXPORT_FORMATS = ("compressed-tensors", "hf")
 
@@ -19,12 +20,11 @@ def export_folder(source: str | Path, out: str | Path, fmt: str, *, tp: int = 1,
     (also written to ``out/export_report.json``). ``tp`` and ``widen_to_layer_max`` apply to compressed-tensors,
     ``dequantize`` to hf."""
     if fmt == "compressed-tensors":
+        # imports compressed-tensors (heavy): only when this format is written
         from moecompress.export.compressed_tensors import export_compressed_tensors
 
         return export_compressed_tensors(source, out, tp=tp, widen_to_layer_max=widen_to_layer_max,
                                          max_shard_bytes=max_shard_bytes)
     if fmt == "hf":
-        from moecompress.export.hf import export_hf
-
         return export_hf(source, out, dequantize=dequantize, max_shard_bytes=max_shard_bytes)
     raise UsageError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")

@@ -37,15 +37,27 @@ from pathlib import Path
 import torch
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                             QuantizationStatus, QuantizationStrategy)
+from compressed_tensors.quantization import (
+    QuantizationArgs,
+    QuantizationConfig,
+    QuantizationScheme,
+    QuantizationStatus,
+    QuantizationStrategy,
+)
+from safetensors import safe_open
 
+from moecompress.checkpoint.native_reader import (
+    ExpertLayer,
+    NativeCheckpoint,
+    expert_projection_names,
+    is_packed_experts_key,
+)
+from moecompress.checkpoint.shards import ShardWriter
 from moecompress.errors import UsageError
 from moecompress.export.deployability import check_deployable
+from moecompress.export.output import check_output_folder, staged_output
 from moecompress.export.report import ExportTally, write_report
-from moecompress.export.source import (ExpertLayer, NativeCheckpoint, ShardWriter, check_output_folder,
-                                       expert_projection_names, is_packed_experts_key, staged_output)
-from moecompress.quantization.packing import PackedLinearWeight, pack_signed
+from moecompress.kernels.layout import PackedLinearWeight
 
 FORMAT = "compressed-tensors"
 # Modules that are never quantised (compressed-tensors `ignore`): routers, norms, embeddings, the output head.
@@ -87,8 +99,8 @@ def widen(weight: PackedLinearWeight, bits: int) -> PackedLinearWeight:
     if not torch.equal(scales.float() * factor, weight.scales.float()):
         raise UsageError(f"widening {weight.bits} to {bits} bits would underflow a scale in {weight.scales.dtype}; "
                          "export without --widen-to-layer-max (quantize with `granularity: layer`)")
-    zeros = None if weight.zeros is None else (weight.zeros.to(torch.int64) * factor).to(torch.int8)
-    return PackedLinearWeight(pack_signed(codes, bits), scales, zeros, bits, weight.group_size, weight.shape)
+    zeros = None if weight.zeros is None else weight.zeros.to(torch.int64) * factor
+    return PackedLinearWeight.from_codes(codes, scales, zeros, bits, weight.group_size)
 
 
 def _expert_modules(checkpoint: NativeCheckpoint, layer: ExpertLayer, names: tuple[str, str, str], bits: int):
@@ -222,8 +234,6 @@ def decompression_difference(native_folder: str | Path, exported_folder: str | P
     """Decompress every quantized module of an export with compressed-tensors' own compressor and compare it with
     our dequantised weight from the native folder. Returns ``{"modules": n, "max_abs_diff": d}`` (d is 0.0 when
     the library reproduces our weights exactly)."""
-    from safetensors import safe_open
-
     native = NativeCheckpoint(native_folder)
     exported = Path(exported_folder)
     config = QuantizationConfig.model_validate(json.loads((exported / "config.json").read_text())["quantization_config"])

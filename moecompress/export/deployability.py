@@ -25,8 +25,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moecompress.checkpoint.native_reader import NativeCheckpoint
 from moecompress.errors import MoECompressError
-from moecompress.export.source import NativeCheckpoint
 
 VLLM_MOE_BITS = range(2, 9)  # WNA16_SUPPORTED_BITS of vLLM 0.33's compressed-tensors MoE method
 

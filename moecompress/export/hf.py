@@ -16,11 +16,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from moecompress.checkpoint.native_reader import NativeCheckpoint, expert_projection_names, is_packed_experts_key
+from moecompress.checkpoint.shards import ShardWriter
 from moecompress.errors import UsageError
 from moecompress.export.deployability import NotDeployableError, expert_count_problem, variable_width_problem
+from moecompress.export.output import check_output_folder, staged_output
 from moecompress.export.report import ExportTally, write_report
-from moecompress.export.source import (NativeCheckpoint, ShardWriter, check_output_folder, expert_projection_names,
-                                       is_packed_experts_key, staged_output)
 
 FORMAT = "hf"
 

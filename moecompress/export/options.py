@@ -19,6 +19,8 @@ from typing import Any, Literal
 import pydantic
 
 from moecompress.errors import RecipeError
+from moecompress.export import export_folder
+from moecompress.export.report import REPORT_FILE
 
 
 class ExportOptions(pydantic.BaseModel):
@@ -51,9 +53,6 @@ def parse_export(value: Any) -> list[ExportOptions]:
 
 def run_exports(native_dir: str | Path, exports: list[ExportOptions]) -> list[dict]:
     """Write each export of the finished native folder; returns their reports."""
-    from moecompress.export import export_folder
-    from moecompress.export.report import REPORT_FILE
-
     native_dir = Path(native_dir)
     reports = []
     for options in exports:

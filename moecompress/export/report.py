@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from moecompress.export.source import NativeCheckpoint, folder_bytes
+from moecompress.checkpoint.native_reader import NativeCheckpoint
+from moecompress.export.output import folder_bytes
 
 REPORT_FILE = "export_report.json"
 

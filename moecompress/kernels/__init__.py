@@ -1,7 +1,9 @@
-"""Packed low-bit kernels: Triton GEMM/GEMV and grouped MoE experts, torch reference path, experts backend.
+"""Packed low-bit kernels: the packed weight layout, Triton GEMM/GEMV and grouped MoE experts, the torch reference
+path, the experts backend, and MC-MoE's online dynamic pruning hooks.
 
 Modules defining ``@triton.jit`` kernels read ``TRITON_INTERPRET`` when they are imported, so this package imports
-them lazily: ``from moecompress.kernels import pack_model_experts`` loads the backend on first use.
+them lazily: ``from moecompress.kernels import packed_linear_triton`` loads the Triton module on first use.
+Quantising a model's experts into this layout is :func:`moecompress.quantization.packing.pack_model_experts`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import importlib
 
 _EXPORTS = {
     "PackedExperts": "moecompress.kernels.backend",
-    "pack_model_experts": "moecompress.kernels.backend",
+    "PackedLinearWeight": "moecompress.kernels.layout",
     "register_packed_experts_backend": "moecompress.kernels.backend",
     "BACKEND_NAME": "moecompress.kernels.backend",
     "packed_linear_triton": "moecompress.kernels.triton_gemm",

@@ -22,17 +22,16 @@ Each matrix row is a compressed-tensors pack-quantized row, so per-expert ``gate
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Mapping
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moecompress.errors import MoECompressError, UnsupportedModelError
+from moecompress.kernels.layout import PackedLinearWeight, num_groups, packed_width
 from moecompress.kernels.reference import moe_experts_reference
 from moecompress.kernels.runtime import is_missing_driver_error, triton_available
-from moecompress.quantization.packing import (SUPPORTED_BITS, PackedLinearWeight, num_groups, packed_width,
-                                              quantize_rtn)
 
 BACKEND_NAME = "moecompress_packed"
 
@@ -143,7 +142,7 @@ class PackedExperts(nn.Module):
         return counts
 
     def expert_stacks(self, name: str):
-        from moecompress.kernels.triton_moe import PackedExpertStack
+        from moecompress.kernels.triton_moe import PackedExpertStack  # imports triton (the optional kernels extra)
 
         return [PackedExpertStack(self.stack(name, w), getattr(self, f"expert_slot_w{w}")) for w in self.bit_widths]
 
@@ -167,7 +166,7 @@ class PackedExperts(nn.Module):
 
     def forward_triton(self, hidden_states, top_k_index, top_k_weights, config: dict[str, int] | None = None):
         """Triton path (raises when Triton cannot launch)."""
-        from moecompress.kernels.triton_moe import moe_experts_triton
+        from moecompress.kernels.triton_moe import moe_experts_triton  # imports triton (the optional kernels extra)
 
         return moe_experts_triton(
             hidden_states, top_k_index, top_k_weights,
@@ -196,6 +195,8 @@ class PackedExperts(nn.Module):
         if implementation == BACKEND_NAME:
             return packed_experts_forward(self, hidden_states, top_k_index, top_k_weights)
         if implementation not in _TORCH_PATH_IMPLEMENTATIONS:
+            # heavy (pulls torch.distributed.tensor): `import moecompress` registers the native format through this
+            # module and must stay light
             from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
             if implementation in ALL_EXPERTS_FUNCTIONS:
@@ -225,70 +226,8 @@ def packed_experts_forward(self, hidden_states, top_k_index, top_k_weights) -> t
 
 def register_packed_experts_backend() -> str:
     """Register ``moecompress_packed`` in transformers' ``ExpertsInterface`` (idempotent); returns the name."""
+    # heavy (pulls torch.distributed.tensor): only when a packed model is built, not on `import moecompress`
     from transformers.integrations.moe import ExpertsInterface
 
     ExpertsInterface.register(BACKEND_NAME, packed_experts_forward)
     return BACKEND_NAME
-
-
-BitsSpec = int | Mapping[tuple[int, int], int] | Callable[[int, int], int]
-
-
-def _bits_for(bits: BitsSpec, layer: int, expert: int) -> int:
-    if isinstance(bits, int):
-        width = bits
-    elif callable(bits):
-        width = bits(layer, expert)
-    else:
-        if (layer, expert) not in bits:
-            raise MoECompressError(
-                f"no bit-width for layer {layer}, expert {expert}: the bits map must cover every (layer, expert) "
-                "pair, or pass an int for a uniform width"
-            )
-        width = bits[(layer, expert)]
-    if width not in SUPPORTED_BITS:
-        raise MoECompressError(f"layer {layer}, expert {expert}: {width} bits is not supported; use {SUPPORTED_BITS}")
-    return int(width)
-
-
-@torch.no_grad()
-def pack_model_experts(
-    model: nn.Module,
-    bits: BitsSpec,
-    group_size: int = 128,
-    symmetric: bool = True,
-    set_implementation: bool = True,
-) -> list[PackedExperts]:
-    """Quantise (RTN) the routed experts of every MoE block and swap in :class:`PackedExperts`.
-
-    bits: one width for all, a ``{(layer_index, expert): bits}`` map, or ``fn(layer_index, expert) -> bits``.
-    group_size: input columns per scale (``-1`` per channel). Scales keep the experts' dtype.
-    set_implementation: register the backend and ``model.set_experts_implementation("moecompress_packed")``.
-    Returns the new modules in layer order. Families whose experts are transposed or biased (GPT-OSS) are refused.
-    """
-    from moecompress.models import find_moe_blocks
-
-    packed_modules = []
-    for view in find_moe_blocks(model):
-        if view.storage != "concatenated" or getattr(view.experts, "has_bias", False):
-            raise UnsupportedModelError(
-                f"{view.family}: packed experts support concatenated, bias-free experts (gate_up [E, 2I, H]); "
-                "keep this family's experts unquantized"
-            )
-        gate_up, down = [], []
-        for expert in range(view.num_experts):
-            width = _bits_for(bits, view.layer_index, expert)
-            weights = view.expert_weights(expert)
-            gate_up.append(quantize_rtn(torch.cat([weights.gate, weights.up]), width, group_size, symmetric))
-            down.append(quantize_rtn(weights.down, width, group_size, symmetric))
-        packed = PackedExperts(gate_up, down, view.experts.act_fn, getattr(view.experts, "config", None))
-        packed.to(view.experts.gate_up_proj.device)
-        attribute = next(name for name, child in view.block.named_children() if child is view.experts)
-        setattr(view.block, attribute, packed)
-        packed_modules.append(packed)
-    if not packed_modules:
-        raise UnsupportedModelError("the model has no MoE blocks to pack")
-    if set_implementation:
-        register_packed_experts_backend()
-        model.set_experts_implementation(BACKEND_NAME)
-    return packed_modules

@@ -1,4 +1,6 @@
-"""Packed low-bit weight format (1, 2, 3, 4, 8 bits; group-wise scales; symmetric or asymmetric).
+"""The packed low-bit weight layout (1, 2, 3, 4, 8 bits; group-wise scales; symmetric or asymmetric).
+
+The kernels read it, the quantisers (``moecompress.quantization``) write it and the exports convert it.
 
 The layout is compressed-tensors' ``pack-quantized`` layout, so export can write it unchanged:
 
@@ -31,7 +33,7 @@ import torch
 SUPPORTED_BITS = (1, 2, 3, 4, 8)
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not supported; use one of {SUPPORTED_BITS}")
 
@@ -47,7 +49,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes: integer tensor ``[..., K]`` with values in ``[0, 2^bits)``. Returns int32 ``[..., ceil(K*bits/32)]``.
     Each row starts a new word (rows never share a word), like compressed-tensors' ``pack_to_int32``.
     """
-    _check_bits(bits)
+    check_bits(bits)
     codes = codes.to(torch.int64)
     if codes.numel() and (codes.min() < 0 or codes.max() >= (1 << bits)):
         raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
@@ -85,7 +87,7 @@ def _pack_rows(rows: torch.Tensor, bits: int, words: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int, num_values: int) -> torch.Tensor:
     """Inverse of :func:`pack_codes`: int32 ``[..., W]`` -> unsigned codes uint8 ``[..., num_values]``."""
-    _check_bits(bits)
+    check_bits(bits)
     if packed.dtype != torch.int32:
         raise ValueError(f"packed weights must be int32, got {packed.dtype}")
     if packed.shape[-1] != packed_width(num_values, bits):
@@ -159,7 +161,7 @@ class PackedLinearWeight:
     shape: tuple[int, int]
 
     def __post_init__(self) -> None:
-        _check_bits(self.bits)
+        check_bits(self.bits)
         out_features, in_features = self.shape
         if self.packed.dtype != torch.int32 or tuple(self.packed.shape[-2:]) != (
             out_features,
@@ -174,6 +176,20 @@ class PackedLinearWeight:
             raise ValueError(f"scales must be [..., {out_features}, {groups}], got {tuple(self.scales.shape)}")
         if self.zeros is not None and self.zeros.shape != self.scales.shape:
             raise ValueError(f"zeros must match scales {tuple(self.scales.shape)}, got {tuple(self.zeros.shape)}")
+
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                   group_size: int) -> "PackedLinearWeight":
+        """Pack signed quantised values ``codes [..., out, in]`` (any integer or float dtype holding integers)
+        with their group ``scales`` and ``zeros`` ``[..., out, n_groups]`` (zeros cast to int8, None: symmetric)."""
+        return cls(
+            packed=pack_signed(codes.to(torch.int64), bits),
+            scales=scales,
+            zeros=None if zeros is None else zeros.to(torch.int8),
+            bits=bits,
+            group_size=group_size,
+            shape=(codes.shape[-2], codes.shape[-1]),
+        )
 
     @property
     def symmetric(self) -> bool:
@@ -263,152 +279,3 @@ class PackedLinearWeight:
         if "weight_zero_point" in state:
             zeros = unpack_signed(state["weight_zero_point"].t().contiguous(), bits, shape[0]).t().contiguous()
         return cls(state["weight_packed"], state["weight_scale"], zeros, bits, group_size, shape)
-
-
-def quantization_params(
-    min_vals: torch.Tensor,
-    max_vals: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    scale_dtype: torch.dtype,
-    mean_abs: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales and zero points of groups with the given minima and maxima (compressed-tensors' rules).
-
-    1 bit instead takes ``mean_abs [...]``, each group's mean absolute value, as its scale (MC-MoE's
-    ``sign(W) * mean|W|``); its zero points (asymmetric) are 0.
-
-    min_vals / max_vals ``[...]`` fp32 (each group's min and max). Symmetric: ``scale = absmax / ((2^b - 1) / 2)``,
-    zero None. Asymmetric: ``scale = (max - min) / (2^b - 1)``, ``zero = round(qmin - min / scale)``; min/max are
-    widened to include 0 so that zero is representable. A zero scale (an all-zero group) becomes 1.
-    Returns ``(scales, zeros)`` as fp32 ``[...]``; scales are rounded to ``scale_dtype`` first, so quantising with
-    them uses exactly the scale a kernel will read back.
-    """
-    _check_bits(bits)
-    if bits == 1:
-        if mean_abs is None:
-            raise ValueError("1-bit scales are each group's mean |w|: pass mean_abs")
-        scales = mean_abs.float()
-        scales = torch.where(scales == 0, torch.ones_like(scales), scales).to(scale_dtype).float()
-        return scales, None if symmetric else torch.zeros_like(scales)
-    min_vals = min_vals.float().clamp(max=0.0)
-    max_vals = max_vals.float().clamp(min=0.0)
-    qmin, qmax = signed_range(bits)
-    if symmetric:
-        scales = torch.maximum(min_vals.abs(), max_vals) / ((qmax - qmin) / 2)
-    else:
-        scales = (max_vals - min_vals) / (qmax - qmin)
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-    scales = scales.to(scale_dtype).float()
-    zeros = None if symmetric else torch.round(qmin - min_vals / scales).clamp(qmin, qmax)
-    return scales, zeros
-
-
-# How a group's scale is chosen. "minmax": from the group's min and max (compressed-tensors' rule, no search).
-# "mse": the GPTQ reference's clipping search (its ``Quantizer(mse=True)``, and MoEQuant's ``--w_clip``): the range
-# [min, max] is shrunk by p = 1, 0.99, ..., 0.21 and each group keeps the p whose rounding error
-# sum |w - q(w)|^2.4 is smallest. At 2 and 3 bits clipping the few large weights of a group costs less than the
-# coarser steps an unclipped range forces on all the others.
-SCALE_SEARCHES = ("minmax", "mse")
-MSE_GRID = 100
-MSE_MAX_SHRINK = 0.8
-MSE_NORM = 2.4
-
-
-def fit_group_params(
-    groups: torch.Tensor,
-    bits: int,
-    symmetric: bool,
-    scale_dtype: torch.dtype,
-    mean_abs: torch.Tensor | None = None,
-    scale_search: str = "minmax",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scales and zero points ``[...]`` (fp32) of the groups ``groups [..., columns]`` (one group per last-dim row).
-
-    scale_search: ``"minmax"`` (:func:`quantization_params` of each group's min and max) or ``"mse"`` (the clipping
-    search described at :data:`SCALE_SEARCHES`; never a larger error than ``"minmax"``, whose range is the first
-    candidate). 1 bit takes ``mean_abs`` (``[...]``) and no search: ``mean|w|`` already minimises the squared error of
-    ``sign(w) * s``. Zero-padded columns change neither the range nor the error (0 is always exactly representable).
-    """
-    if scale_search not in SCALE_SEARCHES:
-        raise ValueError(f"scale_search={scale_search!r} is not known; use one of {list(SCALE_SEARCHES)}")
-    groups = groups.float()
-    min_vals, max_vals = groups.amin(-1), groups.amax(-1)
-    scales, zeros = quantization_params(min_vals, max_vals, bits, symmetric, scale_dtype, mean_abs)
-    if scale_search == "minmax" or bits == 1:
-        return scales, zeros
-    best_error = _rounding_error(groups, scales, zeros, bits)
-    for step in range(1, int(MSE_MAX_SHRINK * MSE_GRID)):
-        shrink = 1.0 - step / MSE_GRID
-        candidate_scales, candidate_zeros = quantization_params(min_vals * shrink, max_vals * shrink, bits,
-                                                                symmetric, scale_dtype)
-        error = _rounding_error(groups, candidate_scales, candidate_zeros, bits)
-        better = error < best_error
-        best_error = torch.where(better, error, best_error)
-        scales = torch.where(better, candidate_scales, scales)
-        if zeros is not None:
-            zeros = torch.where(better, candidate_zeros, zeros)
-    return scales, zeros
-
-
-def _rounding_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """``sum |w - q(w)|^MSE_NORM`` per group: ``groups [..., columns]``, scales / zeros ``[...]`` -> ``[...]``."""
-    zeros = None if zeros is None else zeros.unsqueeze(-1)
-    codes = quantize_values(groups, scales.unsqueeze(-1), zeros, bits)
-    dequantised = (codes - (0 if zeros is None else zeros)) * scales.unsqueeze(-1)
-    return (groups - dequantised).abs().pow(MSE_NORM).sum(-1)
-
-
-def quantize_values(
-    values: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int
-) -> torch.Tensor:
-    """Signed codes ``round(values / scale + zero)`` clamped to the ``bits`` range; broadcasting shapes, fp32.
-
-    1 bit: the sign, ``+1`` for ``values >= 0`` and ``-1`` below (zero points are 0)."""
-    if bits == 1:
-        return torch.where(values.float() >= 0, 1.0, -1.0)
-    qmin, qmax = signed_range(bits)
-    shifted = values.float() / scales
-    if zeros is not None:
-        shifted = shifted + zeros
-    return torch.round(shifted).clamp(qmin, qmax)
-
-
-def quantize_rtn(
-    weight: torch.Tensor,
-    bits: int,
-    group_size: int = 128,
-    symmetric: bool = True,
-    scale_dtype: torch.dtype | None = None,
-    scale_search: str = "minmax",
-) -> PackedLinearWeight:
-    """Round-to-nearest quantisation of ``weight [..., out, in]`` with compressed-tensors' scale/zero-point rules
-    (:func:`quantization_params`), or clipped scales (``scale_search="mse"``, :func:`fit_group_params`).
-    ``group_size <= 0``: per-channel. The last group may be shorter than ``group_size`` when it does not divide
-    ``in``. scale_dtype defaults to the weight's dtype (fp16/bf16 checkpoints keep their dtype; fp32 stays fp32).
-    """
-    _check_bits(bits)
-    if weight.dim() < 2:
-        raise ValueError(f"weight must be [..., out, in], got shape {tuple(weight.shape)}")
-    *lead, out_features, in_features = weight.shape
-    groups = num_groups(in_features, group_size)
-    width = in_features if group_size <= 0 else group_size
-    padded = torch.nn.functional.pad(weight.float(), (0, groups * width - in_features))
-    grouped = padded.reshape(*lead, out_features, groups, width)
-    # Padding columns are zeros, which never change min/max once 0 is included.
-    scale_dtype = scale_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
-    mean_abs = None
-    if bits == 1:  # over the group's real columns: the last group may be padded
-        columns = (in_features - torch.arange(groups, device=weight.device) * width).clamp(max=width)
-        mean_abs = grouped.abs().sum(dim=-1) / columns
-    scales, zeros = fit_group_params(grouped, bits, symmetric, scale_dtype, mean_abs, scale_search)
-    values = quantize_values(grouped, scales.unsqueeze(-1), None if zeros is None else zeros.unsqueeze(-1), bits)
-    values = values.reshape(*lead, out_features, groups * width)[..., :in_features]
-    return PackedLinearWeight(
-        packed=pack_signed(values.to(torch.int64), bits),
-        scales=scales.to(scale_dtype),
-        zeros=None if zeros is None else zeros.to(torch.int8),
-        bits=bits,
-        group_size=group_size,
-        shape=(out_features, in_features),
-    )

@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from moecompress.kernels.layout import PackedLinearWeight, num_groups, packed_width
 from moecompress.kernels.reference import packed_linear_reference
 from moecompress.kernels.runtime import triton_available
-from moecompress.quantization.packing import PackedLinearWeight, num_groups, packed_width
 
 
 class PackedLinear(nn.Module):

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from moecompress.quantization.packing import PackedLinearWeight
+from moecompress.kernels.layout import PackedLinearWeight
 
 
 def packed_linear_reference(x: torch.Tensor, weight: PackedLinearWeight) -> torch.Tensor:

@@ -21,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from moecompress.kernels.layout import PackedLinearWeight
 from moecompress.kernels.runtime import interpreting
 from moecompress.kernels.triton_dequant import contract, dequant_tile
-from moecompress.quantization.packing import PackedLinearWeight
 
 
 @dataclass

@@ -25,6 +25,9 @@ import torch
 from torch import nn
 
 from moecompress.errors import MoECompressError
+from moecompress.kernels.backend import BACKEND_NAME, _is_silu
+from moecompress.kernels.layout import PackedLinearWeight, num_groups, packed_width
+from moecompress.kernels.runtime import triton_available
 
 
 @dataclass
@@ -105,7 +108,7 @@ class VariableWidthExperts(nn.Module):
         (:mod:`moecompress.kernels.triton_variable_width`); otherwise the same operations, in the same order, as
         transformers' eager experts loop."""
         if self._use_triton(hidden_states.device):
-            # lazy: importing Triton costs seconds, and only this path needs it
+            # imports triton (the optional kernels extra; seconds to import), and only this path needs it
             from moecompress.kernels.triton_variable_width import variable_width_experts_triton
 
             device = hidden_states.device
@@ -133,9 +136,6 @@ class VariableWidthExperts(nn.Module):
         return {id(self.expert_widths): 0}
 
     def _use_triton(self, device: torch.device) -> bool:
-        from moecompress.kernels.backend import BACKEND_NAME, _is_silu
-        from moecompress.kernels.runtime import triton_available
-
         return (getattr(self.config, "_experts_implementation", None) == BACKEND_NAME and _is_silu(self.act_fn)
                 and triton_available(device))
 
@@ -171,7 +171,7 @@ class SegmentedPackedExperts(nn.Module):
     ``E_e(x) = sum_s W_down[:, S_s] (act(W_gate[S_s] x) * W_up[S_s] x)``.
 
     Buffers per expert ``e`` and segment ``s`` of width ``w > 0`` at ``bits[s]`` (symmetric, group-wise; compressed-
-    tensors rows as in :class:`moecompress.quantization.packing.PackedLinearWeight`):
+    tensors rows as in :class:`moecompress.kernels.layout.PackedLinearWeight`):
     ``e{e}_s{s}_gate_up_packed`` int32 ``[2w, ceil(H b / 32)]`` (gate rows then up rows), ``e{e}_s{s}_gate_up_scale``
     ``[2w, G_H]``, ``e{e}_s{s}_down_packed`` int32 ``[H, ceil(w b / 32)]``, ``e{e}_s{s}_down_scale`` ``[H, G_w]``;
     ``segment_widths`` int32 ``[E, 3]``. The torch path dequantises each segment per forward.
@@ -179,8 +179,6 @@ class SegmentedPackedExperts(nn.Module):
 
     def __init__(self, segment_widths: list[list[int]], bits: list[int], hidden_dim: int, group_size: int, act_fn,
                  *, config=None, scale_dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
-        from moecompress.quantization.packing import num_groups, packed_width
-
         super().__init__()
         self.widths = [[int(w) for w in widths] for widths in segment_widths]
         self.bits = [int(b) for b in bits]
@@ -226,8 +224,6 @@ class SegmentedPackedExperts(nn.Module):
 
     def segment(self, expert: int, segment: int):
         """``(gate_up, down)`` PackedLinearWeight of one segment, or None when it is empty."""
-        from moecompress.quantization.packing import PackedLinearWeight
-
         width = self.widths[expert][segment]
         if width == 0:
             return None

@@ -1,4 +1,7 @@
-"""The MoE surface of every supported architecture: find MoE blocks, routing semantics, expert tensors, edits."""
+"""The MoE surface of every supported architecture: find MoE blocks, routing semantics, expert tensors, edits.
+
+It knows no files: reading and writing checkpoints (``load_model``, validation, the native format) is
+:mod:`moecompress.checkpoint`, one layer up."""
 
 from moecompress.models.edits import (
     EditError,
@@ -7,6 +10,7 @@ from moecompress.models.edits import (
     merge_experts,
     merged_expert_ids,
     remap_expert_ids,
+    replace_experts,
     restore_expert_id_map,
     slice_micro_experts,
     sync_config,
@@ -20,9 +24,15 @@ from moecompress.models.families import (
     find_moe_blocks,
     supported_families,
 )
-from moecompress.models.loading import load_config, load_model, validate_safetensors
 from moecompress.models.summary import model_summary
-from moecompress.models.view import ExpertWeights, MoEBlockView, RouterOutput, RoutingSpec, SharedExpert, route_from_logits
+from moecompress.models.view import (
+    ExpertWeights,
+    MoEBlockView,
+    RouterOutput,
+    RoutingSpec,
+    SharedExpert,
+    route_from_logits,
+)
 
 __all__ = [
     "ADAPTERS",
@@ -37,18 +47,16 @@ __all__ = [
     "decoder_layers",
     "find_moe_blocks",
     "keep_experts",
-    "load_config",
-    "load_model",
     "materialize_expert_id_map",
     "merge_experts",
     "merged_expert_ids",
     "model_summary",
     "remap_expert_ids",
+    "replace_experts",
     "restore_expert_id_map",
     "route_from_logits",
     "slice_micro_experts",
     "supported_families",
     "sync_config",
-    "validate_safetensors",
     "zero_micro_experts",
 ]

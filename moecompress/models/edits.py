@@ -114,7 +114,7 @@ def merge_experts(
         ``expert_id_map`` buffer (router output -> stored expert) on the experts module plus a forward pre-hook
         that maps ``top_k_index``; it works with every experts backend. Before ``save_pretrained`` call
         :func:`materialize_expert_id_map` (plain-HF checkpoint with merged experts duplicated per router output);
-        :func:`moecompress.models.load_model` compacts it again. Saving without that fails loudly on reload
+        :func:`moecompress.checkpoint.load_model` compacts it again. Saving without that fails loudly on reload
         (router rows and expert count disagree).
       * ``"collapse"`` (R2): one router row per cluster (the weighted average of its members' rows, likewise
         router bias and selection bias), top-k clamped to the cluster count, DeepSeek-style group routing turned
@@ -580,3 +580,12 @@ def _drop_config_record(model: nn.Module) -> None:
     config = text_config(model.config)
     if hasattr(config, CONFIG_RECORD_KEY):
         delattr(config, CONFIG_RECORD_KEY)
+
+
+def replace_experts(view: MoEBlockView, new_experts: nn.Module) -> None:
+    """Put ``new_experts`` where ``view.experts`` sits in its block (counts and the remap map carried over)."""
+    attribute = next(name for name, child in view.block.named_children() if child is view.experts)
+    id_map = getattr(view.experts, EXPERT_ID_MAP_ATTR, None)
+    if id_map is not None:
+        setattr(new_experts, EXPERT_ID_MAP_ATTR, id_map)
+    setattr(view.block, attribute, new_experts)

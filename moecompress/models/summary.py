@@ -6,14 +6,11 @@ Works on a model with real weights and on one built on the ``meta`` device (shap
 Two sizes, because they differ: ``bytes`` (:func:`model_summary`) is the model **in memory** at its load dtype, each
 tensor at the dtype transformers keeps it in (since transformers 5.24 some routers stay float32 in a bf16 model:
 DeepSeek-V3's router weight and ``e_score_correction_bias``, ...); ``bytes_on_disk``
-(:func:`checkpoint_bytes`) is what the safetensors files store, read from their headers.
+(:func:`moecompress.checkpoint.headers.checkpoint_bytes`) is what the safetensors files store, read from their headers.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from safetensors import safe_open
 from torch import nn
 
 from moecompress.models.families import adapter_for, decoder_layers, find_moe_blocks, text_config
@@ -33,7 +30,7 @@ def model_summary(model: nn.Module) -> dict:
     what a checkpoint stores; tied tensors (embeddings) count once. ``other`` is everything that is not a routed
     or shared expert (attention, norms, embeddings, routers, dense MLPs). ``bytes`` uses each tensor's own dtype
     in memory (a float32-kept router counts 4 bytes per value in a bf16 model); for the checkpoint's own size see
-    :func:`checkpoint_bytes`.
+    :func:`moecompress.checkpoint.headers.checkpoint_bytes`.
     """
     config = text_config(model.config)
     adapter = adapter_for(config, model)
@@ -113,31 +110,3 @@ def _shared_parameters(shared_expert) -> list[nn.Parameter]:
     if shared_expert.gate is not None:
         parameters += list(shared_expert.gate.parameters())
     return parameters
-
-
-# Bytes per value of every safetensors dtype name.
-_SAFETENSORS_DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
-}
-
-
-def checkpoint_bytes(folder: str | Path) -> dict:
-    """Bytes the tensors of the safetensors files in ``folder`` take on disk, from their headers (no data read).
-
-    Returns ``{"total": bytes, "by_dtype": {"BF16": bytes, "F32": bytes, ...}, "parameters": values}`` (the
-    headers' own dtypes, which may differ from the dtypes a loaded model holds; see :func:`model_summary`).
-    """
-    by_dtype: dict[str, int] = {}
-    values = 0
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                tensor = handle.get_slice(key)
-                count = 1
-                for size in tensor.get_shape():
-                    count *= int(size)
-                dtype = tensor.get_dtype()
-                by_dtype[dtype] = by_dtype.get(dtype, 0) + count * _SAFETENSORS_DTYPE_BYTES[dtype]
-                values += count
-    return {"total": sum(by_dtype.values()), "by_dtype": dict(sorted(by_dtype.items())), "parameters": values}

@@ -19,15 +19,17 @@ native format (``config.moecompress.num_experts_per_layer``), not as a plain tra
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Literal, Mapping
 
 import pydantic
 import torch
 
-from moecompress.errors import RecipeError
-from moecompress.models import find_moe_blocks
+from moecompress.calibration import LayerwiseRunner
+from moecompress.errors import CalibrationError, RecipeError
+from moecompress.models import decoder_layers, find_moe_blocks
 from moecompress.models.edits import keep_experts, remap_expert_ids
-from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult
+from moecompress.stages import RunContext, Stage, StageOptions, StageResult
 
 
 class ExpertBudgetOptions(StageOptions):
@@ -229,21 +231,14 @@ class ExpertPruningStage(Stage):
 
     def result(self, context: RunContext, scores: dict[int, torch.Tensor], kept_experts: dict[int, list[int]],
                extra_decisions: dict | None = None) -> StageResult:
-        from moecompress.pruning.plots import expert_scores_plot
+        from moecompress.pruning.plots import expert_scores_plot  # imports matplotlib (heavy): deferred to the plot
 
         plot = expert_scores_plot({layer: scores[layer].tolist() for layer in scores}, kept_experts,
                                   context.output_dir / "plots" / f"{self.method}_scores.png",
                                   title=f"{self.method}: {self.score_name}")
-        counts = {layer: len(kept) for layer, kept in kept_experts.items()}
-        return StageResult(
-            decisions={"kept_experts": {str(layer): kept for layer, kept in kept_experts.items()},
-                       "uniform_layers": len(set(counts.values())) == 1, **(extra_decisions or {})},
-            metrics={"scores": {str(layer): [float(v) for v in values.tolist()] for layer, values in scores.items()},
-                     "score_name": self.score_name,
-                     "experts_per_layer_after": {str(layer): count for layer, count in counts.items()}},
-            plots=[str(plot.relative_to(context.output_dir))],
-            changed_structure=True,
-        )
+        return expert_edit_result(
+            context, self, scores, {layer: len(kept) for layer, kept in kept_experts.items()}, plot,
+            {"kept_experts": {str(layer): kept for layer, kept in kept_experts.items()}, **(extra_decisions or {})})
 
     def replay(self, context: RunContext, result: StageResult) -> bool:
         kept_experts = {int(layer): list(kept) for layer, kept in result.decisions["kept_experts"].items()}
@@ -308,18 +303,27 @@ class ProgressivePruningStage(ExpertPruningStage):
         return self.result(context, scores, kept_experts)
 
 
+def expert_edit_result(context: RunContext, stage: Stage, scores: dict[int, torch.Tensor],
+                       experts_per_layer: dict[int, int], plot: Path, decisions: dict) -> StageResult:
+    """The report entry of an expert-level edit (pruning or merging): its ``decisions`` plus whether every layer kept
+    as many experts, the per-layer ``scores [E]`` and expert counts as metrics, and its ``plot``."""
+    return StageResult(
+        decisions={**decisions, "uniform_layers": len(set(experts_per_layer.values())) == 1},
+        metrics={"scores": {str(layer): [float(v) for v in values.tolist()] for layer, values in scores.items()},
+                 "score_name": stage.score_name,
+                 "experts_per_layer_after": {str(layer): count for layer, count in experts_per_layer.items()}},
+        plots=[str(plot.relative_to(context.output_dir))],
+        changed_structure=True,
+    )
+
+
 def progressive_sweep(context: RunContext, stage: ProgressivePruningStage):
     """One calibration sweep over ``context.model`` that prunes each MoE layer as soon as its statistics are in.
 
     Returns ``({layer: scores [E]}, {layer: kept ids})``. The layer's outputs for the next layer are recomputed
     with the pruned layer (captured inputs re-run through it, written into the runner's cache in place).
     """
-    from moecompress.calibration import LayerwiseRunner
-    from moecompress.models import decoder_layers
-
     if context.calibration is None:
-        from moecompress.errors import CalibrationError
-
         raise CalibrationError(f"{stage.method} needs calibration data; add a `calibration:` section to the recipe")
     protected = super_experts_by_layer(context)
     captured: dict[int, list] = {}

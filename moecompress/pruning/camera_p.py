@@ -37,16 +37,30 @@ import pydantic
 import torch
 from torch import nn
 
-from moecompress.analysis.camera import (DEFAULT_ALPHA, STATISTICS, LayerEnergies, energy_plot, layer_energies,
-                                         random_scores, weight_norm_scores)
+from moecompress.analysis.camera import (
+    DEFAULT_ALPHA,
+    STATISTICS,
+    LayerEnergies,
+    energy_plot,
+    layer_energies,
+    random_scores,
+    weight_norm_scores,
+)
+from moecompress.calibration import LayerwiseRunner
 from moecompress.errors import CalibrationError, RecipeError
 from moecompress.kernels.variable_width import VariableWidthExperts, slice_linear_rows_and_columns
 from moecompress.models import find_moe_blocks
-from moecompress.models.edits import (EditError, _config_record, _replace_tensor, sync_config,
-                                      zero_micro_experts)
+from moecompress.models.edits import (
+    EditError,
+    _config_record,
+    _replace_tensor,
+    replace_experts,
+    sync_config,
+    zero_micro_experts,
+)
 from moecompress.models.families import adapter_for, text_config
-from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage
 from moecompress.pruning.base import super_experts_by_layer
+from moecompress.stages import RunContext, Stage, StageOptions, StageResult, register_stage
 
 VARIABLE_WIDTH_KEY = "variable_width"
 
@@ -130,8 +144,6 @@ def kept_channels(width: int, pruned: list[int]) -> torch.Tensor:
 def make_physical(model: nn.Module, plans: dict[int, LayerPrunePlan]) -> dict[str, dict]:
     """Replace each planned layer's experts by :class:`VariableWidthExperts` holding only the kept channels, slice
     its shared experts, and record the widths under ``config.moecompress["variable_width"]``. Returns the record."""
-    from moecompress.export.native import replace_experts
-
     record = {}
     for view in find_moe_blocks(model):
         plan = plans.get(view.layer_index)
@@ -349,8 +361,6 @@ def sweep_pruning(context: RunContext, prune_view) -> None:
     """One streamed sweep (:meth:`LayerwiseRunner.sweep`): per decoder layer, the CAMERA statistics of its MoE
     blocks on the current (already pruned) inputs, then ``prune_view(view, layer_statistics)`` edits the block;
     the edited layer's outputs feed the next layer."""
-    from moecompress.calibration import LayerwiseRunner
-
     if context.calibration is None:
         raise CalibrationError("prune_camera needs calibration data; add a `calibration:` section to the recipe")
 

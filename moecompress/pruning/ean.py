@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 
 from moecompress.analysis.expert_scores import ean_scores
-from moecompress.pipeline import register_stage
 from moecompress.pruning.base import ProgressivePruningStage
+from moecompress.stages import register_stage
 
 
 @register_stage

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from moecompress.analysis.expert_scores import frequency_scores
-from moecompress.pipeline import register_stage
 from moecompress.pruning.base import ProgressivePruningStage, select_kept_experts
+from moecompress.stages import register_stage
 
 
 def select_most_used(token_counts: torch.Tensor, num_keep: int, protected: list[int]) -> list[int]:

@@ -23,8 +23,14 @@ from moecompress.analysis.alignment import align_cluster
 from moecompress.errors import RecipeError
 from moecompress.models import find_moe_blocks
 from moecompress.models.edits import merge_experts, merged_expert_ids
-from moecompress.pipeline import RunContext, Stage, StageResult
-from moecompress.pruning.base import ExpertBudgetOptions, check_budget, experts_to_keep, super_experts_by_layer
+from moecompress.pruning.base import (
+    ExpertBudgetOptions,
+    check_budget,
+    expert_edit_result,
+    experts_to_keep,
+    super_experts_by_layer,
+)
+from moecompress.stages import RunContext, Stage, StageResult
 
 
 class MergeOptions(ExpertBudgetOptions):
@@ -84,24 +90,17 @@ class ExpertMergingStage(Stage):
         weights = {layer: [cluster_weights(members, counts[layer]) for members in partition]
                    for layer, partition in clusters.items()}
         self._apply(context, clusters, anchors, weights)
-        from moecompress.pruning.plots import expert_scores_plot
+        from moecompress.pruning.plots import expert_scores_plot  # imports matplotlib (heavy): deferred to the plot
 
         plot = expert_scores_plot({layer: values.tolist() for layer, values in scores.items()}, None,
                                   context.output_dir / "plots" / f"{self.method}_clusters.png", clusters=clusters,
                                   title=f"{self.method}: {self.score_name}")
-        sizes = {layer: len(partition) for layer, partition in clusters.items()}
-        return StageResult(
-            decisions={"clusters": {str(layer): partition for layer, partition in clusters.items()},
-                       "anchors": {str(layer): anchor for layer, anchor in anchors.items()},
-                       "member_weights": {str(layer): w for layer, w in weights.items()},
-                       "router_rule": self.options.router_rule, "aligned": self.align,
-                       "uniform_layers": len(set(sizes.values())) == 1},
-            metrics={"scores": {str(layer): [float(v) for v in values.tolist()] for layer, values in scores.items()},
-                     "score_name": self.score_name,
-                     "experts_per_layer_after": {str(layer): size for layer, size in sizes.items()}},
-            plots=[str(plot.relative_to(context.output_dir))],
-            changed_structure=True,
-        )
+        return expert_edit_result(
+            context, self, scores, {layer: len(partition) for layer, partition in clusters.items()}, plot,
+            {"clusters": {str(layer): partition for layer, partition in clusters.items()},
+             "anchors": {str(layer): anchor for layer, anchor in anchors.items()},
+             "member_weights": {str(layer): w for layer, w in weights.items()},
+             "router_rule": self.options.router_rule, "aligned": self.align})
 
     def replay(self, context: RunContext, result: StageResult) -> bool:
         decisions = result.decisions

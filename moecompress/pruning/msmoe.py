@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from moecompress.analysis.clustering import dominant_expert_groups, router_logit_affinity
 from moecompress.models import find_moe_blocks
-from moecompress.pipeline import register_stage
 from moecompress.pruning.base import select_kept_experts
 from moecompress.pruning.merging import ExpertMergingStage, protected_experts
+from moecompress.stages import register_stage
 
 
 @register_stage

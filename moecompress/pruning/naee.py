@@ -25,9 +25,14 @@ import torch
 from moecompress.analysis.block_outputs import DEFAULT_MAX_TOKENS, BlockReconstruction
 from moecompress.errors import RecipeError
 from moecompress.models import find_moe_blocks
-from moecompress.pipeline import RunContext, register_stage
-from moecompress.pruning.base import (ProgressiveOptions, ProgressivePruningStage, experts_to_keep, layer_groups,
-                                      super_experts_by_layer)
+from moecompress.pruning.base import (
+    ProgressiveOptions,
+    ProgressivePruningStage,
+    experts_to_keep,
+    layer_groups,
+    super_experts_by_layer,
+)
+from moecompress.stages import RunContext, register_stage
 
 
 class NaeeOptions(ProgressiveOptions):

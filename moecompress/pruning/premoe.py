@@ -18,8 +18,8 @@ import pydantic
 import torch
 
 from moecompress.analysis.expert_scores import tcess_scores
-from moecompress.pipeline import register_stage
 from moecompress.pruning.base import ProgressiveOptions, ProgressivePruningStage
+from moecompress.stages import register_stage
 
 PRESETS = {"premoe_code": {"tcess_top_k": 1, "threshold": -1.0, "phi": "identity"}}
 

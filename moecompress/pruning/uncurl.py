@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from moecompress.analysis.clustering import router_logit_affinity, spectral_clusters
 from moecompress.models import find_moe_blocks
-from moecompress.pipeline import register_stage
 from moecompress.pruning.merging import ExpertMergingStage, protected_experts
+from moecompress.stages import register_stage
 
 
 @register_stage

@@ -36,21 +36,22 @@ engine packs one width per expert, and a per-channel width inside an expert need
 
 from __future__ import annotations
 
-
 import numpy as np
 import pydantic
 import torch
 
 from moecompress.analysis.camera import DEFAULT_ALPHA, STATISTICS, layer_energies
+from moecompress.calibration import LayerwiseRunner
 from moecompress.errors import CalibrationError, RecipeError
+from moecompress.kernels.layout import SUPPORTED_BITS, PackedLinearWeight
 from moecompress.kernels.variable_width import SegmentedPackedExperts
 from moecompress.models import find_moe_blocks
-from moecompress.models.edits import _config_record
-from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage
+from moecompress.models.edits import _config_record, replace_experts
 from moecompress.pruning.base import super_experts_by_layer
 from moecompress.quantization.gptq import gptq_quantize
-from moecompress.quantization.packing import SUPPORTED_BITS, PackedLinearWeight, quantize_rtn
+from moecompress.quantization.packing import quantize_rtn
 from moecompress.solvers import Budget, MultipleChoiceKnapsack, solve
+from moecompress.stages import RunContext, Stage, StageOptions, StageResult, register_stage
 
 RECORD_KEY = "camera_q"
 
@@ -205,9 +206,6 @@ class CameraQuantization(Stage):
                                   "dense experts without biases; CAMERA-Q runs on unquantised concatenated experts")
 
     def run(self, context: RunContext) -> StageResult:
-        from moecompress.calibration import LayerwiseRunner
-        from moecompress.export.native import replace_experts
-
         self.check(context)
         if context.calibration is None:
             raise CalibrationError("camera_q needs calibration data; add a `calibration:` section to the recipe")

@@ -18,18 +18,12 @@ first column, as the reference does; each group lies inside one block, so those 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from moecompress.quantization.packing import (
-    PackedLinearWeight,
-    fit_group_params,
-    num_groups,
-    pack_signed,
-    quantize_values,
-)
+from moecompress.kernels.layout import PackedLinearWeight, num_groups
+from moecompress.quantization.packing import fit_group_params, quantize_values
 
 DEFAULT_BLOCK_SIZE = 128
 
@@ -137,14 +131,7 @@ def gptq_quantize(
             codes.scatter_(2, order[:, column][:, None, None].expand(stack, out_features, 1), column_codes[:, :, None])
         work[:, :, stop:] -= block_errors @ upper[:, start:stop, stop:]
 
-    packed = PackedLinearWeight(
-        packed=pack_signed(codes.to(torch.int64), bits),
-        scales=scales.to(scale_dtype),
-        zeros=None if zeros is None else zeros.to(torch.int8),
-        bits=bits,
-        group_size=group_size,
-        shape=(out_features, in_features),
-    )
+    packed = PackedLinearWeight.from_codes(codes, scales.to(scale_dtype), zeros, bits, group_size)
     dequantised = packed.dequantize(torch.float32)
     errors = [hessian_weighted_error(original[b], dequantised[b], undamped[b]) for b in range(stack)]
     damps_used = [float(value) for value in damps]

@@ -44,14 +44,15 @@ import torch
 
 from moecompress.analysis.block_outputs import BlockReconstruction
 from moecompress.errors import RecipeError
+from moecompress.kernels.layout import SUPPORTED_BITS, num_groups, packed_width
 from moecompress.models import find_moe_blocks
 from moecompress.models.edits import keep_experts, remap_expert_ids
 from moecompress.models.families import adapter_for, minimum_experts, text_config
 from moecompress.models.summary import model_summary
 from moecompress.models.view import MoEBlockView
-from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage
-from moecompress.quantization.packing import SUPPORTED_BITS, num_groups, packed_width, quantize_rtn
+from moecompress.quantization.packing import quantize_rtn
 from moecompress.solvers import AtLeast, Budget, InfeasibleError, MultipleChoiceKnapsack, solve
+from moecompress.stages import RunContext, Stage, StageOptions, StageResult, register_stage
 
 COST_SCALE = 1000.0  # the reference code's s: keeps costs of well-used experts away from float underflow
 DROP = 0  # the candidate that removes an expert

@@ -17,7 +17,7 @@ token reached is rounded (RTN). Either way every scale is finite; such experts a
 
 The quantised experts become :class:`moecompress.kernels.backend.PackedExperts`, quantised linears
 :class:`moecompress.kernels.linear.PackedLinear`, and ``config.quantization_config`` describes them (the native
-format, ``moecompress.export.native``), so the model saves and reloads with ``from_pretrained``.
+format, ``moecompress.checkpoint.native``), so the model saves and reloads with ``from_pretrained``.
 """
 
 from __future__ import annotations
@@ -31,15 +31,17 @@ import torch
 from torch import nn
 
 from moecompress.calibration.runner import LayerReplay, LayerwiseRunner
+from moecompress.checkpoint.native import MoECompressQuantizationConfig, prepare_skeleton
+from moecompress.checkpoint.shards import LayerFiles
 from moecompress.errors import MoECompressError, UnsupportedModelError
-from moecompress.export.native import MoECompressQuantizationConfig, prepare_skeleton, replace_experts
-from moecompress.export.shards import LayerFiles
 from moecompress.kernels.backend import PackedExperts
+from moecompress.kernels.layout import SUPPORTED_BITS, PackedLinearWeight
 from moecompress.kernels.linear import PackedLinear
 from moecompress.models import decoder_layers, find_moe_blocks
+from moecompress.models.edits import replace_experts
 from moecompress.models.view import MoEBlockView
 from moecompress.quantization.gptq import gptq_quantize, hessian_weighted_error
-from moecompress.quantization.packing import SCALE_SEARCHES, SUPPORTED_BITS, PackedLinearWeight, quantize_rtn
+from moecompress.quantization.packing import SCALE_SEARCHES, quantize_rtn
 
 TARGETS = ("routed_experts", "shared_experts", "attention", "dense_mlp")
 DOWN_PROJECTION_NAMES = ("down_proj", "w2", "c_proj", "fc2", "dense_4h_to_h")
@@ -205,7 +207,7 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings, calibration
 
 # ----- resuming --------------------------------------------------------------------------------------------------
 class _LayerProgress:
-    """Finished decoder layers on disk (:class:`moecompress.export.shards.LayerFiles`): the layer's state dict, its
+    """Finished decoder layers on disk (:class:`moecompress.checkpoint.shards.LayerFiles`): the layer's state dict, its
     packed modules' config and expert records, valid for one ``fingerprint`` (stage options + calibration data)."""
 
     def __init__(self, folder: Path, fingerprint: str) -> None:

@@ -25,8 +25,7 @@ from typing import Literal
 import pydantic
 
 from moecompress.errors import MoECompressError, RecipeError
-from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage
-from moecompress.quantization.packing import SUPPORTED_BITS
+from moecompress.kernels.layout import SUPPORTED_BITS
 from moecompress.quantization.sequential import (
     TARGETS,
     QuantizationResult,
@@ -34,6 +33,7 @@ from moecompress.quantization.sequential import (
     check_quantizable,
     quantize_model,
 )
+from moecompress.stages import RunContext, Stage, StageOptions, StageResult, register_stage
 
 # The Triton kernels read one scale per 16-column tile, so a group must be whole tiles.
 GROUP_SIZE_MULTIPLE = 16
@@ -74,7 +74,7 @@ class QuantizeOptions(StageOptions):
         return ["routed_experts", *[target for target in dict.fromkeys(targets) if target != "routed_experts"]]
 
 
-class _QuantizeStage(Stage):
+class QuantizeStage(Stage):
     """Shared by ``rtn`` and ``gptq``: settings from the options, checks, the report entry."""
 
     quantization_method = "rtn"
@@ -135,7 +135,7 @@ class _QuantizeStage(Stage):
 
 
 @register_stage
-class RTNStage(_QuantizeStage):
+class RTNStage(QuantizeStage):
     """``method: rtn``: round every targeted weight to the nearest level of its group (no calibration data)."""
 
     method = "rtn"
@@ -153,7 +153,7 @@ class GPTQOptions(QuantizeOptions):
 
 
 @register_stage
-class GPTQStage(_QuantizeStage):
+class GPTQStage(QuantizeStage):
     """``method: gptq``: GPTQ layer by layer on calibration data (``agq: true`` for MoEQuant's affinity weighting)."""
 
     method = "gptq"
