@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import REPO_ROOT, add_threads_argument, set_threads
+
 STATISTICS = ["max_abs_expert_output", "expert_token_counts", "reap_sums", "router_logit_gram", "tcess_markers"]
 
 
@@ -126,8 +128,7 @@ def child(folder: Path, limit_bytes: int, num_samples: int, seq_len: int, batch_
                       "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_MODEL = REPO / "demo" / "models" / "moe-ref-q3"
+DEMO_MODEL = REPO_ROOT / "demo" / "models" / "moe-ref-q3"
 
 
 def compress_child(folder: Path, num_samples: int, seq_len: int, batch_size: int, dtype: str,
@@ -141,7 +142,7 @@ def compress_child(folder: Path, num_samples: int, seq_len: int, batch_size: int
         if not (folder / name).is_file():
             shutil.copyfile(DEMO_MODEL / name, folder / name)
     recipe = {
-        "calibration": {"files": [str(REPO / "demo" / "calib")], "num_samples": num_samples, "seq_len": seq_len,
+        "calibration": {"files": [str(REPO_ROOT / "demo" / "calib")], "num_samples": num_samples, "seq_len": seq_len,
                         "batch_size": batch_size},
         "stages": [{"method": "prune_frequency", "keep_ratio": 0.75},
                    {"method": "gptq", "bits": 4, "group_size": 128, "hessian_memory_gib": hessian_memory_gib}],
@@ -166,7 +167,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--dtype", default="float32", choices=["bfloat16", "float32"],
                         help="compute dtype of each loaded layer (bf16 matmuls are very slow on this CPU)")
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_argument(parser, 1)
     parser.add_argument("--budget-fraction", type=float, default=1 / 3,
                         help="resident memory the pass may use, as a fraction of the checkpoint size (default 1/3)")
     parser.add_argument("--stages", default="none", choices=["none", "prune+gptq"],
@@ -176,9 +177,7 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        import torch
-
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
         if args.stages == "prune+gptq":
             compress_child(args.folder, args.num_samples, args.seq_len, args.batch_size, args.dtype,
                            args.hessian_memory_gib)

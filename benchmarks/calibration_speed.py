@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from _common import TESTBED, add_threads_argument, set_threads
 from moecompress.calibration import STATISTICS, LayerwiseRunner, load_calibration
 
-TESTBED = Path(__file__).resolve().parents[2] / "shared" / "testbed"
 OPT_IN = {"mean_expert_output_all_tokens", "expert_input_hessian", "expert_input_hessian_affinity",
           "down_proj_hessian", "down_proj_hessian_affinity"}
 HESSIANS = ["expert_input_hessian", "expert_input_hessian_affinity", "down_proj_hessian", "down_proj_hessian_affinity"]
@@ -50,9 +50,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_argument(parser, 1)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     default_names = sorted(set(STATISTICS) - OPT_IN)

@@ -17,17 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(variable, "1")
+from _common import TESTBED_CALIB, add_repo_to_path, add_threads_argument, set_offline, set_threads, testbed_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-TESTBED = Path(os.environ.get("MOECOMPRESS_TESTBED", REPO_ROOT.parent / "shared" / "testbed"))
+set_offline()
+add_repo_to_path()
 
 ACC_TASKS = ("tb_code_next", "tb_kjv_next", "tb_austen_next")
 PPL_TASKS = ("tb_ppl_pycode", "tb_ppl_kjv", "tb_ppl_austen")
@@ -44,10 +41,10 @@ def model_bytes(model) -> int:
 
 def saved_bytes(model) -> int:
     """Bytes of the safetensors files ``model`` saves to (native format when it needs it)."""
-    from moecompress.pipeline import _save_model_atomic
+    from moecompress.checkpoint import save_model
 
     with tempfile.TemporaryDirectory() as folder:
-        _save_model_atomic(model, None, Path(folder))
+        save_model(model, None, Path(folder))
         return sum(path.stat().st_size for path in Path(folder).glob("*.safetensors"))
 
 
@@ -120,7 +117,7 @@ def analysis_time(model, tokenizer) -> dict:
     from moecompress.analysis.camera import STATISTICS, layer_energies
     from moecompress.calibration import LayerwiseRunner, load_calibration
 
-    calibration = load_calibration(tokenizer, files=[str(TESTBED / "calib")], num_samples=128, seq_len=512, seed=0)
+    calibration = load_calibration(tokenizer, files=[str(TESTBED_CALIB)], num_samples=128, seq_len=512, seed=0)
     energies = []
     started = time.perf_counter()
     LayerwiseRunner.from_source(model).run(calibration, list(STATISTICS), batch_size=8, layer_callback=lambda index, layer, collectors: energies.extend(
@@ -137,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--alpha", type=float, default=0.9)
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_argument(parser, 1)
     parser.add_argument("--physical", action="store_true", help="also measure physical vs masked at the first ratio")
     parser.add_argument("--camera-q", default="", help="comma-separated average bits: CAMERA-Q runs (bits 4/3/2) "
                         "against uniform GPTQ at 2 and 3 bits, same group size")
@@ -156,10 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     from moecompress.analysis.camera import energy_pass_cost
     from moecompress.analysis.super_experts import find_super_experts
     from moecompress.calibration import LayerwiseRunner, load_calibration
+    from moecompress.checkpoint import load_model
     from moecompress.evals import evaluate_model
-    from moecompress.models.loading import load_model
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     tasks = [*ACC_TASKS, *PPL_TASKS]
     results = json.loads(args.json_out.read_text()) if args.json_out and args.json_out.exists() else {}
     results.setdefault("command", " ".join(["python benchmarks/camera.py", *(argv or sys.argv[1:])]))
@@ -172,12 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             args.json_out.write_text(json.dumps(results, indent=1))
 
     results["cost_model_qwen3_30b_128x2048"] = energy_pass_cost(num_tokens=128 * 2048, **QWEN3_30B)
-    model, tokenizer = load_model(str(TESTBED / "models" / args.model), dtype=torch.float32)
+    model, tokenizer = load_model(str(testbed_model(args.model)), dtype=torch.float32)
     if "full" not in results["runs"]:
         results["runs"]["full"] = {"scores": evaluate_model(model, tokenizer, tasks, limit=args.limit, batch_size=32)}
         save()
         print("full", results["runs"]["full"]["scores"], flush=True)
-    calibration = load_calibration(tokenizer, files=[str(TESTBED / "calib")], num_samples=args.num_samples,
+    calibration = load_calibration(tokenizer, files=[str(TESTBED_CALIB)], num_samples=args.num_samples,
                                    seq_len=args.seq_len, seed=0)
     profile = LayerwiseRunner.from_source(model).run(calibration, ["max_abs_expert_output"], batch_size=8)
     super_experts = find_super_experts(profile.layers, profile.num_hidden_layers).routed

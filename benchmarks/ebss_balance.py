@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import math
 import time
-from pathlib import Path
 
 import torch
 
+from _common import TESTBED_CALIB, add_threads_argument, set_threads, testbed_model
 from moecompress.calibration import load_calibration
 from moecompress.calibration.ebss import EbssOptions, expert_usage_std, generate_ebss
-from moecompress.models import load_model
-
-TESTBED = Path(__file__).resolve().parents[2] / "shared" / "testbed"
+from moecompress.checkpoint import load_model
 
 
 def main() -> None:
@@ -33,15 +31,15 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--settings", default="inf,1.2,0.01,1.2:ng4,0.01:ng4,0.001:ng4")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_argument(parser, 1)
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     rows = []
     for name in args.models.split(","):
-        model, tokenizer = load_model(TESTBED / "models" / name, dtype=torch.float32)
-        text = load_calibration(tokenizer, files=[TESTBED / "calib"], num_samples=args.num_samples,
+        model, tokenizer = load_model(testbed_model(name), dtype=torch.float32)
+        text = load_calibration(tokenizer, files=[TESTBED_CALIB], num_samples=args.num_samples,
                                 seq_len=args.seq_len, seed=args.seed)
         rows.append((name, "test-bed text (8 domains)", expert_usage_std(model, text.input_ids)[0], "", ""))
         for setting in args.settings.split(","):

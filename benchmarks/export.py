@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-TESTBED = REPO.parent / "shared" / "testbed" / "models"
+from _common import add_repo_to_path, set_threads, testbed_model
+
+add_repo_to_path()
+
 MODELS = {"moe-ref-q3": 16, "moe-ref-mx": 32, "moe-ref-ds": 32}
 MIXED = (4, 3, 2, 8, 4, 3)
 INPUT_IDS = torch.arange(2 * 24).reshape(2, 24) * 37 % 8000 + 5
@@ -61,11 +62,11 @@ torch.save(results, out)
 
 
 def native(work: Path, name: str, group_size: int, mixed: bool) -> Path:
-    from moecompress.models import find_moe_blocks, load_model
-    from moecompress.pipeline import _save_model_atomic
+    from moecompress.checkpoint import load_model, save_model
+    from moecompress.models import find_moe_blocks
     from moecompress.quantization.sequential import QuantizationSettings, quantize_model
 
-    model, tokenizer = load_model(TESTBED / name, dtype=torch.bfloat16)
+    model, tokenizer = load_model(testbed_model(name), dtype=torch.bfloat16)
     bit_map = None
     if mixed:
         bit_map = {(view.layer_index, expert): MIXED[position % len(MIXED)]
@@ -73,7 +74,7 @@ def native(work: Path, name: str, group_size: int, mixed: bool) -> Path:
     quantize_model(model, QuantizationSettings(method="rtn", bits=4, group_size=group_size, bit_map=bit_map))
     folder = work / f"{name}-{'mixed' if mixed else 'w4'}-native"
     folder.mkdir()
-    _save_model_atomic(model, tokenizer, folder)
+    save_model(model, tokenizer, folder)
     (folder / "report.json").write_text("{}\n")
     return folder
 
@@ -110,7 +111,7 @@ def plain_transformers(folders: list[Path], work: Path) -> dict:
 def run_case(work: Path, name: str, group_size: int, mixed: bool) -> dict:
     from moecompress.export import export_folder
     from moecompress.export.compressed_tensors import decompression_difference
-    from moecompress.export.source import folder_bytes
+    from moecompress.export.output import folder_bytes
 
     source = native(work, name, group_size, mixed)
     ct, dequantized = source.with_name(source.name + "-ct"), source.with_name(source.name + "-hf")
@@ -143,7 +144,7 @@ def main() -> int:
     args = parser.parse_args()
     import moecompress  # noqa: F401  (registers the native format)
 
-    torch.set_num_threads(1)
+    set_threads(1)
     work = args.work or Path(tempfile.mkdtemp(prefix="export-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = []

@@ -10,7 +10,7 @@ and GPTQ calibrated on EBSS vs on text.
     python benchmarks/mcmoe.py --compare runs/mcmoe-*.json          # paired differences (pmq - uniform2/random/...)
 
 Every configuration runs the compression pipeline in fp32 on ``--num-samples x --seq-len`` tokens of the test-bed
-calibration text (all domains, seeded), saves the model, reloads it with ``moecompress.models.load_model`` and scores
+calibration text (all domains, seeded), saves the model, reloads it with ``moecompress.checkpoint.load_model`` and scores
 it: mean ``acc_mutual_info`` over tb_code_next, tb_kjv_next, tb_austen_next (``--limit`` items each) and mean
 ``bits_per_byte`` over tb_ppl_pycode, tb_ppl_kjv, tb_ppl_austen (``--ppl-limit`` documents each). Expert bits are
 the mean nominal width over routed experts (dropped experts count 0); ``expert bytes`` is what the saved routed experts
@@ -37,25 +37,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 import tempfile
 from pathlib import Path
 
-for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(variable, "1")
+from _common import (TESTBED_CALIB, add_merge_compare_arguments, add_repo_to_path, add_threads_argument,
+                     print_merged_or_compared, set_offline, set_threads, testbed_model)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-TESTBED = Path(os.environ.get("MOECOMPRESS_TESTBED", REPO_ROOT.parent / "shared" / "testbed"))
+set_offline()
+add_repo_to_path()
+
 ACCURACY_TASKS = ("tb_code_next", "tb_kjv_next", "tb_austen_next")
 PERPLEXITY_TASKS = ("tb_ppl_pycode", "tb_ppl_kjv", "tb_ppl_austen")
 
 import pydantic  # noqa: E402
 import torch  # noqa: E402
 
-from moecompress.models import find_moe_blocks, load_model  # noqa: E402
+from moecompress.checkpoint import load_model  # noqa: E402
+from moecompress.models import find_moe_blocks  # noqa: E402
 from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage  # noqa: E402
 
 
@@ -107,18 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json-out", type=Path, default=Path("runs/mcmoe.json"))
     parser.add_argument("--scale-search", default="minmax", choices=["minmax", "mse"], help="GPTQ's group scales")
-    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON")
-    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="JSON")
-    parser.add_argument("--threads", type=int, default=None)
+    add_merge_compare_arguments(parser)
+    add_threads_argument(parser, None)
     args = parser.parse_args(argv)
-    if args.merge:
-        print(markdown_table(_read_rows(args.merge)))
+    if print_merged_or_compared(args, markdown_table, comparison_table):
         return 0
-    if args.compare:
-        print(comparison_table(_read_rows(args.compare)))
-        return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.json_out.read_text())["rows"] if args.json_out.exists() else []
     for model_name in args.models.split(","):
@@ -139,10 +133,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _read_rows(paths: list[Path]) -> list[dict]:
-    return [row for path in paths for row in json.loads(path.read_text())["rows"]]
-
-
 def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, dict]:
     """The pipeline stages of one configuration and its calibration section."""
     from moecompress.pruning.frequency import FrequencyPruning
@@ -150,7 +140,7 @@ def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, d
     from moecompress.quantization.pmq import PMQStage
     from moecompress.quantization.stages import GPTQStage
 
-    calibration = {"files": [str(TESTBED / "calib")], "num_samples": args.num_samples, "seq_len": args.seq_len,
+    calibration = {"files": [str(TESTBED_CALIB)], "num_samples": args.num_samples, "seq_len": args.seq_len,
                    "seed": 0}
     gptq = GPTQStage({"bits": 2, "group_size": args.group_size, "scale_search": args.scale_search})
     pmq = {"group_size": args.group_size}
@@ -188,7 +178,7 @@ def whole_model_bytes(args) -> str:
     target = parse_target_size(args.target)
     if target.kind == "bytes":
         return args.target
-    summary = model_summary(load_model(TESTBED / "models" / args.current_model, dtype=torch.float32)[0])
+    summary = model_summary(load_model(testbed_model(args.current_model), dtype=torch.float32)[0])
     rest = summary["bytes"]["total"] - summary["bytes"]["routed_experts"]
     if target.kind == "bpp_experts":
         return f"{int(rest + target.value * summary['parameters']['routed_experts'] / 8)}B"
@@ -201,7 +191,7 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
     from moecompress.pipeline import Pipeline
     from moecompress.quantization.odp import reset_odp_counters, skipped_fractions
 
-    source = TESTBED / "models" / model_name
+    source = testbed_model(model_name)
     args.current_model = model_name
     num_experts = find_moe_blocks(load_model(source)[0])[0].num_experts
     stages, calibration = stages_for(args, config, pmq_widths, num_experts)

@@ -22,17 +22,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(variable, "1")
+from _common import TESTBED_CALIB, add_repo_to_path, add_threads_argument, set_offline, set_threads, testbed_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-TESTBED = Path(os.environ.get("MOECOMPRESS_TESTBED", REPO_ROOT.parent / "shared" / "testbed"))
+set_offline()
+add_repo_to_path()
 
 PRUNERS = ("prune_frequency", "prune_ean", "prune_reap", "prune_premoe", "prune_naee")
 MERGERS = ("merge_uncurl", "merge_hcsmoe", "merge_msmoe")
@@ -90,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=250)
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    add_threads_argument(parser, 2)
     parser.add_argument("--json-out", type=Path, required=False)
     parser.add_argument("--table", type=Path, nargs="+", help="print the markdown table of finished runs and exit")
     parser.add_argument("--profiling-cost", action="store_true",
@@ -108,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from moecompress.analysis.super_experts import find_super_experts
     from moecompress.calibration import load_calibration
+    from moecompress.checkpoint import load_model
     from moecompress.evals import evaluate_model
-    from moecompress.models.loading import load_model
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     tasks = args.tasks.split(",")
     results = json.loads(args.json_out.read_text()) if args.json_out and args.json_out.exists() else {}
     results.setdefault("command", " ".join(["python benchmarks/pruning.py", *(argv or sys.argv[1:])]))
@@ -122,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
             args.json_out.parent.mkdir(parents=True, exist_ok=True)
             args.json_out.write_text(json.dumps(results, indent=1))
 
-    source = TESTBED / "models" / args.model
+    source = testbed_model(args.model)
     model, tokenizer = load_model(str(source), dtype=torch.float32)
     if "full" not in results["runs"]:
         results["runs"]["full"] = {"scores": evaluate_model(model, tokenizer, tasks, limit=args.limit, batch_size=32)}
@@ -131,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     balanced_choices = {"no": [False], "yes": [True], "both": [False, True]}[args.group_balanced]
     for profile in args.profiles.split(","):
-        files = [TESTBED / "calib"] if profile == "general" else [TESTBED / "calib" / f"{profile}.jsonl"]
+        files = [TESTBED_CALIB] if profile == "general" else [TESTBED_CALIB / f"{profile}.jsonl"]
         calibration = load_calibration(tokenizer, files=[str(f) for f in files], num_samples=args.num_samples,
                                        seq_len=args.seq_len, seed=0)
         plan = [(method, keep, balanced) for keep in map(int, args.keeps.split(",")) for method in methods
@@ -167,11 +164,11 @@ def profiling_cost(args) -> int:
 
     from moecompress.analysis.super_experts import find_super_experts
     from moecompress.calibration import LayerwiseRunner, load_calibration
-    from moecompress.models.loading import load_model
+    from moecompress.checkpoint import load_model
 
-    torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(str(TESTBED / "models" / args.model), dtype=torch.float32)
-    calibration = load_calibration(tokenizer, files=[str(TESTBED / "calib")], num_samples=args.num_samples,
+    set_threads(args.threads)
+    model, tokenizer = load_model(str(testbed_model(args.model)), dtype=torch.float32)
+    calibration = load_calibration(tokenizer, files=[str(TESTBED_CALIB)], num_samples=args.num_samples,
                                    seq_len=args.seq_len, seed=0)
     keep = int(args.keeps.split(",")[0])
     LayerwiseRunner.from_source(model).run(calibration, ["expert_token_counts"], batch_size=8)  # warm-up

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(variable, "1")
+from _common import add_threads_argument, set_offline, set_threads, stdout_to_stderr, testbed_model
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TESTBED = Path(os.environ.get("MOECOMPRESS_TESTBED", REPO_ROOT.parent / "shared" / "testbed"))
+set_offline()
+
 TESTBED_MODELS = ("moe-ref-q3", "moe-ref-mx", "moe-ref-ds")
 
 
@@ -31,7 +29,7 @@ def model_path(name: str) -> Path:
     candidate = Path(name)
     if candidate.is_dir():
         return candidate
-    return TESTBED / "models" / name
+    return testbed_model(name)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json-out", type=Path, default=None, help="write {model: {task: {metric: value}}} here")
     parser.add_argument("--markdown", action="store_true", help="print the table as markdown instead of rich")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    add_threads_argument(parser, None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
         "--merge", type=Path, nargs="+", default=None, metavar="JSON",
         help="evaluate nothing: print one table from --json-out files of earlier runs (e.g. one run per model)",
@@ -56,13 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         _print_table(scores_by_model, markdown=args.markdown)
         return 0
 
-    import torch
-
     from moecompress.evals import evaluate_model
     from moecompress.evals.loading import load_model_for_eval
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     limit = None if args.limit is None else (int(args.limit) if args.limit >= 1 else args.limit)
     task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     scores_by_model: dict[str, dict[str, dict[str, float]]] = {}
@@ -70,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [name.strip() for name in args.models.split(",") if name.strip()]:
         started = time.perf_counter()
         model, tokenizer = load_model_for_eval(model_path(name), device=args.device)
-        with _stdout_to_stderr():
+        with stdout_to_stderr():
             scores_by_model[name] = evaluate_model(model, tokenizer, task_names, limit=limit, batch_size=args.batch_size)
         seconds_by_model[name] = time.perf_counter() - started
         print(f"{name}: {seconds_by_model[name]:.0f} s", file=sys.stderr)
@@ -91,12 +86,6 @@ def _print_table(scores_by_model: dict[str, dict[str, dict[str, float]]], *, mar
         print(scores_markdown(scores_by_model))
     else:
         Console(width=160).print(scores_table(scores_by_model, title="moecompress quality benchmark (fp32)"))
-
-
-def _stdout_to_stderr():
-    import contextlib
-
-    return contextlib.redirect_stdout(sys.stderr)
 
 
 if __name__ == "__main__":

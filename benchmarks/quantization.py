@@ -19,16 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-for variable in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(variable, "1")
+from _common import (TESTBED_CALIB, add_merge_compare_arguments, add_threads_argument, print_merged_or_compared,
+                     set_offline, set_threads, stdout_to_stderr, testbed_model)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TESTBED = Path(os.environ.get("MOECOMPRESS_TESTBED", REPO_ROOT.parent / "shared" / "testbed"))
+set_offline()
+
 ACCURACY_TASKS = ("tb_code_next", "tb_kjv_next", "tb_austen_next")
 PERPLEXITY_TASKS = ("tb_ppl_pycode", "tb_ppl_kjv", "tb_ppl_austen")
 METHODS = {"rtn": {"method": "rtn"}, "gptq": {"method": "gptq"}, "gptq+agq": {"method": "gptq", "agq": True}}
@@ -47,23 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json-out", type=Path, default=Path("runs/quantization.json"))
     parser.add_argument("--scale-search", default="minmax", help="comma list of group-scale rules: minmax, mse")
-    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON")
-    parser.add_argument("--compare", type=Path, nargs="+", default=None, metavar="JSON",
-                        help="paired differences (GPTQ - RTN, AGQ - GPTQ) of earlier runs' rows")
+    add_merge_compare_arguments(parser,
+                                compare_help="paired differences (GPTQ - RTN, AGQ - GPTQ) of earlier runs' rows")
     parser.add_argument("--timing", action="store_true", help="measure GPTQ time against one calibration pass")
-    parser.add_argument("--threads", type=int, default=None)
+    add_threads_argument(parser, None)
     args = parser.parse_args(argv)
-    if args.merge:
-        print(markdown_table(_read_rows(args.merge)))
-        return 0
-    if args.compare:
-        print(comparison_table(_read_rows(args.compare)))
+    if print_merged_or_compared(args, markdown_table, comparison_table):
         return 0
 
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.timing:
         return timing(args)
     rows = []
@@ -89,22 +80,22 @@ def evaluate_configuration(args, model_name: str, method: str | None, bits: int 
     import torch
 
     from moecompress.calibration import load_calibration
+    from moecompress.checkpoint import load_model
     from moecompress.evals import evaluate_model
     from moecompress.evals.paired import item_scores
     from moecompress.evals.runner import run_lm_eval, scores_from_results
-    from moecompress.models import load_model
     from moecompress.quantization.sequential import QuantizationSettings, quantize_model
 
-    model, tokenizer = load_model(TESTBED / "models" / model_name, dtype=torch.float32)
+    model, tokenizer = load_model(testbed_model(model_name), dtype=torch.float32)
     seconds = 0.0
     if method is not None:
-        calibration = load_calibration(tokenizer, files=[TESTBED / "calib"], num_samples=args.num_samples,
+        calibration = load_calibration(tokenizer, files=[TESTBED_CALIB], num_samples=args.num_samples,
                                        seq_len=args.seq_len, seed=0)
         started = time.perf_counter()
         settings = QuantizationSettings(bits=bits, group_size=group_size, scale_search=scale_search, **METHODS[method])
         quantize_model(model, settings, calibration)
         seconds = time.perf_counter() - started
-    with _stdout_to_stderr():
+    with stdout_to_stderr():
         results = run_lm_eval(model, tokenizer, list(ACCURACY_TASKS), limit=args.limit, log_samples=True)
         scores = scores_from_results(results)
         items = item_scores(results, "acc_mutual_info")
@@ -156,18 +147,18 @@ def timing(args) -> int:
     import torch
 
     from moecompress.calibration import LayerwiseRunner, load_calibration
-    from moecompress.models import load_model
+    from moecompress.checkpoint import load_model
     from moecompress.quantization.sequential import QuantizationSettings, quantize_model
 
     for model_name in args.models.split(","):
-        model, tokenizer = load_model(TESTBED / "models" / model_name, dtype=torch.float32)
-        calibration = load_calibration(tokenizer, files=[TESTBED / "calib"], num_samples=args.num_samples,
+        model, tokenizer = load_model(testbed_model(model_name), dtype=torch.float32)
+        calibration = load_calibration(tokenizer, files=[TESTBED_CALIB], num_samples=args.num_samples,
                                        seq_len=args.seq_len, seed=0)
         started = time.perf_counter()
         LayerwiseRunner(model).run(calibration, ["expert_token_counts"])
         plain = time.perf_counter() - started
         for method in ("gptq", "gptq+agq"):
-            model, _ = load_model(TESTBED / "models" / model_name, dtype=torch.float32)
+            model, _ = load_model(testbed_model(model_name), dtype=torch.float32)
             started = time.perf_counter()
             settings = QuantizationSettings(bits=4, group_size=128, scale_search=args.scale_search.split(",")[0],
                                             **METHODS[method])
@@ -178,20 +169,10 @@ def timing(args) -> int:
     return 0
 
 
-def _read_rows(paths: list[Path]) -> list[dict]:
-    return [row for path in paths for row in json.loads(path.read_text())["rows"]]
-
-
 def _write(path: Path, rows: list[dict]) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps({"rows": rows}, indent=1))
     temporary.replace(path)
-
-
-def _stdout_to_stderr():
-    import contextlib
-
-    return contextlib.redirect_stdout(sys.stderr)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import TESTBED_CALIB, add_repo_to_path, add_threads_argument, set_threads, testbed_model
+
+add_repo_to_path()
 
 from moecompress.calibration.data import read_documents, separator_token_id  # noqa: E402
-from moecompress.pruning.retrieval import (AssemblySources, CountingCheckpoint, PromptScorer,  # noqa: E402
-                                           RetrievedModel, TcessOptions, build_pattern_store)
+from moecompress.checkpoint.partial import AssemblySources, CountingCheckpoint  # noqa: E402
+from moecompress.pruning.retrieval import PromptScorer, RetrievedModel, TcessOptions, build_pattern_store  # noqa: E402
 
-TESTBED = REPO.parent / "shared" / "testbed"
 BUDGETS = {"moe-ref-q3": [24, 16, 8], "moe-ref-mx": [6, 4], "moe-ref-ds": [24, 16, 8]}
 
 
@@ -62,10 +62,10 @@ def held_out_prompts(texts: list[str], tokenizer, length: int, count: int) -> li
 
 def non_expert_bytes(checkpoint: CountingCheckpoint) -> int:
     """Bytes of every tensor that is not a routed expert's (from the headers, nothing read)."""
-    from moecompress.calibration.checkpoint import _per_expert_keys
+    from moecompress.checkpoint.lazy import per_expert_keys
 
     routed = set()
-    for prefix, roles in _per_expert_keys(checkpoint.files).items():
+    for prefix, roles in per_expert_keys(checkpoint.files).items():
         routed |= {checkpoint.files[f"{prefix}.{suffix}"][1] for experts in roles.values() for suffix in experts.values()}
     sizes = tensor_sizes(checkpoint.folder)
     return sum(size for key, size in sizes.items() if key not in routed)
@@ -91,11 +91,11 @@ def tensor_sizes(folder: Path) -> dict[str, int]:
 def evaluate_model(name: str, args) -> dict:
     from transformers import AutoTokenizer
 
-    folder = TESTBED / "models" / name
+    folder = testbed_model(name)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tcess = TcessOptions.preset(args.preset)
     with tempfile.TemporaryDirectory() as temp:
-        store_files, held_out = split_domains(TESTBED / "calib", Path(temp))
+        store_files, held_out = split_domains(TESTBED_CALIB, Path(temp))
         store = build_pattern_store(folder, store_files, num_samples=args.num_samples, seq_len=args.seq_len,
                                     tcess=tcess, dtype=torch.float32)
     first, second = store.moe_layers[0], store.moe_layers[1]
@@ -145,8 +145,8 @@ QUALITY_TASKS = {"pycode": "tb_code_next", "austen": "tb_austen_next", "kjv": "t
 def pattern_quality(folder: Path, store, tokenizer, args) -> dict:
     """acc_mutual_info of the reduced model of each domain's pattern on each domain's task (and of the full model):
     does retrieving the right pattern matter?"""
+    from moecompress.checkpoint import load_model
     from moecompress.evals import evaluate_model
-    from moecompress.models import load_model
 
     tasks = list(QUALITY_TASKS.values())
     full, _ = load_model(folder, dtype=torch.float32)
@@ -208,7 +208,7 @@ def main() -> int:
     parser.add_argument("--prompt-lengths", default="32,128", help="held-out prompt lengths in tokens")
     parser.add_argument("--prompts-per-domain", type=int, default=20)
     parser.add_argument("--preset", default="recommended", choices=["recommended", "premoe_code"])
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads_argument(parser, 1)
     parser.add_argument("--quality", default="", help="models (comma-separated) whose domain patterns are also scored "
                                                      "on the domains' tasks, e.g. moe-ref-q3")
     parser.add_argument("--quality-keep", type=int, default=8, help="experts kept for --quality (default 8)")
@@ -220,11 +220,11 @@ def main() -> int:
         results = json.loads(Path(args.from_json).read_text())
         for result in results:
             for row in result["bytes"]:
-                row["expert_bytes"] = expert_bytes(TESTBED / "models" / result["model"])
+                row["expert_bytes"] = expert_bytes(testbed_model(result["model"]))
         print(markdown(results))
         return 0
     args.prompt_lengths = [int(x) for x in args.prompt_lengths.split(",")]
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     results = [evaluate_model(name, args) for name in args.models.split(",")]
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
