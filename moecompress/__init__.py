@@ -9,8 +9,14 @@ low-bit experts) -> ``checkpoint`` (files) -> ``calibration`` (statistics) -> ``
 checkpoints: their config names quant_method "moecompress", registered here with transformers.
 """
 
-from moecompress.checkpoint.native import register_native_format
+from moecompress.errors import report_interrupt_on_one_line
 from moecompress.version import __version__
+
+try:  # torch and transformers take seconds to import: Ctrl-C then must not print a traceback
+    from moecompress.checkpoint.native import register_native_format
+except KeyboardInterrupt:
+    report_interrupt_on_one_line()
+    raise
 
 register_native_format()
 

@@ -5,10 +5,14 @@ Each module in ``moecompress.commands`` exposes ``register(subparsers)``, which 
 
 * a bad argument (unknown option, ``--threads 0``, ``--device cuda`` on a machine without CUDA) and every
   :class:`moecompress.errors.MoECompressError` (bad recipe, damaged checkpoint, output folder rules): exit 2;
-* Ctrl-C: exit 130, saying whether the run can be resumed;
-* the machine refusing (out of memory, a full disk, no permission): exit 1.
+* Ctrl-C: exit 130, saying whether the run can be resumed (also during the first seconds, while the libraries
+  import: see :func:`moecompress.errors.report_interrupt_on_one_line`);
+* the machine refusing (out of memory, including torch's allocation failures, a full disk, no permission): exit 1,
+  naming the output folder for a full disk;
+* a library's own error about a file that slipped past moecompress's checks (``SafetensorError``): exit 2.
 
-Anything else is a bug and keeps its traceback.
+Each command checks its inputs and says which file is wrong and how to fix it; this handler is the last line of
+defence, so that no input ends in a traceback. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import sys
 
 import torch
 import transformers
+from safetensors import SafetensorError
 
-from moecompress.errors import MoECompressError
+from moecompress.errors import MoECompressError, OutOfSpaceError, is_out_of_space
 from moecompress.version import __version__
 
 # Subcommand modules, in the order `--help` lists them.
@@ -76,32 +81,65 @@ def quiet_third_party_output() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_third_party_output()
-    parser = build_parser()
+    name = "moecompress"
+    args = None
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # --help, --version, or a bad argument (already printed on one line)
-        return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else EXIT_USAGE)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 1
-    name = f"moecompress {args.command}"
-    try:
+        quiet_third_party_output()
+        parser = build_parser()  # imports every command's module: seconds, during which Ctrl-C must be one line
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as stop:  # --help, --version, or a bad argument (already printed on one line)
+            return stop.code if isinstance(stop.code, int) else (0 if stop.code is None else EXIT_USAGE)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return 1
+        name = f"moecompress {args.command}"
         return int(args.func(args) or 0)
     except MoECompressError as error:
         return _fail(f"{name}: error: {error}", EXIT_USAGE)
     except KeyboardInterrupt as interrupt:  # RunInterrupted says whether the run can be resumed
         return _fail(f"{name}: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), EXIT_INTERRUPTED)
     except (MemoryError, torch.OutOfMemoryError) as error:
-        first_line = (str(error).strip().splitlines() or [""])[0]
-        return _fail(f"{name}: error: out of memory ({first_line or type(error).__name__}); use a smaller batch size "
-                     "(calibration.batch_size, --batch-size) or shorter/fewer calibration sequences, or a machine "
-                     "with more memory", EXIT_MACHINE)
+        return _fail(_out_of_memory(name, error), EXIT_MACHINE)
+    except RuntimeError as error:
+        if not _is_allocation_failure(error):
+            raise  # a bug: keep its traceback
+        return _fail(_out_of_memory(name, error), EXIT_MACHINE)
+    except SafetensorError as error:
+        if is_out_of_space(error):
+            return _fail(_out_of_space(name, args), EXIT_MACHINE)
+        return _fail(f"{name}: error: a safetensors file could not be read ({_first_line(error)}); the checkpoint or "
+                     "output folder given is damaged: re-download or re-create it", EXIT_USAGE)
     except BrokenPipeError:  # output piped into a program that stopped reading (`| head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's documented recipe
         return EXIT_MACHINE
     except OSError as error:  # the machine refused: disk full, no permission, a path that vanished
+        if is_out_of_space(error) and not isinstance(error, OutOfSpaceError):
+            return _fail(_out_of_space(name, args), EXIT_MACHINE)  # a plain ENOSPC: say where and what to do
         return _fail(f"{name}: error: {error}", EXIT_MACHINE)
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [""])[0][:300] or type(error).__name__
+
+
+def _is_allocation_failure(error: RuntimeError) -> bool:
+    """torch reports a failed CPU allocation as a RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    text = str(error)
+    return any(marker in text for marker in ("can't allocate memory", "Cannot allocate memory", "out of memory",
+                                             "not enough memory"))
+
+
+def _out_of_memory(name: str, error: BaseException) -> str:
+    return (f"{name}: error: out of memory ({_first_line(error)}); use a smaller batch size (calibration.batch_size, "
+            "--batch-size) or shorter/fewer calibration sequences, or a machine with more memory")
+
+
+def _out_of_space(name: str, args) -> str:
+    out = getattr(args, "out", None)
+    where = f" while writing {out}" if out else ""
+    return (f"{name}: error: no space left on the device{where}; free some space (or write to another disk), then "
+            "re-run the same command")
 
 
 def _fail(message: str, code: int) -> int:

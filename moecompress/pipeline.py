@@ -23,12 +23,12 @@ from transformers import AutoConfig, AutoTokenizer
 from moecompress.analysis.super_experts import find_super_experts
 from moecompress.calibration import LayerwiseRunner, load_calibration, peak_memory_bytes
 from moecompress.calibration.ebss import ebss_calibration
-from moecompress.checkpoint.fingerprint import checkpoint_fingerprint
+from moecompress.checkpoint.fingerprint import source_identity
 from moecompress.checkpoint.lazy import build_skeleton
 from moecompress.checkpoint.loading import load_model
 from moecompress.checkpoint.native import build_meta_model, save_model
 from moecompress.checkpoint.validation import has_tokenizer_files, resolve_checkpoint
-from moecompress.errors import CheckpointError, RecipeError, RunInterrupted
+from moecompress.errors import CheckpointError, OutOfSpaceError, RecipeError, RunInterrupted, is_out_of_space
 from moecompress.evals.report_md import write_report_markdown
 from moecompress.export.options import run_exports
 from moecompress.folders import write_json_atomic
@@ -168,7 +168,11 @@ class _PipelineRun:
         checkpoint_folder = resolve_checkpoint(self.source)  # the one checkpoint validation
         self.folder.check_placement(checkpoint_folder)
         self._check_before_work(checkpoint_folder)
-        identity = {"recipe_sha256": self.recipe.sha256, "source_fingerprint": checkpoint_fingerprint(checkpoint_folder)}
+        started_identity = time.perf_counter()
+        # the full content hash of the source (cached beside the run); NaN/inf in a source tensor fails here
+        source = source_identity(checkpoint_folder, self.folder.cached_source_files())
+        self.timings["source_identity"] = time.perf_counter() - started_identity
+        identity = {"recipe_sha256": self.recipe.sha256, "source_fingerprint": source.fingerprint}
         finished = self.folder.finished_state(identity)
         tokenizer, calibration = self._calibration(checkpoint_folder)  # bad data fails before anything is written
         identity["calibration_sha256"] = calibration.sha256
@@ -182,6 +186,7 @@ class _PipelineRun:
         partial = self.partial_dir
         try:
             state["finished"] = False
+            state["source_files"] = source.files
             profile = state.get("profile") or self._profile(checkpoint_folder, calibration)
             state["profile"] = {key: value for key, value in profile.items() if key != "statistics"}
             write_json_atomic(partial / STATE_FILE, state)
@@ -205,6 +210,11 @@ class _PipelineRun:
                     f"the run can be resumed: re-run the same command (finished work is kept in {partial})" if kept
                     else "stopped before any work was saved; re-run the same command to start again"
                 ) from None
+            if is_out_of_space(error):
+                raise OutOfSpaceError(
+                    f"no space left on the device while writing {partial}; free some space (or choose an --out on "
+                    "another disk), then re-run the same command" + (": the run resumes from the work saved there"
+                                                                     if kept else "")) from error
             raise
         finally:
             self.folder.release()

@@ -4,26 +4,30 @@ recognises its own earlier work.
 * **Placement.** ``--out`` is never the input folder, inside it or around it, never a file, and never a folder of
   other content (:meth:`RunFolder.check_placement`).
 * **Partial folder.** The run is built in ``<out>.partial-<recipe hash>``, locked by :class:`RunLock` while a run
-  works there, and moved into place only when complete (:meth:`RunFolder.publish`).
+  works there, and moved into place only when complete (:meth:`RunFolder.publish`). Its name is predictable (a
+  stopped run must find it again), so it is created with ``mkdir`` and an existing one is used only when it is a
+  real folder of this user holding a stopped run (or nothing): a planted link or file is refused, never followed.
 * **Identity.** ``state.json`` records what makes a run *this* run (:data:`IDENTITY_KEYS`): a stopped run resumes,
   and a finished run returns its report, only when all three match; another run is an error unless ``overwrite``
-  (which never replaces a folder that is not a moecompress run, nor files the run did not write).
+  (which never replaces a folder that is not a moecompress run, nor files the run did not write). The source model's
+  identity is the sha256 of every byte of its safetensors files (:mod:`moecompress.checkpoint.fingerprint`); the
+  per-file hashes are kept in ``state.json`` (``source_files``) and reused while a file's size, times and inode are
+  unchanged (:meth:`RunFolder.cached_source_files`).
 * **Damage.** A finished run whose files are missing, changed size or have broken safetensors headers is made again
   (:func:`damaged_files`).
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
-import socket
-import time
+import stat
 from pathlib import Path
 
 from moecompress.checkpoint.validation import validate_checkpoint
 from moecompress.errors import CheckpointError, MoECompressError
-from moecompress.folders import move_into_place, read_json
+from moecompress.folders import RunLock as FolderLock
+from moecompress.folders import check_output_placement, claim_folder, folder_listing, move_into_place, read_json
 
 REPORT_FILE = "report.json"
 STATE_FILE = "state.json"
@@ -50,22 +54,27 @@ class RunFolder:
 
     def check_placement(self, checkpoint_folder: Path) -> None:
         """``--out`` is not the input, inside it or around it, not a file, and not a folder of other content."""
-        source = checkpoint_folder.resolve()
+        check_output_placement(self.output_dir, [("input model folder", checkpoint_folder)], MoECompressError)
         out = self.output_dir
-        if out == source or source in out.parents:
-            raise MoECompressError(f"--out {out} is inside the input model folder {source}; moecompress never writes "
-                                   "into its input. Choose an output folder outside it.")
-        if out in source.parents:
-            raise MoECompressError(f"--out {out} contains the input model folder {source}; choose a separate folder")
-        blocking = next((path for path in (out, *out.parents) if path.exists()), None)
-        if blocking is not None and not blocking.is_dir():
-            where = "is a file" if blocking == out else f"is inside {blocking}, which is a file"
-            raise MoECompressError(f"--out {out} {where}; give the path of a folder (new or a previous run's)")
         if _folder_has_content(out) and run_state(out) is None:
             raise MoECompressError(
-                f"--out {out} exists and is not a moecompress run folder (it holds {_listing(out)}); moecompress "
+                f"--out {out} exists and is not a moecompress run folder (it holds {folder_listing(out)}); moecompress "
                 "never replaces it, even with --overwrite. Choose another --out, or empty that folder yourself."
             )
+
+    def cached_source_files(self) -> dict[str, dict]:
+        """The source files' hashes recorded by a run in ``--out`` or by this run's stopped partial folder (read
+        only from a real folder of this user), for :func:`moecompress.checkpoint.fingerprint.source_identity`."""
+        cached: dict[str, dict] = {}
+        for folder in (self.output_dir, self.partial_dir):
+            try:
+                info = os.lstat(folder)
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+                files = (run_state(folder) or {}).get("source_files")
+                cached.update(files if isinstance(files, dict) else {})
+        return cached
 
     def finished_state(self, identity: dict[str, str]) -> dict | None:
         """The state of the run in ``--out`` when it may be this run (its recipe and source model match, the
@@ -106,14 +115,24 @@ class RunFolder:
 
     def open_partial(self, identity: dict[str, str]) -> tuple[dict, bool]:
         """Lock the partial folder and read its state: ``(state, created)``, created when this run made (or emptied)
-        the folder. A stopped run of another identity is an error, or with ``overwrite`` its work is discarded."""
+        the folder. A stopped run of another identity is an error, or with ``overwrite`` its work is discarded. An
+        existing partial folder that is a link, a file, another user's, or a folder of files without a run's state
+        is refused (:func:`moecompress.folders.claim_folder`): nothing there is followed, written or deleted."""
         partial = self.partial_dir
-        created = not partial.exists()
-        partial.mkdir(parents=True, exist_ok=True)
+        created = claim_folder(partial, "the partial folder of this run")
         self.lock = RunLock(partial)
         try:
             self.lock.acquire()
-            state = read_json(partial / STATE_FILE) or {}
+            state = run_state(partial)
+            leftovers = [path.name for path in partial.iterdir() if path.name != LOCK_FILE]
+            if state is None and leftovers:
+                raise MoECompressError(
+                    f"{partial} holds files but no stopped moecompress run ({', '.join(sorted(leftovers)[:3])}); "
+                    "moecompress builds this run there and will not mix it with other files. Move that folder away, "
+                    "then re-run."
+                )
+            created = created or not leftovers  # a run killed before saving anything left only its lock file
+            state = state or {}
             differences = identity_differences(state, identity) if state else []
             if differences and not self.overwrite:
                 raise other_run_error(partial, "holds a stopped moecompress run", differences,
@@ -146,37 +165,12 @@ class RunFolder:
             self.lock.release()
 
 
-class RunLock:
-    """``LOCK_FILE`` in a run's partial folder: an exclusive ``flock`` plus the holder's pid, so that two runs aimed
-    at the same ``--out`` cannot write into one folder. The kernel drops the lock when its holder dies, so the lock
-    file of a killed run (a dead pid) is simply taken over."""
+class RunLock(FolderLock):
+    """``LOCK_FILE`` in a run's partial folder (:class:`moecompress.folders.RunLock`): two runs aimed at the same
+    ``--out`` cannot write into one folder; the lock of a killed run (a dead pid) is simply taken over."""
 
     def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / LOCK_FILE
-        self._handle = None
-
-    def acquire(self) -> None:
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise MoECompressError(
-                f"another moecompress run ({holder}) is writing {self.path.parent}; wait for it to finish or stop it "
-                "(a stopped run resumes), then re-run"
-            ) from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        handle.flush()
-        self._handle = handle
-
-    def release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()  # closing drops the flock
-            self._handle = None
+        super().__init__(folder, LOCK_FILE)
 
 
 def run_state(folder: Path) -> dict | None:
@@ -192,6 +186,9 @@ def identity_differences(state: dict, identity: dict[str, str]) -> list[str]:
     a state without a model fingerprint was made by an older version and can not be confirmed)."""
     if "source_fingerprint" not in state:
         return ["a run by an older moecompress version, which did not record the source model"]
+    if "source_files" not in state and "source_fingerprint" in identity:
+        return ["a run by an older moecompress version, which identified the source model by samples, not by its "
+                "full content"]
     return [label for key, label in IDENTITY_KEYS.items() if key in identity and state.get(key) != identity[key]]
 
 
@@ -202,11 +199,6 @@ def other_run_error(folder: Path, what: str, differences: list[str], fix: str):
 
 def _folder_has_content(folder: Path) -> bool:
     return folder.is_dir() and any(folder.iterdir())
-
-
-def _listing(folder: Path, count: int = 3) -> str:
-    names = sorted(path.name for path in folder.iterdir())
-    return ", ".join(names[:count]) + (f" and {len(names) - count} more" if len(names) > count else "")
 
 
 def empty_folder(folder: Path, keep: set[str]) -> None:

@@ -1,8 +1,8 @@
 """Load an MoE checkpoint (a local folder or a hub id) as a model, with clear errors, never writing into the source.
 
 The checkpoint is validated first (:mod:`moecompress.checkpoint.validation`: family, files, headers, weights against
-the config); the model then loads, and a load that leaves any weight newly initialised is an error; it must have MoE
-blocks. Models a remap merge saved with :func:`moecompress.models.edits.materialize_expert_id_map` are compacted again
+the config); the model then loads, and a load that leaves any weight newly initialised, or any floating-point weight,
+scale or norm that is NaN or infinite, is an error; it must have MoE blocks. Models a remap merge saved with :func:`moecompress.models.edits.materialize_expert_id_map` are compacted again
 after loading, and the MC-MoE ODP settings the config records are installed (:mod:`moecompress.kernels.odp`).
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from moecompress.checkpoint.fingerprint import all_finite
 from moecompress.checkpoint.headers import first_names
 from moecompress.checkpoint.validation import (
     has_tokenizer_files,
@@ -59,6 +60,7 @@ def load_model(
             "by transformers (or by moecompress's export)."
         ) from error
     _refuse_newly_initialised_weights(source, loading_info)
+    _refuse_non_finite_tensors(source, model)
     model.to(device)
     model.eval()
     find_moe_blocks(model)  # a config that claims MoE but built no MoE block (e.g. num_experts=0) fails here
@@ -83,6 +85,27 @@ def _refuse_newly_initialised_weights(source, loading_info: dict) -> None:
             f"loading {source} would leave weights newly initialised: {'; '.join(problems)}. The checkpoint is "
             "incomplete or its config.json names another architecture than its weights; re-save or re-download it."
         )
+
+
+def _refuse_non_finite_tensors(source, model: torch.nn.Module) -> None:
+    """A NaN or infinity in a weight, a packed model's scales or a norm makes every score NaN (or silently wrong) and
+    would be copied into any export: refuse the checkpoint, naming the tensors."""
+    bad = non_finite_tensors(model)
+    if bad:
+        raise CheckpointError(
+            f"{source}: {len(bad)} tensor(s) hold NaN or infinite values ({first_names(bad)}); the checkpoint is "
+            "damaged (or was saved from a diverged run). Re-download it, or re-run the compression that wrote it."
+        )
+
+
+def non_finite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the floating-point tensors of ``model``'s state dict (weights, scales, norms: what a checkpoint holds,
+    not the masks a module builds for itself) holding a NaN or an infinity."""
+    bad = []
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not all_finite(tensor):
+            bad.append(name)
+    return bad
 
 
 def _load_tokenizer(source: str | Path, local: Path | None):

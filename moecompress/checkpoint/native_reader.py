@@ -4,6 +4,10 @@ Both exporters (:mod:`moecompress.export.compressed_tensors`, :mod:`moecompress.
 MoE layer's packed experts (or one plain tensor) at a time with ``safetensors.safe_open`` through a
 :class:`NativeCheckpoint`, convert it, and hand it to a :class:`moecompress.checkpoint.shards.ShardWriter`. Nothing
 ever holds the model.
+
+Every floating-point tensor read (scales, norms, plain weights) is checked for NaN and infinity, so a damaged folder
+is refused naming the tensor instead of being exported with NaN in it; integer tensors (packed codes, widths) were
+checked against the format's dtypes when the folder was validated.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import transformers
 from safetensors import safe_open
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
+from moecompress.checkpoint.fingerprint import all_finite
 from moecompress.checkpoint.headers import read_weight_map
 from moecompress.checkpoint.native import build_meta_model
 from moecompress.checkpoint.validation import validate_checkpoint
@@ -145,7 +150,11 @@ class NativeCheckpoint:
             raise CheckpointError(f"{self.folder}: tensor {key} is missing; the folder is damaged, re-run the compression")
         if name not in self._handles:
             self._handles[name] = safe_open(str(self.folder / name), framework="pt")
-        return self._handles[name].get_tensor(key)
+        tensor = self._handles[name].get_tensor(key)
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise CheckpointError(f"{self.folder / name}: tensor {key} holds NaN or infinite values; the folder is "
+                                      "damaged, re-run the compression that wrote it (nothing was exported)")
+        return tensor
 
     def has(self, key: str) -> bool:
         return key in self.file_of

@@ -17,6 +17,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 import transformers
 from huggingface_hub import snapshot_download
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -98,9 +99,9 @@ def validate_checkpoint(folder: Path, config: transformers.PretrainedConfig | No
     """
     folder = Path(folder)
     config = config if config is not None else load_config(folder)
-    files, shapes = _check_safetensors_files(folder)
+    files, shapes, dtypes = _check_safetensors_files(folder)
     if weights_vs_config:
-        _check_weights_fit_config(folder, config, shapes)
+        _check_weights_fit_config(folder, config, shapes, dtypes)
     return files
 
 
@@ -109,11 +110,12 @@ def validate_safetensors(folder: Path) -> list[Path]:
     return validate_checkpoint(folder)
 
 
-def _check_safetensors_files(folder: Path) -> tuple[list[Path], dict[str, tuple[int, ...]]]:
+def _check_safetensors_files(folder: Path) -> tuple[list[Path], dict[str, tuple[int, ...]], dict[str, str]]:
     """Check every safetensors file of ``folder`` (and every file its index names) without loading tensors.
 
     Reads each header (8-byte length + JSON) and checks that the tensors it lists fit in the file, which catches
-    truncated downloads and files that are not safetensors at all. Returns the files and ``{key on disk: shape}``.
+    truncated downloads and files that are not safetensors at all. Returns the files, ``{key on disk: shape}`` and
+    ``{key on disk: safetensors dtype name}``.
     """
     files = sorted(folder.glob("*.safetensors"))
     index_path = folder / INDEX_FILE
@@ -136,10 +138,10 @@ def _check_safetensors_files(folder: Path) -> tuple[list[Path], dict[str, tuple[
             f"{folder} has no *.safetensors weights; moecompress reads safetensors checkpoints only (convert .bin "
             "files with save_pretrained)."
         )
-    shapes, file_of = {}, {}
+    shapes, dtypes, file_of = {}, {}, {}
     for path in files:
         for key, entry in read_safetensors_header(path).items():
-            shapes[key], file_of[key] = tuple(entry["shape"]), path.name
+            shapes[key], dtypes[key], file_of[key] = tuple(entry["shape"]), entry["dtype"], path.name
     if weight_map is not None:
         wrong = sorted(key for key, name in weight_map.items() if file_of.get(key) != name)
         if wrong:
@@ -147,15 +149,19 @@ def _check_safetensors_files(folder: Path) -> tuple[list[Path], dict[str, tuple[
                                   f"({first_names(wrong)}); the index and the shards are from different saves, re-save "
                                   "or re-download the checkpoint.")
         shapes = {key: shape for key, shape in shapes.items() if key in weight_map}  # what loaders read
-    return files, shapes
+    return files, shapes, dtypes
 
 
 def _check_weights_fit_config(folder: Path, config: transformers.PretrainedConfig,
-                              shapes: dict[str, tuple[int, ...]]) -> None:
-    """Compare the tensors on disk (``{key: shape}``) with the ones the config's model needs, keys mapped the way
-    transformers' loader maps them (its conversion mapping: renames, per-expert tensors fused into one)."""
+                              shapes: dict[str, tuple[int, ...]], dtypes: dict[str, str]) -> None:
+    """Compare the tensors on disk (``{key: shape}``, ``{key: dtype}``) with the ones the config's model needs, keys
+    mapped the way transformers' loader maps them (its conversion mapping: renames, per-expert tensors fused into
+    one). Dtypes: a tensor the model holds as integers (packed codes, expert widths, zero points of the native
+    format) must be stored as exactly that integer dtype, a floating-point one as some floating-point dtype (the
+    loader casts between those); anything else is a header that lies about its data."""
     model = _meta_model(config)
-    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {key: tuple(tensor.shape) for key, tensor in state.items()}
     mapped = _disk_keys_as_model_keys(model, list(shapes), expected)
     missing = set(expected) - {target for target, _ in mapped.values()} - set(model.all_tied_weights_keys or {})
     ignore_missing = _pattern(model._keys_to_ignore_on_load_missing)
@@ -166,12 +172,17 @@ def _check_weights_fit_config(folder: Path, config: transformers.PretrainedConfi
                         if target not in expected and not ignore_unexpected.search(key))
     wrong_shape = [f"{key} {list(shapes[key])} vs {list(expected[target])}" for key, (target, pattern) in mapped.items()
                    if pattern is None and target in expected and shapes[key] != expected[target]]
+    wrong_dtype = [f"{key} stored as {dtypes[key]}, the model holds {str(state[target].dtype).removeprefix('torch.')}"
+                   for key, (target, pattern) in mapped.items()
+                   if pattern is None and target in expected and key in dtypes
+                   and not _dtype_fits(dtypes[key], state[target].dtype)]
     incomplete, misfit = _fused_expert_problems(mapped, shapes, expected)
     missing, wrong_shape = missing + incomplete, wrong_shape + misfit
     problems = [f"{len(names)} {label} ({first_names(names)})" for label, names in (
         ("tensor(s) the model needs are missing", missing),
         ("tensor(s) belong to no part of the model", unexpected),
         ("tensor(s) do not fit the config's shapes", wrong_shape),
+        ("tensor(s) stored in a dtype that does not hold their values", wrong_dtype),
     ) if names]
     if problems:
         raise CheckpointError(
@@ -179,6 +190,18 @@ def _check_weights_fit_config(folder: Path, config: transformers.PretrainedConfi
             f"{'; '.join(problems)}. The checkpoint is incomplete or damaged, or config.json names another "
             "architecture than the weights; re-download or re-save it."
         )
+
+
+# safetensors dtype names of torch's integer dtypes (what the native format's integer tensors must be stored as).
+_INTEGER_DTYPE_NAMES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+                        torch.bool: "BOOL"}
+_FLOAT_DTYPE_NAMES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "F8_E8M0")
+
+
+def _dtype_fits(stored: str, held: torch.dtype) -> bool:
+    if held.is_floating_point:
+        return stored in _FLOAT_DTYPE_NAMES
+    return _INTEGER_DTYPE_NAMES.get(held, stored) == stored
 
 
 def _meta_model(config: transformers.PretrainedConfig) -> transformers.PreTrainedModel:
