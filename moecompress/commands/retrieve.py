@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -18,24 +17,52 @@ from pathlib import Path
 import torch
 
 from moecompress.checkpoint.validation import resolve_checkpoint
+from moecompress.commands.arguments import device_name, positive_int
 from moecompress.commands.store import parse_layers
-from moecompress.folders import move_into_place
+from moecompress.folders import move_into_place, new_work_folder, read_json
 from moecompress.pruning.retrieval import RetrievalError, check_output_folder, retrieve
 
+RECORD_FILE = "retrieval.json"
+MAX_PROMPT_FILE_BYTES = 64 << 20  # far beyond any model's context; the exact bound is the context (PromptScorer)
 
-def save_reduced_model(model, tokenizer, record: dict, out: Path) -> None:
-    """``save_pretrained`` + tokenizer + ``retrieval.json`` into a partial folder, then moved into place."""
+
+def save_reduced_model(model, tokenizer, record: dict, out: Path) -> dict:
+    """``save_pretrained`` + tokenizer + ``retrieval.json`` (listing every file written, so that ``--overwrite``
+    later replaces only those) into a new work folder beside ``out``, then moved into place in one rename."""
     out = out.expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
+    partial = new_work_folder(out.parent, f".{out.name}.partial-")
     try:
         model.save_pretrained(partial)
         tokenizer.save_pretrained(partial)
-        (partial / "retrieval.json").write_text(json.dumps(record, indent=2) + "\n")
+        files = sorted(str(path.relative_to(partial)) for path in partial.rglob("*") if not path.is_dir())
+        record = {**record, "files": [*files, RECORD_FILE]}
+        (partial / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         move_into_place(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    return record
+
+
+def reduced_model_files(folder: Path) -> set[str] | None:
+    """The files an earlier ``retrieve --out`` wrote into ``folder`` (its ``retrieval.json`` lists them), or None
+    when ``folder`` is not such an output."""
+    files = (read_json(Path(folder) / RECORD_FILE) or {}).get("files")
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return set(files) | {RECORD_FILE}
+
+
+def read_prompt_file(path: str) -> str:
+    try:
+        size = Path(path).stat().st_size
+        if size > MAX_PROMPT_FILE_BYTES:
+            raise RetrievalError(f"--prompt-file {path} is {size} bytes, far more than any model's context holds; give "
+                                 "a prompt file of what you would type (its first part)")
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise RetrievalError(f"cannot read --prompt-file {path} ({error.strerror}); check the path") from None
+    except UnicodeDecodeError:
+        raise RetrievalError(f"--prompt-file {path} is not UTF-8 text; give a text file") from None
 
 
 def _human(size: int) -> str:
@@ -49,15 +76,14 @@ def _human(size: int) -> str:
 def run(args: argparse.Namespace) -> int:
     if (args.prompt is None) == (args.prompt_file is None):
         raise RetrievalError("give the prompt with exactly one of --prompt TEXT or --prompt-file FILE")
-    prompt = args.prompt
-    if args.prompt_file is not None:
-        try:
-            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
-        except OSError as error:
-            raise RetrievalError(f"cannot read --prompt-file {args.prompt_file} ({error.strerror}); check the path") from None
+    prompt = args.prompt if args.prompt_file is None else read_prompt_file(args.prompt_file)
     folder = resolve_checkpoint(args.model)
     if args.out is not None:
-        check_output_folder(Path(args.out), folder, args.overwrite)
+        inputs = [("input model folder", folder), ("pattern store", Path(args.store))]
+        if args.prompt_file is not None:
+            inputs.append(("prompt file", Path(args.prompt_file)))
+        check_output_folder(args.out, inputs, overwrite=args.overwrite, owned_files=reduced_model_files,
+                            what="reduced model (an earlier `moecompress retrieve --out`)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.keep is not None and args.keep_ratio is not None:
@@ -69,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         top_k=args.top_k, key_layers=parse_layers(args.key_layers), dtype=dtype, device=args.device or "cpu")
     record = {"model": str(args.model), "store": str(args.store), **retrieval.to_dict()}
     if args.out is not None:
-        save_reduced_model(model, tokenizer, record, Path(args.out))
+        record = save_reduced_model(model, tokenizer, record, Path(args.out))
     if args.json:
         json.dump(record, sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -101,16 +127,17 @@ def register(subparsers) -> None:
     parser.add_argument("--store", required=True, help="pattern store folder (`moecompress store build`)")
     parser.add_argument("--prompt", default=None, help="the prompt text")
     parser.add_argument("--prompt-file", default=None, help="read the prompt from this file")
-    parser.add_argument("--keep", type=int, default=None, help="experts kept per MoE layer")
+    parser.add_argument("--keep", type=positive_int, default=None, help="experts kept per MoE layer")
     parser.add_argument("--keep-ratio", type=float, default=None, help="fraction of experts kept (default 0.5)")
-    parser.add_argument("--top-k", type=int, default=None, help="experts per token after pruning (default: unchanged, "
+    parser.add_argument("--top-k", type=positive_int, default=None, help="experts per token after pruning (default: unchanged, "
                                                                 "capped at the kept count)")
     parser.add_argument("--key-layers", default=None, help="MoE layers to match on, e.g. 1,2 (default: the store's)")
     parser.add_argument("--out", default=None, help="save the reduced model here (plain from_pretrained loads it)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a reduced model an earlier retrieve wrote in --out (never other content)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="dtype of the reduced model (default: the checkpoint's)")
-    parser.add_argument("--device", default=None, help="device of the reduced model (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    parser.add_argument("--device", default=None, type=device_name, help="device of the reduced model (default: cpu)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     parser.add_argument("--json", action="store_true", help="print the decision and bytes as JSON")
     parser.set_defaults(func=run)

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from moecompress.checkpoint.validation import resolve_checkpoint
+from moecompress.commands.arguments import device_name, positive_int
 from moecompress.pruning.retrieval import (
     TCESS_PRESETS,
     PatternStore,
@@ -22,6 +23,7 @@ from moecompress.pruning.retrieval import (
     build_pattern_store,
     check_output_folder,
     parse_task_spec,
+    store_files,
 )
 
 
@@ -53,7 +55,10 @@ def run_build(args: argparse.Namespace) -> int:
         if name in tasks:
             raise RetrievalError(f"task {name!r} is given twice in --tasks; give each task once (files comma-separated)")
         tasks[name] = files
-    check_output_folder(args.out, resolve_checkpoint(args.model), args.overwrite)  # before any profiling
+    inputs = [("input model folder", resolve_checkpoint(args.model))]
+    inputs += [(f"text of task {name}", path) for name, files in tasks.items() for path in files]
+    # before any profiling: never an input, and --overwrite replaces only a pattern store holding nothing else
+    check_output_folder(args.out, inputs, overwrite=args.overwrite, owned_files=store_files, what="pattern store")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -102,22 +107,26 @@ def register(subparsers) -> None:
     build.add_argument("--tasks", nargs="+", required=True, metavar="NAME=FILES",
                        help="one per task: NAME=FILE[,FILE...] (.jsonl with a `text` field, .txt, or folders)")
     build.add_argument("--out", required=True, help="store folder to write (beside or apart from the checkpoint)")
-    build.add_argument("--num-samples", type=int, default=64, help="calibration sequences per task (default 64)")
-    build.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    build.add_argument("--num-samples", type=positive_int, default=64,
+                       help="calibration sequences per task (default 64)")
+    build.add_argument("--seq-len", type=positive_int, default=256,
+                       help="tokens per sequence (default 256; at most the model's context)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--preset", default="recommended", choices=sorted(TCESS_PRESETS),
                        help="TCESS options: recommended (k = model top-k, r = 0, phi = max(s, sigmoid(s))) or "
                             "premoe_code (k = 1, no filter, raw logit)")
-    build.add_argument("--tcess-top-k", type=int, default=None, help="override the preset's marker top-k")
+    build.add_argument("--tcess-top-k", type=positive_int, default=None,
+                       help="override the preset's marker top-k (1 to the model's experts per layer)")
     build.add_argument("--tcess-threshold", type=float, default=None, help="override the preset's threshold r")
     build.add_argument("--tcess-phi", choices=["identity", "peu"], default=None, help="override the preset's phi")
     build.add_argument("--key-layers", default=None,
                        help="default MoE layers whose TCESS forms the matching key, e.g. 1 or 1,2 (default: first MoE layer)")
     build.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                        help="compute dtype of the calibration passes (default: the checkpoint's)")
-    build.add_argument("--device", default=None, help="compute device (default: cpu)")
-    build.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    build.add_argument("--overwrite", action="store_true", help="replace an existing store in --out")
+    build.add_argument("--device", default=None, type=device_name, help="compute device (default: cpu)")
+    build.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
+    build.add_argument("--overwrite", action="store_true",
+                       help="replace a pattern store in --out (never a folder of other content)")
     build.set_defaults(func=run_build)
     show = actions.add_parser("show", help="describe a pattern store", description="Tasks, layers and options of a store.")
     show.add_argument("store", help="store folder")

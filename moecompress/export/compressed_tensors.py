@@ -148,7 +148,7 @@ def _from_layers(path: str) -> str:
 
 
 def export_compressed_tensors(source: str | Path, out: str | Path, *, tp: int = 1, widen_to_layer_max: bool = False,
-                              max_shard_bytes: int = 2 << 30) -> dict:
+                              max_shard_bytes: int = 2 << 30, replace_own: bool = False) -> dict:
     """Write ``out`` (new or empty) as a compressed-tensors checkpoint of the native folder ``source``.
 
     Refuses (:class:`moecompress.export.deployability.NotDeployableError`) what vLLM cannot serve at tensor-parallel
@@ -157,7 +157,7 @@ def export_compressed_tensors(source: str | Path, out: str | Path, *, tp: int = 
     """
     checkpoint = NativeCheckpoint(source)
     out = Path(out)
-    check_output_folder(checkpoint.folder, out)
+    check_output_folder(checkpoint.folder, out, replace_own=replace_own)
     if not checkpoint.is_quantized:
         raise UsageError(f"{checkpoint.folder} holds no quantized weights; export it with --format hf (a plain "
                          "checkpoint), or add an `rtn` / `gptq` stage to the recipe")
@@ -168,7 +168,7 @@ def export_compressed_tensors(source: str | Path, out: str | Path, *, tp: int = 
     expert_targets: dict[Scheme, list[str]] = defaultdict(list)
     linear_targets: dict[Scheme, list[str]] = defaultdict(list)
     tally = ExportTally()
-    with staged_output(out) as partial:
+    with staged_output(out, replace_own=replace_own) as partial:
         writer = ShardWriter(partial, max_shard_bytes)
         done_layers = set()
         for key in checkpoint.keys():

@@ -26,11 +26,13 @@ from moecompress.export.report import ExportTally, write_report
 FORMAT = "hf"
 
 
-def export_hf(source: str | Path, out: str | Path, *, dequantize: bool = False, max_shard_bytes: int = 2 << 30) -> dict:
-    """Write ``out`` (new or empty) as a plain HF checkpoint of the native folder ``source``; returns the report."""
+def export_hf(source: str | Path, out: str | Path, *, dequantize: bool = False, max_shard_bytes: int = 2 << 30,
+              replace_own: bool = False) -> dict:
+    """Write ``out`` (new or empty; ``replace_own``: or an earlier export of ``source``) as a plain HF checkpoint of
+    the native folder ``source``; returns the report."""
     checkpoint = NativeCheckpoint(source)
     out = Path(out)
-    check_output_folder(checkpoint.folder, out)
+    check_output_folder(checkpoint.folder, out, replace_own=replace_own)
     for problem in (variable_width_problem(checkpoint), expert_count_problem(checkpoint)):
         if problem:
             raise NotDeployableError(f"cannot export {checkpoint.folder} as a plain HF checkpoint: {problem.message()}")
@@ -41,7 +43,7 @@ def export_hf(source: str | Path, out: str | Path, *, dequantize: bool = False, 
     layers = {layer.prefix: layer for layer in checkpoint.expert_layers}
     linears = {spec.path: spec for spec in checkpoint.packed_linears}
     tally = ExportTally()
-    with staged_output(out) as partial:
+    with staged_output(out, replace_own=replace_own) as partial:
         writer = ShardWriter(partial, max_shard_bytes)
         done_layers = set()
         for key in checkpoint.keys():

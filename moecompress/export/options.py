@@ -6,13 +6,13 @@
       - {format: hf, dequantize: true, out: /models/plain}
 
 Each export goes to ``out`` (default: ``<compress --out>-<format>``, beside the native folder, which stays as it is)
-after the run finished; a folder there that an earlier export of the same native folder wrote is replaced.
+after the run finished; a folder there that an earlier export of the same native folder wrote is replaced in one
+rename, when it holds nothing but that export's files (anything else there, a damaged ``export_report.json`` included,
+is refused, never deleted).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +20,6 @@ import pydantic
 
 from moecompress.errors import RecipeError
 from moecompress.export import export_folder
-from moecompress.export.report import REPORT_FILE
 
 
 class ExportOptions(pydantic.BaseModel):
@@ -56,10 +55,7 @@ def run_exports(native_dir: str | Path, exports: list[ExportOptions]) -> list[di
     native_dir = Path(native_dir)
     reports = []
     for options in exports:
-        out = options.out_dir(native_dir)
-        previous = out / REPORT_FILE
-        if previous.is_file() and json.loads(previous.read_text()).get("source") == str(native_dir.resolve()):
-            shutil.rmtree(out)  # our own earlier export of this folder: replace it
-        reports.append(export_folder(native_dir, out, options.format, tp=options.tp,
-                                     widen_to_layer_max=options.widen_to_layer_max, dequantize=options.dequantize))
+        reports.append(export_folder(native_dir, options.out_dir(native_dir), options.format, tp=options.tp,
+                                     widen_to_layer_max=options.widen_to_layer_max, dequantize=options.dequantize,
+                                     replace_own=True))  # our own earlier export of this folder is replaced
     return reports

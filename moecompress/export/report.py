@@ -9,9 +9,7 @@ from pathlib import Path
 import torch
 
 from moecompress.checkpoint.native_reader import NativeCheckpoint
-from moecompress.export.output import folder_bytes
-
-REPORT_FILE = "export_report.json"
+from moecompress.export.output import REPORT_FILE, folder_bytes
 
 
 @dataclass
@@ -59,7 +57,9 @@ def consumer_commands(fmt: str, out: Path, source: Path, tp: int) -> dict[str, s
 
 def write_report(folder: Path, fmt: str, checkpoint: NativeCheckpoint, out: Path, tally: ExportTally, *, tp: int = 1,
                  notes: list[str] | None = None) -> dict:
-    """Write ``folder/export_report.json`` (``folder`` holds the finished shards) and return the report."""
+    """Write ``folder/export_report.json`` (``folder`` holds the finished shards and side files: the report is the
+    last file an export writes) and return the report. ``files`` lists every file of the export, so that a later
+    export replacing it removes those and nothing else."""
     on_disk = folder_bytes(folder)
     report = {
         "format": fmt,
@@ -75,6 +75,8 @@ def write_report(folder: Path, fmt: str, checkpoint: NativeCheckpoint, out: Path
         "tensor_parallel_size": tp,
         "load": consumer_commands(fmt, Path(out).resolve(), checkpoint.folder.resolve(), tp),
         "notes": list(notes or []),
+        "files": sorted([*(str(path.relative_to(folder)) for path in folder.rglob("*")
+                           if path.is_file() and not path.name.startswith(".moecompress")), REPORT_FILE]),
     }
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -25,13 +25,15 @@ holds are moved over in memory, every non-expert tensor is shared, and only the 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+import pydantic
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoTokenizer
@@ -41,7 +43,8 @@ from moecompress.analysis.super_experts import find_super_experts
 from moecompress.calibration.data import load_calibration, separator_token_id
 from moecompress.calibration.runner import collect_statistics
 from moecompress.calibration.statistics import LayerStatistics, tcess_markers
-from moecompress.checkpoint.fingerprint import routing_fingerprint
+from moecompress.checkpoint.fingerprint import all_finite, routing_fingerprint
+from moecompress.checkpoint.headers import read_safetensors_header
 from moecompress.checkpoint.partial import (
     AssemblySources,
     CountingCheckpoint,
@@ -56,8 +59,14 @@ from moecompress.checkpoint.partial import (
     state_shapes,
 )
 from moecompress.checkpoint.validation import resolve_checkpoint
-from moecompress.errors import RetrievalError
-from moecompress.folders import move_into_place
+from moecompress.errors import CheckpointError, RetrievalError, describe_value
+from moecompress.folders import (
+    check_output_placement,
+    check_replaceable_output,
+    move_into_place,
+    new_work_folder,
+    read_json,
+)
 from moecompress.models.families import decoder_layers, find_moe_blocks
 
 STORE_FORMAT = "moecompress-premoe-taer"
@@ -153,14 +162,12 @@ class PatternStore:
     # ----- files ------------------------------------------------------------------------------------------------
     def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
         """Write ``store.json`` and ``patterns.safetensors`` into ``folder`` atomically (a reader sees the old store or
-        the complete new one, never a half-written one)."""
+        the complete new one, never a half-written one). A non-empty ``folder`` is replaced only with ``overwrite``
+        and only when it is a pattern store holding nothing else (:func:`check_output_folder`)."""
         folder = Path(folder).expanduser().resolve()
-        if folder.exists() and any(folder.iterdir()) and not overwrite:
-            raise RetrievalError(f"{folder} exists and is not empty; pass --overwrite to replace it, or choose another --out")
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        partial = folder.parent / f".{folder.name}.partial-{os.getpid()}"
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir()
+        check_replaceable_output(folder, overwrite=overwrite, owned_files=store_files, what="pattern store",
+                                 error=RetrievalError)
+        partial = new_work_folder(folder.parent, f".{folder.name}.partial-")
         try:
             save_file({f"tcess/{task}": matrix.float().contiguous() for task, matrix in self.patterns.items()},
                       str(partial / STORE_TENSORS))
@@ -187,37 +194,112 @@ class PatternStore:
 
     @classmethod
     def load(cls, folder: str | Path) -> "PatternStore":
+        """Read a store, checking everything a crafted or damaged one could get wrong (:class:`RetrievalError`
+        naming the file and the fix): ``store.json``'s fields and their ranges, the tensors file's header, one
+        ``[MoE layers, experts]`` pattern per task, every value finite."""
         folder = Path(folder).expanduser()
         record_path, tensors_path = folder / STORE_JSON, folder / STORE_TENSORS
         if not record_path.is_file() or not tensors_path.is_file():
             raise RetrievalError(f"{folder} is not a pattern store (expected {STORE_JSON} and {STORE_TENSORS}); "
                                  "build one with `moecompress store build MODEL --tasks name=files ... --out DIR`")
-        try:
-            record = json.loads(record_path.read_text())
-            tensors = load_file(str(tensors_path))
-        except (ValueError, OSError) as error:
-            raise RetrievalError(f"pattern store {folder} is unreadable ({error}); rebuild it with `moecompress store build`") from None
+        rebuild = "rebuild it with `moecompress store build`"
+        if record_path.stat().st_size > MAX_STORE_JSON_BYTES:
+            raise RetrievalError(f"{record_path} is {record_path.stat().st_size} bytes, far more than a pattern store "
+                                 f"records; it is not a store moecompress wrote: {rebuild}")
+        record = read_json(record_path)
+        if record is None:
+            raise RetrievalError(f"{record_path} is not a JSON object (damaged or not written by moecompress); {rebuild}")
         if record.get("format") != STORE_FORMAT or record.get("version") != STORE_VERSION:
-            raise RetrievalError(f"{folder} has format {record.get('format')!r} version {record.get('version')!r}; this "
-                                 f"moecompress reads {STORE_FORMAT!r} version {STORE_VERSION}: rebuild the store")
-        patterns = {task: tensors[f"tcess/{task}"] for task in record["tasks"]}
-        return cls(
-            patterns=patterns,
-            moe_layers=[int(layer) for layer in record["moe_layers"]],
-            fingerprint=record["model_fingerprint"],
-            tcess=TcessOptions(**record["tcess"]),
-            key_layers=[int(layer) for layer in record["key_layers"]],
-            super_experts=[(int(layer), int(expert)) for layer, expert in record["super_experts"]],
-            tasks=record["tasks"],
-            calibration=record.get("calibration", {}),
-            model_top_k=int(record.get("model_top_k", 1)),
-        )
+            raise RetrievalError(f"{folder} has format {describe_value(record.get('format'))} version "
+                                 f"{describe_value(record.get('version'))}; this moecompress reads {STORE_FORMAT!r} "
+                                 f"version {STORE_VERSION}: rebuild the store")
+        try:
+            fields = _StoreRecord.model_validate(record)
+        except pydantic.ValidationError as error:
+            problem = error.errors()[0]
+            where = ".".join(str(part) for part in problem["loc"]) or "(record)"
+            raise RetrievalError(f"{record_path}: {where}: {problem['msg'].removeprefix('Value error, ')}; the store is "
+                                 f"damaged or was edited by hand: {rebuild}") from None
+        try:
+            read_safetensors_header(tensors_path)
+            tensors = load_file(str(tensors_path))
+        except CheckpointError as error:
+            raise RetrievalError(f"{error} ({tensors_path.name} of pattern store {folder}: {rebuild})") from None
+        except (SafetensorError, OSError) as error:
+            raise RetrievalError(f"pattern store {folder} is unreadable ({error}); {rebuild}") from None
+        shape = (len(fields.moe_layers), fields.num_experts)
+        patterns = {}
+        for task in fields.tasks:
+            matrix = tensors.get(f"tcess/{task}")
+            if matrix is None or tuple(matrix.shape) != shape or not matrix.is_floating_point():
+                found = "missing" if matrix is None else f"{list(matrix.shape)} {str(matrix.dtype).removeprefix('torch.')}"
+                raise RetrievalError(f"{tensors_path}: the pattern of task {task!r:.60} is {found}, not a float "
+                                     f"[{shape[0]}, {shape[1]}] matrix (MoE layers x experts); {rebuild}")
+            if not all_finite(matrix):
+                raise RetrievalError(f"{tensors_path}: the pattern of task {task!r:.60} holds NaN or infinite values, "
+                                     f"so no distance to it means anything; {rebuild}")
+            patterns[task] = matrix.float()
+        return cls(patterns=patterns, moe_layers=fields.moe_layers, fingerprint=fields.model_fingerprint,
+                   tcess=TcessOptions(**fields.tcess.model_dump()), key_layers=fields.key_layers,
+                   super_experts=[(layer, expert) for layer, expert in fields.super_experts], tasks=fields.tasks,
+                   calibration=fields.calibration, model_top_k=fields.model_top_k)
 
     def check_model(self, folder: str | Path) -> None:
         fingerprint = routing_fingerprint(folder)
         if fingerprint != self.fingerprint:
             raise RetrievalError(f"this pattern store was built for another model (fingerprint {self.fingerprint[:12]}, "
                                  f"{folder} has {fingerprint[:12]}); rebuild it for this model with `moecompress store build`")
+
+
+MAX_STORE_JSON_BYTES = 16 << 20  # a store of thousands of tasks is a few MB
+
+
+class _TcessRecord(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+    top_k: pydantic.PositiveInt | None = None
+    threshold: float = pydantic.Field(0.0, lt=1.0, allow_inf_nan=False)
+    phi: Literal["identity", "peu"] = "peu"
+
+
+class _StoreRecord(pydantic.BaseModel):
+    """``store.json`` as :meth:`PatternStore.describe` writes it; the checks a crafted store must pass."""
+
+    model_fingerprint: str
+    moe_layers: list[pydantic.NonNegativeInt] = pydantic.Field(min_length=1)
+    num_experts: pydantic.PositiveInt
+    model_top_k: pydantic.PositiveInt = 1
+    tcess: _TcessRecord
+    key_layers: list[int] = pydantic.Field(min_length=1)
+    super_experts: list[tuple[int, int]] = []
+    calibration: dict = {}
+    tasks: dict[str, dict] = pydantic.Field(min_length=1)
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self):
+        if len(set(self.moe_layers)) != len(self.moe_layers):
+            raise ValueError("moe_layers lists a layer twice")
+        if self.model_top_k > self.num_experts:
+            raise ValueError(f"model_top_k {self.model_top_k} exceeds num_experts {self.num_experts}")
+        if self.tcess.top_k is not None and self.tcess.top_k > self.num_experts:
+            raise ValueError(f"tcess.top_k {self.tcess.top_k} exceeds num_experts {self.num_experts}")
+        if not set(self.key_layers) <= set(self.moe_layers):
+            raise ValueError(f"key_layers {describe_value(self.key_layers)} are not all MoE layers")
+        for layer, expert in self.super_experts:
+            if layer not in self.moe_layers or not 0 <= expert < self.num_experts:
+                raise ValueError(f"super expert {(layer, expert)} is not an expert of an MoE layer")
+        for task, info in self.tasks.items():
+            if not task or "/" in task or not isinstance(info.get("num_tokens", 0), int) \
+                    or not isinstance(info.get("files", []), list):
+                raise ValueError(f"task {task!r:.60} has no valid record (name, files, num_tokens)")
+        return self
+
+
+def store_files(folder: Path) -> set[str] | None:
+    """The files a pattern store in ``folder`` consists of, or None when ``folder`` holds no store (what
+    ``--overwrite`` may replace: :func:`moecompress.folders.check_replaceable_output`)."""
+    record = read_json(Path(folder) / STORE_JSON)
+    return {STORE_JSON, STORE_TENSORS} if record is not None and record.get("format") == STORE_FORMAT else None
 
 
 def matching_key(tcess_by_layer: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -228,14 +310,16 @@ def matching_key(tcess_by_layer: Mapping[int, torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.nn.functional.normalize(tcess_by_layer[layer].float(), dim=0) for layer in layers])
 
 
-def check_output_folder(out: str | Path, source: str | Path, overwrite: bool) -> None:
-    """Refuse an output folder that overlaps the input checkpoint (never written into) or holds something else."""
-    out, source = Path(out).expanduser().resolve(), Path(source).resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise RetrievalError(f"--out {out} overlaps the input model folder {source}; moecompress never writes into its "
-                             "input. Choose a separate folder (a sibling of the checkpoint is fine).")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise RetrievalError(f"--out {out} exists and is not empty; pass --overwrite to replace it, or choose another folder")
+def check_output_folder(out: str | Path, inputs: Sequence[tuple[str, str | Path]], *, overwrite: bool,
+                        owned_files: Callable[[Path], set[str] | None], what: str) -> Path:
+    """The rules of every command that writes a folder (as ``compress``): ``out`` is none of the ``inputs``
+    (``(label, path)``: the model, the store, the task files...), inside none and around none; a non-empty ``out``
+    is replaced only with ``overwrite``, only when it is this command's own ``what`` (``owned_files``), and only when
+    it holds nothing else. Returns ``out`` resolved."""
+    out = Path(out).expanduser().resolve()
+    check_output_placement(out, inputs, RetrievalError)
+    check_replaceable_output(out, overwrite=overwrite, owned_files=owned_files, what=what, error=RetrievalError)
+    return out
 
 
 def parse_task_spec(spec: str) -> tuple[str, list[str]]:
@@ -265,6 +349,13 @@ def build_pattern_store(source: str | Path, tasks: Mapping[str, Sequence[str | P
     if len({view.num_experts for view in views}) != 1:
         raise RetrievalError("the pattern store needs the same expert count in every MoE layer; build it from the "
                              "original checkpoint, before any pruning")
+    if tcess.top_k is not None and tcess.top_k > views[0].num_experts:
+        raise RetrievalError(f"TCESS top_k {tcess.top_k} exceeds the model's {views[0].num_experts} experts per layer; "
+                             f"choose --tcess-top-k between 1 and {views[0].num_experts}")
+    context = context_length(skeleton.config)
+    if context is not None and seq_len > context:
+        raise RetrievalError(f"--seq-len {seq_len} exceeds the model's context ({context} tokens); choose "
+                             f"--seq-len <= {context}")
     layers = sorted({int(layer) for layer in key_layers}) if key_layers else [moe_layers[0]]
     for layer in layers:
         if layer not in moe_layers:
@@ -351,10 +442,21 @@ class PromptScorer:
         return cls(model, tokenizer, key_layers, tcess)
 
     def prompt_ids(self, prompt: str | Sequence[int]) -> torch.Tensor:
-        """``[1, S]``: the separator token (as every calibration row starts), then the prompt's tokens."""
+        """``[1, S]``: the separator token (as every calibration row starts), then the prompt's tokens. A prompt
+        longer than the model's context is refused (before tokenizing, when its bytes alone cannot fit): scoring
+        it would be attention over far more tokens than the model was made for."""
+        context = context_length(self.model.config)
+        if isinstance(prompt, str) and context is not None:
+            size, most = len(prompt.encode("utf-8", errors="replace")), context * max_token_bytes(self.tokenizer)
+            if size > most:
+                raise RetrievalError(f"the prompt is {size} bytes, more than fit in the model's context of {context} "
+                                     f"tokens (at most {most} bytes); give a shorter prompt, e.g. its first part")
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise RetrievalError("the prompt is empty; give some text to choose a task pattern from")
+        if context is not None and len(ids) + 1 > context:
+            raise RetrievalError(f"the prompt is {len(ids)} tokens; the model's context is {context} tokens (the "
+                                 f"separator included); give a prompt of at most {context - 1} tokens")
         return torch.tensor([[separator_token_id(self.tokenizer), *ids]], dtype=torch.long)
 
     def score(self, prompt: str | Sequence[int]) -> dict[int, torch.Tensor]:
@@ -388,6 +490,26 @@ class PromptScorer:
             for handle in handles:
                 handle.remove()
         return scores
+
+
+def context_length(config) -> int | None:
+    """The model's context (``max_position_embeddings`` of its text config), or None when the config has none."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def max_token_bytes(tokenizer) -> int:
+    """An upper bound on the bytes one token stands for: the longest vocabulary entry in UTF-8 (byte-level and
+    SentencePiece entries are never shorter in UTF-8 than the text they decode to)."""
+    cached = getattr(tokenizer, "_moecompress_max_token_bytes", None)
+    if cached is None:
+        cached = max((len(token.encode("utf-8", errors="replace")) for token in tokenizer.get_vocab()), default=1)
+        try:
+            tokenizer._moecompress_max_token_bytes = cached
+        except AttributeError:  # pragma: no cover - a tokenizer that refuses attributes: recomputed next time
+            pass
+    return max(cached, 1)
 
 
 # ----- reduced model --------------------------------------------------------------------------------------------------
