@@ -106,11 +106,14 @@ class Pipeline:
 
     def run(self, source: str | Path, output_dir: str | Path, *, device: str | None = None, dtype: Any = "auto",
             overwrite: bool = False, progress: ProgressReporter | None = None,
-            execution: str = "auto") -> dict[str, Any]:
+            execution: str = "auto", allow_task_code: bool = False) -> dict[str, Any]:
         """``execution``: ``streamed`` (never hold the whole model, see ``moecompress.streaming``), ``in_memory``,
-        or ``auto`` (streamed when the recipe's stages allow it)."""
+        or ``auto`` (streamed when the recipe's stages allow it). ``allow_task_code``: let an ``evaluate`` stage's
+        task folder run Python (lm-eval ``!function``; see :mod:`moecompress.evals.taskdefs`): the caller's
+        decision, never the recipe's."""
         report = _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
-                              progress=progress or ProgressReporter(), execution=execution).execute()
+                              progress=progress or ProgressReporter(), execution=execution,
+                              allow_task_code=allow_task_code).execute()
         if self.recipe.exports:  # the recipe's `export:` key: deployment folders beside the native output
             report = {**report, "exports": run_exports(output_dir, self.recipe.exports)}
         return report
@@ -126,7 +129,7 @@ class _PipelineRun:
     """
 
     def __init__(self, pipeline: Pipeline, source, output_dir, *, device, dtype, overwrite, progress,
-                 execution: str = "auto") -> None:
+                 execution: str = "auto", allow_task_code: bool = False) -> None:
         self.stream_plan = choose_execution(execution, pipeline.recipe.stages)  # a bad mode fails first
         self.pipeline = pipeline
         self.recipe = pipeline.recipe
@@ -138,6 +141,7 @@ class _PipelineRun:
         self.folder = RunFolder(self.output_dir, recipe_sha256=self.recipe.sha256, source=self.source,
                                 overwrite=overwrite)
         self.progress = progress
+        self.allow_task_code = allow_task_code
         self.timings: dict[str, float] = {}
 
     @property
@@ -158,7 +162,8 @@ class _PipelineRun:
             raise CheckpointError(f"{checkpoint_folder} has no tokenizer files; calibration needs the model's "
                                   "tokenizer. Save it into the folder (tokenizer.save_pretrained(folder)).")
         context = RunContext(model=model, tokenizer=None, source=self.source, output_dir=self.output_dir,
-                             config=config, device=self.device, batch_size=self.recipe.calibration.batch_size)
+                             config=config, device=self.device, batch_size=self.recipe.calibration.batch_size,
+                             allow_task_code=self.allow_task_code)
         for stage in self.recipe.stages:
             stage.check(context)  # expert counts, top-k, task names: before the profiling pass
 
@@ -287,6 +292,7 @@ class _PipelineRun:
             calibration=calibration, super_experts=[tuple(pair) for pair in profile["super_experts"]],
             config=model.config, device=self.device, batch_size=self.recipe.calibration.batch_size,
             on_layer=lambda done, total: self.progress.update("calibration", done, total),
+            allow_task_code=self.allow_task_code,
         )
         if "statistics" in profile:  # the profiling pass ran in this process: its numbers serve the first stage
             context.statistics_cache = profile["statistics"]
@@ -316,6 +322,7 @@ class _PipelineRun:
             calibration=calibration, super_experts=[tuple(pair) for pair in profile["super_experts"]],
             device=self.device, batch_size=self.recipe.calibration.batch_size,
             on_layer=lambda done, total: self.progress.update("calibration", done, total),
+            allow_task_code=self.allow_task_code,
         )
         context.config = context.model.config
         # the skeleton has no weights: a stage that needs a calibration pass (a resumed run, whose profile

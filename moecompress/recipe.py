@@ -15,6 +15,10 @@ stages:                 # may be empty: the run then only profiles the model and
 Every problem is a :class:`moecompress.errors.RecipeError` naming where it is (``stages[1] (prune_frequency):
 num_experts_to_keep``), what is wrong, and what is allowed. Relative calibration paths resolve against the
 recipe file's folder.
+
+A recipe is a file people share, so reading one is bounded: at most :data:`MAX_RECIPE_BYTES`, YAML anchors and
+aliases that expand to at most :data:`MAX_RECIPE_VALUES` values (a 2 KB "billion laughs" file expands to billions),
+and error messages show a short excerpt of a bad value, never the whole value.
 """
 
 from __future__ import annotations
@@ -28,14 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import pydantic
-import yaml
 
 from moecompress.calibration.ebss import EbssOptions
-from moecompress.errors import RecipeError
+from moecompress.errors import RecipeError, describe_value
 from moecompress.export.options import ExportOptions, parse_export
 from moecompress.stages import STAGE_REGISTRY, Stage
+from moecompress.yaml_files import load_yaml_bounded
 
 RECIPE_KEYS = ("calibration", "stages", "export")
+MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_VALUES = 100_000  # values after expanding YAML aliases; a long recipe has a few hundred
 
 
 class CalibrationConfig(pydantic.BaseModel):
@@ -109,12 +115,14 @@ def load_recipe(path: str | Path) -> Recipe:
         raise RecipeError(f"recipe {path} is a folder; pass the path of a .yaml recipe file (see recipes/)")
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist; pass the path of a .yaml recipe (see recipes/)")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {path} is {path.stat().st_size} bytes; a recipe is a short YAML file (at most "
+                          f"{MAX_RECIPE_BYTES} bytes). Pass the recipe, not a data file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {path} is not valid YAML: {error}") from None
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise RecipeError(f"recipe {path} cannot be read ({error}); pass a UTF-8 .yaml recipe file") from None
+    data = load_yaml_bounded(text, max_values=MAX_RECIPE_VALUES, where=f"recipe {path}", error=RecipeError)
     if data is None:
         raise RecipeError(f"recipe {path} is empty; write at least `stages: []` (profile only) or a list of stages "
                           "(see recipes/)")
@@ -129,7 +137,7 @@ def parse_recipe(data: Any, *, base_dir: str | Path | None = None) -> Recipe:
         raise RecipeError(f"a recipe must be a mapping with keys {list(RECIPE_KEYS)}, got {type(data).__name__}")
     unknown = [key for key in data if key not in RECIPE_KEYS]
     if unknown:
-        raise RecipeError(f"unknown recipe key(s) {unknown}; a recipe has only {list(RECIPE_KEYS)}")
+        raise RecipeError(f"unknown recipe key(s) {describe_value(unknown)}; a recipe has only {list(RECIPE_KEYS)}")
     calibration = _parse_calibration(data.get("calibration") or {}, base_dir)
     raw_stages = data.get("stages", [])
     if raw_stages is None:
@@ -166,7 +174,8 @@ def known_methods() -> list[str]:
 
 def _parse_calibration(section: Any, base_dir) -> CalibrationConfig:
     if not isinstance(section, dict):
-        raise RecipeError(f"`calibration` must be a mapping (files/dataset, num_samples, seq_len, seed), got {section!r}")
+        raise RecipeError(f"`calibration` must be a mapping (files/dataset, num_samples, seq_len, seed), got "
+                          f"{describe_value(section)}")
     try:
         config = CalibrationConfig(**section)
     except pydantic.ValidationError as error:
@@ -180,13 +189,14 @@ def _parse_calibration(section: Any, base_dir) -> CalibrationConfig:
 def _parse_stage(index: int, entry: Any) -> Stage:
     where = f"stages[{index}]"
     if not isinstance(entry, dict) or "method" not in entry:
-        raise RecipeError(f"{where} must be a mapping with a `method` key, e.g. {{method: prune_frequency, ...}}; got {entry!r}")
+        raise RecipeError(f"{where} must be a mapping with a `method` key, e.g. {{method: prune_frequency, ...}}; got "
+                          f"{describe_value(entry)}")
     options = dict(entry)
     method = options.pop("method")
     methods = known_methods()
-    if method not in STAGE_REGISTRY:
+    if not isinstance(method, str) or method not in STAGE_REGISTRY:
         failed = f" (modules that failed to import: {_IMPORT_FAILURES})" if _IMPORT_FAILURES else ""
-        raise RecipeError(f"{where}: unknown method {method!r}; known methods: {', '.join(methods)}{failed}")
+        raise RecipeError(f"{where}: unknown method {describe_value(method)}; known methods: {', '.join(methods)}{failed}")
     stage_class = STAGE_REGISTRY[method]
     try:
         return stage_class(options)
@@ -202,7 +212,7 @@ def _format_validation_error(where: str, error: pydantic.ValidationError, model:
             problems.append(f"unknown key {key!r} (allowed: {', '.join(model.model_fields)})")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {message} (got {item.get('input')!r})")
+            problems.append(f"{key}: {message} (got {describe_value(item.get('input'))})")
     return f"{where}: " + "; ".join(problems)
 
 

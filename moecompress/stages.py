@@ -105,6 +105,8 @@ class RunContext:
     device / batch_size: where and how calibration passes run.
     statistics_*: the last calibration pass (see :meth:`statistics`); ``timings``: seconds per phase.
     bit_map: per-expert bit-widths an allocation stage decided, read by the ``rtn`` / ``gptq`` stages.
+    allow_task_code: the person running the pipeline lets evaluation task folders run Python (``compress
+    --allow-task-code``); never set by a recipe, which is a shared file.
     """
 
     model: Any
@@ -131,6 +133,7 @@ class RunContext:
     # the source checkpoint folder, loaded lazily layer by layer, at ``statistics_dtype``.
     statistics_source: Any = None
     statistics_dtype: Any = None
+    allow_task_code: bool = False
 
     def remap_super_experts(self, id_map: dict[tuple[int, int], int]) -> None:
         """Carry the super experts through an expert edit (``(layer, old) -> new`` for the edited layers)."""

@@ -14,7 +14,9 @@ final norm, ``lm_head``, read from the source checkpoint), each shard written un
   config (with the native ``quantization_config`` when the layers hold packed modules or differ in expert count).
 
 The staged files make a stopped run resumable: a layer whose files are complete (its JSON is written last) is not
-processed again (only reloaded, to propagate the calibration inputs through it).
+processed again (only reloaded, to propagate the calibration inputs through it). A staged layer found damaged on
+resume (its JSON unreadable, its safetensors file missing, truncated or of another size than recorded) is a
+:class:`CheckpointError` naming the file and the fix, never a traceback or a silently different model.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.core_model_loading import revert_weight_conversion
 
-from moecompress.checkpoint.headers import INDEX_FILE
+from moecompress.checkpoint.headers import INDEX_FILE, read_safetensors_header
 from moecompress.checkpoint.lazy import release_module
 from moecompress.errors import CheckpointError
 from moecompress.folders import write_text_atomic
 from moecompress.models.families import decoder_layers
+
+
+_FILE_BYTES = "_staged_file_bytes"  # in a staged layer's JSON: the size its safetensors file was written with
 
 
 class LayerFiles:
@@ -59,13 +64,40 @@ class LayerFiles:
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in layer.state_dict().items()}
         save_file(tensors, f"{stem}.safetensors.tmp")
         os.replace(f"{stem}.safetensors.tmp", f"{stem}.safetensors")
-        Path(f"{stem}.json.tmp").write_text(json.dumps(metadata))
+        record = {**metadata, _FILE_BYTES: Path(f"{stem}.safetensors").stat().st_size}
+        Path(f"{stem}.json.tmp").write_text(json.dumps(record))
         os.replace(f"{stem}.json.tmp", f"{stem}.json")
 
     def metadata(self, layer_index: int) -> dict[str, Any] | None:
-        """What :meth:`save` recorded for the layer, or None when it is not (completely) staged."""
-        path = Path(f"{self._stem(layer_index)}.json")
-        return json.loads(path.read_text()) if path.is_file() else None
+        """What :meth:`save` recorded for the layer, or None when it is not (completely) staged; a staged layer
+        whose files are damaged is a :class:`CheckpointError` saying which file and what to do."""
+        stem = self._stem(layer_index)
+        path = Path(f"{stem}.json")
+        if not path.is_file():
+            return None
+        try:
+            record = json.loads(path.read_text())
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (ValueError, UnicodeDecodeError) as error:
+            raise self._damaged(path, f"its record is unreadable ({error})") from None
+        tensors = Path(f"{stem}.safetensors")
+        if not tensors.is_file():
+            raise self._damaged(tensors, "it is missing")
+        expected = record.pop(_FILE_BYTES, None)
+        if expected is not None and tensors.stat().st_size != expected:
+            raise self._damaged(tensors, f"it has {tensors.stat().st_size} bytes, {expected} were written")
+        try:
+            read_safetensors_header(tensors)
+        except CheckpointError as error:
+            raise self._damaged(tensors, str(error).split(" is corrupt: ", 1)[-1].rstrip(".")) from None
+        return record
+
+    def _damaged(self, path: Path, problem: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path}, a decoder layer staged by the stopped run, is damaged: {problem}. Delete the folder "
+            f"{self.folder} (its layers are made again; or delete the whole partial folder to start the run over), "
+            "then re-run the same command")
 
     def tensors(self, layer_index: int, device: str = "cpu") -> dict[str, torch.Tensor]:
         """The staged state dict of the layer (names relative to the layer)."""

@@ -46,6 +46,10 @@ def register(subparsers) -> None:
                         help="also write a deployment folder in this format (default place: <--out>-<format>, beside "
                              "the native output); a recipe can ask for it with `export: FORMAT`")
     parser.add_argument("--export-out", type=Path, default=None, help="where --export writes (new or empty folder)")
+    parser.add_argument("--allow-task-code", action="store_true",
+                        help="let an evaluate stage's task folder (include_path) run Python: lm-eval `!function` "
+                             "modules and templates that reach Python objects. Refused without it, since recipes and "
+                             "task folders are shared files: read the code first")
     add_export_options(parser)
     parser.set_defaults(func=run)
 
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
                         TimeElapsedColumn(), console=console, transient=False)
     try:
         report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-                              execution=args.execution,
+                              execution=args.execution, allow_task_code=args.allow_task_code,
                               progress=RichProgress(progress))
     finally:
         if progress.live.is_started:

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="requests per forward pass, or 'auto' (default 16)")
     parser.add_argument("--device", default="cpu", type=device_name, help="torch device to run on (default cpu)")
     parser.add_argument("--include-path", default=None, help="folder with your own lm-eval YAML tasks")
+    parser.add_argument("--allow-task-code", action="store_true",
+                        help="let the --include-path tasks run Python (lm-eval `!function` modules, templates that "
+                             "reach Python objects); refused without it: read a shared task folder's code first")
     parser.add_argument(
         "--no-bos", dest="add_bos_token", action="store_false", default=None,
         help="do not start every request with the tokenizer's BOS token (default: start with it when it exists)",
@@ -63,7 +66,8 @@ def _batch_size(text: str) -> int | str:
 def run(args: argparse.Namespace) -> int:
     task_names = [name.strip() for name in args.tasks.split(",") if name.strip()]
     batch_size: int | str = args.batch_size
-    resolve_tasks(task_names, include_path=args.include_path)  # bad task names or data fail before the model loads
+    # bad task names or data, and task code not allowed, fail before the model loads
+    resolve_tasks(task_names, include_path=args.include_path, allow_task_code=args.allow_task_code)
     model, tokenizer = load_model_for_eval(args.model, device=args.device)
     started = time.perf_counter()
     # With --json, stdout carries only the JSON: anything lm-eval prints goes to stderr.
@@ -71,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         scores = evaluate_model(
             model, tokenizer, task_names, limit=args.limit, batch_size=batch_size, include_path=args.include_path,
             add_bos_token=args.add_bos_token, encode_separately=not args.joint_encoding,
+            allow_task_code=args.allow_task_code,
         )
     seconds = time.perf_counter() - started
     if args.json:

@@ -21,17 +21,19 @@ def run_lm_eval(
     add_bos_token: bool | None = None,
     encode_separately: bool = True,
     log_samples: bool = False,
+    allow_task_code: bool = False,
 ) -> dict[str, Any]:
     """lm-eval's full result dict (``results``, ``n-samples``, optionally per-item ``samples``) for ``tasks``.
 
-    Every local task's data is checked before the model runs. The model is used as given (its dtype and device);
+    Every local task's data is checked before the model runs; ``include_path`` tasks that run Python need
+    ``allow_task_code`` (:func:`moecompress.evals.taskdefs.resolve_tasks`). The model is used as given (its dtype and device);
     global random seeds are left alone (lm-eval would otherwise reseed torch, numpy and ``random``).
     """
     import lm_eval  # imported here: it takes seconds, and importing moecompress.evals must stay cheap
 
     from moecompress.evals.lm import build_lm  # imports lm_eval (seconds): deferred with it
 
-    resolved = resolve_tasks(tasks, include_path=include_path)
+    resolved = resolve_tasks(tasks, include_path=include_path, allow_task_code=allow_task_code)
     language_model = build_lm(
         model, tokenizer, batch_size=batch_size, add_bos_token=add_bos_token, encode_separately=encode_separately
     )
@@ -79,6 +81,7 @@ def evaluate_model(
     include_path: str | Path | None = None,
     add_bos_token: bool | None = None,
     encode_separately: bool = True,
+    allow_task_code: bool = False,
 ) -> dict[str, dict[str, float]]:
     """Score an in-memory model on ``tasks``: ``{task: {metric: value}}``.
 
@@ -87,11 +90,12 @@ def evaluate_model(
     limit: at most this many documents per task (a float in (0, 1) is a fraction).
     add_bos_token: condition every request on the tokenizer's BOS; default: when the tokenizer has one.
     encode_separately: tokenize context and choice apart (default) rather than lm-eval's joint encoding.
+    allow_task_code: let ``include_path`` tasks run Python (``!function``, templates reaching Python objects).
     """
     lm_eval_logger = logging.getLogger("lm_eval")  # cut lm-eval's INFO chatter; never lower a level set by the caller
     lm_eval_logger.setLevel(max(lm_eval_logger.getEffectiveLevel(), logging.WARNING))
     results = run_lm_eval(
         model, tokenizer, tasks, limit=limit, batch_size=batch_size, include_path=include_path,
-        add_bos_token=add_bos_token, encode_separately=encode_separately,
+        add_bos_token=add_bos_token, encode_separately=encode_separately, allow_task_code=allow_task_code,
     )
     return scores_from_results(results)

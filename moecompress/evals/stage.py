@@ -91,31 +91,34 @@ class EvaluateStage(Stage):
     modifies_model = False  # a recipe that only evaluates writes no model copy
 
     def check(self, context: RunContext) -> None:
-        """Unknown task names or broken task files fail before the profiling pass, not after the stages."""
-        resolve_tasks(self.options.tasks, include_path=self.options.include_path)
+        """Unknown task names, broken task files, and a task folder that would run code the person running the
+        pipeline did not allow (``context.allow_task_code``) fail before the profiling pass, not after the stages."""
+        resolve_tasks(self.options.tasks, include_path=self.options.include_path,
+                      allow_task_code=context.allow_task_code)
 
     def run(self, context: RunContext) -> StageResult:
         options: EvaluateOptions = self.options
-        resolve_tasks(options.tasks, include_path=options.include_path)  # bad tasks fail before any model work
+        self.check(context)  # bad tasks fail before any model work
         if context.tokenizer is None:
             raise RecipeError("the evaluate stage needs the model's tokenizer; the run has none (save it beside the model)")
         before = self._original_scores(context)
         with evaluated_in_float32(context.model) if options.dtype == "float32" else contextlib.nullcontext():
-            after = self._score(context.model, context.tokenizer)
+            after = self._score(context.model, context.tokenizer, context.allow_task_code)
         return StageResult(metrics={"before": before, "after": after, "delta": score_deltas(before, after)})
 
-    def _score(self, model: Any, tokenizer: Any) -> dict[str, dict[str, float]]:
+    def _score(self, model: Any, tokenizer: Any, allow_task_code: bool = False) -> dict[str, dict[str, float]]:
         options: EvaluateOptions = self.options
         return evaluate_model(
             model, tokenizer, options.tasks, limit=options.limit, batch_size=options.batch_size,
             include_path=options.include_path, add_bos_token=options.add_bos_token,
-            encode_separately=options.encode_separately,
+            encode_separately=options.encode_separately, allow_task_code=allow_task_code,
         )
 
-    def cache_key(self, source: str) -> str:
+    def cache_key(self, source: str, allow_task_code: bool = False) -> str:
         """Hash of everything that changes the original model's scores."""
         options: EvaluateOptions = self.options
-        resolved = resolve_tasks(options.tasks, include_path=options.include_path)
+        resolved = resolve_tasks(options.tasks, include_path=options.include_path,
+                                 allow_task_code=allow_task_code)
         task_contents = [
             json.dumps(spec, sort_keys=True, default=repr) if isinstance(spec, dict) else spec for spec in resolved.specs
         ]
@@ -135,13 +138,14 @@ class EvaluateStage(Stage):
 
     def _original_scores(self, context: RunContext) -> dict[str, dict[str, float]]:
         options: EvaluateOptions = self.options
-        cache_file = Path(context.output_dir) / CACHE_FOLDER / f"original-{self.cache_key(context.source)}.json"
+        key = self.cache_key(context.source, context.allow_task_code)
+        cache_file = Path(context.output_dir) / CACHE_FOLDER / f"original-{key}.json"
         if cache_file.is_file():
             return json.loads(cache_file.read_text())["scores"]
         dtype = torch.float32 if options.dtype == "float32" else next(context.model.parameters()).dtype
         original_model, original_tokenizer = load_model_for_eval(context.source, device=options.device, dtype=dtype)
         try:
-            scores = self._score(original_model, original_tokenizer)
+            scores = self._score(original_model, original_tokenizer, context.allow_task_code)
         finally:
             del original_model
             gc.collect()

@@ -6,6 +6,13 @@ path against the working directory, so :func:`resolve_tasks` loads each local YA
 paths against the YAML's folder, checks the data (every record has the fields the templates use, the gold index is
 in range) and hands lm-eval a finished config dict. Names that are not local (``hellaswag``...) are passed through
 to lm-eval's built-in task index, which needs the dataset hub unless the data is already cached.
+
+A task folder of your own (``include_path``) can run Python: lm-eval imports the module an ``!function`` tag names
+from beside the YAML, and renders ``doc_to_*`` templates with an unsandboxed Jinja that reaches Python objects
+through ``__`` attributes. A task folder, like a recipe that names one, is something people share, so moecompress
+runs such code only when the person running the command allows it (``--allow-task-code``): otherwise
+:func:`resolve_tasks` refuses the folder before lm-eval reads it, naming the file and the code
+(:func:`task_code_uses`, a read of the YAML that never imports or renders anything).
 """
 
 from __future__ import annotations
@@ -19,13 +26,20 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
+import jinja2.nodes
 
 from moecompress.errors import TaskError
+from moecompress.yaml_files import load_yaml_bounded
 
 BUNDLED_TASK_DIR = Path(__file__).resolve().parent / "tasks"
 
 # Output types whose docs pick one of several choices; their gold index must fall inside the choice list.
 CHOICE_OUTPUT_TYPES = {"multiple_choice"}
+# Folders lm-eval skips when it indexes a task folder (lm_eval.tasks._yaml_loader._IGNORE_DIRS).
+_IGNORED_TASK_DIRS = {"__pycache__", ".ipynb_checkpoints"}
+MAX_TASK_YAML_VALUES = 100_000  # values of one task file after YAML aliases expand (a bomb is refused)
+ALLOW_TASK_CODE_HINT = ("pass --allow-task-code (eval, compress) or allow_task_code=True (Python) if you trust "
+                        "that folder, after reading its code")
 
 
 @dataclass
@@ -59,12 +73,15 @@ def _offline() -> bool:
     return any(os.environ.get(name, "0") not in ("", "0", "false", "False") for name in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def resolve_tasks(task_names: list[str], include_path: str | Path | None = None) -> ResolvedTasks:
+def resolve_tasks(task_names: list[str], include_path: str | Path | None = None, *,
+                  allow_task_code: bool = False) -> ResolvedTasks:
     """Turn task names into lm-eval specs, checking every local task's data before any model work starts.
 
     task_names: bundled task names (``tb_code_next``), tags (``testbed``, ``testbed_mc``, ``testbed_ppl``), names from
         ``include_path``, or lm-eval task names (these need the hub, or a cached copy of their data).
     include_path: a folder of the user's own lm-eval YAML tasks; its tasks win over bundled ones of the same name.
+    allow_task_code: let that folder's tasks run Python (``!function`` modules, templates reaching Python objects);
+        without it such a folder is a :class:`TaskError` saying why, before lm-eval reads it.
     """
     if not task_names:
         raise TaskError(f"no evaluation task given; pass task names, e.g. one of: {', '.join(bundled_task_names())}")
@@ -73,6 +90,13 @@ def resolve_tasks(task_names: list[str], include_path: str | Path | None = None)
         user_dir = Path(include_path).expanduser().resolve()
         if not user_dir.is_dir():
             raise TaskError(f"task folder {user_dir} does not exist; pass --include-path a folder of lm-eval YAML tasks")
+        uses = task_code_uses(user_dir)
+        if uses and not allow_task_code:
+            raise TaskError(
+                f"task folder {user_dir} runs Python code ({uses[0]}{f'; {len(uses) - 1} more' if len(uses) > 1 else ''})"
+                f"; moecompress does not run code from a task folder unless you allow it, since task folders and the "
+                f"recipes naming them are shared files: {ALLOW_TASK_CODE_HINT}"
+            )
         include_paths.append(user_dir)
     local_manager = _task_manager(include_paths, include_defaults=False)
     local_index = local_manager.task_index
@@ -121,6 +145,79 @@ def resolve_tasks(task_names: list[str], include_path: str | Path | None = None)
             stacklevel=2,
         )
     return ResolvedTasks(specs=specs, task_manager=full_manager, names=names)
+
+
+def task_code_uses(folder: Path) -> list[str]:
+    """What in the task folder ``folder`` would run Python if lm-eval loaded it: every ``!function`` tag, and every
+    Jinja template that reaches an attribute or item whose name starts with ``_`` (the way out of a template to
+    Python objects; Jinja's sandbox refuses exactly those) or uses the ``attr`` filter. Reads every ``*.yaml`` under
+    ``folder`` as lm-eval indexes them, following ``include:`` (also outside the folder); imports nothing, renders
+    nothing. Each entry: ``"<file>: <what>"``. A task file whose aliases explode is a :class:`TaskError`."""
+    uses: list[str] = []
+    seen: set[Path] = set()
+    for yaml_path in sorted(folder.glob("**/*.yaml")):
+        if not any(part in _IGNORED_TASK_DIRS for part in yaml_path.parts):
+            _scan_task_yaml(yaml_path, uses, seen)
+    return uses
+
+
+def _scan_task_yaml(yaml_path: Path, uses: list[str], seen: set[Path]) -> None:
+    yaml_path = yaml_path.expanduser().resolve()
+    if yaml_path in seen:
+        return
+    seen.add(yaml_path)
+    functions: list[str] = []
+    try:
+        text = yaml_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return  # lm-eval cannot read it either: it skips the file
+    try:
+        data = load_yaml_bounded(text, max_values=MAX_TASK_YAML_VALUES, where=f"task file {yaml_path}", error=TaskError,
+                                 tags={"!function": lambda name: functions.append(name) or name})
+    except TaskError as error:
+        if "not valid YAML" in str(error):
+            return  # lm-eval skips a file it cannot parse
+        raise
+    uses.extend(f"{yaml_path}: !function {name:.80}" for name in functions)
+    for template in _strings(data):
+        if ("{{" in template or "{%" in template) and (reason := _template_escape(template)):
+            uses.append(f"{yaml_path}: template {template[:60]!r} {reason}")
+    includes = data.get("include") if isinstance(data, dict) else None
+    for include in includes if isinstance(includes, list) else [includes] if includes else []:
+        if isinstance(include, str):
+            path = Path(include)
+            _scan_task_yaml(path if path.is_absolute() else yaml_path.parent / path, uses, seen)
+
+
+def _strings(data: Any) -> list[str]:
+    """Every string in ``data`` (containers shared through YAML aliases are visited once)."""
+    found, seen, stack = [], set(), [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            found.append(value)
+        elif isinstance(value, (dict, list)) and id(value) not in seen:
+            seen.add(id(value))
+            stack.extend([*value.keys(), *value.values()] if isinstance(value, dict) else value)
+    return found
+
+
+def _template_escape(template: str) -> str | None:
+    """Why the Jinja ``template`` can reach Python objects, or None: an attribute or item whose name starts with
+    ``_``, or the ``attr`` filter (what Jinja's ``SandboxedEnvironment`` would refuse)."""
+    try:
+        tree = jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError:
+        return None  # lm-eval cannot render it either
+    for node in tree.find_all((jinja2.nodes.Getattr, jinja2.nodes.Getitem, jinja2.nodes.Filter)):
+        if isinstance(node, jinja2.nodes.Getattr) and node.attr.startswith("_"):
+            return f"reads the attribute {node.attr}"
+        if isinstance(node, jinja2.nodes.Getitem) and isinstance(node.arg, jinja2.nodes.Const) \
+                and isinstance(node.arg.value, str) and node.arg.value.startswith("_"):
+            return f"reads the item {node.arg.value!r}"
+        if isinstance(node, jinja2.nodes.Filter) and node.name == "attr":
+            return "uses the attr filter"
+    return None
 
 
 def local_task_config(yaml_path: str | Path) -> dict[str, Any]:

@@ -50,6 +50,7 @@ from moecompress.models.edits import _config_record, replace_experts
 from moecompress.pruning.base import super_experts_by_layer
 from moecompress.quantization.gptq import gptq_quantize
 from moecompress.quantization.packing import quantize_rtn
+from moecompress.quantization.stages import check_group_size
 from moecompress.solvers import Budget, MultipleChoiceKnapsack, solve
 from moecompress.stages import RunContext, Stage, StageOptions, StageResult, register_stage
 
@@ -200,6 +201,7 @@ class CameraQuantization(Stage):
     Options = CameraQuantizeOptions
 
     def check(self, context: RunContext) -> None:
+        check_group_size(context.model, self.options.group_size, self.method, per_row=False)
         for view in find_moe_blocks(context.model):
             if view.storage != "concatenated" or view.glu is not None or getattr(view.experts, "gate_up_proj_bias", None) is not None:
                 raise RecipeError(f"camera_q: layer {view.layer_index} ({view.family}, {view.storage}) is not fused "

@@ -51,6 +51,7 @@ from moecompress.models.families import adapter_for, minimum_experts, text_confi
 from moecompress.models.summary import model_summary
 from moecompress.models.view import MoEBlockView
 from moecompress.quantization.packing import quantize_rtn
+from moecompress.quantization.stages import check_group_size
 from moecompress.solvers import AtLeast, Budget, InfeasibleError, MultipleChoiceKnapsack, solve
 from moecompress.stages import RunContext, Stage, StageOptions, StageResult, register_stage
 
@@ -350,6 +351,7 @@ class PMQStage(Stage):
 
     def check(self, context: RunContext) -> None:
         options = self.options
+        check_group_size(context.model, options.group_size, self.method)
         if options.target_size is not None:
             self._expert_byte_budget(context, [(view.num_experts, self._expert_bytes(view))
                                                for view in find_moe_blocks(context.model)])

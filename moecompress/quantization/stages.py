@@ -23,9 +23,11 @@ from pathlib import Path
 from typing import Literal
 
 import pydantic
+from torch import nn
 
 from moecompress.errors import MoECompressError, RecipeError
 from moecompress.kernels.layout import SUPPORTED_BITS
+from moecompress.models.families import find_moe_blocks
 from moecompress.quantization.sequential import (
     TARGETS,
     QuantizationResult,
@@ -37,6 +39,27 @@ from moecompress.stages import RunContext, Stage, StageOptions, StageResult, reg
 
 # The Triton kernels read one scale per 16-column tile, so a group must be whole tiles.
 GROUP_SIZE_MULTIPLE = 16
+
+
+def widest_input(model: nn.Module) -> int:
+    """The widest input (columns) of any matrix a quantisation stage can meet in ``model``: every linear's
+    ``in_features`` and every MoE layer's expert widths (hidden size for gate/up, intermediate size for down)."""
+    widths = [module.in_features for module in model.modules() if isinstance(module, nn.Linear)]
+    for view in find_moe_blocks(model):
+        widths += [int(view.hidden_size), int(view.intermediate_size)]
+    return max(widths, default=0)
+
+
+def check_group_size(model: nn.Module, group_size: int | None, where: str, *, per_row: bool = True) -> None:
+    """A group wider than every matrix's input is padding: memory grows with ``group_size`` (a value of 2**30 asks
+    for hundreds of GB). Refuse it, naming the widest input (:class:`RecipeError`)."""
+    widest = widest_input(model)
+    if group_size is None or group_size <= 0 or not widest or group_size <= widest:
+        return
+    instead = "-1 (one scale per output row) or " if per_row else ""
+    raise RecipeError(f"{where}: group_size={group_size} is wider than any matrix this model has (the widest input is "
+                      f"{widest} columns); a group would be mostly padding. Use {instead}a multiple of 16 up to "
+                      f"{widest}")
 
 
 class QuantizeOptions(StageOptions):
@@ -104,6 +127,7 @@ class QuantizeStage(Stage):
         return hashlib.sha256(text.encode()).hexdigest()
 
     def check(self, context: RunContext) -> None:
+        check_group_size(context.model, self.options.group_size, self.method)
         try:
             check_quantizable(context.model, self.settings(context))
         except MoECompressError as error:
