@@ -146,7 +146,7 @@ def test_ctrl_c_in_other_commands(capsys, monkeypatch, command):
     (MemoryError(), "out of memory (MemoryError); use a smaller batch size"),
     (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail"),
      "out of memory (CUDA out of memory. Tried to allocate 20.00 GiB); use a smaller batch size"),
-    (OSError(errno.ENOSPC, "No space left on device"), "error: [Errno 28] No space left on device"),
+    (OSError(errno.ENOSPC, "No space left on device"), "error: no space left on the device while writing "),
     (PermissionError(errno.EACCES, "Permission denied", "/out"), "error: [Errno 13] Permission denied: '/out'"),
 ], ids=["memory", "gpu-memory", "disk-full", "permission"])
 def test_machine_refusals_are_one_line_exit_1(recipe, tmp_path, capsys, monkeypatch, failure, message):
