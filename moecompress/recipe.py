@@ -204,15 +204,20 @@ def _parse_stage(index: int, entry: Any) -> Stage:
         raise RecipeError(_format_validation_error(f"{where} ({method})", error, stage_class.Options)) from None
 
 
-def _format_validation_error(where: str, error: pydantic.ValidationError, model: type[pydantic.BaseModel]) -> str:
+def _format_validation_error(where: str, error: pydantic.ValidationError, model: type[pydantic.BaseModel],
+                             most: int = 3) -> str:
+    """The first ``most`` problems (a list of a million bad items is one message, not a million)."""
     problems = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(options)"
+    errors = error.errors()
+    for item in errors[:most]:
+        key = (".".join(str(part) for part in item["loc"]) or "(options)")[:100]
         if item["type"] == "extra_forbidden":
             problems.append(f"unknown key {key!r} (allowed: {', '.join(model.model_fields)})")
         else:
             message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {message} (got {describe_value(item.get('input'))})")
+            problems.append(f"{key}: {message[:300]} (got {describe_value(item.get('input'))})")
+    if len(errors) > most:
+        problems.append(f"and {len(errors) - most} more")
     return f"{where}: " + "; ".join(problems)
 
 
