@@ -156,11 +156,12 @@ def check_output_placement(out: Path, inputs: Iterable[tuple[str, Path]], error:
 
 
 def check_replaceable_output(out: Path, *, overwrite: bool, owned_files: Callable[[Path], set[str] | None],
-                             what: str, error: type[MoECompressError]) -> bool:
+                             what: str, error: type[MoECompressError], rule: str | None = None) -> bool:
     """May this command write ``out``? True when ``out`` will be replaced (``overwrite`` and it is this command's
     own earlier output), False when it is new or empty. ``owned_files(out)`` gives the files a previous output of
     this command recorded writing there, or None when ``out`` is not such an output. A folder of other content is
-    never replaced, nor one that also holds files the command did not write (replacing would delete them)."""
+    never replaced, nor one that also holds files the command did not write (replacing would delete them). ``rule``:
+    how the message states what may be replaced (default: ``--overwrite``'s rule)."""
     out = Path(out)
     if not out.is_dir() or not any(out.iterdir()):
         return False
@@ -169,8 +170,9 @@ def check_replaceable_output(out: Path, *, overwrite: bool, owned_files: Callabl
                     "another folder")
     owned = owned_files(out)
     if owned is None:
-        raise error(f"--out {out} is not a {what} (it holds {folder_listing(out)}); --overwrite replaces only a "
-                    f"{what} moecompress wrote. Choose another --out, or empty that folder yourself.")
+        rule = rule or f"--overwrite replaces only a {what} moecompress wrote"
+        raise error(f"--out {out} is not a {what} (it holds {folder_listing(out)}); {rule}. Choose another --out, or "
+                    "empty that folder yourself.")
     foreign = sorted(str(path.relative_to(out)) for path in out.rglob("*")
                      if not path.is_dir() and str(path.relative_to(out)) not in owned)
     if foreign:

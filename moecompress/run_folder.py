@@ -121,8 +121,8 @@ class RunFolder:
         partial = self.partial_dir
         created = claim_folder(partial, "the partial folder of this run")
         self.lock = RunLock(partial)
+        self.lock.acquire()  # another run working there: refused, and nothing of its work is touched
         try:
-            self.lock.acquire()
             state = run_state(partial)
             leftovers = [path.name for path in partial.iterdir() if path.name != LOCK_FILE]
             if state is None and leftovers:

@@ -62,7 +62,9 @@ def check_output_folder(source: Path, out: Path, *, replace_own: bool = False) -
     if not replace_own:
         raise UsageError(f"--out {out} already exists and is not empty; pick a new folder or remove it")
     check_replaceable_output(out, overwrite=True, owned_files=lambda folder: export_files(folder, source),
-                             what=f"moecompress export of {source}", error=UsageError)
+                             what=f"moecompress export of {source}", error=UsageError,
+                             rule="a recipe's export replaces only an earlier export of the same folder (its "
+                                  "export_report.json lists the files it wrote)")
 
 
 @contextlib.contextmanager
@@ -77,8 +79,8 @@ def staged_output(out: Path, *, replace_own: bool = False) -> Iterator[Path]:
     killed_export = (partial / LOCK_NAME).is_file()  # what a killed export leaves; anything else is not ours
     lock = RunLock(partial, LOCK_NAME, holder="moecompress export",
                    fix=f"two exports cannot write {out} at once; wait for the other to finish (or stop it), then re-run")
+    lock.acquire()  # another export writing there: refused, and nothing of its work is touched
     try:
-        lock.acquire()
         leftovers = [path for path in partial.iterdir() if path.name != LOCK_NAME]
         if leftovers and not killed_export:
             created = False  # never remove what this export did not make
