@@ -177,3 +177,19 @@ def test_cached_file_hashes_are_reused_only_while_the_file_is_unchanged(tmp_path
     other_folder = tmp_path / "copy"
     shutil.copytree(source, other_folder)  # other inodes: a record of the first folder does not apply
     assert source_identity(other_folder, forged).fingerprint == changed.fingerprint
+
+
+@pytest.mark.parametrize("key, message", [
+    ("model.embed_tokens.weight", "TCESS markers at key layer(s) [0] are NaN or infinite"),
+    ("model.layers.4.self_attn.o_proj.weight", "the reduced model holds NaN or infinite values"),
+], ids=["query-reads-nan", "built-model-holds-nan"])
+def test_retrieve_never_chooses_on_nan_nor_saves_nan(tmp_path, testbed, capsys, key, message):
+    source = tmp_path / "model"
+    shutil.copytree(model_folder("moe-ref-q3"), source)
+    edit_tensor(source, key, lambda tensor: torch.full_like(tensor, float("nan")))
+    folder = make_store(testbed).save(tmp_path / "store")  # its routing fingerprint still matches: routers unchanged
+    argv = ["retrieve", str(source), "--store", str(folder), "--prompt", "def main(argv):", "--keep", "8",
+            "--out", str(tmp_path / "reduced")]
+    assert main(argv) == 2
+    assert message in one_line(capsys.readouterr())
+    assert not (tmp_path / "reduced").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model", "store"]

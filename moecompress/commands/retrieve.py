@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from moecompress.checkpoint.loading import non_finite_tensors
 from moecompress.checkpoint.validation import resolve_checkpoint
 from moecompress.commands.arguments import device_name, positive_int
 from moecompress.commands.store import parse_layers
@@ -30,6 +31,10 @@ def save_reduced_model(model, tokenizer, record: dict, out: Path) -> dict:
     """``save_pretrained`` + tokenizer + ``retrieval.json`` (listing every file written, so that ``--overwrite``
     later replaces only those) into a new work folder beside ``out``, then moved into place in one rename."""
     out = out.expanduser().resolve()
+    bad = non_finite_tensors(model)
+    if bad:  # never save a model with NaN/inf in it
+        raise RetrievalError(f"the reduced model holds NaN or infinite values ({', '.join(bad[:3])}); the checkpoint "
+                             f"{record.get('model')} is damaged: re-download or re-save it. Nothing was saved.")
     partial = new_work_folder(out.parent, f".{out.name}.partial-")
     try:
         model.save_pretrained(partial)

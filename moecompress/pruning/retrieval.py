@@ -374,6 +374,9 @@ def build_pattern_store(source: str | Path, tasks: Mapping[str, Sequence[str | P
                                         options={"tcess_markers": tcess.to_dict()}, dtype=dtype,
                                         batch_size=batch_size, device=device)
         patterns[task] = torch.stack([statistics[layer]["tcess_markers"] for layer in moe_layers]).float()
+        if not all_finite(patterns[task]):
+            raise RetrievalError(f"the TCESS pattern of task {task!r} holds NaN or infinite values: the model's router "
+                                 f"weights or activations are not finite on this text; check the checkpoint {folder}")
         records[task] = {"files": [str(path) for path in files], "num_tokens": int(calibration.input_ids.numel()),
                          "calibration_sha256": calibration.sha256}
         for layer in moe_layers:
@@ -632,7 +635,13 @@ class RetrievedModel:
 
     def choose(self, prompt: str | Sequence[int]) -> tuple[str, dict[str, float]]:
         """The task pattern nearest to ``prompt`` and the distance to every pattern (no model change)."""
-        return self.store.nearest(self.scorer().score(prompt))
+        scores = self.scorer().score(prompt)
+        bad = [layer for layer, markers in scores.items() if not all_finite(markers)]
+        if bad:
+            raise RetrievalError(f"the prompt's TCESS markers at key layer(s) {bad} are NaN or infinite, so no pattern "
+                                 f"is nearer than another: the checkpoint {self.folder} is damaged (its weights or "
+                                 "router are not finite); re-download or re-save it")
+        return self.store.nearest(scores)
 
     def for_prompt(self, prompt: str | Sequence[int]) -> Retrieval:
         """Choose the pattern for ``prompt`` and make it the held model (a no-op when it is already held)."""
