@@ -73,8 +73,8 @@ class Pipeline:
     usage per domain, and what the first stage asks for), then loads the model and runs the stages in order.
     Output is built in ``<out>.partial-<recipe hash>`` and moved to ``<out>`` when complete; a stopped run resumes
     from there (finished stages are replayed from their recorded decisions, not recomputed). A run's identity is
-    its recipe, its source model (:func:`moecompress.checkpoint.fingerprint.checkpoint_fingerprint`) and its
-    calibration tokens; a stopped or finished run is reused only when all three match, otherwise it is an error unless
+    its recipe, its source model (the full content hash of
+    :func:`moecompress.checkpoint.fingerprint.source_identity`, cached in ``state.json``) and its calibration tokens; a stopped or finished run is reused only when all three match, otherwise it is an error unless
     ``overwrite`` (which never replaces a folder that is not a moecompress run).
     """
 

@@ -69,3 +69,12 @@ def tiny_family_params(exclude=()):
         for model_type in tiny_families()
         if model_type not in exclude
     ]
+
+
+@pytest.fixture(scope="session")
+def native_mx(tmp_path_factory, testbed) -> Path:
+    """moe-ref-mx quantised (RTN 4-bit, group 32) and saved in the native format, once per session; tests that damage
+    it copy it first."""
+    from export_helpers import native_folder  # imports torch and moecompress: only when a test asks for it
+
+    return native_folder(tmp_path_factory.mktemp("native-mx"), "moe-ref-mx")

@@ -21,7 +21,6 @@ import struct
 import pytest
 import torch
 from conftest import testbed_model_path as model_folder
-from export_helpers import native_folder
 from safetensors.torch import load_file, save_file
 from test_reliability_overwrite import make_store
 
@@ -38,9 +37,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 LAYER0 = "model.layers.0.block_sparse_moe.experts"
 
 
-@pytest.fixture(scope="module")
-def native(tmp_path_factory):
-    return native_folder(tmp_path_factory.mktemp("damage"), "moe-ref-mx")
+@pytest.fixture()
+def native(native_mx):
+    return native_mx  # shared by the session (conftest); tests copy it before damaging it
 
 
 def edit_tensor(folder, key, edit):

@@ -14,7 +14,6 @@ import sys
 
 import pytest
 from conftest import REPO_ROOT
-from export_helpers import native_folder
 
 from moecompress.cli import main
 from moecompress.errors import UsageError
@@ -35,9 +34,9 @@ export_folder(sys.argv[1], sys.argv[2], "hf", dequantize=True)
 """
 
 
-@pytest.fixture(scope="module")
-def native(tmp_path_factory):
-    return native_folder(tmp_path_factory.mktemp("publish"), "moe-ref-mx")
+@pytest.fixture()
+def native(native_mx):
+    return native_mx  # shared by the session (conftest); tests copy it before damaging it
 
 
 def listing(folder):

@@ -13,7 +13,6 @@ import os
 
 import pytest
 from conftest import testbed_model_path as model_folder
-from export_helpers import native_folder
 
 from moecompress.cli import main
 from moecompress.errors import MoECompressError
@@ -101,9 +100,9 @@ def test_a_partial_folder_left_with_only_its_lock_is_taken_over(recipe, tmp_path
 
 
 # ----- export: the predictable work folder ----------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def native(tmp_path_factory):
-    return native_folder(tmp_path_factory.mktemp("links"), "moe-ref-mx")
+@pytest.fixture()
+def native(native_mx):
+    return native_mx  # shared by the session (conftest); tests copy it before damaging it
 
 
 def test_export_never_follows_a_link_planted_at_its_work_folder(native, tmp_path, victim, capsys):

@@ -21,7 +21,6 @@ import pytest
 import torch
 from conftest import REPO_ROOT, TESTBED
 from conftest import testbed_model_path as model_folder
-from export_helpers import native_folder
 from safetensors import SafetensorError
 from test_reliability_overwrite import make_store
 
@@ -103,9 +102,9 @@ def damage_shard(path, damage):
         edit_header(path, edit)
 
 
-@pytest.fixture(scope="module")
-def native(tmp_path_factory):
-    return native_folder(tmp_path_factory.mktemp("messages"), "moe-ref-mx")
+@pytest.fixture()
+def native(native_mx):
+    return native_mx  # shared by the session (conftest); tests copy it before damaging it
 
 
 @pytest.mark.parametrize("command", ["inspect", "eval", "compress", "export"])
