@@ -148,6 +148,13 @@ def test_work_folders_are_new_and_claimed_folders_are_checked(tmp_path, victim):
         claim_folder(tmp_path / "link", "a test folder")
 
 
+def test_a_folder_of_another_user_is_not_claimed(tmp_path, monkeypatch):
+    (tmp_path / "theirs").mkdir()  # made by "another user": this process pretends to run as someone else
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(MoECompressError, match=r"belongs to another user \(uid \d+\)"):
+        claim_folder(tmp_path / "theirs", "a test folder")
+
+
 def test_replacing_an_output_never_deletes_through_a_link(tmp_path, victim):
     finished = new_work_folder(tmp_path, ".result-")
     (finished / "model.safetensors").write_text("new")
