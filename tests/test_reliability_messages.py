@@ -313,13 +313,35 @@ def test_ctrl_c_while_the_libraries_import_is_one_line():
     assert done.stderr.strip().splitlines() == ["moecompress: interrupted while starting; nothing was done"], done.stderr
 
 
+def test_a_real_sigint_in_the_first_second_is_one_line():
+    """The same with a real signal: half a second in, the libraries are still importing (or, on a fast machine, the
+    command has started): one line either way, never a traceback."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "moecompress.cli", "inspect", str(MX)], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=600)
+    lines = err.strip().splitlines()
+    assert process.returncode in (-signal.SIGINT, 130), err
+    assert len(lines) == 1 and lines[0].startswith("moecompress") and "interrupted" in lines[0], err
+
+
 def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
-    from moecompress import cli
+    import importlib
 
-    def interrupted(name):
-        raise KeyboardInterrupt
+    real_import_module = importlib.import_module
 
-    monkeypatch.setattr(cli.importlib, "import_module", interrupted)
+    def interrupted(name, *args, **kwargs):
+        if name.startswith("moecompress.commands."):  # Ctrl-C while the commands' modules import
+            raise KeyboardInterrupt
+        return real_import_module(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", interrupted)
     assert main(["inspect", str(MX)]) == 130
     assert one_line(capsys.readouterr()) == "moecompress: interrupted"
 
