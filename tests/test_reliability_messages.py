@@ -161,6 +161,11 @@ def test_a_full_disk_in_export_is_one_line_naming_the_output(native, tmp_path, c
 
 
 # ----- crafted and truncated pattern stores ----------------------------------------------------------------------------
+def _grow(path, size):
+    with path.open("r+b") as handle:
+        handle.truncate(size)  # sparse: nothing is written
+
+
 def _set(key, value):
     def edit(record):
         record[key] = value
@@ -170,6 +175,7 @@ def _set(key, value):
 STORE_DAMAGE = {
     "garbage-json": ("store.json", lambda path: path.write_text("{not json"), "is not a JSON object"),
     "json-list": ("store.json", lambda path: path.write_text("[1, 2]"), "is not a JSON object"),
+    "huge-record": ("store.json", lambda path: _grow(path, 64 << 20), "far more than a pattern store"),
     "layers-not-numbers": ("store.json", _set("moe_layers", "all"), "moe_layers"),
     "key-layer-not-moe": ("store.json", _set("key_layers", [17]), "are not all MoE layers"),
     "super-expert-out-of-range": ("store.json", _set("super_experts", [[0, 99]]), "is not an expert of an MoE layer"),
@@ -189,7 +195,7 @@ STORE_DAMAGE = {
 def test_a_crafted_or_truncated_store_is_one_line(testbed, tmp_path, capsys, command, damage):
     folder = make_store(testbed).save(tmp_path / "store")
     name, edit, message = STORE_DAMAGE[damage]
-    if name == "store.json" and damage not in ("garbage-json", "json-list"):
+    if name == "store.json" and damage not in ("garbage-json", "json-list", "huge-record"):
         record = json.loads((folder / name).read_text())
         edit(record)
         (folder / name).write_text(json.dumps(record))
