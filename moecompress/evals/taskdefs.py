@@ -28,7 +28,7 @@ import jinja2
 import jinja2.meta
 import jinja2.nodes
 
-from moecompress.errors import TaskError
+from moecompress.errors import TaskError, describe_value
 from moecompress.yaml_files import load_yaml_bounded
 
 BUNDLED_TASK_DIR = Path(__file__).resolve().parent / "tasks"
@@ -277,7 +277,7 @@ def _template_fields(template: Any) -> set[str]:
     try:
         return set(jinja2.meta.find_undeclared_variables(environment.parse(template)))
     except jinja2.TemplateSyntaxError as error:
-        raise TaskError(f"template {template!r} is not valid Jinja ({error}); fix the task YAML") from error
+        raise TaskError(f"template {describe_value(template)} is not valid Jinja ({error}); fix the task YAML") from error
 
 
 def _read_records(data_file: Path) -> list[dict[str, Any]]:
@@ -341,7 +341,8 @@ def validate_task_data(config: dict[str, Any], data_file: Path, *, task_file: Pa
                 if isinstance(gold, str) and gold in choices:
                     continue  # lm-eval also accepts the gold choice's text
                 raise TaskError(
-                    f"{where}: field '{target_field}' must be the index of the right choice (an integer), got {gold!r}"
+                    f"{where}: field '{target_field}' must be the index of the right choice (an integer), got "
+                    f"{describe_value(gold)}"
                 )
             if not 0 <= gold < len(choices):
                 raise TaskError(

@@ -94,7 +94,7 @@ class TcessOptions:
         if self.top_k is not None and self.top_k < 1:
             raise RetrievalError(f"TCESS top_k must be at least 1 (got {self.top_k}); leave it unset for the model's top-k")
         if self.phi not in ("identity", "peu"):
-            raise RetrievalError(f"TCESS phi must be 'identity' or 'peu' (got {self.phi!r})")
+            raise RetrievalError(f"TCESS phi must be 'identity' or 'peu' (got {describe_value(self.phi)})")
         if self.threshold >= 1.0:
             raise RetrievalError(f"TCESS threshold must be below 1 (got {self.threshold}); -1 or 0 turns the filter off")
 
@@ -327,7 +327,7 @@ def parse_task_spec(spec: str) -> tuple[str, list[str]]:
     name, sep, files = spec.partition("=")
     paths = [path for path in files.split(",") if path]
     if not sep or not name or not paths or "/" in name:
-        raise RetrievalError(f"--tasks entry {spec!r} is not NAME=FILE[,FILE...]; e.g. code=data/code.jsonl")
+        raise RetrievalError(f"--tasks entry {describe_value(spec)} is not NAME=FILE[,FILE...]; e.g. code=data/code.jsonl")
     return name, paths
 
 
@@ -656,7 +656,8 @@ class RetrievedModel:
     def use_task(self, task: str) -> Retrieval:
         """Hold the reduced model of ``task``'s pattern: experts already held move over, the others are read."""
         if task not in self.store.patterns:
-            raise RetrievalError(f"the pattern store has no task {task!r}; it has {self.store.task_names}")
+            raise RetrievalError(f"the pattern store has no task {describe_value(task)}; it has "
+                                 f"{describe_value(self.store.task_names, 200)}")
         kept = select_kept_experts(self.store.patterns[task], self.store.moe_layers, self.num_keep, self.store.super_experts)
         if self.model is not None and task == self.task:
             return Retrieval(task, {}, kept, total_checkpoint_bytes=self.checkpoint.total_bytes)
