@@ -73,9 +73,9 @@ class Pipeline:
     usage per domain, and what the first stage asks for), then loads the model and runs the stages in order.
     Output is built in ``<out>.partial-<recipe hash>`` and moved to ``<out>`` when complete; a stopped run resumes
     from there (finished stages are replayed from their recorded decisions, not recomputed). A run's identity is
-    its recipe, its source model (the full content hash of
-    :func:`moecompress.checkpoint.fingerprint.source_identity`, cached in ``state.json``) and its calibration tokens; a stopped or finished run is reused only when all three match, otherwise it is an error unless
-    ``overwrite`` (which never replaces a folder that is not a moecompress run).
+    its recipe, its source model (the full content hash of :func:`moecompress.checkpoint.fingerprint.source_identity`,
+    cached in ``state.json``) and its calibration tokens; a stopped or finished run is reused only when all three
+    match, otherwise it is an error unless ``overwrite`` (which never replaces a folder that is not a moecompress run).
     """
 
     def __init__(self, stages: list[Stage] | None = None, calibration: Any = None) -> None:

@@ -208,7 +208,8 @@ class PatternStore:
                                  f"records; it is not a store moecompress wrote: {rebuild}")
         record = read_json(record_path)
         if record is None:
-            raise RetrievalError(f"{record_path} is not a JSON object (damaged or not written by moecompress); {rebuild}")
+            raise RetrievalError(f"{record_path} is not a JSON object (damaged or not written by moecompress); "
+                                 f"{rebuild}")
         if record.get("format") != STORE_FORMAT or record.get("version") != STORE_VERSION:
             raise RetrievalError(f"{folder} has format {describe_value(record.get('format'))} version "
                                  f"{describe_value(record.get('version'))}; this moecompress reads {STORE_FORMAT!r} "
