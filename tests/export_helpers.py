@@ -36,7 +36,7 @@ torch.save({"logits": results, "moecompress_imported": "moecompress" in sys.modu
 
 
 def native_folder(tmp: Path, name: str, *, bits=4, group_size=32, symmetric=True, bit_map=None, keep=None,
-                  targets=("routed_experts",), quantize=True) -> Path:
+                  targets=("routed_experts",), quantize=True, scale_search="mse") -> Path:
     """Quantise (RTN) a test-bed model and save it in the native format; ``keep`` prunes first
     (``{layer: [experts]}`` or a count per layer); ``bit_map(layer, expert) -> bits``."""
     torch.set_num_threads(1)
@@ -50,6 +50,7 @@ def native_folder(tmp: Path, name: str, *, bits=4, group_size=32, symmetric=True
             mapping = {(view.layer_index, expert): bit_map(view.layer_index, expert)
                        for view in find_moe_blocks(model) for expert in range(view.num_experts)}
         quantize_model(model, QuantizationSettings(method="rtn", bits=bits, group_size=group_size, symmetric=symmetric,
+                                                   scale_search=scale_search,
                                                    bit_map=mapping, targets=targets))
     from moecompress.checkpoint import save_model
 

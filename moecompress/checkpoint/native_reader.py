@@ -140,15 +140,23 @@ class NativeCheckpoint:
 
     def tensor(self, key: str) -> torch.Tensor:
         """One tensor, read from its shard (the shard's handle stays open; tensors are not kept)."""
+        return self.tensor_handle(key).get_tensor(key)
+
+    def has(self, key: str) -> bool:
+        return key in self.file_of
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, from its shard's header (no data read)."""
+        return tuple(self.tensor_handle(key).get_slice(key).get_shape())
+
+    def tensor_handle(self, key: str):
+        """The open ``safe_open`` handle of the shard holding ``key``."""
         name = self.file_of.get(key)
         if name is None:
             raise CheckpointError(f"{self.folder}: tensor {key} is missing; the folder is damaged, re-run the compression")
         if name not in self._handles:
             self._handles[name] = safe_open(str(self.folder / name), framework="pt")
-        return self._handles[name].get_tensor(key)
-
-    def has(self, key: str) -> bool:
-        return key in self.file_of
+        return self._handles[name]
 
     def expert_weight(self, layer: ExpertLayer, expert: int, name: str) -> PackedLinearWeight:
         """Expert ``expert``'s packed ``gate_up_proj`` ``[2I, H]`` or ``down_proj`` ``[H, I]`` of ``layer``."""

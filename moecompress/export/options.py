@@ -3,10 +3,14 @@
     export: compressed-tensors            # a format name, or
     export:                               # one mapping, or a list of them
       - {format: compressed-tensors, tp: 2, widen_to_layer_max: true}
+      - {format: compressed-tensors, for: vllm}          # per-layer widths: vLLM only
+      - {format: compressed-tensors, widen_to_model_max: true}   # one scheme: plain transformers too
       - {format: hf, dequantize: true, out: /models/plain}
 
 Each export goes to ``out`` (default: ``<compress --out>-<format>``, beside the native folder, which stays as it is)
 after the run finished; a folder there that an earlier export of the same native folder wrote is replaced.
+:func:`check_exports` runs before the run starts: it plans what the recipe's stages will produce on the model's
+meta skeleton and refuses, with the export's own one-line message, an export that could not be written.
 """
 
 from __future__ import annotations
@@ -18,17 +22,26 @@ from typing import Any, Literal
 
 import pydantic
 
-from moecompress.errors import RecipeError
+from moecompress.errors import RecipeError, UsageError
 from moecompress.export import export_folder
+from moecompress.export.deployability import (
+    CONSUMERS,
+    NotDeployableError,
+    plan_of_recipe,
+    plan_problems,
+    raise_problems,
+)
 from moecompress.export.report import REPORT_FILE
 
 
 class ExportOptions(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(extra="forbid")
+    model_config = pydantic.ConfigDict(extra="forbid", populate_by_name=True)
 
     format: Literal["compressed-tensors", "hf"]
     tp: int = pydantic.Field(1, ge=1)
     widen_to_layer_max: bool = False
+    widen_to_model_max: bool = False
+    consumer: Literal["vllm"] | None = pydantic.Field(None, alias="for")  # `for: vllm`: that consumer only
     dequantize: bool = False
     out: str | None = None
 
@@ -47,7 +60,8 @@ def parse_export(value: Any) -> list[ExportOptions]:
             problem = error.errors()[0]
             where = ".".join(str(part) for part in problem["loc"])
             raise RecipeError(f"export[{index}]: {where}: {problem['msg']} (an export entry is a format name, "
-                              "compressed-tensors or hf, or {format, tp, widen_to_layer_max, dequantize, out})") from None
+                              "compressed-tensors or hf, or {format, tp, widen_to_layer_max, widen_to_model_max, for, dequantize, "
+                              "out})") from None
     return options
 
 
@@ -61,5 +75,34 @@ def run_exports(native_dir: str | Path, exports: list[ExportOptions]) -> list[di
         if previous.is_file() and json.loads(previous.read_text()).get("source") == str(native_dir.resolve()):
             shutil.rmtree(out)  # our own earlier export of this folder: replace it
         reports.append(export_folder(native_dir, out, options.format, tp=options.tp,
-                                     widen_to_layer_max=options.widen_to_layer_max, dequantize=options.dequantize))
+                                     widen_to_layer_max=options.widen_to_layer_max,
+                                     widen_to_model_max=options.widen_to_model_max, consumer=options.consumer,
+                                     dequantize=options.dequantize))
     return reports
+
+
+def check_exports(model, stages, exports: list[ExportOptions], native_dir: str | Path) -> None:
+    """Refuse, before any work, an export the run's output could not be written as: the stages' plan
+    (:func:`moecompress.export.deployability.plan_of_recipe`, on ``model``'s meta skeleton) against the format's
+    rules, with the same one-line messages the export itself gives."""
+    if not exports:
+        return
+    plan = plan_of_recipe(model, stages, source=str(native_dir))
+    quantized = bool(plan.expert_layers or plan.linears)
+    for options in exports:
+        if options.format == "compressed-tensors":
+            if not quantized:
+                raise UsageError(f"export compressed-tensors: the recipe quantizes nothing (no `rtn` / `gptq` stage), "
+                                 "and compressed-tensors stores quantized weights; add a quantization stage, or export "
+                                 "--format hf")
+            consumers = CONSUMERS if options.consumer is None else (options.consumer,)
+            raise_problems(str(native_dir), plan_problems(
+                plan, tp=options.tp, widen_to_layer_max=options.widen_to_layer_max,
+                widen_to_model_max=options.widen_to_model_max, consumers=consumers))
+        elif options.format == "hf":
+            if plan.problems:
+                raise NotDeployableError(f"cannot export {native_dir} as a plain HF checkpoint: "
+                                         f"{plan.problems[0].message()}")
+            if quantized and not options.dequantize:
+                raise UsageError(f"export hf: the recipe quantizes the model, which a plain HF checkpoint cannot "
+                                 "store; export --format compressed-tensors, or add --dequantize (full-size weights)")
