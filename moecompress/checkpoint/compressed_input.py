@@ -30,6 +30,7 @@ from compressed_tensors.utils.match import is_match, match_name
 from safetensors import safe_open
 from torch import nn
 
+from moecompress.checkpoint.expert_names import expert_projection_names
 from moecompress.checkpoint.headers import read_weight_map
 from moecompress.errors import CheckpointError
 
@@ -57,7 +58,7 @@ class CompressedTensorsFolder:
             raise CheckpointError(f"{self.folder}/config.json: the compressed-tensors quantization_config cannot be "
                                   f"read ({type(error).__name__}: {str(error).splitlines()[0]}); re-export the "
                                   "folder") from None
-        names = _expert_names(str(text_config.get("model_type") or config.get("model_type") or ""))
+        names = expert_projection_names(str(text_config.get("model_type") or config.get("model_type") or ""))
         disk = read_weight_map(self.folder)
         compressed = sorted({key.rsplit(".", 1)[0] for key in disk
                              if key.endswith((".weight_packed", ".weight_scale"))})
@@ -143,29 +144,9 @@ class CompressedTensorsFolder:
         self._handles.clear()
 
 
-def _expert_names(model_type: str) -> tuple[str, str, str]:
-    """The family's per-expert checkpoint names (gate, up, down), from transformers' conversion mapping."""
-    from moecompress.checkpoint.native_reader import expert_projection_names  # same layer; imports transformers
-
-    return expert_projection_names(model_type)
-
-
 def _family_spelling(key: str, names: tuple[str, str, str]) -> str:
     """``...experts.3.gate_proj.weight`` -> ``...experts.3.w1.weight`` for a family that spells it ``w1``."""
     match = _PER_EXPERT.match(key)
     if match is None or match["projection"] not in _ROLES:
         return key
     return f"{match['prefix']}.{names[_ROLES[match['projection']]]}.{match['rest']}"
-
-
-def quantization_summary(config: dict) -> dict:
-    """What ``inspect`` shows of a compressed-tensors config: format, and per group its scheme and target count."""
-    quantization = QuantizationConfig.model_validate(config["quantization_config"])
-    groups = []
-    for name, group in quantization.config_groups.items():
-        weights = group.weights
-        groups.append({"group": name, "bits": weights.num_bits, "type": str(weights.type),
-                       "strategy": str(weights.strategy), "group_size": weights.group_size,
-                       "symmetric": weights.symmetric, "targets": len(group.targets)})
-    return {"format": "compressed-tensors", "compression": quantization.format, "groups": groups,
-            "ignored": len(quantization.ignore or [])}

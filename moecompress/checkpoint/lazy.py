@@ -28,7 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moecompress.checkpoint.headers import INDEX_FILE, read_weight_map
-from moecompress.checkpoint.validation import disk_key_renames, is_compressed_tensors
+from moecompress.checkpoint.validation import compressed_tensors_reader, disk_key_renames, is_compressed_tensors
 from moecompress.errors import CheckpointError
 
 # Checkpoint spellings that transformers' conversion mapping renames on load (``conversion_mapping.py``).
@@ -50,10 +50,7 @@ class LazyCheckpoint:
                                   "(convert .bin checkpoints with transformers' save_pretrained first)")
         self.compressed = None  # a compressed-tensors folder's reader: its modules are decompressed on read
         if is_compressed_tensors(json.loads((self.folder / "config.json").read_text())):
-            # reads compressed-tensors (heavy): only for such a folder
-            from moecompress.checkpoint.compressed_input import CompressedTensorsFolder
-
-            self.compressed = CompressedTensorsFolder(self.folder)
+            self.compressed = compressed_tensors_reader(self.folder)
             weight_map = self.compressed.weight_map  # plain keys: what the compressed modules decompress to
         else:
             weight_map = read_weight_map(self.folder)

@@ -103,15 +103,21 @@ def validate_checkpoint(folder: Path, config: transformers.PretrainedConfig | No
     config = config if config is not None else load_config(folder)
     files, shapes = _check_safetensors_files(folder)
     if is_compressed_tensors(config):
-        # reads compressed-tensors (heavy): only for such a folder
-        from moecompress.checkpoint.compressed_input import CompressedTensorsFolder
-
-        reader = CompressedTensorsFolder(folder)
+        reader = compressed_tensors_reader(folder)
         shapes = reader.shapes()  # the plain checkpoint it decompresses to
         reader.close()
     if weights_vs_config:
         _check_weights_fit_config(folder, config, shapes)
     return files
+
+
+def compressed_tensors_reader(folder: Path):
+    """A compressed-tensors folder as the plain checkpoint it decompresses to
+    (:class:`moecompress.checkpoint.compressed_input.CompressedTensorsFolder`)."""
+    # reads compressed-tensors (heavy): only for such a folder
+    from moecompress.checkpoint.compressed_input import CompressedTensorsFolder
+
+    return CompressedTensorsFolder(folder)
 
 
 def is_compressed_tensors(config) -> bool:
@@ -279,5 +285,5 @@ def has_tokenizer_files(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
 
 
-__all__ = ["disk_key_renames", "has_tokenizer_files", "is_compressed_tensors", "load_config", "local_checkpoint_folder", "resolve_checkpoint",
+__all__ = ["compressed_tensors_reader", "disk_key_renames", "has_tokenizer_files", "is_compressed_tensors", "load_config", "local_checkpoint_folder", "resolve_checkpoint",
            "validate_checkpoint", "validate_safetensors"]

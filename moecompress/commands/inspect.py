@@ -51,11 +51,21 @@ def inspect_checkpoint(source: str) -> dict:
     on_disk = checkpoint_bytes(local) if local is not None else None
     result = {"source": str(source), "dtype": str(dtype).removeprefix("torch."), **summary, "bytes_on_disk": on_disk}
     if is_compressed_tensors(config):  # described as the model it decompresses to, plus its compression
-        # reads compressed-tensors' config classes (heavy): only for such a checkpoint
-        from moecompress.checkpoint.compressed_input import quantization_summary
-
-        result["compressed_tensors"] = quantization_summary(config.to_dict())
+        result["compressed_tensors"] = compressed_tensors_summary(config.quantization_config)
     return result
+
+
+def compressed_tensors_summary(quantization: dict) -> dict:
+    """A compressed-tensors ``quantization_config``: its format, per config group the weights' scheme and the
+    number of targets, and how many modules it ignores."""
+    groups = []
+    for name, group in (quantization.get("config_groups") or {}).items():
+        weights = group.get("weights") or {}
+        groups.append({"group": name, "bits": weights.get("num_bits"), "type": weights.get("type"),
+                       "strategy": weights.get("strategy"), "group_size": weights.get("group_size"),
+                       "symmetric": weights.get("symmetric"), "targets": len(group.get("targets") or [])})
+    return {"format": "compressed-tensors", "compression": quantization.get("format"), "groups": groups,
+            "ignored": len(quantization.get("ignore") or [])}
 
 
 def expert_usage(source: str, calibration_files: list[str], *, num_samples: int, seq_len: int, seed: int = 0) -> list[dict]:

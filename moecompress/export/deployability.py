@@ -49,6 +49,13 @@ from dataclasses import dataclass, field
 
 from moecompress.checkpoint.native_reader import NativeCheckpoint
 from moecompress.errors import MoECompressError
+from moecompress.models.families import find_moe_blocks
+from moecompress.pruning.base import ExpertBudgetOptions
+from moecompress.pruning.camera_p import CameraPruning
+from moecompress.quantization.camera_q import CameraQuantization
+from moecompress.quantization.pmq import DROP, PMQStage
+from moecompress.quantization.sequential import linears_for_targets
+from moecompress.quantization.stages import QuantizeStage
 
 VLLM_MOE_BITS = range(2, 9)  # WNA16_SUPPORTED_BITS of vLLM's compressed-tensors MoE method (0.32, 0.33)
 CONSUMERS = ("transformers", "vllm")  # who a compressed-tensors export is for, unless `--for` names one
@@ -163,15 +170,6 @@ def plan_of_recipe(model, stages, source: str = "the recipe's output") -> Export
     CAMERA-P ``physical`` (variable widths, or ``pad_to`` widths), MC-MoE PMQ (its candidate widths; per expert or
     per layer), then the ``rtn`` / ``gptq`` stage (bits, group size, symmetry, targets). A recipe without a
     quantizer plans no packed weights (the compressed-tensors export then refuses, as it does for the folder)."""
-    # the stage classes: export sits above pruning and quantization (DESIGN.md layers), so it may read them
-    from moecompress.models.families import find_moe_blocks
-    from moecompress.pruning.base import ExpertBudgetOptions
-    from moecompress.pruning.camera_p import CameraPruning
-    from moecompress.quantization.camera_q import CameraQuantization
-    from moecompress.quantization.pmq import DROP, PMQStage
-    from moecompress.quantization.sequential import linears_for_targets
-    from moecompress.quantization.stages import QuantizeStage
-
     plan = ExportPlan(source=source)
     views = find_moe_blocks(model)
     intermediate: int | None = None if not views else views[0].intermediate_size
@@ -231,7 +229,7 @@ def plan_problems(plan: ExportPlan, *, tp: int = 1, widen_to_layer_max: bool = F
                 "quantization scheme per MoE layer", "quantize with `granularity: layer`, or export with "
                 "--widen-to-layer-max"))
             continue
-        stored = (model_max,) if widen_to_model_max else (max(layer.widths),) if widened else layer.widths
+        stored = _stored_widths(layer, widened, widen_to_model_max, model_max)
         narrow = [bits for bits in stored if bits not in VLLM_MOE_BITS]
         if narrow:
             problems.append(Problem(
@@ -273,11 +271,9 @@ def _transformers_problems(plan: ExportPlan, *, widen_to_layer_max: bool, widen_
                         "points)")]
     if widen_to_model_max:
         return []
-    widened = widen_to_layer_max
     schemes = set()
     for layer in plan.expert_layers:
-        stored = (max(layer.widths),) if widened or not layer.mixed else layer.widths
-        schemes |= {(bits, layer.group_size) for bits in stored}
+        schemes |= {(bits, layer.group_size) for bits in _stored_widths(layer, widen_to_layer_max, False, 0)}
     if len(schemes) <= 1:
         return []
     widths = sorted({bits for bits, _ in schemes})
@@ -285,6 +281,16 @@ def _transformers_problems(plan: ExportPlan, *, widen_to_layer_max: bool, widen_
                     "but plain transformers decodes every layer's experts with one scheme and would load wrong weights",
                     f"export with --widen-to-model-max (every layer at {max(widths)} bits: exact, larger), or with "
                     "--for vllm (vLLM only; plain transformers then refuses the folder)")]
+
+
+def _stored_widths(layer: ExpertLayerPlan, widened: bool, widen_to_model_max: bool, model_max: int) -> tuple[int, ...]:
+    """The widths a layer's experts may be written at: the model's widest; a mixed layer widened: its widest; else
+    the widths it may hold (one of them, for a layer whose experts share one width)."""
+    if widen_to_model_max:
+        return (model_max,)
+    if layer.mixed and widened:
+        return (max(layer.widths),)
+    return layer.widths
 
 
 def _bits(widths: list[int]) -> str:
