@@ -208,7 +208,7 @@ def export_compressed_tensors(source: str | Path, out: str | Path, *, tp: int = 
     tensor-parallel size ``tp``; ``widen_to_layer_max`` stores every expert of a layer at the layer's widest width,
     ``widen_to_model_max`` at the model's. Returns the export report (also written to ``out/export_report.json``).
     """
-    if consumer not in (None, *CONSUMERS[1:]):
+    if consumer not in (None, "vllm"):
         raise UsageError(f"unknown consumer {consumer!r} for --for; use vllm (or leave it out: every consumer)")
     consumers = CONSUMERS if consumer is None else (consumer,)
     checkpoint = NativeCheckpoint(source)

@@ -155,7 +155,7 @@ def plan_of_checkpoint(checkpoint: NativeCheckpoint) -> ExportPlan:
     hidden = int(checkpoint.text_config["hidden_size"])
     for layer in checkpoint.expert_layers:
         widths = tuple(sorted(set(layer.expert_bits)))
-        intermediate = int(checkpoint.tensor(f"{layer.prefix}.gate_up_proj_packed_w{layer.expert_bits[0]}").shape[-2]) // 2
+        intermediate = checkpoint.shape(f"{layer.prefix}.gate_up_proj_packed_w{layer.expert_bits[0]}")[-2] // 2
         plan.expert_layers.append(ExpertLayerPlan(layer.layer, widths, len(widths) > 1, layer.group_size,
                                                   layer.symmetric, hidden, intermediate))
     plan.linears = [LinearPlan(spec.path, spec.bits, spec.group_size, spec.symmetric,
