@@ -33,12 +33,17 @@ GROUP_SIZE = {"moe-ref-q3": 16, "moe-ref-mx": 32, "moe-ref-ds": 32}  # q3's expe
 MODELS = tuple(GROUP_SIZE)
 
 _LOAD = r"""
-import json, sys, traceback, torch
+import json, logging, re, sys, torch
 torch.set_num_threads(1)
 from transformers import AutoModelForCausalLM
 out, ids, folders = sys.argv[1], torch.tensor(json.loads(sys.argv[2])), sys.argv[3:]
+reports = []  # transformers' load report (its CONVERSION entries carry the cause of a conversion error)
+handler = logging.Handler()
+handler.emit = lambda record: reports.append(record.getMessage())
+logging.getLogger("transformers").addHandler(handler)
 results = {}
 for folder in folders:
+    reports.clear()
     try:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         # transformers' compressed-tensors loader leaves decoded experts in the scales' dtype (bf16): compute in fp32
@@ -52,7 +57,8 @@ for folder in folders:
         while cause is not None and len(causes) < 4:
             causes.append(f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}")
             cause = cause.__cause__ or cause.__context__
-        results[folder] = {"error": " <- ".join(causes)}
+        found = re.search(r"(\w+Error: [^\n|]*?)\s*(?:\||$)", "\n".join(reports), re.M)
+        results[folder] = {"error": " <- ".join(causes) + (f" (cause: {found.group(1).strip()})" if found else "")}
 torch.save({"results": results, "moecompress_imported": "moecompress" in sys.modules}, out)
 """
 
@@ -239,6 +245,8 @@ def table(all_cases: list[Case]) -> str:
         if case.outcome == "exact":
             detail = (f"max diff {case.max_diff:.1e} vs our weights rounded to bf16; {case.vs_native:.3g} vs our "
                       "packed model (fp32)")
+        elif case.outcome == "raises" and "(cause: " in case.detail:
+            detail = "from_pretrained raises: " + case.detail.rsplit("(cause: ", 1)[1].rstrip(")")
         else:
             detail = case.detail.replace("|", "\\|")
         lines.append(f"| {case.model} | {case.shape} | {case.outcome} | {detail} |")

@@ -27,11 +27,10 @@ VLLM_PYTHON = next((Path(venv) / "bin" / "python" for venv in CANDIDATES
 
 _PARSE = r"""
 import copy, json, sys
-from importlib import metadata
-import torch
+import compressed_tensors, torch, vllm
 from compressed_tensors.quantization import QuantizationConfig
 from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
-results = {"compressed_tensors": metadata.version("compressed-tensors"), "vllm": metadata.version("vllm")}
+results = {"compressed_tensors": compressed_tensors.__version__, "vllm": vllm.__version__}
 for folder, probes in json.loads(sys.argv[1]).items():
     config = json.load(open(f"{folder}/config.json"))["quantization_config"]
     QuantizationConfig.model_validate(copy.deepcopy(config))  # the pinned library's own validation

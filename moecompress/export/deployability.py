@@ -311,7 +311,8 @@ def _scheme_problems(what: str, stored_bits: tuple[int, ...], symmetric: bool, g
             if (split_by_tp and width % tp) or split % group_size:
                 problems.append(Problem(
                     "group_size", f"{what}: group_size {group_size} does not divide {name} width {split}"
-                    + (f" (tensor-parallel size {tp})" if split_by_tp else "") + ", so a slice would cut a group",
+                    + (f" (tensor-parallel size {tp})" if split_by_tp and tp > 1 else "")
+                    + (", so a rank's slice would cut a group" if split_by_tp and tp > 1 else ", so a group would be cut"),
                     _group_size_fix(width, split, group_size, split_by_tp, tp)))
                 break
     return problems
