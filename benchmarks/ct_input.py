@@ -79,7 +79,8 @@ def build(work: Path, llmcompressor: str | None) -> dict[str, Path]:
 def scores(folder: Path, tasks: str, limit: int) -> dict:
     """``moecompress eval FOLDER --tasks ... --limit ... --json`` in a fresh process (this checkout's package)."""
     repo = str(Path(__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}  # tiny models: one thread is fastest
     run = subprocess.run([sys.executable, "-m", "moecompress.cli", "eval", str(folder), "--tasks", tasks, "--limit",
                           str(limit), "--json"], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -2,7 +2,8 @@
 
 The checkpoint is validated first (:mod:`moecompress.checkpoint.validation`: family, files, headers, weights against
 the config); the model then loads, and a load that leaves any weight newly initialised is an error; it must have MoE
-blocks (a compressed-tensors folder loads decompressed, through :func:`load_compressed_tensors`). Models a remap merge saved with :func:`moecompress.models.edits.materialize_expert_id_map` are compacted again
+blocks (a compressed-tensors folder loads decompressed, through :func:`load_compressed_tensors`). Models a remap
+merge saved with :func:`moecompress.models.edits.materialize_expert_id_map` are compacted again
 after loading, and the MC-MoE ODP settings the config records are installed (:mod:`moecompress.kernels.odp`).
 """
 

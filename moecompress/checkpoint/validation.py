@@ -285,5 +285,6 @@ def has_tokenizer_files(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
 
 
-__all__ = ["compressed_tensors_reader", "disk_key_renames", "has_tokenizer_files", "is_compressed_tensors", "load_config", "local_checkpoint_folder", "resolve_checkpoint",
+__all__ = ["compressed_tensors_reader", "disk_key_renames", "has_tokenizer_files", "is_compressed_tensors", "load_config",
+           "local_checkpoint_folder", "resolve_checkpoint",
            "validate_checkpoint", "validate_safetensors"]
