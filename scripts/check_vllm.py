@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -71,12 +72,9 @@ def shapes() -> list[dict]:
 
 def build(work: Path, testbed: Path) -> None:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moecompress.checkpoint import load_model, save_model
-    from moecompress.export import export_folder
-    from moecompress.models import find_moe_blocks, keep_experts
-    from moecompress.quantization.sequential import QuantizationSettings, quantize_model
+    import moecompress  # noqa: F401  (registers the native format: our model is the reference)
 
     torch.set_num_threads(1)  # the test-bed models are tiny: one thread is fastest, more only contend
     widths = {"layer": lambda layer, expert: (2, 3, 4)[layer % 3], "expert": lambda layer, expert: (2, 4)[expert % 2],
@@ -87,28 +85,14 @@ def build(work: Path, testbed: Path) -> None:
         if not (testbed / "models" / shape["model"]).is_dir():
             print(f"skipped {shape['name']}: no {shape['model']} under {testbed / 'models'}", flush=True)
             continue
-        options = dict(shape["native"])
-        model, tokenizer = load_model(testbed / "models" / shape["model"], dtype=torch.bfloat16)
-        if "keep" in options:
-            keep_experts(model, {view.layer_index: list(range(options.pop("keep"))) for view in find_moe_blocks(model)})
-        bit_map = None
-        if "widths" in options:
-            chosen = widths[options.pop("widths")]
-            bit_map = {(view.layer_index, expert): chosen(view.layer_index, expert)
-                       for view in find_moe_blocks(model) for expert in range(view.num_experts)}
-        quantize_model(model, QuantizationSettings(method="rtn", bits=options.get("bits", 4),
-                                                   group_size=options["group_size"], scale_search="minmax",
-                                                   symmetric=options.get("symmetric", True), bit_map=bit_map,
-                                                   targets=tuple(options.get("targets", ["routed_experts"]))))
-        native = work / f"native-{number}"
-        native.mkdir(exist_ok=True)
-        save_model(model, tokenizer, native)
-        (native / "report.json").write_text("{}\n")
-        out = work / f"export-{number}"
-        report = export_folder(native, out, "compressed-tensors", **shape["export"])
+        native, out = work / f"native-{number}", work / f"export-{number}"
+        if (out / "export_report.json").is_file():  # built by an earlier, interrupted build
+            report = json.loads((out / "export_report.json").read_text())
+        else:
+            report = _native_and_export(testbed, shape, widths, native, out)
         assert "vllm" in report["load"], f"{shape['name']}: the export does not claim vLLM"
         reference = AutoModelForCausalLM.from_pretrained(native, dtype=torch.float32)  # our native model
-        prompts = _prompts(testbed, tokenizer)
+        prompts = _prompts(testbed, AutoTokenizer.from_pretrained(native))
         greedy = []
         with torch.no_grad():
             for prompt in prompts:
@@ -118,6 +102,39 @@ def build(work: Path, testbed: Path) -> None:
                          "native_greedy": greedy, "load": report["load"]})
         print(f"built {shape['name']}: {out}", flush=True)
     (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _native_and_export(testbed: Path, shape: dict, widths: dict, native: Path, out: Path) -> dict:
+    """Quantize (RTN, minmax scales) the shape's test-bed model into ``native``, export it into ``out``."""
+    import torch
+
+    from moecompress.checkpoint import load_model, save_model
+    from moecompress.export import export_folder
+    from moecompress.models import find_moe_blocks, keep_experts
+    from moecompress.quantization.sequential import QuantizationSettings, quantize_model
+
+    options = dict(shape["native"])
+    model, tokenizer = load_model(testbed / "models" / shape["model"], dtype=torch.bfloat16)
+    if "keep" in options:
+        keep = options.pop("keep")
+        keep_experts(model, {view.layer_index: list(range(keep)) for view in find_moe_blocks(model)})
+    bit_map = None
+    if "widths" in options:
+        chosen = widths[options.pop("widths")]
+        bit_map = {(view.layer_index, expert): chosen(view.layer_index, expert)
+                   for view in find_moe_blocks(model) for expert in range(view.num_experts)}
+    quantize_model(model, QuantizationSettings(method="rtn", bits=options.get("bits", 4),
+                                               group_size=options["group_size"], scale_search="minmax",
+                                               symmetric=options.get("symmetric", True), bit_map=bit_map,
+                                               targets=tuple(options.get("targets", ["routed_experts"]))))
+    if native.exists():
+        shutil.rmtree(native)
+    native.mkdir()
+    save_model(model, tokenizer, native)
+    (native / "report.json").write_text("{}\n")
+    if out.exists():
+        shutil.rmtree(out)
+    return export_folder(native, out, "compressed-tensors", **shape["export"])
 
 
 def _prompts(testbed: Path, tokenizer) -> list[list[int]]:
