@@ -193,10 +193,12 @@ def probe(folder: str, prompts: list[list[int]], bypass: bool) -> dict:
         except Exception as error:
             entry["error"] = _error(error)
             raise
-        entry["method"] = type(method).__name__ if method is not None else None
+        entry["method"] = type(method).__name__ if method is not None else "unquantized"
         scheme = getattr(layer, "scheme", None)
         if scheme is not None:
             entry["scheme"] = type(scheme).__name__
+        if getattr(method, "num_bits", None) is not None:  # the WNA16 MoE method: the scheme it read for the layer
+            entry["bits"] = int(method.num_bits)
         return method
 
     def select(*args, **kwargs):
@@ -243,23 +245,35 @@ def probe(folder: str, prompts: list[list[int]], bypass: bool) -> dict:
 
 
 def _schemes_summary(layers: list[dict]) -> str:
-    """``RoutedExperts -> CompressedTensorsWNA16MoEMethod x6; QKVParallelLinear -> UnquantizedLinearMethod x6``, and
-    the layers whose method raised."""
+    """``RoutedExperts -> CompressedTensorsWNA16MoEMethod (2/3/4-bit) x6; QKVParallelLinear -> UnquantizedLinearMethod
+    x6``, and the layers whose method raised."""
     counts: dict[str, int] = {}
+    bits: dict[str, set] = {}
     for entry in layers:
         if entry["layer"] == "Attention":
             continue  # the KV-cache method every attention layer gets
-        method = entry.get("method") or ("raised" if "error" in entry else "None")
-        if "error" in entry and entry["layer"] == "RoutedExperts" and "WNA16 MoE backend" in entry["error"]:
-            method = "CompressedTensorsWNA16MoEMethod (kernel: none)"
+        method = entry.get("method") or "raised: " + entry.get("error", "")
         key = f"{entry['layer']} -> {method}" + (f" [{entry['scheme']}]" if entry.get("scheme") else "")
         counts[key] = counts.get(key, 0) + 1
-    return "; ".join(f"{key} x{count}" for key, count in counts.items())
+        if "bits" in entry:
+            bits.setdefault(key, set()).add(entry["bits"])
+    return "; ".join(key + (f" ({'/'.join(map(str, sorted(bits[key])))}-bit)" if key in bits else "") + f" x{count}"
+                     for key, count in counts.items())
 
 
 def _error(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text[:300]}"
+
+
+def _accepted(stages: dict[str, str]) -> bool:
+    """What every export we claim must show wherever vLLM runs: both parsers accept the config, every MoE layer gets
+    the WNA16 MoE method and no layer's method raises, and the weights load when the model could be built."""
+    schemes = stages.get("schemes", "")
+    return (stages.get("ct parse") == "ok" and stages.get("vLLM config") == "ok"
+            and "RoutedExperts -> CompressedTensorsWNA16MoEMethod" in schemes and "raised" not in schemes
+            and "RoutedExperts -> unquantized" not in schemes
+            and stages.get("weights", "ok").startswith("ok") and "engine" not in stages)
 
 
 # ----- check (vLLM venv) -------------------------------------------------------------------------------------------
@@ -307,9 +321,7 @@ def check(work: Path, names: list[str], bypass: bool) -> int:
             if cell == "not reached" or cell.startswith("none here"):
                 unreached.setdefault(stage, []).append(entry["name"])
                 break
-        bad = [stage for stage, cell in zip(STAGES[:3], cells) if not cell.startswith(("ok", "RoutedExperts"))]
-        bad += [stage for stage in ("weights",) if result["stages"].get("weights", "ok").split(" ")[0] not in ("ok",)]
-        if bad or "raised" in result["stages"].get("schemes", "") or "None x" in result["stages"].get("schemes", ""):
+        if not _accepted(result["stages"]):
             failed = True
         print(f"  ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
     print()
