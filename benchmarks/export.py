@@ -1,7 +1,7 @@
 """Round trips of the compressed-tensors export on the three test-bed models (deterministic, CPU only).
 
 For each model, at 4 bits (every MoE layer) and at a mixed per-layer allocation (4, 3, 2, 8, 4, 3 bits by MoE layer
-position), RTN-quantised routed experts (group 16 for moe-ref-q3, whose expert width 80 is not a multiple of 32;
+position; exported ``--for vllm`` and ``--widen-to-model-max``), RTN-quantised routed experts (group 16 for moe-ref-q3, whose expert width 80 is not a multiple of 32;
 group 32 otherwise):
 
 1. save the native folder (``from_pretrained`` after ``import moecompress``);
@@ -14,7 +14,9 @@ Columns: bytes on disk (native, compressed-tensors, hf-dequantized), expert bits
 decompression max |diff|, "CT vs deq": max |logit diff| of the CT folder vs our dequantised weights, both in plain
 transformers (0 = the folder loads to exactly our weights), "CT vs ours": vs our packed model (fp32 dequantisation;
 transformers rounds dequantised experts to bf16, so not 0), the same with our dequantised weights rounded to bf16
-(the rounding is the whole difference), and the load error when plain transformers refuses.
+(the rounding is the whole difference), the load error when plain transformers refuses (a ``--for vllm`` folder),
+and "read back": the export loaded by moecompress itself (``load_model``, every module with its own scheme, fp32)
+vs our packed model.
 
     python benchmarks/export.py [--work /tmp/export-bench] [--json results.json]
 """
@@ -108,19 +110,38 @@ def plain_transformers(folders: list[Path], work: Path) -> dict:
     return results
 
 
-def run_case(work: Path, name: str, group_size: int, mixed: bool) -> dict:
+EXPORTS = {"4 bit": (False, {}), "mixed per layer, --for vllm": (True, {"consumer": "vllm"}),
+           "mixed per layer, --widen-to-model-max": (True, {"widen_to_model_max": True})}
+
+
+def read_back(folder: Path) -> torch.Tensor:
+    """The export read by moecompress itself (``load_model``: every module decompressed with its own group's scheme,
+    fp32): fp32 logits."""
+    from moecompress.checkpoint import load_model
+
+    model, _ = load_model(folder, dtype=torch.float32)
+    with torch.no_grad():
+        return model(INPUT_IDS).logits
+
+
+def run_case(work: Path, name: str, group_size: int, allocation: str, natives: dict) -> dict:
     from moecompress.export import export_folder
     from moecompress.export.compressed_tensors import decompression_difference
     from moecompress.export.output import folder_bytes
 
-    source = native(work, name, group_size, mixed)
-    ct, dequantized = source.with_name(source.name + "-ct"), source.with_name(source.name + "-hf")
-    report = export_folder(source, ct, "compressed-tensors")
+    mixed, options = EXPORTS[allocation]
+    if (name, mixed) not in natives:
+        natives[name, mixed] = native(work, name, group_size, mixed)
+    source = natives[name, mixed]
+    tag = "-".join(f"{key}" for key in options) or "default"
+    ct, dequantized = source.with_name(f"{source.name}-ct-{tag}"), source.with_name(f"{source.name}-hf-{tag}")
+    report = export_folder(source, ct, "compressed-tensors", **options)
     export_folder(source, dequantized, "hf", dequantize=True)
     decompression = decompression_difference(source, ct)
     plain = plain_transformers([ct, dequantized], work)
     row = {
-        "model": name, "allocation": "mixed per layer" if mixed else "4 bit", "group_size": group_size,
+        "model": name, "allocation": allocation, "group_size": group_size, "load": sorted(report["load"]),
+        "read_back_vs_ours_max_logit_diff": float((read_back(ct) - our_logits(source)).abs().max()),
         "native_bytes": folder_bytes(source), "ct_bytes": report["bytes_on_disk"],
         "hf_dequantized_bytes": folder_bytes(dequantized),
         "expert_bits_per_parameter": report["expert_bits_per_parameter"],
@@ -149,27 +170,30 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     try:
+        natives: dict = {}
         for name, group_size in MODELS.items():
-            for mixed in (False, True):
-                rows.append(run_case(work, name, group_size, mixed))
+            for allocation in EXPORTS:
+                rows.append(run_case(work, name, group_size, allocation, natives))
                 print(json.dumps(rows[-1]), file=sys.stderr)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    print("| model | allocation | native MiB | CT MiB | hf-dequantized MiB | expert bits/param | library decompression "
-          "max diff | CT vs deq (plain transformers) | CT vs ours max logit diff | same, ours rounded to bf16 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | export | native MiB | CT MiB | hf-dequantized MiB | expert bits/param | library decompression "
+          "max diff | CT vs deq (plain transformers) | CT vs ours max logit diff | same, ours rounded to bf16 | "
+          "read back by moecompress vs ours |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         mib = lambda key: f"{row[key] / 2**20:.2f}"  # noqa: E731
         if "transformers_error" in row:
-            logits = f"transformers refuses: {row['transformers_error'][:90]}", "-", "-"
+            logits = f"transformers refuses ({row['transformers_error'][:60]}...)", "-", "-"
         else:
             logits = (f"{row['ct_vs_dequantized_max_logit_diff']:.3g}",
                       f"{row['ct_vs_ours_max_logit_diff']:.3g} (of max {row['max_abs_logit']:.1f})",
                       f"{row['ct_vs_ours_bf16_rounded_max_logit_diff']:.3g}")
         print(f"| {row['model']} | {row['allocation']} | {mib('native_bytes')} | {mib('ct_bytes')} | "
               f"{mib('hf_dequantized_bytes')} | {row['expert_bits_per_parameter']:.2f} | "
-              f"{row['decompression_max_abs_diff']:.3g} ({row['modules']} modules) | {logits[0]} | {logits[1]} | {logits[2]} |")
+              f"{row['decompression_max_abs_diff']:.3g} ({row['modules']} modules) | {logits[0]} | {logits[1]} | {logits[2]} | "
+              f"{row['read_back_vs_ours_max_logit_diff']:.3g} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

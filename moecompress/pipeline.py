@@ -30,7 +30,7 @@ from moecompress.checkpoint.native import build_meta_model, save_model
 from moecompress.checkpoint.validation import has_tokenizer_files, resolve_checkpoint
 from moecompress.errors import CheckpointError, OutOfSpaceError, RecipeError, RunInterrupted, is_out_of_space
 from moecompress.evals.report_md import write_report_markdown
-from moecompress.export.options import run_exports
+from moecompress.export.options import ExportOptions, check_exports, run_exports
 from moecompress.folders import write_json_atomic
 from moecompress.models.families import adapter_for
 from moecompress.models.summary import model_summary
@@ -106,16 +106,19 @@ class Pipeline:
 
     def run(self, source: str | Path, output_dir: str | Path, *, device: str | None = None, dtype: Any = "auto",
             overwrite: bool = False, progress: ProgressReporter | None = None,
-            execution: str = "auto", allow_task_code: bool = False) -> dict[str, Any]:
+            execution: str = "auto", allow_task_code: bool = False,
+            exports: list[ExportOptions] | None = None) -> dict[str, Any]:
         """``execution``: ``streamed`` (never hold the whole model, see ``moecompress.streaming``), ``in_memory``,
         or ``auto`` (streamed when the recipe's stages allow it). ``allow_task_code``: let an ``evaluate`` stage's
         task folder run Python (lm-eval ``!function``; see :mod:`moecompress.evals.taskdefs`): the caller's
-        decision, never the recipe's."""
+        decision, never the recipe's. ``exports``: deployment folders to write after the run besides the recipe's
+        ``export:`` ones (``compress --export``); all are checked before any work."""
+        exports = [*self.recipe.exports, *(exports or [])]
         report = _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
                               progress=progress or ProgressReporter(), execution=execution,
-                              allow_task_code=allow_task_code).execute()
-        if self.recipe.exports:  # the recipe's `export:` key: deployment folders beside the native output
-            report = {**report, "exports": run_exports(output_dir, self.recipe.exports)}
+                              allow_task_code=allow_task_code, exports=exports).execute()
+        if exports:  # deployment folders beside the native output
+            report = {**report, "exports": run_exports(output_dir, exports)}
         return report
 
 
@@ -129,7 +132,9 @@ class _PipelineRun:
     """
 
     def __init__(self, pipeline: Pipeline, source, output_dir, *, device, dtype, overwrite, progress,
-                 execution: str = "auto", allow_task_code: bool = False) -> None:
+                 execution: str = "auto", allow_task_code: bool = False,
+                 exports: list[ExportOptions] | None = None) -> None:
+        self.exports = list(exports or [])
         self.stream_plan = choose_execution(execution, pipeline.recipe.stages)  # a bad mode fails first
         self.pipeline = pipeline
         self.recipe = pipeline.recipe
@@ -166,6 +171,7 @@ class _PipelineRun:
                              allow_task_code=self.allow_task_code)
         for stage in self.recipe.stages:
             stage.check(context)  # expert counts, top-k, task names: before the profiling pass
+        check_exports(model, self.recipe.stages, self.exports, self.output_dir)  # what the run's output can become
 
     # ----- the run ---------------------------------------------------------------------------------------------
     def execute(self) -> dict[str, Any]:

@@ -53,7 +53,8 @@ def test_mixtral_round_trip(tmp_path):
     quantization = read_config(exported)["quantization_config"]
     assert quantization["quant_method"] == "compressed-tensors" and quantization["format"] == "pack-quantized"
     assert quantization["quantization_status"] == "compressed"
-    assert {"lm_head", r"re:.*\.gate$", "re:.*norm$", "re:.*embed_tokens$"} <= set(quantization["ignore"])
+    # every unquantized linear by name, as llm-compressor writes it (routers and attention included)
+    assert {"lm_head", "model.layers.0.block_sparse_moe.gate", "model.layers.5.self_attn.o_proj"} <= set(quantization["ignore"])
     [group] = quantization["config_groups"].values()
     assert group["weights"]["num_bits"] == 4
     assert group["weights"]["group_size"] == 32 and group["weights"]["symmetric"] is True
@@ -75,26 +76,53 @@ def test_qwen3_and_deepseek_round_trip(tmp_path, name, group_size):
 
 def test_asymmetric_zero_points_decompress_exactly(tmp_path):
     native = native_folder(tmp_path, "moe-ref-mx", bits=4, symmetric=False, targets=("routed_experts", "attention"))
-    export_folder(native, tmp_path / "ct", "compressed-tensors")
+    with pytest.raises(NotDeployableError, match="symmetric: true.*--for vllm"):  # transformers drops zero points
+        export_folder(native, tmp_path / "ct", "compressed-tensors")
+    export_folder(native, tmp_path / "ct", "compressed-tensors", consumer="vllm")
     assert decompression_difference(native, tmp_path / "ct") == {"modules": 6 * 8 * 3 + 6 * 4, "max_abs_diff": 0.0}
     keys = _keys(tmp_path / "ct")
     assert keys["model.layers.0.self_attn.q_proj.weight_packed"] == [256, 32]
     # zero points packed along the output dimension: ceil(288 * 4 / 32) = 36 words per group column
     assert keys["model.layers.0.block_sparse_moe.experts.0.w1.weight_zero_point"] == [36, 8]
     report = json.loads((tmp_path / "ct" / "export_report.json").read_text())
-    assert any("requires zero-point values" in note for note in report["notes"])  # transformers 5.24 refuses it
+    assert any("requires zero-point values" in note for note in report["notes"])  # transformers refuses it
+    assert sorted(report["load"]) == ["moecompress_native", "vllm"]
 
 
 def test_mixed_widths_per_layer_get_one_group_per_scheme(tmp_path):
     widths = (4, 3, 2, 8, 4, 3)
     native = native_folder(tmp_path, "moe-ref-mx", bit_map=lambda layer, expert: widths[layer])
-    report = export_folder(native, tmp_path / "ct", "compressed-tensors")
+    with pytest.raises(NotDeployableError, match=r"--widen-to-model-max \(every layer at 8 bits.*--for vllm"):
+        export_folder(native, tmp_path / "refused", "compressed-tensors")
+    assert not (tmp_path / "refused").exists()
+    report = export_folder(native, tmp_path / "ct", "compressed-tensors", consumer="vllm")
     assert decompression_difference(native, tmp_path / "ct")["max_abs_diff"] == 0.0
     groups = read_config(tmp_path / "ct")["quantization_config"]["config_groups"]
     by_bits = {group["weights"]["num_bits"]: group["targets"] for group in groups.values()}
     assert set(by_bits) == {2, 3, 4, 8}
     assert r"layers\.(?:0|4)\." in by_bits[4][0] and r"layers\.(?:1|5)\." in by_bits[3][0]
-    assert any("transformers 5.24" in note for note in report["notes"])  # vLLM-only: documented in the report
+    # the widest group is transformers' experts scheme, so the narrower layers fail to decode there (not silently)
+    assert groups["group_0"]["weights"]["num_bits"] == 8 and list(groups) == sorted(groups)
+    assert sorted(report["load"]) == ["moecompress_native", "vllm"]  # vLLM only: the "load with" lines say so
+    assert any("raises on the narrower layers" in note for note in report["notes"])
+    card = (tmp_path / "ct" / "README.md").read_text()
+    assert "vllm serve" in card and "Not plain transformers" in card
+
+
+def test_config_lists_every_unquantized_linear_by_name(tmp_path):
+    import compressed_tensors
+
+    native = native_folder(tmp_path, "moe-ref-ds", targets=("routed_experts", "shared_experts"))
+    export_folder(native, tmp_path / "ct", "compressed-tensors")
+    quantization = read_config(tmp_path / "ct")["quantization_config"]
+    assert quantization["version"] == compressed_tensors.__version__  # as llm-compressor's ModelCompressor writes it
+    ignore = quantization["ignore"]
+    # attention (MLA), routers, layer 0's dense MLP, lm_head: by name; no quantized module, no norm or embedding
+    for name in ("model.layers.0.self_attn.q_a_proj", "model.layers.3.self_attn.kv_b_proj", "model.layers.2.mlp.gate",
+                 "model.layers.0.mlp.down_proj", "lm_head"):
+        assert name in ignore
+    assert not any("shared_experts" in name or "norm" in name or "embed" in name or name.startswith("re:")
+                   for name in ignore)
 
 
 def test_widen_to_layer_max_is_lossless(tmp_path):

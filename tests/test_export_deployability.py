@@ -60,4 +60,17 @@ def test_group_size_is_checked_against_the_tensor_parallel_slice(tmp_path):
 
 def test_a_deployable_model_has_no_problems(tmp_path):
     native = native_folder(tmp_path, "moe-ref-mx", bits=4, symmetric=False)  # asymmetric 4-bit: vLLM's ZP kernels
-    assert deployability_problems(NativeCheckpoint(native)) == []
+    assert deployability_problems(NativeCheckpoint(native), consumers=("vllm",)) == []
+    # plain transformers decodes MoE experts without zero points: refused unless the export is for vLLM only
+    assert [p.case for p in deployability_problems(NativeCheckpoint(native))] == ["transformers_asymmetric"]
+
+
+def test_the_tp_hint_appears_only_when_another_tp_fixes_it(tmp_path):
+    native = native_folder(tmp_path, "moe-ref-mx", group_size=32)  # intermediate 288 = 9 groups of 32
+    [fix] = {p.fix for p in deployability_problems(NativeCheckpoint(native), tp=2)}  # one per MoE layer, same fix
+    assert fix == "quantize with a `group_size` dividing 144 (e.g. 16), or export for another --tp (1, 3, 9)"
+    native = native_folder(tmp_path / "g128", "moe-ref-mx", group_size=128) if (tmp_path / "g128").mkdir() is None \
+        else None
+    messages = {p.message() for p in deployability_problems(NativeCheckpoint(native))}
+    # 288 / tp is never a multiple of 128, and hidden (256) is not split: no --tp can help
+    assert messages and not any("--tp" in message for message in messages)

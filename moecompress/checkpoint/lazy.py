@@ -9,10 +9,13 @@ activations, whatever the checkpoint size.
 Checkpoints saved by transformers store experts per expert (``mlp.experts.3.gate_proj.weight``; Mixtral:
 ``block_sparse_moe.experts.3.w1.weight``), while the modules hold fused 3-D tensors. :func:`fuse_expert_tensors`
 does the fuse on load, in the storage layout the uniform view declares for the family (gate rows then up rows).
+A compressed-tensors folder is read as the plain checkpoint it decompresses to
+(:mod:`moecompress.checkpoint.compressed_input`).
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,7 +28,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from moecompress.checkpoint.headers import INDEX_FILE, read_weight_map
-from moecompress.checkpoint.validation import disk_key_renames
+from moecompress.checkpoint.validation import compressed_tensors_reader, disk_key_renames, is_compressed_tensors
 from moecompress.errors import CheckpointError
 
 # Checkpoint spellings that transformers' conversion mapping renames on load (``conversion_mapping.py``).
@@ -45,7 +48,12 @@ class LazyCheckpoint:
         if not (self.folder / INDEX_FILE).is_file() and not any(self.folder.glob("*.safetensors")):
             raise CheckpointError(f"{self.folder} has no .safetensors files; moecompress reads safetensors checkpoints "
                                   "(convert .bin checkpoints with transformers' save_pretrained first)")
-        weight_map = read_weight_map(self.folder)
+        self.compressed = None  # a compressed-tensors folder's reader: its modules are decompressed on read
+        if is_compressed_tensors(json.loads((self.folder / "config.json").read_text())):
+            self.compressed = compressed_tensors_reader(self.folder)
+            weight_map = self.compressed.weight_map  # plain keys: what the compressed modules decompress to
+        else:
+            weight_map = read_weight_map(self.folder)
         self.files: dict[str, tuple[str, str]] = {}  # model key -> (file name, key on disk)
         renames = disk_key_renames(model, weight_map) if model is not None else {}
         for disk_key, file_name in weight_map.items():
@@ -57,6 +65,8 @@ class LazyCheckpoint:
 
     def read(self, key: str) -> torch.Tensor:
         file_name, disk_key = self.files[key]
+        if self.compressed is not None:
+            return self.compressed.read(disk_key)
         return self._open(file_name).get_tensor(disk_key)
 
     def _open(self, file_name: str):
@@ -69,6 +79,8 @@ class LazyCheckpoint:
     def close(self) -> None:
         """Drop open file handles (their memory maps keep pages resident)."""
         self._handles.clear()
+        if self.compressed is not None:
+            self.compressed.close()
 
     def load_module(self, module: nn.Module, prefix: str, *, dtype: torch.dtype, device: torch.device | str,
                     expert_ids: Sequence[int] | None = None) -> None:
@@ -108,7 +120,7 @@ class LazyCheckpoint:
         finally:
             # safetensors memory-maps each file; pages read stay mapped (and count as resident) while a handle is
             # open, so close them after every module to keep the pass's memory at one layer
-            self._handles.clear()
+            self.close()
         module.load_state_dict(loaded, strict=True, assign=True)
 
     def _fill_fused(self, experts_path: str, roles: dict, tensor_name: str, target: torch.Tensor, dtype, device,

@@ -2,7 +2,9 @@
 
 The checkpoint is validated first (:mod:`moecompress.checkpoint.validation`: family, files, headers, weights against
 the config); the model then loads, and a load that leaves any weight newly initialised, or any floating-point weight,
-scale or norm that is NaN or infinite, is an error; it must have MoE blocks. Models a remap merge saved with :func:`moecompress.models.edits.materialize_expert_id_map` are compacted again
+scale or norm that is NaN or infinite, is an error; it must have MoE blocks (a compressed-tensors folder loads
+decompressed, through :func:`load_compressed_tensors`). Models a remap merge saved with
+:func:`moecompress.models.edits.materialize_expert_id_map` are compacted again
 after loading, and the MC-MoE ODP settings the config records are installed (:mod:`moecompress.kernels.odp`).
 """
 
@@ -15,8 +17,10 @@ import transformers
 
 from moecompress.checkpoint.fingerprint import all_finite
 from moecompress.checkpoint.headers import first_names
+from moecompress.checkpoint.lazy import LazyCheckpoint, build_skeleton
 from moecompress.checkpoint.validation import (
     has_tokenizer_files,
+    is_compressed_tensors,
     load_config,
     local_checkpoint_folder,
     validate_checkpoint,
@@ -49,6 +53,11 @@ def load_model(
     local = local_checkpoint_folder(source)
     if local is not None:
         validate_checkpoint(local, config)
+    if local is not None and is_compressed_tensors(config):
+        model = load_compressed_tensors(local, dtype=dtype, experts_implementation=experts_implementation)
+        model.to(device)
+        find_moe_blocks(model)
+        return model, _load_tokenizer(source, local)
     try:
         model, loading_info = transformers.AutoModelForCausalLM.from_pretrained(
             str(source), dtype=dtype, experts_implementation=experts_implementation, device_map=None,
@@ -67,6 +76,30 @@ def load_model(
     restore_expert_id_map(model)
     apply_odp_from_config(model, odp)
     return model, _load_tokenizer(source, local)
+
+
+def load_compressed_tensors(folder: Path, *, dtype: torch.dtype, experts_implementation: str = "eager"):
+    """A compressed-tensors folder (ours or llm-compressor's) as the plain model it decompresses to, in eval mode.
+
+    Every compressed module is decompressed by compressed-tensors with its own config group's scheme, in float32
+    (:mod:`moecompress.checkpoint.compressed_input`), then cast to ``dtype``: per-layer mixed exports load exactly,
+    and every tensor the model needs must be in the folder (a missing one is an error, never a random init)."""
+    model, _ = build_skeleton(folder, dtype=dtype)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # the weights are decompressed: a plain model from here on
+    checkpoint = LazyCheckpoint(folder, model)
+    tied = set(model.all_tied_weights_keys or {})
+    try:
+        for name, child in model.named_children():
+            keys = {f"{name}.{key}" for key in child.state_dict()}
+            if keys and not keys <= tied:
+                checkpoint.load_module(child, f"{name}.", dtype=dtype, device="cpu")
+    finally:
+        checkpoint.close()
+    model.tie_weights()
+    model.set_experts_implementation(experts_implementation)
+    model.eval()
+    return model
 
 
 def _refuse_newly_initialised_weights(source, loading_info: dict) -> None:

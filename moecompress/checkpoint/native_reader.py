@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors import safe_open
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
+from moecompress.checkpoint.expert_names import expert_projection_names  # noqa: F401  (the exporters import it from here)
 from moecompress.checkpoint.fingerprint import all_finite
 from moecompress.checkpoint.headers import read_weight_map
 from moecompress.checkpoint.native import build_meta_model
@@ -144,20 +144,29 @@ class NativeCheckpoint:
         return list(self.file_of)
 
     def tensor(self, key: str) -> torch.Tensor:
-        """One tensor, read from its shard (the shard's handle stays open; tensors are not kept)."""
+        """One tensor, read from its shard (the shard's handle stays open; tensors are not kept); a floating-point
+        tensor holding NaN or inf is an error (a damaged folder is never exported)."""
+        tensor = self.tensor_handle(key).get_tensor(key)
+        if tensor.is_floating_point() and not all_finite(tensor):
+            raise CheckpointError(f"{self.folder / self.file_of[key]}: tensor {key} holds NaN or infinite values; the "
+                                  "folder is damaged, re-run the compression that wrote it (nothing was exported)")
+        return tensor
+
+    def has(self, key: str) -> bool:
+        return key in self.file_of
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape, from its shard's header (no data read)."""
+        return tuple(self.tensor_handle(key).get_slice(key).get_shape())
+
+    def tensor_handle(self, key: str):
+        """The open ``safe_open`` handle of the shard holding ``key``."""
         name = self.file_of.get(key)
         if name is None:
             raise CheckpointError(f"{self.folder}: tensor {key} is missing; the folder is damaged, re-run the compression")
         if name not in self._handles:
             self._handles[name] = safe_open(str(self.folder / name), framework="pt")
-        tensor = self._handles[name].get_tensor(key)
-        if tensor.is_floating_point() and not all_finite(tensor):
-            raise CheckpointError(f"{self.folder / name}: tensor {key} holds NaN or infinite values; the folder is "
-                                      "damaged, re-run the compression that wrote it (nothing was exported)")
-        return tensor
-
-    def has(self, key: str) -> bool:
-        return key in self.file_of
+        return self._handles[name]
 
     def expert_weight(self, layer: ExpertLayer, expert: int, name: str) -> PackedLinearWeight:
         """Expert ``expert``'s packed ``gate_up_proj`` ``[2I, H]`` or ``down_proj`` ``[H, I]`` of ``layer``."""
@@ -226,21 +235,3 @@ class NativeCheckpoint:
 
 def is_packed_experts_key(key: str) -> bool:
     return bool(_PACKED_EXPERTS_KEY.match(key))
-
-
-def expert_projection_names(model_type: str) -> tuple[str, str, str]:
-    """Checkpoint names of an expert's gate, up and down projections (``w1, w3, w2`` for Mixtral), read from
-    transformers' conversion mapping (the per-expert layout it fuses on load); ``gate_proj, up_proj, down_proj``
-    for families without one."""
-    gate, up, down = "gate_proj", "up_proj", "down_proj"
-    for converter in get_checkpoint_conversion_mapping(model_type) or []:
-        sources = getattr(converter, "_original_source_patterns", None) or []
-        targets = getattr(converter, "_original_target_patterns", None) or []
-        names = [re.search(r"experts\.\*\.(\w+)\.weight$", source) for source in sources]
-        if not targets or not all(names):
-            continue
-        if targets[0].endswith("experts.gate_up_proj") and len(names) == 2:
-            gate, up = names[0].group(1), names[1].group(1)
-        elif targets[0].endswith("experts.down_proj") and len(names) == 1:
-            down = names[0].group(1)
-    return gate, up, down

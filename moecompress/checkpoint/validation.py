@@ -7,7 +7,10 @@ the ones the config's model needs, with its shapes (a missing tensor, or weights
 config names, fail here). Keys are mapped the way transformers maps them on load (its conversion mapping), and the
 same mapping serves readers that load tensors themselves (:func:`disk_key_renames`).
 
-``inspect``, ``eval`` and ``compress`` (the latter through :func:`resolve_checkpoint`) all run it.
+``inspect``, ``eval`` and ``compress`` (the latter through :func:`resolve_checkpoint`) all run it. A
+compressed-tensors folder is checked as the plain checkpoint it decompresses to
+(:mod:`moecompress.checkpoint.compressed_input`: one ``weight`` per compressed module, shaped by its
+``weight_shape``).
 """
 
 from __future__ import annotations
@@ -100,9 +103,32 @@ def validate_checkpoint(folder: Path, config: transformers.PretrainedConfig | No
     folder = Path(folder)
     config = config if config is not None else load_config(folder)
     files, shapes, dtypes = _check_safetensors_files(folder)
+    if is_compressed_tensors(config):
+        reader = compressed_tensors_reader(folder)
+        shapes = reader.shapes()  # the plain checkpoint it decompresses to
+        reader.close()
+        dtypes = {key: dtype for key, dtype in dtypes.items() if key in shapes}  # stored as they load
     if weights_vs_config:
         _check_weights_fit_config(folder, config, shapes, dtypes)
     return files
+
+
+def compressed_tensors_reader(folder: Path):
+    """A compressed-tensors folder as the plain checkpoint it decompresses to
+    (:class:`moecompress.checkpoint.compressed_input.CompressedTensorsFolder`)."""
+    # reads compressed-tensors (heavy): only for such a folder
+    from moecompress.checkpoint.compressed_input import CompressedTensorsFolder
+
+    return CompressedTensorsFolder(folder)
+
+
+def is_compressed_tensors(config) -> bool:
+    """Is ``config`` (a transformers config, or config.json as a dict) a compressed-tensors checkpoint's?"""
+    quantization = config.get("quantization_config") if isinstance(config, dict) else \
+        getattr(config, "quantization_config", None)
+    if quantization is not None and not isinstance(quantization, dict):
+        quantization = quantization.to_dict() if hasattr(quantization, "to_dict") else {}
+    return isinstance(quantization, dict) and quantization.get("quant_method") == "compressed-tensors"
 
 
 def validate_safetensors(folder: Path) -> list[Path]:
@@ -283,5 +309,6 @@ def has_tokenizer_files(folder: Path) -> bool:
     return any((Path(folder) / name).is_file() for name in _TOKENIZER_FILES)
 
 
-__all__ = ["disk_key_renames", "has_tokenizer_files", "load_config", "local_checkpoint_folder", "resolve_checkpoint",
+__all__ = ["compressed_tensors_reader", "disk_key_renames", "has_tokenizer_files", "is_compressed_tensors", "load_config",
+           "local_checkpoint_folder", "resolve_checkpoint",
            "validate_checkpoint", "validate_safetensors"]

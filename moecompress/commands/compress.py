@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from moecompress.commands.arguments import device_name, positive_int
 from moecompress.commands.export import add_export_options
 from moecompress.export import EXPORT_FORMATS
-from moecompress.export.options import ExportOptions, run_exports
+from moecompress.export.options import ExportOptions
 from moecompress.export.report import render_report
 from moecompress.pipeline import Pipeline, ProgressReporter
 
@@ -89,17 +89,18 @@ def run(args: argparse.Namespace) -> int:
     pipeline = Pipeline.from_recipe(args.recipe)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=False)
-    try:
+    exports = []
+    if args.export:
+        exports.append(ExportOptions(format=args.export, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
+                                     widen_to_model_max=args.widen_to_model_max, consumer=args.consumer,
+                                     dequantize=args.dequantize, out=str(args.export_out) if args.export_out else None))
+    try:  # the exports are checked against the recipe before any work, and written after the run
         report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
                               execution=args.execution, allow_task_code=args.allow_task_code,
-                              progress=RichProgress(progress))
+                              progress=RichProgress(progress), exports=exports)
     finally:
         if progress.live.is_started:
             progress.stop()
-    if args.export:
-        options = ExportOptions(format=args.export, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
-                                dequantize=args.dequantize, out=str(args.export_out) if args.export_out else None)
-        report = {**report, "exports": [*report.get("exports", []), *run_exports(args.out, [options])]}
     model = report.get("model", {})
     console.print(f"[bold]done[/bold]: {args.out}/report.json")
     console.print(f"parameters {model.get('parameters_before', 0):,} -> {model.get('parameters_after', 0):,}; "

@@ -18,6 +18,12 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--widen-to-layer-max", action="store_true",
                         help="compressed-tensors: store every expert of a layer at the layer's widest width (lossless, "
                              "larger) so a layer with mixed widths has one scheme")
+    parser.add_argument("--widen-to-model-max", action="store_true",
+                        help="compressed-tensors: store every MoE layer's experts at the model's widest width "
+                             "(lossless, larger) so the folder has one experts scheme, which plain transformers loads")
+    parser.add_argument("--for", dest="consumer", choices=["vllm"], default=None,
+                        help="compressed-tensors: write a folder for this consumer only (per-layer widths, asymmetric "
+                             "experts); plain transformers then refuses it (default: it must load everywhere)")
     parser.add_argument("--dequantize", action="store_true",
                         help="hf: write quantized weights dequantized (full size) instead of refusing")
 
@@ -41,6 +47,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     report = export_folder(args.model, args.out, args.format, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
+                           widen_to_model_max=args.widen_to_model_max, consumer=args.consumer,
                            dequantize=args.dequantize)
     print("\n".join(render_report(report)))
     return 0

@@ -21,7 +21,12 @@ from moecompress.analysis.camera import STATISTICS, energy_plot, layer_energies,
 from moecompress.calibration import LayerwiseRunner, collect_statistics, load_calibration
 from moecompress.checkpoint.headers import checkpoint_bytes
 from moecompress.checkpoint.native import build_meta_model
-from moecompress.checkpoint.validation import load_config, local_checkpoint_folder, validate_safetensors
+from moecompress.checkpoint.validation import (
+    is_compressed_tensors,
+    load_config,
+    local_checkpoint_folder,
+    validate_safetensors,
+)
 from moecompress.errors import CalibrationError
 from moecompress.models.families import adapter_for
 from moecompress.models.summary import model_summary
@@ -44,7 +49,23 @@ def inspect_checkpoint(source: str) -> dict:
     model = build_meta_model(config, dtype)  # a native (quantised) checkpoint gets its packed structure
     summary = model_summary(model)
     on_disk = checkpoint_bytes(local) if local is not None else None
-    return {"source": str(source), "dtype": str(dtype).removeprefix("torch."), **summary, "bytes_on_disk": on_disk}
+    result = {"source": str(source), "dtype": str(dtype).removeprefix("torch."), **summary, "bytes_on_disk": on_disk}
+    if is_compressed_tensors(config):  # described as the model it decompresses to, plus its compression
+        result["compressed_tensors"] = compressed_tensors_summary(config.quantization_config)
+    return result
+
+
+def compressed_tensors_summary(quantization: dict) -> dict:
+    """A compressed-tensors ``quantization_config``: its format, per config group the weights' scheme and the
+    number of targets, and how many modules it ignores."""
+    groups = []
+    for name, group in (quantization.get("config_groups") or {}).items():
+        weights = group.get("weights") or {}
+        groups.append({"group": name, "bits": weights.get("num_bits"), "type": weights.get("type"),
+                       "strategy": weights.get("strategy"), "group_size": weights.get("group_size"),
+                       "symmetric": weights.get("symmetric"), "targets": len(group.get("targets") or [])})
+    return {"format": "compressed-tensors", "compression": quantization.get("format"), "groups": groups,
+            "ignored": len(quantization.get("ignore") or [])}
 
 
 def expert_usage(source: str, calibration_files: list[str], *, num_samples: int, seq_len: int, seed: int = 0) -> list[dict]:
@@ -136,6 +157,14 @@ def render(summary: dict, console=None) -> None:
     if on_disk:
         dtypes = ", ".join(f"{name} {_human_bytes(size)}" for name, size in on_disk["by_dtype"].items())
         console.print(f"on disk (safetensors): {_human_bytes(on_disk['total'])} ({dtypes})")
+    compressed = summary.get("compressed_tensors")
+    if compressed:
+        groups = "; ".join(f"{group['group']}: {group['bits']}-bit {group['strategy']}"
+                           + (f" {group['group_size']}" if group["group_size"] else "")
+                           + (" symmetric" if group["symmetric"] else " asymmetric") + f" ({group['targets']} target(s))"
+                           for group in compressed["groups"])
+        console.print(f"compressed-tensors {compressed['compression']} (read decompressed): {groups}; "
+                      f"{compressed['ignored']} module(s) ignored")
     if summary.get("expert_usage"):
         usage = Table(title="expert usage on the calibration text (share of routed tokens)")
         for column in ("layer", "most-used expert", "least-used expert", "uniform share", "unused experts"):

@@ -15,16 +15,18 @@ EXPORT_FORMATS = ("compressed-tensors", "hf")
 
 
 def export_folder(source: str | Path, out: str | Path, fmt: str, *, tp: int = 1, widen_to_layer_max: bool = False,
-                  dequantize: bool = False, max_shard_bytes: int = 2 << 30, replace_own: bool = False) -> dict:
+                  widen_to_model_max: bool = False, consumer: str | None = None, dequantize: bool = False,
+                  max_shard_bytes: int = 2 << 30, replace_own: bool = False) -> dict:
     """Export the native moecompress folder ``source`` as ``fmt`` into ``out`` (new or empty; ``replace_own``: or
     holding only an earlier export of ``source``, replaced in one rename); returns the report (also written to
-    ``out/export_report.json``). ``tp`` and ``widen_to_layer_max`` apply to compressed-tensors, ``dequantize`` to
-    hf."""
+    ``out/export_report.json``). ``tp``, ``widen_to_layer_max``, ``widen_to_model_max`` and ``consumer`` (``--for``:
+    None = every consumer, or ``"vllm"``) apply to compressed-tensors, ``dequantize`` to hf."""
     if fmt == "compressed-tensors":
         # imports compressed-tensors (heavy): only when this format is written
         from moecompress.export.compressed_tensors import export_compressed_tensors
 
         return export_compressed_tensors(source, out, tp=tp, widen_to_layer_max=widen_to_layer_max,
+                                         widen_to_model_max=widen_to_model_max, consumer=consumer,
                                          max_shard_bytes=max_shard_bytes, replace_own=replace_own)
     if fmt == "hf":
         return export_hf(source, out, dequantize=dequantize, max_shard_bytes=max_shard_bytes, replace_own=replace_own)

@@ -16,15 +16,27 @@ compressed-tensors' use the same convention (signed ``q``, ``w = (q - zero_point
 (:func:`decompression_difference` checks it expert by expert).
 
 ``quantization_config`` is built with the library's classes (``QuantizationConfig``, ``QuantizationScheme``,
-``QuantizationArgs``): one config group per distinct scheme (bits, group size, symmetry), targets as ``re:`` regexes
-naming whole layers' experts (expert groups first, so transformers' ``get_experts_scheme`` finds them), and
-``ignore`` covering routers, norms, embeddings and ``lm_head``.
+``QuantizationArgs``) and written the way llm-compressor's ``ModelCompressor`` writes it (``version``,
+``sparsity_config``, ``transform_config``): one config group per distinct scheme (bits, group size, symmetry),
+targets as ``re:`` regexes naming whole layers' experts, and ``ignore`` listing every unquantized linear by name
+(attention projections, routers, ``lm_head``).
 
-``--widen-to-layer-max`` (:func:`widen`): an expert of width ``b`` in a layer whose widest is ``B`` is stored at
-``B`` bits with codes ``q * 2^(B-b)`` and scale ``s / 2^(B-b)`` (zero point ``z * 2^(B-b)``). The wider grid
-contains every point of the narrower one, so this is lossless (the dequantised weights are bit-identical; dividing a
-scale by a power of two is exact in floating point, checked) but it gains no accuracy: the expert keeps its ``b``-bit
-values and pays ``B`` bits of storage for them.
+**Exact or refused in each consumer.** vLLM resolves each MoE layer's scheme by matching its names against the
+targets. Plain transformers (5.25) decodes the experts of *every* layer with one scheme, the first group whose
+``re:`` targets mention experts, and without zero points (:mod:`moecompress.export.deployability`). So:
+
+* one symmetric experts scheme for the whole model (uniform exports, ``--widen-to-model-max``): exact in both;
+* per-layer schemes or asymmetric experts: refused unless ``--for vllm``. Then the expert groups are ordered so that
+  transformers' scheme is one it cannot decode the other layers with (asymmetric first, else the widest), and
+  :func:`transformers_experts_outcome` decodes one expert of every layer the way transformers does before anything
+  is written: the export goes ahead only if that raises (transformers refuses the folder) or is exact. The printed
+  "load with" lines and the folder's ``README.md`` name only the consumers that load it.
+
+``--widen-to-layer-max`` / ``--widen-to-model-max`` (:func:`widen`): an expert of width ``b`` stored at ``B`` bits
+(the layer's or the model's widest) has codes ``q * 2^(B-b)`` and scale ``s / 2^(B-b)`` (zero point ``z * 2^(B-b)``).
+The wider grid contains every point of the narrower one, so this is lossless (the dequantised weights are
+bit-identical; dividing a scale by a power of two is exact in floating point, checked) but it gains no accuracy: the
+expert keeps its ``b``-bit values and pays ``B`` bits of storage for them.
 """
 
 from __future__ import annotations
@@ -34,7 +46,9 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import compressed_tensors
 import torch
+from compressed_tensors.compressors import BaseCompressor
 from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import (
@@ -54,14 +68,15 @@ from moecompress.checkpoint.native_reader import (
 )
 from moecompress.checkpoint.shards import ShardWriter
 from moecompress.errors import UsageError
-from moecompress.export.deployability import check_deployable
+from moecompress.export.deployability import CONSUMERS, NotDeployableError, check_deployable
 from moecompress.export.output import check_output_folder, staged_output
 from moecompress.export.report import ExportTally, write_report
 from moecompress.kernels.layout import PackedLinearWeight
 
 FORMAT = "compressed-tensors"
-# Modules that are never quantised (compressed-tensors `ignore`): routers, norms, embeddings, the output head.
-IGNORE = ["lm_head", r"re:.*\.gate$", r"re:.*norm$", r"re:.*embed_tokens$"]
+FORMAT_NAME = "pack-quantized"
+# Embedding-like 2-D weights: not linears, so not listed in `ignore` (llm-compressor lists linears only).
+_EMBEDDING_NAMES = ("embed_tokens", "wte", "word_embeddings", "embeddings", "embed_in")
 
 Scheme = tuple[int, int, bool]  # (bits, group_size, symmetric)
 
@@ -98,15 +113,17 @@ def widen(weight: PackedLinearWeight, bits: int) -> PackedLinearWeight:
     scales = weight.scales / factor
     if not torch.equal(scales.float() * factor, weight.scales.float()):
         raise UsageError(f"widening {weight.bits} to {bits} bits would underflow a scale in {weight.scales.dtype}; "
-                         "export without --widen-to-layer-max (quantize with `granularity: layer`)")
+                         "export without widening (quantize with `granularity: layer` and one width for all layers)")
     zeros = None if weight.zeros is None else weight.zeros.to(torch.int64) * factor
     return PackedLinearWeight.from_codes(codes, scales, zeros, bits, weight.group_size)
 
 
-def _expert_modules(checkpoint: NativeCheckpoint, layer: ExpertLayer, names: tuple[str, str, str], bits: int):
-    """Yield ``(module name, PackedLinearWeight)`` for every expert projection of ``layer`` at ``bits``."""
+def _expert_modules(checkpoint: NativeCheckpoint, layer: ExpertLayer, names: tuple[str, str, str], bits: int,
+                    experts: range | None = None):
+    """Yield ``(module name, PackedLinearWeight)`` for every expert projection of ``layer`` (or of ``experts``)
+    at ``bits``."""
     gate_name, up_name, down_name = names
-    for expert in range(len(layer.expert_bits)):
+    for expert in experts if experts is not None else range(len(layer.expert_bits)):
         gate_up = checkpoint.expert_weight(layer, expert, "gate_up_proj")
         down = checkpoint.expert_weight(layer, expert, "down_proj")
         intermediate = gate_up.shape[0] // 2
@@ -125,20 +142,36 @@ def _layer_regex(prefixes: list[str], names: tuple[str, str, str]) -> str:
     return "re:" + (parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")")
 
 
+def transformers_order(schemes) -> list[Scheme]:
+    """Expert schemes in config-group order: the first is the one plain transformers decodes every layer with, so it
+    is one the other layers' data cannot be decoded with without an error: an asymmetric scheme first (transformers
+    drops zero points and raises), else the widest (narrower data does not fill its groups)."""
+    return sorted(schemes, key=lambda scheme: (scheme[2], -scheme[0], scheme[1]))
+
+
 def build_quantization_config(expert_targets: dict[Scheme, list[str]], linear_targets: dict[Scheme, list[str]],
-                              names: tuple[str, str, str]) -> QuantizationConfig:
-    """``QuantizationConfig`` with one group per scheme; expert groups first (transformers reads the first group
-    whose ``re:`` targets mention experts as the experts' scheme)."""
-    schemes = list(dict.fromkeys([*expert_targets, *linear_targets]))
+                              names: tuple[str, str, str], ignore: list[str]) -> QuantizationConfig:
+    """``QuantizationConfig`` with one group per scheme: expert groups first, in :func:`transformers_order` (the
+    group names sort in that order too, as config.json is written with sorted keys), then the other linears'."""
+    schemes = list(dict.fromkeys([*transformers_order(expert_targets), *linear_targets]))
+    digits = len(str(len(schemes) - 1))
     groups = {}
     for number, scheme in enumerate(schemes):
         targets = []
         if expert_targets.get(scheme):
             targets.append(_layer_regex(expert_targets[scheme], names))
         targets += [rf"re:.*{re.escape(_from_layers(path))}$" for path in linear_targets.get(scheme, [])]
-        groups[f"group_{number}"] = QuantizationScheme(targets=targets, weights=quantization_args(*scheme))
-    return QuantizationConfig(config_groups=groups, format="pack-quantized", ignore=list(IGNORE),
+        groups[f"group_{number:0{digits}d}"] = QuantizationScheme(targets=targets, weights=quantization_args(*scheme),
+                                                                  format=FORMAT_NAME)
+    return QuantizationConfig(config_groups=groups, format=FORMAT_NAME, ignore=list(ignore),
                               quantization_status=QuantizationStatus.COMPRESSED)
+
+
+def config_entry(quantization: QuantizationConfig) -> dict:
+    """``config.json``'s ``quantization_config`` as llm-compressor's ``ModelCompressor.update_config`` writes it:
+    the library's version, empty sparsity and transform configs, then the quantization config."""
+    return {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors", "sparsity_config": {},
+            "transform_config": {}, **quantization.model_dump(mode="json", exclude={"quant_method"})}
 
 
 def _from_layers(path: str) -> str:
@@ -147,26 +180,67 @@ def _from_layers(path: str) -> str:
     return path[index:] if index >= 0 else path
 
 
+def unquantized_linears(checkpoint: NativeCheckpoint, quantized: set[str]) -> list[str]:
+    """Every module of the checkpoint with a plain 2-D ``weight`` that is neither quantized nor an embedding (the
+    attention projections, routers, dense MLPs, ``lm_head``), by name, in checkpoint order; ``lm_head`` always
+    (a tied head has no tensor of its own), as llm-compressor lists them."""
+    names = []
+    for key in checkpoint.keys():
+        module, _, name = key.rpartition(".")
+        if name != "weight" or module in quantized or is_packed_experts_key(key):
+            continue
+        if module.rsplit(".", 1)[-1] in _EMBEDDING_NAMES or len(checkpoint.shape(key)) != 2:
+            continue
+        names.append(module)
+    if not any(name == "lm_head" or name.endswith(".lm_head") for name in names):
+        names.append("lm_head")
+    return names
+
+
 def export_compressed_tensors(source: str | Path, out: str | Path, *, tp: int = 1, widen_to_layer_max: bool = False,
+                              widen_to_model_max: bool = False, consumer: str | None = None,
                               max_shard_bytes: int = 2 << 30, replace_own: bool = False) -> dict:
     """Write ``out`` (new or empty) as a compressed-tensors checkpoint of the native folder ``source``.
 
-    Refuses (:class:`moecompress.export.deployability.NotDeployableError`) what vLLM cannot serve at tensor-parallel
-    size ``tp``; ``widen_to_layer_max`` stores every expert of a layer at the layer's widest width. Returns the
-    export report (also written to ``out/export_report.json``).
+    ``consumer``: None (the folder must load exactly in plain transformers and in vLLM) or ``"vllm"`` (vLLM only:
+    per-layer schemes and asymmetric experts are written, and plain transformers must refuse the folder). Refuses
+    (:class:`moecompress.export.deployability.NotDeployableError`) what a consumer could not load exactly at
+    tensor-parallel size ``tp``; ``widen_to_layer_max`` stores every expert of a layer at the layer's widest width,
+    ``widen_to_model_max`` at the model's. Returns the export report (also written to ``out/export_report.json``).
     """
+    if consumer not in (None, "vllm"):
+        raise UsageError(f"unknown consumer {consumer!r} for --for; use vllm (or leave it out: every consumer)")
+    consumers = CONSUMERS if consumer is None else (consumer,)
     checkpoint = NativeCheckpoint(source)
     out = Path(out)
     check_output_folder(checkpoint.folder, out, replace_own=replace_own)
     if not checkpoint.is_quantized:
         raise UsageError(f"{checkpoint.folder} holds no quantized weights; export it with --format hf (a plain "
                          "checkpoint), or add an `rtn` / `gptq` stage to the recipe")
-    check_deployable(checkpoint, tp=tp, widen_to_layer_max=widen_to_layer_max)
+    check_deployable(checkpoint, tp=tp, widen_to_layer_max=widen_to_layer_max, widen_to_model_max=widen_to_model_max,
+                     consumers=consumers)
     names = expert_projection_names(checkpoint.model_type)
     layers = {layer.prefix: layer for layer in checkpoint.expert_layers}
+    stored_bits = _stored_bits(checkpoint.expert_layers, widen_to_model_max)
     linears = {spec.path: spec for spec in checkpoint.packed_linears}
     expert_targets: dict[Scheme, list[str]] = defaultdict(list)
+    for layer in checkpoint.expert_layers:
+        expert_targets[(stored_bits[layer.prefix], layer.group_size, layer.symmetric)].append(layer.prefix)
     linear_targets: dict[Scheme, list[str]] = defaultdict(list)
+    for spec in checkpoint.packed_linears:
+        linear_targets[(spec.bits, spec.group_size, spec.symmetric)].append(spec.path)
+    quantization = build_quantization_config(expert_targets, linear_targets, names,
+                                             unquantized_linears(checkpoint, set(linears)))
+    outcome = transformers_experts_outcome(checkpoint, quantization, names, stored_bits)
+    if outcome == "silent" or (outcome == "raises" and "transformers" in consumers):
+        raise NotDeployableError(
+            f"cannot export {checkpoint.folder} as compressed-tensors: plain transformers would decode its MoE layers "
+            "with one scheme " + ("without an error but to wrong weights (the experts are too narrow for a decode "
+                                  "error)" if outcome == "silent" else "and refuse it")
+            + "; export with --widen-to-model-max (one scheme: exact everywhere)")
+    loads = tuple(name for name in consumers if name != "transformers" or outcome == "exact")
+    if outcome == "exact" and "transformers" not in loads:
+        loads = CONSUMERS  # --for vllm on a folder transformers loads exactly too
     tally = ExportTally()
     with staged_output(out, replace_own=replace_own) as partial:
         writer = ShardWriter(partial, max_shard_bytes)
@@ -178,31 +252,63 @@ def export_compressed_tensors(source: str | Path, out: str | Path, *, tp: int = 
                     continue
                 done_layers.add(prefix)
                 layer = layers[prefix]
-                bits = max(layer.expert_bits)
-                expert_targets[(bits, layer.group_size, layer.symmetric)].append(prefix)
-                for module, weight in _expert_modules(checkpoint, layer, names, bits):
+                for module, weight in _expert_modules(checkpoint, layer, names, stored_bits[prefix]):
                     _write_module(writer, tally, module, weight, expert=True)
-                tally.widened_experts += sum(1 for b in layer.expert_bits if b != bits)
+                tally.widened_experts += sum(1 for b in layer.expert_bits if b != stored_bits[prefix])
             elif key.rsplit(".", 1)[0] in linears and key.rsplit(".", 1)[1] in ("weight_packed", "weight_scale",
                                                                                "weight_zero_point"):
                 path = key.rsplit(".", 1)[0]
                 if key.endswith(".weight_packed"):
-                    spec = linears[path]
-                    linear_targets[(spec.bits, spec.group_size, spec.symmetric)].append(path)
-                    _write_module(writer, tally, path, checkpoint.linear_weight(spec), expert=False)
+                    _write_module(writer, tally, path, checkpoint.linear_weight(linears[path]), expert=False)
             else:
                 tensor = checkpoint.tensor(key)
                 writer.add(key, tensor)
                 tally.add_plain(tensor)
         writer.finish()
         config = dict(checkpoint.config)
-        quantization = build_quantization_config(expert_targets, linear_targets, names)
-        config["quantization_config"] = quantization.model_dump(mode="json")
+        config["quantization_config"] = config_entry(quantization)
         (partial / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         checkpoint.copy_side_files(partial)
-        report = write_report(partial, FORMAT, checkpoint, out, tally, tp=tp, notes=_consumer_notes(expert_targets))
+        notes = _consumer_notes(expert_targets, loads)
+        report = write_report(partial, FORMAT, checkpoint, out, tally, tp=tp, notes=notes, consumers=loads)
+        (partial / "README.md").write_text(model_card(report, expert_targets, loads))
     checkpoint.close()
     return report
+
+
+def _stored_bits(expert_layers: list[ExpertLayer], widen_to_model_max: bool) -> dict[str, int]:
+    """Per experts prefix, the width its experts are written at: the layer's widest (a mixed layer is refused
+    before this unless widened), or the model's widest with ``widen_to_model_max``."""
+    model_max = max((max(layer.expert_bits) for layer in expert_layers), default=0)
+    return {layer.prefix: model_max if widen_to_model_max else max(layer.expert_bits) for layer in expert_layers}
+
+
+def transformers_experts_outcome(checkpoint: NativeCheckpoint, quantization: QuantizationConfig,
+                                 names: tuple[str, str, str], stored_bits: dict[str, int]) -> str:
+    """How plain transformers' compressed-tensors loader would decode the experts of this export: ``"exact"``,
+    ``"raises"`` or ``"silent"`` (loads wrong weights without an error).
+
+    Reproduces transformers 5.25's ``CompressedTensorsDequantize``: every layer's experts are decoded with one
+    scheme (the first group whose ``re:`` targets mention experts) from ``weight_packed``, ``weight_scale`` and
+    ``weight_shape`` only (no zero point), by compressed-tensors' pack-quantized decompressor. Expert 0's three
+    projections of every MoE layer are decoded; one error anywhere makes ``from_pretrained`` raise."""
+    if not checkpoint.expert_layers:
+        return "exact"
+    scheme = next(group for group in quantization.config_groups.values()
+                  if any(target.startswith("re:") and "experts" in target for target in group.targets))
+    compressor = BaseCompressor.get_value_from_registry(scheme.format or quantization.format)
+    wrong = False
+    for layer in checkpoint.expert_layers:
+        for _, weight in _expert_modules(checkpoint, layer, names, stored_bits[layer.prefix], range(1)):
+            state = compressed_state(weight)
+            state.pop("weight_zero_point", None)
+            try:
+                decoded = compressor.decompress(state, scheme)["weight"]
+            except Exception:  # any error in transformers' conversion op makes from_pretrained raise
+                return "raises"
+            expected = weight.dequantize(torch.float32).to(decoded.dtype)
+            wrong = wrong or decoded.shape != expected.shape or not torch.equal(decoded, expected)
+    return "silent" if wrong else "exact"
 
 
 def _write_module(writer: ShardWriter, tally, module: str, weight: PackedLinearWeight, *, expert: bool) -> None:
@@ -212,22 +318,41 @@ def _write_module(writer: ShardWriter, tally, module: str, weight: PackedLinearW
     tally.add_packed(weight.shape, state, expert=expert)
 
 
-def _consumer_notes(expert_targets: dict[Scheme, list[str]]) -> list[str]:
-    """What plain transformers (5.24) cannot load from this folder, and why (vLLM reads it)."""
-    notes = []
-    if len(expert_targets) > 1:
-        notes.append(
-            "MoE layers use different schemes: vLLM serves this (one scheme per MoE layer), but transformers 5.24 "
-            "decompresses every layer's experts with ONE scheme (integrations/compressed_tensors.py "
-            "get_experts_scheme: the first config group whose re: targets mention experts), so plain from_pretrained "
-            "fails (\"The size of tensor a (6) must match the size of tensor b (8)\" / \"tensor column shape must be "
-            "divisble by the given group_size\"); load it in vLLM, or use our native folder")
+def _consumer_notes(expert_targets: dict[Scheme, list[str]], loads: tuple[str, ...]) -> list[str]:
+    """Why a consumer is missing from the folder's "load with" lines."""
+    if "transformers" in loads:
+        return []
     if any(not symmetric for _, _, symmetric in expert_targets):
-        notes.append(
-            "asymmetric experts: transformers 5.24's MoE decompression (CompressedTensorsDequantize) builds its module "
-            "from weight_packed/weight_scale/weight_shape only, so plain from_pretrained fails (\"Asymmetric quant "
-            "requires zero-point values\"); load it in vLLM (4/8 bit), or use our native folder")
-    return notes
+        return ["asymmetric experts: plain transformers (5.25) decodes MoE experts without their zero points and "
+                "refuses this folder (\"Asymmetric quant requires zero-point values\"); serve it with vLLM (4/8 bit), "
+                "or load the native folder"]
+    widths = sorted({bits for bits, _, _ in expert_targets})
+    return [f"MoE layers use different schemes ({', '.join(f'{bits}-bit' for bits in widths)}): vLLM reads one scheme "
+            "per layer; plain transformers (5.25) decodes every layer's experts with the first experts group's scheme, "
+            f"written as the widest ({max(widths)}-bit), so from_pretrained raises on the narrower layers (checked at "
+            "export) instead of loading wrong weights; serve it with vLLM, or load the native folder (or re-export "
+            "with --widen-to-model-max for a folder transformers loads)"]
+
+
+def model_card(report: dict, expert_targets: dict[Scheme, list[str]], loads: tuple[str, ...]) -> str:
+    """The export folder's ``README.md``: what it holds and which consumers load it, with their commands."""
+    schemes = sorted(expert_targets, key=lambda scheme: -scheme[0])
+    layers = {scheme: len(prefixes) for scheme, prefixes in expert_targets.items()}
+    lines = ["---", "library_name: " + ("transformers" if "transformers" in loads else "vllm"),
+             "tags: [moecompress, compressed-tensors, pack-quantized]", "---", "",
+             "# compressed-tensors export (moecompress)", "",
+             f"Exported by `moecompress export --format compressed-tensors` from `{report['source']}`.", "",
+             "Routed experts: " + "; ".join(
+                 f"{bits}-bit, " + (f"group size {group_size}" if group_size > 0 else "one scale per row")
+                 + (", symmetric" if symmetric else ", asymmetric") + f" ({layers[(bits, group_size, symmetric)]} MoE "
+                 "layer(s))" for bits, group_size, symmetric in schemes) + ".", "",
+             "## Loads in", ""]
+    lines += [f"- **{name}**: `{report['load'][name]}`" for name in loads]
+    if "transformers" not in loads:
+        lines += ["", "**Not plain transformers**: " + " ".join(report.get("notes", []))]
+    lines += ["", f"Size on disk {report['bytes_on_disk'] / 2**20:.2f} MiB; "
+              f"{report['bits_per_parameter']:.2f} bits per parameter.", ""]
+    return "\n".join(lines)
 
 
 def decompression_difference(native_folder: str | Path, exported_folder: str | Path) -> dict[str, float]:

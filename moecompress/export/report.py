@@ -56,10 +56,11 @@ def consumer_commands(fmt: str, out: Path, source: Path, tp: int) -> dict[str, s
 
 
 def write_report(folder: Path, fmt: str, checkpoint: NativeCheckpoint, out: Path, tally: ExportTally, *, tp: int = 1,
-                 notes: list[str] | None = None) -> dict:
+                 notes: list[str] | None = None, consumers: tuple[str, ...] | None = None) -> dict:
     """Write ``folder/export_report.json`` (``folder`` holds the finished shards and side files: the report is the
     last file an export writes) and return the report. ``files`` lists every file of the export, so that a later
-    export replacing it removes those and nothing else."""
+    export replacing it removes those and nothing else. ``consumers``: the consumers shown to load this folder
+    (default: all); only their commands are listed."""
     on_disk = folder_bytes(folder)
     report = {
         "format": fmt,
@@ -73,7 +74,9 @@ def write_report(folder: Path, fmt: str, checkpoint: NativeCheckpoint, out: Path
         "expert_bits_per_parameter": (8 * tally.expert_bytes / tally.expert_parameters) if tally.expert_parameters else None,
         "widened_experts": tally.widened_experts,
         "tensor_parallel_size": tp,
-        "load": consumer_commands(fmt, Path(out).resolve(), checkpoint.folder.resolve(), tp),
+        "load": {consumer: command for consumer, command in
+                 consumer_commands(fmt, Path(out).resolve(), checkpoint.folder.resolve(), tp).items()
+                 if consumers is None or consumer in consumers or consumer == "moecompress_native"},
         "notes": list(notes or []),
         "files": sorted([*(str(path.relative_to(folder)) for path in folder.rglob("*")
                            if path.is_file() and not path.name.startswith(".moecompress")), REPORT_FILE]),

@@ -446,6 +446,12 @@ class _LinearInputHessians:
 
 
 # ----- module discovery --------------------------------------------------------------------------------------------
+def linears_for_targets(model: nn.Module, targets) -> list[tuple[str, nn.Linear]]:
+    """``(model path, nn.Linear)`` of every linear that quantisation ``targets`` other than the routed experts name
+    (``shared_experts``, ``attention``, ``dense_mlp``), in layer order (works on a meta skeleton)."""
+    return [found for target in targets if target != "routed_experts" for found in _modules_for_target(model, target)]
+
+
 def _modules_for_target(model: nn.Module, target: str) -> list[tuple[str, nn.Linear]]:
     found = []
     for layer_index, layer in enumerate(decoder_layers(model)):
