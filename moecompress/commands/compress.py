@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     parser.add_argument("--export", choices=EXPORT_FORMATS, default=None,
                         help="also write a deployment folder in this format (default place: <--out>-<format>, beside "
                              "the native output); a recipe can ask for it with `export: FORMAT`")
-    parser.add_argument("--export-out", type=Path, default=None, help="where --export writes (new or empty folder)")
+    parser.add_argument("--export-out", type=Path, default=None,
+                        help="where --export writes (new or empty folder; for gguf a .gguf file)")
     add_export_options(parser)
     parser.set_defaults(func=run)
 
@@ -83,6 +84,11 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     pipeline = Pipeline.from_recipe(args.recipe)
+    options = None
+    if args.export:  # built before the run: a bad export option fails now, not after the compression
+        options = ExportOptions(format=args.export, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
+                                dequantize=args.dequantize, types=args.types, layer_mean=args.layer_mean,
+                                out=str(args.export_out) if args.export_out else None)
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=False)
     try:
@@ -92,9 +98,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if progress.live.is_started:
             progress.stop()
-    if args.export:
-        options = ExportOptions(format=args.export, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
-                                dequantize=args.dequantize, out=str(args.export_out) if args.export_out else None)
+    if options is not None:
         report = {**report, "exports": [*report.get("exports", []), *run_exports(args.out, [options])]}
     model = report.get("model", {})
     console.print(f"[bold]done[/bold]: {args.out}/report.json")

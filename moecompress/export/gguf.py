@@ -181,11 +181,17 @@ def _plan_kv_b(context: _Context, path: str, layer: int, fmt: SourceFormat) -> l
         return [source.linear(path).take_rows(value_rows)]
 
     key_shape, value_shape = (heads, kv_lora, nope), (heads, value, kv_lora)
+    # the transpose leaves no codes to carry over: a packed kv_b's key half is re-quantized, at Q8_0 unless the table
+    # names a type (it is small: heads x kv_lora x nope per layer)
+    key_format = fmt
+    if fmt.quantized and context.table.lookup("attention", "k_b", layer) == "auto":
+        key_format = SourceFormat((8,), True, 0, fmt.float_type)
     key_name = gguf.TENSOR_NAMES[T.ATTN_K_B].format(bid=layer) + ".weight"
     value_name = gguf.TENSOR_NAMES[T.ATTN_V_B].format(bid=layer) + ".weight"
     return [
         PlannedTensor(key_name, "attention", "k_b", layer, key_shape, fmt,
-                      _choose(context, "attention", "k_b", layer, fmt, key_shape, exact_allowed=False), load_keys),
+                      _choose(context, "attention", "k_b", layer, key_format, key_shape, exact_allowed=False),
+                      load_keys),
         PlannedTensor(value_name, "attention", "v_b", layer, value_shape, fmt,
                       _choose(context, "attention", "v_b", layer, fmt, value_shape), load_values),
     ]
@@ -409,7 +415,7 @@ def report_path(out: Path) -> Path:
 def build_report(source: SourceModel, out: Path, architecture: Architecture, plan: list[PlannedTensor],
                  results: list[TensorResult]) -> dict:
     """The export report; its summary keys are the other exports' (``render_report`` prints it)."""
-    tensors, by_type, notes = [], {}, []
+    tensors, by_type, notes_by_text = [], {}, {}
     parameters = expert_parameters = payload = expert_payload = widened = 0
     for tensor, result in zip(plan, results):
         count = int(np.prod(tensor.shape))
@@ -418,7 +424,9 @@ def build_report(source: SourceModel, out: Path, architecture: Architecture, pla
         if tensor.role == "routed_experts":
             expert_parameters += count
             expert_payload += tensor.nbytes
-            widened += tensor.widened_experts if tensor.projection == "gate" else 0
+            # widening is lossless where the wider type holds the narrower codes (the exact paths)
+            exact = tensor.choice.path.startswith("exact")
+            widened += tensor.widened_experts if tensor.projection == "gate" and exact else 0
         entry = by_type.setdefault(tensor.choice.ggml_type.name, {"tensors": 0, "bytes": 0})
         entry["tensors"] += 1
         entry["bytes"] += tensor.nbytes
@@ -428,7 +436,10 @@ def build_report(source: SourceModel, out: Path, architecture: Architecture, pla
             "rel_rmse": result.rel_rmse, "max_abs_error": result.max_abs, "scale_rounding": result.scale_rounding,
             "notes": list(tensor.choice.notes),
         })
-        notes += [f"{tensor.name}: {note}" for note in tensor.choice.notes]
+        for note in tensor.choice.notes:
+            notes_by_text.setdefault(note, []).append(tensor.name.removesuffix(".weight"))
+    notes = [f"{text}: {', '.join(names[:3])}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+             for text, names in notes_by_text.items()]
     requantized = [row for row in tensors if row["path"] == "requantized" and row["source_bits"]]
     if requantized:
         worst = max(requantized, key=lambda row: row["rel_rmse"])
