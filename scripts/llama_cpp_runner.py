@@ -7,7 +7,7 @@ it in a subprocess:
 
     python scripts/llama_cpp_runner.py REQUEST.json OUT_DIR
 
-REQUEST.json: ``{"model": "x.gguf", "n_ctx": 2048, "threads": 2, "ops": [...]}`` with ops
+REQUEST.json: ``{"model": "x.gguf", "n_ctx": 2048, "threads": 2, "flash_attn": false, "ops": [...]}`` with ops
 
     {"op": "logits",   "tokens": [ids]}                    -> OUT_DIR/logits_<i>.npy, float32 [len(tokens), vocab]
     {"op": "generate", "tokens": [ids], "max_tokens": n}   -> greedy ids and their text (argmax, no sampling)
@@ -87,7 +87,7 @@ def main(request_path: str, out_dir: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
     llm = Llama(model_path=request["model"], n_ctx=int(request.get("n_ctx", 2048)), n_batch=int(request.get("n_ctx", 2048)),
                 n_ubatch=int(request.get("n_ctx", 2048)), logits_all=True, n_threads=int(request.get("threads", 2)),
-                verbose=False)
+                flash_attn=bool(request.get("flash_attn", False)), verbose=False)
     results = []
     for index, op in enumerate(request["ops"]):
         kind = op["op"]

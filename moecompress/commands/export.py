@@ -24,7 +24,8 @@ def add_export_options(parser: argparse.ArgumentParser) -> None:
                         help="gguf: GGML types by role (embedding, output, attention, shared_expert, dense_ffn, "
                              "routed_experts, router), e.g. 'attention=Q6_K,routed_experts.down@0-1=Q4_K'; default "
                              "auto: the width each tensor has (exact Q8_0/Q4_0 where the formats agree, else the "
-                             "K-quant of that width) or its float dtype")
+                             "K-quant of that width); float weights keep their dtype in an unquantized model and "
+                             "become Q8_0 in a quantized one; routers F32")
     parser.add_argument("--layer-mean", action="store_true",
                         help="gguf: store a layer whose experts have different widths at their mean width instead "
                              "of the widest")

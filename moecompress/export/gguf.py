@@ -11,7 +11,9 @@ different widths is stored at its widest (lossless for the narrower codes where 
 :mod:`moecompress.export.gguf_types`) or, with ``layer_mean``, at its mean width. Each tensor's type comes from the
 ``--types`` table by role (:class:`~moecompress.export.gguf_types.TypeTable`); ``auto`` (the default) takes the
 width the source holds (8 -> Q8_0 and symmetric 4 -> Q4_0 bit for bit, asymmetric 4 -> Q4_1, 3 -> Q3_K, 2 and
-1 -> Q2_K) or, for float weights, their dtype. Routers default to F32, norms and the routing bias are always F32.
+1 -> Q2_K); float weights stay in their dtype in an unquantized model and become Q8_0 in a quantized one (what the
+compression left in float: attention, shared experts, embeddings). Routers default to F32, norms and the routing
+bias are always F32.
 
 Everything that can be refused is checked before the file is opened: an architecture llama.cpp does not run (or a
 config it would compute differently), experts it cannot store (different counts per layer, different widths per
@@ -119,6 +121,10 @@ def _choose(context: _Context, role: str, projection: str | None, layer: int | N
     requested = context.table.lookup(role, projection, layer)
     if role == "router" and requested == "auto":
         requested = "F32"  # llama.cpp's tools never quantize routers: routing would move
+    elif requested == "auto" and not source.quantized and context.source.is_quantized:
+        # what a compressed model left in float (attention, shared experts, embeddings): near-lossless Q8_0,
+        # wider than any quantized expert and half of bf16's bytes
+        requested = "Q8_0"
     return choose_type(requested, source, shape[-1], layer_mean=context.layer_mean, exact_allowed=exact_allowed)
 
 
@@ -392,20 +398,36 @@ def export_gguf(source: str | Path, out: str | Path, *, types: str | TypeTable |
     it as ``<stem>.export_report.json``). See the module docstring."""
     model = SourceModel(source)
     try:
-        architecture = architecture_of(model.model_type)
-        check_config(architecture, model.text_config)
         out = check_gguf_output(model.folder, Path(out))
-        expert_count = check_experts(model)
-        tokenizer = tokenizer_metadata(model.folder, int(model.text_config.get("vocab_size") or 0))
-        table = types if isinstance(types, TypeTable) else TypeTable.parse(types)
-        context = _Context(model, architecture, table, layer_mean)
-        plan = plan_tensors(context)
+        context, plan, expert_count, tokenizer = _prepare(model, types, layer_mean)
         results = write_gguf(out, context, plan, tokenizer, expert_count)
-        report = build_report(model, out, architecture, plan, results)
+        report = build_report(model, out, context.architecture, plan, results)
     finally:
         model.close()
     write_json_atomic(report_path(out), report)
     return report
+
+
+def _prepare(model: SourceModel, types: str | TypeTable | None, layer_mean: bool):
+    """Every check that can refuse the export, and the plan: ``(context, plan, expert count, tokenizer)``."""
+    architecture = architecture_of(model.model_type)
+    check_config(architecture, model.text_config)
+    expert_count = check_experts(model)
+    tokenizer = tokenizer_metadata(model.folder, int(model.text_config.get("vocab_size") or 0))
+    table = types if isinstance(types, TypeTable) else TypeTable.parse(types)
+    context = _Context(model, architecture, table, layer_mean)
+    return context, plan_tensors(context), expert_count, tokenizer
+
+
+def plan_export(source: str | Path, *, types: str | TypeTable | None = None,
+                layer_mean: bool = False) -> list[PlannedTensor]:
+    """The tensors :func:`export_gguf` would write, with their types and sizes, without writing (e.g. to match a
+    file size)."""
+    model = SourceModel(source)
+    try:
+        return _prepare(model, types, layer_mean)[1]
+    finally:
+        model.close()
 
 
 def report_path(out: Path) -> Path:

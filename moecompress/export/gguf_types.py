@@ -249,14 +249,15 @@ def choose_type(requested: str, source: SourceFormat, row_length: int, *, layer_
         chosen = ggml_type(requested)
 
     def holds_codes(ggml: GGMLType) -> bool:
+        # every expert's codes must fit, the widest included (the layer mean may be narrower than some)
         return (exact_allowed and source.quantized
-                and exact_container(ggml, width, source.symmetric, source.group_size, row_length))
+                and exact_container(ggml, max(source.bits), source.symmetric, source.group_size, row_length))
 
     if not row_fits(chosen, row_length):
         container = next((ggml for ggml in (GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q8_0) if holds_codes(ggml)), None)
         if container is not None and chosen not in FLOAT_TYPES:
             notes.append(f"row of {row_length} is not a multiple of {block_shape(chosen)[0]} ({chosen.name}): "
-                         f"{container.name} holds the {width}-bit codes exactly")
+                         f"{container.name} holds the {max(source.bits)}-bit codes exactly")
             chosen = container
         else:
             wanted = chosen
