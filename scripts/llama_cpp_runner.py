@@ -2,7 +2,7 @@
 per-document log-likelihoods.
 
 Standalone on purpose: it runs in a Python that has ``llama_cpp`` (the ``llama`` extra, built from source) and never
-imports moecompress, so what it measures is the file as llama.cpp reads it. The tests and ``benchmarks/gguf.py`` call
+imports moecompress, so what it measures is the file as llama.cpp reads it. The tests and ``benchmarks/gguf_quality.py`` call
 it in a subprocess:
 
     python scripts/llama_cpp_runner.py REQUEST.json OUT_DIR

@@ -2,10 +2,10 @@
 perplexity tasks computed from llama.cpp's logits (llama-cpp-python, in its own Python, through
 ``scripts/llama_cpp_runner.py``).
 
-    python benchmarks/gguf.py types  --models moe-ref-q3,moe-ref-mx,moe-ref-ds --json-out runs/gguf-types.json
-    python benchmarks/gguf.py budget --models moe-ref-q3,moe-ref-mx --avg-bits 3.0,2.5 --json-out runs/gguf-budget.json
-    python benchmarks/gguf.py --merge runs/gguf-types.json           # the tables of earlier runs
-    python benchmarks/gguf.py --compare runs/gguf-budget.json        # paired differences at equal file size
+    python benchmarks/gguf_quality.py types  --models moe-ref-q3,moe-ref-mx,moe-ref-ds --json-out runs/gguf-types.json
+    python benchmarks/gguf_quality.py budget --models moe-ref-q3,moe-ref-mx --avg-bits 3.0,2.5 --json-out runs/gguf-budget.json
+    python benchmarks/gguf_quality.py --merge runs/gguf-types.json           # the tables of earlier runs
+    python benchmarks/gguf_quality.py --compare runs/gguf-budget.json        # paired differences at equal file size
 
 ``types``: one row per (model, GGUF type). Rows from the original checkpoint: every linear weight in that type,
 quantized by llama.cpp's reference quantizers (ours, byte for byte); the logits are compared with the original
@@ -21,8 +21,9 @@ experts as
                  (2 -> Q2_K and 3 -> Q3_K re-quantized, 4 -> Q4_0 exact)
   direct<b>      the same types per tensor as pmq<b>, quantized from the original by llama.cpp's quantizers: PMQ's
                  allocation without GPTQ, at exactly the same bytes
-  hand<b>        a llama.cpp-style table (llama-quantize's Q2_K / Q3_K mixes: one K-quant for the experts, ffn_down
-                 one step wider in its "use_more_bits" layers, then more) at the smallest size >= pmq<b>'s file
+  hand<b>        a llama.cpp-style table (llama-quantize's Q2_K / Q3_K_M mixes: one K-quant for the experts, ffn_down
+                 one step wider in its "use_more_bits" layers, then gate/up one step wider layer by layer) at the
+                 smallest tensor bytes >= pmq<b>'s
 Bits per byte: ``-sum ln p / ln 2 / bytes`` over the documents of the eight ``tb_ppl_*`` tasks (each scored after
 ``<|endoftext|>``, one window), the mean over tasks first; ``--compare`` gives paired differences with a bootstrap
 interval over documents (resampled within each task). Needs a Python with llama_cpp: ``$MOECOMPRESS_LLAMA_PYTHON``
@@ -83,15 +84,16 @@ def run_llama(model: Path, ops: list[dict], threads: int, flash_attn: bool = Fal
 
 # ----- documents and scores -----------------------------------------------------------------------------------------
 
-def load_documents(tokenizer) -> dict[str, list[tuple[list[int], int]]]:
-    """``{task: [(token ids with the <|endoftext|> context first, UTF-8 bytes of the text)]}``."""
+def load_documents(tokenizer, limit: int | None = None) -> dict[str, list[tuple[list[int], int]]]:
+    """``{task: [(token ids with the <|endoftext|> context first, UTF-8 bytes of the text)]}``, the first ``limit``
+    documents of each task (all by default)."""
     from moecompress.evals.lm import default_bos_token_id
 
     data = REPO_ROOT / "moecompress" / "evals" / "tasks" / "data"
     context = default_bos_token_id(tokenizer)
     documents = {}
     for task in PPL_TASKS:
-        rows = [json.loads(line) for line in (data / f"{task}.jsonl").read_text().splitlines() if line.strip()]
+        rows = [json.loads(line) for line in (data / f"{task}.jsonl").read_text().splitlines() if line.strip()][:limit]
         documents[task] = [([context, *tokenizer(row["text"])["input_ids"]], len(row["text"].encode("utf-8")))
                            for row in rows]
     return documents
@@ -148,10 +150,12 @@ def rtn_native(work: Path, name: str, bits: int, symmetric: bool) -> Path:
     if (folder / "report.json").is_file():
         return folder
     model, tokenizer = load_model(testbed_model(name), dtype=torch.bfloat16)
+    targets = ("routed_experts", "attention") + (("shared_experts", "dense_mlp") if name == "moe-ref-ds" else ())
     quantize_model(model, QuantizationSettings(method="rtn", bits=bits, group_size=32, symmetric=symmetric,
-                                               targets=("routed_experts", "shared_experts", "attention", "dense_mlp")))
+                                               targets=targets))
+    folder.mkdir(parents=True, exist_ok=True)
     save_model(model, tokenizer, folder)
-    (folder / "report.json").write_text("{}\n")
+    (folder / "report.json").write_text("{}\n")  # as `compress` leaves it (the export's provenance check)
     return folder
 
 
@@ -197,16 +201,16 @@ def score_row(args, model_name: str, label: str, gguf_path: Path, report: dict, 
     nats = gguf_scores(gguf_path, documents, args.llama_threads)
     bpb = bits_per_byte(nats, documents)
     max_logit, mean_logit = logit_difference(gguf_path, reference, prompt_ids, args.llama_threads)
-    requantized = [row["rel_rmse"] for row in report["tensors"] if row["path"] == "requantized" and row["source_bits"]]
+    requantized = [row["rel_rmse"] for row in report["tensors"] if row["path"] == "requantized"]
     row = {
         "model": model_name, "config": label, "file_bytes": report["bytes_on_disk"],
         "expert_bits_per_parameter": report["expert_bits_per_parameter"],
         "types": {name: entry["bytes"] for name, entry in report["types"].items()},
-        "max_requantization_error": max(requantized) if requantized else 0.0,
+        "max_quantization_error": max(requantized) if requantized else 0.0,
         "max_logit_difference": max_logit, "mean_logit_difference": mean_logit,
         "bits_per_byte": bpb, "mean_bits_per_byte": sum(bpb.values()) / len(bpb),
         "nats": nats, "doc_bytes": {task: [size for _, size in documents[task]] for task in PPL_TASKS},
-        **extra,
+        "documents": sum(len(documents[task]) for task in PPL_TASKS), **extra,
     }
     print(json.dumps({key: value for key, value in row.items() if key not in ("nats", "doc_bytes")}), file=sys.stderr,
           flush=True)
@@ -226,9 +230,10 @@ def types_rows(args, model_name: str) -> list[dict]:
     work = args.work
     original = testbed_model(model_name)
     model, tokenizer = load_model(original, dtype=torch.float32, experts_implementation="eager")
-    documents = load_documents(tokenizer)
+    documents = load_documents(tokenizer, args.docs)
     prompt_ids = prompt_tokens(tokenizer)
     rows = [reference_row(model_name, "original (transformers fp32)", model, documents)]
+    original_bpb = rows[0]["mean_bits_per_byte"]
     for type_name in ORIGINAL_TYPES:
         roles = {role: type_name for role in ALL_LINEARS}
         if type_name == "F32":
@@ -238,13 +243,14 @@ def types_rows(args, model_name: str) -> list[dict]:
         path = work / f"{model_name}-original-{type_name}.gguf"
         report = export(original, path, _types(roles) or None)
         rows.append(score_row(args, model_name, f"original -> {type_name}", path, report, model, documents, prompt_ids,
-                              source="original", gguf_type=type_name))
+                              source="original", gguf_type=type_name, source_mean_bits_per_byte=original_bpb))
     for label, bits, symmetric in NATIVE_SCHEMES:
         native = rtn_native(work, model_name, bits, symmetric)
         native_model, _ = load_model(native, dtype=torch.float32, experts_implementation="eager")
         reference = reference_row(model_name, f"native rtn {label} (torch fp32)", native_model, documents)
         path = work / f"{model_name}-rtn-{label}.gguf"
-        report = export(native, path, None)
+        # the embedding (float in the native folder) in F32: the logits then measure the quantized tensors' path
+        report = export(native, path, "embedding=F32,output=F32")
         expert_type = next(row["type"] for row in report["tensors"] if row["name"] == "blk.1.ffn_gate_exps.weight")
         rows.append(score_row(args, model_name, f"native rtn {label} -> auto ({expert_type})", path, report, native_model,
                               documents, prompt_ids, source=f"native rtn {label}", gguf_type=expert_type,
@@ -259,17 +265,22 @@ def more_bits_layers(layers: int) -> list[int]:
 
 
 def hand_tables(layers: int, base: dict[str, str]) -> list[str]:
-    """llama.cpp-style expert tables in increasing size: a K-quant for all experts, then ffn_down one step wider in
-    the use_more_bits layers, in all layers, then gate/up too in the use_more_bits layers."""
+    """llama.cpp-style expert tables in increasing size. For each K-quant B of the experts: ffn_down one step
+    wider in the use_more_bits layers (llama-quantize's Q2_K / Q3_K_M rule), then gate and up one step wider in one
+    more layer at a time, the use_more_bits layers first, then from the first layer to the last. (The test-bed's
+    ffn_down rows, 80 and 288 wide, fit no K-quant, so there the down rule changes nothing and the gate/up steps
+    carry the size.)"""
     more = more_bits_layers(layers)
+    order = more + [layer for layer in range(layers) if layer not in more]
     tables = []
     for expert_type in ("Q2_K", "Q3_K", "Q4_K"):
         wider = NEXT_TYPE[expert_type]
-        steps = [[], [f"routed_experts.down@{layer}={wider}" for layer in more], [f"routed_experts.down={wider}"]]
-        steps.append(steps[2] + [f"routed_experts.{projection}@{layer}={wider}" for layer in more
-                                 for projection in ("gate", "up")])
-        for step in steps:
-            tables.append(",".join([_types(base), f"routed_experts={expert_type}", *step]))
+        rules = [_types(base), f"routed_experts={expert_type}"] + [f"routed_experts.down@{layer}={wider}"
+                                                                   for layer in more]
+        tables.append(",".join(rules))
+        for layer in order:
+            rules += [f"routed_experts.gate@{layer}={wider}", f"routed_experts.up@{layer}={wider}"]
+            tables.append(",".join(rules))
     return tables
 
 
@@ -292,37 +303,39 @@ def budget_rows(args, model_name: str) -> list[dict]:
     original = testbed_model(model_name)
     base = dict(item.split("=") for item in args.base.split(","))
     model, tokenizer = load_model(original, dtype=torch.float32, experts_implementation="eager")
-    documents = load_documents(tokenizer)
+    documents = load_documents(tokenizer, args.docs)
     prompt_ids = prompt_tokens(tokenizer)
     rows = [reference_row(model_name, "original (transformers fp32)", model, documents)]
+    original_bpb = rows[0]["mean_bits_per_byte"]
 
-    def gguf_row(label: str, source: Path, types: str, reference, **extra) -> dict:
+    def gguf_row(label: str, source: Path, types: str, reference, source_bpb: float, **extra) -> dict:
         path = work / f"{model_name}-{label}.gguf"
         return score_row(args, model_name, label, path, export(source, path, types), reference, documents, prompt_ids,
-                         **extra)
+                         source_mean_bits_per_byte=source_bpb, **extra)
 
     gptq4 = compressed_native(work, model_name, "gptq4", None)
     gptq4_model, _ = load_model(gptq4, dtype=torch.float32, experts_implementation="eager")
     rows.append(reference_row(model_name, "gptq4 native (torch fp32)", gptq4_model, documents))
-    rows.append(gguf_row("gptq4", gptq4, _types(base), gptq4_model))
-    rows.append(gguf_row("llama_q4_0", original, _types({**base, "routed_experts": "Q4_0"}), model))
+    rows.append(gguf_row("gptq4", gptq4, _types(base), gptq4_model, rows[-1]["mean_bits_per_byte"]))
+    rows.append(gguf_row("llama_q4_0", original, _types({**base, "routed_experts": "Q4_0"}), model, original_bpb))
     layers = int(json.loads((original / "config.json").read_text())["num_hidden_layers"])
     for avg_bits in args.avg_bits:
         pmq = compressed_native(work, model_name, f"pmq{avg_bits}", avg_bits)
         pmq_model, _ = load_model(pmq, dtype=torch.float32, experts_implementation="eager")
         rows.append(reference_row(model_name, f"pmq{avg_bits} native (torch fp32)", pmq_model, documents))
-        pmq_row = gguf_row(f"pmq{avg_bits}", pmq, _types(base), pmq_model)
+        pmq_row = gguf_row(f"pmq{avg_bits}", pmq, _types(base), pmq_model, rows[-1]["mean_bits_per_byte"])
         rows.append(pmq_row)
         pmq_report = json.loads((work / f"{model_name}-pmq{avg_bits}.export_report.json").read_text())
         widths = {row["name"]: row["source_bits"] for row in pmq_report["tensors"] if row["role"] == "routed_experts"}
-        rows.append(gguf_row(f"direct{avg_bits}", original, per_tensor_types(pmq_report, base), model,
+        rows.append(gguf_row(f"direct{avg_bits}", original, per_tensor_types(pmq_report, base), model, original_bpb,
                              pmq_widths=widths))
-        target = pmq_row["file_bytes"]
+        # tensor bytes (the files' metadata is the same for all): the smallest hand table at least as large
+        target = sum(tensor.nbytes for tensor in plan_export(pmq, types=_types(base)))
         sized = [(sum(tensor.nbytes for tensor in plan_export(original, types=table)), table)
                  for table in hand_tables(layers, base)]
-        at_least = [entry for entry in sized if entry[0] >= target] or [max(sized)]
-        size, table = min(at_least)
-        rows.append(gguf_row(f"hand{avg_bits}", original, table, model, hand_table=table, pmq_file_bytes=target,
+        size, table = min([entry for entry in sized if entry[0] >= target] or [max(sized)])
+        rows.append(gguf_row(f"hand{avg_bits}", original, table, model, original_bpb, hand_table=table,
+                             pmq_tensor_bytes=target, hand_tensor_bytes=size,
                              hand_candidates=[size for size, _ in sized]))
     return rows
 
@@ -330,16 +343,17 @@ def budget_rows(args, model_name: str) -> list[dict]:
 # ----- tables -------------------------------------------------------------------------------------------------------
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| model | configuration | file MiB | expert bits/param | max re-quant error | max / mean abs logit diff "
-             "| llama.cpp bits/byte (mean of 8) |", "|---|---|---:|---:|---:|---|---:|"]
+    lines = ["| model | configuration | file MiB | expert bits/param | max weight error | max / mean abs logit diff "
+             "| source bits/byte (torch) | llama.cpp bits/byte |", "|---|---|---:|---:|---:|---|---:|---:|"]
     for row in rows:
         if "file_bytes" not in row:
-            lines.append(f"| {row['model']} | {row['config']} | - | - | - | - | {row['mean_bits_per_byte']:.4f} |")
+            lines.append(f"| {row['model']} | {row['config']} | - | - | - | - | {row['mean_bits_per_byte']:.4f} | - |")
             continue
+        source = row.get("source_mean_bits_per_byte")
         lines.append(f"| {row['model']} | {row['config']} | {row['file_bytes'] / 2**20:.2f} | "
-                     f"{row['expert_bits_per_parameter']:.2f} | {row['max_requantization_error']:.4f} | "
+                     f"{row['expert_bits_per_parameter']:.2f} | {row['max_quantization_error']:.4f} | "
                      f"{row['max_logit_difference']:.3f} / {row['mean_logit_difference']:.4f} | "
-                     f"{row['mean_bits_per_byte']:.4f} |")
+                     f"{'-' if source is None else f'{source:.4f}'} | {row['mean_bits_per_byte']:.4f} |")
     return "\n".join(lines)
 
 
@@ -387,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/gguf-work"))
     parser.add_argument("--json-out", type=Path, default=Path("runs/gguf.json"))
     parser.add_argument("--llama-threads", type=int, default=1)
+    parser.add_argument("--docs", type=int, default=None, help="documents per perplexity task (default: all, 48; "
+                        "tb_ppl_kjv has 24)")
     add_merge_compare_arguments(parser)
     add_threads_argument(parser, 1)
     args = parser.parse_args(argv)
