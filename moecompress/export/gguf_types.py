@@ -103,11 +103,20 @@ def encode_values(values: np.ndarray, ggml: GGMLType) -> np.ndarray:
     """float values ``[..., n]`` -> the tensor's bytes ``[..., row bytes]`` (uint8), quantized by llama.cpp's
     reference algorithm for ``ggml`` (no importance matrix)."""
     values = np.ascontiguousarray(values, dtype=np.float32)
+    rows = values.reshape(-1, values.shape[-1])
+    # rows are independent: a few million values at a time bound the quantizers' temporaries (many per value)
+    step = max(1, _CHUNK_VALUES // rows.shape[1])
+    parts = [_encode_rows(rows[start:start + step], ggml) for start in range(0, rows.shape[0], step)]
+    return np.concatenate(parts).reshape(*values.shape[:-1], -1)
+
+
+_CHUNK_VALUES = 1 << 22
+
+
+def _encode_rows(rows: np.ndarray, ggml: GGMLType) -> np.ndarray:
     if ggml in KQUANT_TYPES:
-        rows = values.reshape(-1, values.shape[-1])
-        return KQUANT_QUANTIZERS[ggml.name](rows).reshape(*values.shape[:-1], -1)
-    encoded = gguf.quants.quantize(values, ggml)
-    return np.ascontiguousarray(encoded).view(np.uint8).reshape(*values.shape[:-1], -1)
+        return KQUANT_QUANTIZERS[ggml.name](rows).reshape(rows.shape[0], -1)
+    return np.ascontiguousarray(gguf.quants.quantize(rows, ggml)).view(np.uint8).reshape(rows.shape[0], -1)
 
 
 def decode(data: np.ndarray, ggml: GGMLType) -> np.ndarray:
