@@ -477,9 +477,9 @@ def _reference_logits(folder: Path, ids: list[int]) -> tuple[np.ndarray, list[in
 
 # bounds on |llama.cpp logit - our fp32 logit| over the prompt: (max, mean). F32 files differ only by float
 # summation order; bf16 weights make llama.cpp round activations to bf16; block types make it quantize activations
-# (Q8_0 / Q8_K). DeepSeek's grouped sigmoid routing turns such noise into an occasional different expert at a
-# position (a jump of about 1 in that position's logits), hence its larger max.
-LOGIT_BOUNDS = {"F32": (0.03, 0.005), "BF16": (1.0, 0.05), "Q4_0": (2.5, 0.06)}
+# (Q8_0 / Q8_K). Near-tied routing (q3's 32 experts, DeepSeek's grouped sigmoid) turns such noise into an
+# occasional different expert at a position, a jump of 1-3 in that position's logits, hence the loose max.
+LOGIT_BOUNDS = {"F32": (0.03, 0.005), "BF16": (1.0, 0.05), "Q4_0": (4.0, 0.06)}
 
 
 @needs_llama
@@ -523,7 +523,8 @@ def test_llama_cpp_runs_our_exact_q4_0(name, tmp_path):
     import moecompress  # noqa: F401  (registers the native format for from_pretrained)
 
     reference, greedy = _reference_logits(native, ids)
-    report = export_gguf(native, tmp_path / "q4.gguf")
+    # the embedding (float in the native folder) in F32, so that the logits measure the Q4_0 tensors' path
+    report = export_gguf(native, tmp_path / "q4.gguf", types="embedding=F32,output=F32")
     paths = {row["path"] for row in report["tensors"] if row["role"] in ("routed_experts", "attention")
              and not row["name"].endswith("attn_k_b.weight")}  # DeepSeek's k_b is transposed: Q8_0, re-quantized
     assert paths <= {"exact", "float"}
@@ -531,5 +532,8 @@ def test_llama_cpp_runs_our_exact_q4_0(name, tmp_path):
                                                        {"op": "generate", "tokens": ids, "max_tokens": 12}],
                                 tmp_path / "run")
     difference = np.abs(np.load(folder / results[0]["file"]) - reference)
-    assert difference.max() < LOGIT_BOUNDS["Q4_0"][0] and difference.mean() < LOGIT_BOUNDS["Q4_0"][1]
+    per_position = difference.max(axis=1)
+    stats = (difference.max(), difference.mean(), np.percentile(per_position, 75))
+    assert stats[0] < LOGIT_BOUNDS["Q4_0"][0] and stats[1] < LOGIT_BOUNDS["Q4_0"][1], stats
+    assert stats[2] < 0.5, stats  # most positions: activation rounding only; a few: a routing choice flips
     assert len(results[1]["ids"]) == 12 and results[1]["ids"][:4] == greedy[:4]
