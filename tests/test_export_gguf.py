@@ -537,3 +537,31 @@ def test_llama_cpp_runs_our_exact_q4_0(name, tmp_path):
     assert stats[0] < LOGIT_BOUNDS["Q4_0"][0] and stats[1] < LOGIT_BOUNDS["Q4_0"][1], stats
     assert stats[2] < 0.5, stats  # most positions: activation rounding only; a few: a routing choice flips
     assert len(results[1]["ids"]) == 12 and results[1]["ids"][:4] == greedy[:4]
+
+
+@needs_llama
+@pytest.mark.slow
+@pytest.mark.parametrize("bits, symmetric, expected, bounds", [
+    (8, True, ("Q8_0", "exact"), (1.0, 0.05)),
+    (4, False, ("Q4_1", "exact-offset"), (2.0, 0.06)),
+    (3, True, ("Q3_K", "requantized"), (6.0, 0.6)),
+])
+def test_llama_cpp_logits_per_type(bits, symmetric, expected, bounds, tmp_path):
+    """moe-ref-mx quantized natively (RTN, groups of 32, experts and attention) and exported with the auto types:
+    exact types stay near the Q4_0 bound; a re-quantized one moves by what re-quantizing added (the report's
+    error, measured in benchmarks/gguf_quality.py)."""
+    from transformers import AutoTokenizer
+
+    native = native_folder(tmp_path, "moe-ref-mx", bits=bits, symmetric=symmetric, group_size=32,
+                           targets=("routed_experts", "attention"))
+    tokenizer = AutoTokenizer.from_pretrained(native)
+    ids = [0, *tokenizer(PROMPT)["input_ids"]]
+    import moecompress  # noqa: F401  (registers the native format for from_pretrained)
+
+    reference, _ = _reference_logits(native, ids)
+    report = export_gguf(native, tmp_path / "x.gguf", types="embedding=F32,output=F32")
+    gate = next(row for row in report["tensors"] if row["name"] == "blk.1.ffn_gate_exps.weight")
+    assert (gate["type"], gate["path"]) == expected
+    results, folder = run_llama(tmp_path / "x.gguf", [{"op": "logits", "tokens": ids}], tmp_path / "run")
+    difference = np.abs(np.load(folder / results[0]["file"]) - reference)
+    assert difference.max() < bounds[0] and difference.mean() < bounds[1], (difference.max(), difference.mean())
