@@ -41,7 +41,7 @@ from moecompress.export.gguf_arch import (Architecture, architecture_of, check_c
                                           rope_pair_permutation, write_hyperparameters)
 from moecompress.export.gguf_source import ExpertStack, Matrix, SourceModel
 from moecompress.export.gguf_tokenizer import tokenizer_metadata
-from moecompress.export.gguf_types import (FLOAT_TYPES, GGMLType, SourceFormat, TypeChoice, TypeTable, choose_type,
+from moecompress.export.gguf_types import (GGMLType, SourceFormat, TypeChoice, TypeTable, choose_type,
                                            decode, encode_exact, encode_values, float_type_of, layer_width,
                                            scale_rounding, tensor_bytes)
 from moecompress.folders import write_json_atomic

@@ -114,9 +114,6 @@ class SourceModel:
     def keys(self) -> list[str]:
         return list(self.file_of)
 
-    def has(self, key: str) -> bool:
-        return key in self.file_of
-
     def expert_stacks(self) -> dict[int, ExpertStack]:
         """``{layer: ExpertStack}`` for every MoE layer, in layer order."""
         stacks: dict[int, ExpertStack] = {}
@@ -175,9 +172,6 @@ class SourceModel:
             return Matrix(self.tensor(f"{path}.weight").float())
         packed = self.native.linear_weight(spec)
         return Matrix(packed.dequantize(torch.float32), packed)
-
-    def is_packed_linear(self, path: str) -> bool:
-        return path in self._packed_linears
 
     def linear_scheme(self, path: str) -> tuple[int, bool, int] | None:
         """``(bits, symmetric, group_size)`` of a packed linear, None for a float one."""

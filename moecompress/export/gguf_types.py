@@ -92,11 +92,6 @@ def tensor_bytes(ggml: GGMLType, shape: tuple[int, ...]) -> int:
     return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // values) * size
 
 
-def bits_per_weight(ggml: GGMLType) -> float:
-    values, size = block_shape(ggml)
-    return 8 * size / values
-
-
 # ----- encoding ---------------------------------------------------------------------------------------------------
 
 def encode_values(values: np.ndarray, ggml: GGMLType) -> np.ndarray:
