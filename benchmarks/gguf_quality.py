@@ -23,7 +23,7 @@ experts as
                  allocation without GPTQ, at exactly the same bytes
   hand<b>        a llama.cpp-style table (llama-quantize's Q2_K / Q3_K_M mixes: one K-quant for the experts, ffn_down
                  one step wider in its "use_more_bits" layers, then gate/up one step wider layer by layer) at the
-                 smallest tensor bytes >= pmq<b>'s
+                 smallest tensor bytes >= pmq<b>'s; hand_below<b>: the largest <= pmq<b>'s
 Bits per byte: ``-sum ln p / ln 2 / bytes`` over the documents of the eight ``tb_ppl_*`` tasks (each scored after
 ``<|endoftext|>``, one window), the mean over tasks first; ``--compare`` gives paired differences with a bootstrap
 interval over documents (resampled within each task). Needs a Python with llama_cpp: ``$MOECOMPRESS_LLAMA_PYTHON``
@@ -295,7 +295,9 @@ def per_tensor_types(report: dict, base: dict[str, str]) -> str:
     return ",".join(rules)
 
 
-def budget_rows(args, model_name: str) -> list[dict]:
+def budget_rows(args, model_name: str, earlier: list[dict]) -> list[dict]:
+    """The budget rows of ``model_name``. With ``--only``, rows of other configurations found in ``earlier`` (the
+    --json-out file) are kept as they are instead of being scored again."""
     from moecompress.checkpoint import load_model
     from moecompress.export.gguf import plan_export
 
@@ -305,38 +307,49 @@ def budget_rows(args, model_name: str) -> list[dict]:
     model, tokenizer = load_model(original, dtype=torch.float32, experts_implementation="eager")
     documents = load_documents(tokenizer, args.docs)
     prompt_ids = prompt_tokens(tokenizer)
-    rows = [reference_row(model_name, "original (transformers fp32)", model, documents)]
-    original_bpb = rows[0]["mean_bits_per_byte"]
+    kept = {row["config"]: row for row in earlier if row["model"] == model_name}
 
-    def gguf_row(label: str, source: Path, types: str, reference, source_bpb: float, **extra) -> dict:
+    def reused(label: str) -> dict | None:
+        return kept.get(label) if args.only and label not in args.only else None
+
+    def reference(label: str, reference_model) -> dict:
+        return reused(label) or reference_row(model_name, label, reference_model, documents)
+
+    def gguf_row(label: str, source: Path, types: str, reference_model, source_bpb: float, **extra) -> dict:
+        if reused(label):
+            return reused(label)
         path = work / f"{model_name}-{label}.gguf"
-        return score_row(args, model_name, label, path, export(source, path, types), reference, documents, prompt_ids,
-                         source_mean_bits_per_byte=source_bpb, **extra)
+        return score_row(args, model_name, label, path, export(source, path, types), reference_model, documents,
+                         prompt_ids, source_mean_bits_per_byte=source_bpb, **extra)
 
+    rows = [reference("original (transformers fp32)", model)]
+    original_bpb = rows[0]["mean_bits_per_byte"]
     gptq4 = compressed_native(work, model_name, "gptq4", None)
     gptq4_model, _ = load_model(gptq4, dtype=torch.float32, experts_implementation="eager")
-    rows.append(reference_row(model_name, "gptq4 native (torch fp32)", gptq4_model, documents))
+    rows.append(reference("gptq4 native (torch fp32)", gptq4_model))
     rows.append(gguf_row("gptq4", gptq4, _types(base), gptq4_model, rows[-1]["mean_bits_per_byte"]))
     rows.append(gguf_row("llama_q4_0", original, _types({**base, "routed_experts": "Q4_0"}), model, original_bpb))
     layers = int(json.loads((original / "config.json").read_text())["num_hidden_layers"])
     for avg_bits in args.avg_bits:
         pmq = compressed_native(work, model_name, f"pmq{avg_bits}", avg_bits)
         pmq_model, _ = load_model(pmq, dtype=torch.float32, experts_implementation="eager")
-        rows.append(reference_row(model_name, f"pmq{avg_bits} native (torch fp32)", pmq_model, documents))
+        rows.append(reference(f"pmq{avg_bits} native (torch fp32)", pmq_model))
         pmq_row = gguf_row(f"pmq{avg_bits}", pmq, _types(base), pmq_model, rows[-1]["mean_bits_per_byte"])
         rows.append(pmq_row)
         pmq_report = json.loads((work / f"{model_name}-pmq{avg_bits}.export_report.json").read_text())
         widths = {row["name"]: row["source_bits"] for row in pmq_report["tensors"] if row["role"] == "routed_experts"}
         rows.append(gguf_row(f"direct{avg_bits}", original, per_tensor_types(pmq_report, base), model, original_bpb,
                              pmq_widths=widths))
-        # tensor bytes (the files' metadata is the same for all): the smallest hand table at least as large
+        # tensor bytes (the files' metadata is the same for all): the hand tables just above and just below
         target = sum(tensor.nbytes for tensor in plan_export(pmq, types=_types(base)))
         sized = [(sum(tensor.nbytes for tensor in plan_export(original, types=table)), table)
                  for table in hand_tables(layers, base)]
-        size, table = min([entry for entry in sized if entry[0] >= target] or [max(sized)])
-        rows.append(gguf_row(f"hand{avg_bits}", original, table, model, original_bpb, hand_table=table,
-                             pmq_tensor_bytes=target, hand_tensor_bytes=size,
-                             hand_candidates=[size for size, _ in sized]))
+        above = min([entry for entry in sized if entry[0] >= target] or [max(sized)])
+        below = max([entry for entry in sized if entry[0] <= target] or [min(sized)])
+        for label, (size, table) in ((f"hand{avg_bits}", above), (f"hand_below{avg_bits}", below)):
+            rows.append(gguf_row(label, original, table, model, original_bpb, hand_table=table,
+                                 pmq_tensor_bytes=target, hand_tensor_bytes=size,
+                                 hand_candidates=[size for size, _ in sized]))
     return rows
 
 
@@ -374,7 +387,8 @@ def paired_bpb_difference(first: dict, second: dict, resamples: int = 10_000, se
 
 
 PAIRS = [("gptq4", "llama_q4_0")] + [(f"{a}{bits}", f"{b}{bits}") for bits in ("3.0", "2.5", "2.75")
-                                      for a, b in (("pmq", "hand"), ("direct", "hand"), ("pmq", "direct"))]
+                                      for a, b in (("pmq", "hand"), ("pmq", "hand_below"), ("direct", "hand"),
+                                                   ("direct", "hand_below"), ("pmq", "direct"))]
 
 
 def comparison_table(rows: list[dict]) -> str:
@@ -401,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("runs/gguf-work"))
     parser.add_argument("--json-out", type=Path, default=Path("runs/gguf.json"))
     parser.add_argument("--llama-threads", type=int, default=1)
+    parser.add_argument("--only", type=lambda text: set(text.split(",")), default=None,
+                        help="budget: score only these configurations (e.g. hand_below3.0); the others are taken "
+                             "from --json-out where it has them")
     parser.add_argument("--docs", type=int, default=None, help="documents per perplexity task (default: all, 48; "
                         "tb_ppl_kjv has 24)")
     add_merge_compare_arguments(parser)
@@ -415,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.json_out.read_text())["rows"] if args.json_out.exists() else []
     for model_name in args.models.split(","):
-        new = types_rows(args, model_name) if args.what == "types" else budget_rows(args, model_name)
+        new = types_rows(args, model_name) if args.what == "types" else budget_rows(args, model_name, rows)
         keys = {(row["model"], row["config"]) for row in new}
         rows = [row for row in rows if (row["model"], row["config"]) not in keys] + new
         args.json_out.write_text(json.dumps({"rows": rows}))
