@@ -22,7 +22,7 @@ def test_export_key_forms_and_errors():
     assert recipe.exports == [ExportOptions(format="compressed-tensors", tp=2)]
     assert parse_recipe({"stages": []}).sha256 == recipe.sha256  # exporting does not change the run's identity
     with pytest.raises(RecipeError, match=r"export\[0\]: format"):
-        parse_recipe({"stages": [], "export": "gguf"})
+        parse_recipe({"stages": [], "export": "onnx"})
     with pytest.raises(RecipeError, match=r"export\[0\]: colour"):
         parse_recipe({"stages": [], "export": {"format": "hf", "colour": "red"}})
 

@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     parser.add_argument("--export", choices=EXPORT_FORMATS, default=None,
                         help="also write a deployment folder in this format (default place: <--out>-<format>, beside "
                              "the native output); a recipe can ask for it with `export: FORMAT`")
-    parser.add_argument("--export-out", type=Path, default=None, help="where --export writes (new or empty folder)")
+    parser.add_argument("--export-out", type=Path, default=None,
+                        help="where --export writes (new or empty folder; for gguf a .gguf file)")
     parser.add_argument("--allow-task-code", action="store_true",
                         help="let an evaluate stage's task folder (include_path) run Python: lm-eval `!function` "
                              "modules and templates that reach Python objects. Refused without it, since recipes and "
@@ -90,10 +91,11 @@ def run(args: argparse.Namespace) -> int:
     progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), console=console, transient=False)
     exports = []
-    if args.export:
+    if args.export:  # built before the run: a bad export option fails now, not after the compression
         exports.append(ExportOptions(format=args.export, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
                                      widen_to_model_max=args.widen_to_model_max, consumer=args.consumer,
-                                     dequantize=args.dequantize, out=str(args.export_out) if args.export_out else None))
+                                     dequantize=args.dequantize, types=args.types, layer_mean=args.layer_mean,
+                                     out=str(args.export_out) if args.export_out else None))
     try:  # the exports are checked against the recipe before any work, and written after the run
         report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
                               execution=args.execution, allow_task_code=args.allow_task_code,

@@ -6,13 +6,14 @@
       - {format: compressed-tensors, for: vllm}          # per-layer widths: vLLM only
       - {format: compressed-tensors, widen_to_model_max: true}   # one scheme: plain transformers too
       - {format: hf, dequantize: true, out: /models/plain}
+      - {format: gguf, types: "attention=Q6_K", out: /models/model.gguf}
 
-Each export goes to ``out`` (default: ``<compress --out>-<format>``, beside the native folder, which stays as it is)
-after the run finished; a folder there that an earlier export of the same native folder wrote is replaced in one
-rename, when it holds nothing but that export's files (anything else there, a damaged ``export_report.json`` included,
-is refused, never deleted). :func:`check_exports` runs before the run starts: it plans what the recipe's stages will
-produce on the model's meta skeleton and refuses, with the export's own one-line message, an export that could not be
-written.
+Each export goes to ``out`` (default: ``<compress --out>-<format>``, or the file ``<compress --out>.gguf``, beside
+the native folder, which stays as it is) after the run finished; a folder there that an earlier export of the same
+native folder wrote is replaced in one rename, when it holds nothing but that export's files (anything else there, a
+damaged ``export_report.json`` included, is refused, never deleted). :func:`check_exports` runs before the run
+starts: it plans what the recipe's stages will produce on the model's meta skeleton and refuses, with the export's
+own one-line message, an export that could not be written.
 """
 
 from __future__ import annotations
@@ -31,21 +32,34 @@ from moecompress.export.deployability import (
     plan_problems,
     raise_problems,
 )
+from moecompress.export.gguf_types import TypeTable
 
 
 class ExportOptions(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", populate_by_name=True)
 
-    format: Literal["compressed-tensors", "hf"]
+    format: Literal["compressed-tensors", "hf", "gguf"]
     tp: int = pydantic.Field(1, ge=1)
     widen_to_layer_max: bool = False
     widen_to_model_max: bool = False
     consumer: Literal["vllm"] | None = pydantic.Field(None, alias="for")  # `for: vllm`: that consumer only
     dequantize: bool = False
+    types: str | None = None
+    layer_mean: bool = False
     out: str | None = None
 
+    @pydantic.field_validator("types")
+    @classmethod
+    def _types_parse(cls, value: str | None) -> str | None:
+        TypeTable.parse(value)  # a UsageError naming the bad entry
+        return value
+
     def out_dir(self, native_dir: Path) -> Path:
-        return Path(self.out) if self.out else native_dir.parent / f"{native_dir.name}-{self.format}"
+        if self.out:
+            return Path(self.out)
+        if self.format == "gguf":
+            return native_dir.parent / f"{native_dir.name}.gguf"
+        return native_dir.parent / f"{native_dir.name}-{self.format}"
 
 
 def parse_export(value: Any) -> list[ExportOptions]:
@@ -59,8 +73,8 @@ def parse_export(value: Any) -> list[ExportOptions]:
             problem = error.errors()[0]
             where = ".".join(str(part) for part in problem["loc"])
             raise RecipeError(f"export[{index}]: {where}: {problem['msg']} (an export entry is a format name, "
-                              "compressed-tensors or hf, or {format, tp, widen_to_layer_max, widen_to_model_max, for, dequantize, "
-                              "out})") from None
+                              "compressed-tensors, hf or gguf, or {format, tp, widen_to_layer_max, widen_to_model_max, "
+                              "for, dequantize, types, layer_mean, out})") from None
     return options
 
 
@@ -72,7 +86,7 @@ def run_exports(native_dir: str | Path, exports: list[ExportOptions]) -> list[di
         reports.append(export_folder(native_dir, options.out_dir(native_dir), options.format, tp=options.tp,
                                      widen_to_layer_max=options.widen_to_layer_max,
                                      widen_to_model_max=options.widen_to_model_max, consumer=options.consumer,
-                                     dequantize=options.dequantize,
+                                     dequantize=options.dequantize, types=options.types, layer_mean=options.layer_mean,
                                      replace_own=True))  # our own earlier export of this folder is replaced
     return reports
 
