@@ -237,9 +237,9 @@ class _PipelineRun:
         self.folder.check_replaceable(output_seen)
         state, created = self.folder.open_partial(identity)
         partial = self.partial_dir
-        self.run_log.open(partial)
-        self._log_start(checkpoint_folder, calibration, state)
         try:
+            self.run_log.open(partial)
+            self._log_start(checkpoint_folder, calibration, state)
             state["finished"] = False
             profile = state.get("profile") or self._profile(checkpoint_folder, calibration)
             state["profile"] = {key: value for key, value in profile.items() if key != "statistics"}
@@ -257,7 +257,8 @@ class _PipelineRun:
             write_json_atomic(partial / STATE_FILE, state)
             self.folder.publish(output_seen)
             self.run_log.moved_to(self.output_dir)
-            LOGGER.info("done: %s (report.md, README.md, run.log) in %.0f s", self.output_dir, report["timings"]["total"])
+            LOGGER.info("done: %s (report.md, README.md, run.log) in %.0f s", self.output_dir,
+                        report["timings"]["total"])
         except BaseException as error:
             kept = "profile" in state
             log_exception(error, "the run stopped")
