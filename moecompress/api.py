@@ -24,7 +24,7 @@ from moecompress.checkpoint.native import save_model
 from moecompress.errors import CheckpointError, RecipeError
 from moecompress.pipeline import Pipeline
 from moecompress.progress import ProgressReporter
-from moecompress.recipe import CalibrationConfig, Recipe, known_methods, load_recipe, parse_recipe
+from moecompress.recipe import CalibrationConfig, Recipe, known_methods, parse_recipe
 from moecompress.stages import STAGE_REGISTRY, Stage
 
 
