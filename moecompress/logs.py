@@ -142,10 +142,10 @@ class _RunOutput:
         self.routed: set[str] = set()
 
     def enter(self) -> None:
-        saved_level_and_propagate = (LOGGER.level, LOGGER.propagate)
+        level, propagate = LOGGER.level, LOGGER.propagate
         LOGGER.setLevel(logging.DEBUG)
         LOGGER.propagate = False  # our lines are printed by our console handler, not also by the root's
-        self.undo.append(lambda: (LOGGER.setLevel(saved_level_and_propagate[0]), setattr(LOGGER, "propagate", saved_level_and_propagate[1])))
+        self.undo.append(lambda: (LOGGER.setLevel(level), setattr(LOGGER, "propagate", propagate)))
         for handler in (self.console, self.run_log):
             if handler is not None:
                 self._add_handler(LOGGER, handler)
