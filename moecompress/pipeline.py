@@ -464,7 +464,8 @@ class _PipelineRun:
             if stage.replay(context, result) or not result.changed_structure:
                 if result.changed_structure:
                     context.mark_statistics_stale()
-                self.progress.finish(name)
+                self.progress.stop(name)
+                LOGGER.info("%s: replayed from the stopped run's decisions", name)
                 return result, {**done["record"], "resumed": True}
         result = stage.run(context)
         if result.changed_structure:
