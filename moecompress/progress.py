@@ -213,6 +213,7 @@ class ProgressReporter:
         if name in self.open:
             self.open.remove(name)
         PROGRESS_LOGGER.debug("%s: stopped after %s", name, format_duration(time.monotonic() - task.started))
+        self.on_stop(task)
 
     def close(self) -> None:
         """The run is over (or failed): stop drawing."""
@@ -228,6 +229,9 @@ class ProgressReporter:
         pass
 
     def on_finish(self, task: TaskState) -> None:
+        pass
+
+    def on_stop(self, task: TaskState) -> None:
         pass
 
 
@@ -302,6 +306,10 @@ class RichProgress(ProgressReporter):
         if task.name in self.ids:
             total = task.total or max(task.completed, 1)
             self.progress.update(self.ids[task.name], total=total, completed=total, **self._fields(task))
+
+    def on_stop(self, task: TaskState) -> None:
+        if task.name in self.ids:
+            self.progress.update(self.ids[task.name], visible=False)
 
     def close(self) -> None:
         if self.live:
