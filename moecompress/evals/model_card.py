@@ -12,6 +12,7 @@ consumers shown to load that shape) and its notes.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from moecompress.evals.report_md import (
 from moecompress.version import __version__
 
 CARD_FILE = "README.md"
+# The YAML metadata block the hub reads at the top of a model card (huggingface_hub.repocard's pattern).
+FRONT_MATTER = re.compile(r"^\s*---\r?\n([\s\S]*?)\r?\n---[ \t]*(?:\r?\n|$)")
 # Methods that make a model "quantized" for the hub's base_model_relation; the others edit experts.
 QUANTIZING_METHODS = ("rtn", "gptq", "camera_q", "mcmoe_pmq")
 
@@ -38,13 +41,12 @@ def source_card(folder: Path | None) -> tuple[dict[str, Any], str | None]:
         return {}, None
     text = (Path(folder) / CARD_FILE).read_text(encoding="utf-8", errors="replace")
     heading = next((line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("# ")), None)
-    if not text.lstrip().startswith("---"):
-        return {}, heading
-    # huggingface_hub parses the YAML front matter the way the hub does; imported only when a card has one
-    from huggingface_hub import ModelCard
-
-    card = ModelCard(text, ignore_metadata_errors=True)
-    return (card.data.to_dict() if card.data is not None else {}), heading
+    match = FRONT_MATTER.match(text)
+    try:
+        metadata = yaml.safe_load(match.group(1)) if match else None
+    except yaml.YAMLError:  # a broken header is the base model's problem: the card is written without it
+        metadata = None
+    return (metadata if isinstance(metadata, dict) else {}), heading
 
 
 def _is_hub_id(source: str) -> bool:
