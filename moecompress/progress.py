@@ -236,8 +236,12 @@ class ProgressReporter:
 
 
 class TextProgress(ProgressReporter):
-    """Plain lines for logs and CI: a task's line at most every ``interval`` seconds while it works, and one line
-    when it finishes. Every line starts with the elapsed time (``[0:42] gptq: 3/6 layers · ...``)."""
+    """Plain lines for logs and CI: one per finished decoder layer (the step a long run is made of, as
+    llm-compressor's sequential pipeline reports), otherwise a task's line at most every ``interval`` seconds while
+    it works (requests, experts inside a layer), and one line when it finishes. Every line starts with the elapsed
+    time (``[0:42] gptq: 3/6 layers · ...``)."""
+
+    EVERY_STEP_UNITS = ("layer",)
 
     def __init__(self, stream: IO[str] | None = None, *, interval: float | None = None) -> None:
         super().__init__()
@@ -255,7 +259,10 @@ class TextProgress(ProgressReporter):
 
     def on_update(self, task: TaskState, stepped: bool) -> None:
         now = time.monotonic()
-        if now - self.last_line.get(task.name, self.started) >= self.interval:
+        if stepped and task.total is not None and task.completed >= task.total:
+            return  # the last step: its task's "done" line follows
+        every_step = stepped and task.unit in self.EVERY_STEP_UNITS
+        if every_step or now - self.last_line.get(task.name, self.started) >= self.interval:
             self.last_line[task.name] = now
             self.write(task.line())
 

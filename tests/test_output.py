@@ -43,25 +43,36 @@ def clock(monkeypatch):
 
 
 # ----- progress: numbers and plain lines --------------------------------------------------------------------------
-def test_plain_lines_carry_count_detail_rate_and_time_left(clock):
+def test_plain_lines_one_per_layer_and_the_rest_at_an_interval(clock):
     stream = io.StringIO()
     reporter = TextProgress(stream, interval=5)
-    reporter.start("stage 3/4 gptq", 6, unit="layer")
-    clock.now += 4
-    reporter.update("stage 3/4 gptq", 1, 6)  # 4 s after the start: within the interval, nothing printed yet
+    reporter.start("stage 3/4 gptq", 3, unit="layer")
+    clock.now += 2
+    reporter.detail("stage 3/4 gptq", 12, 24, "experts down")  # 2 s in: within the interval, nothing printed
     assert stream.getvalue() == ""
     clock.now += 2
-    reporter.detail("stage 3/4 gptq", 12, 24, "experts down")
-    assert stream.getvalue() == "[0:06] stage 3/4 gptq: 1/6 layers · experts down 12/24 · 4.0 s/layer · ~18 s left\n"
-    clock.now += 2
-    reporter.update("stage 3/4 gptq", 2, 6)  # 2 s after the last line: throttled
-    assert stream.getvalue().count("\n") == 1
-    clock.now += 10
-    reporter.update("stage 3/4 gptq", 3, 6)
-    assert stream.getvalue().splitlines()[-1] == "[0:18] stage 3/4 gptq: 3/6 layers · 6.0 s/layer · ~18 s left"
+    reporter.update("stage 3/4 gptq", 1, 3)  # a finished layer: always a line
+    assert stream.getvalue() == "[0:04] stage 3/4 gptq: 1/3 layers · 4.0 s/layer · ~8 s left\n"
     clock.now += 6
+    reporter.detail("stage 3/4 gptq", 12, 24, "experts down")  # 6 s since the last line: a line with the detail
+    assert stream.getvalue().splitlines()[-1] == ("[0:10] stage 3/4 gptq: 1/3 layers · experts down 12/24 · "
+                                                  "4.0 s/layer · ~4 s left")
+    clock.now += 1
+    reporter.update("stage 3/4 gptq", 2, 3)
+    assert stream.getvalue().splitlines()[-1] == "[0:11] stage 3/4 gptq: 2/3 layers · 5.5 s/layer · ~6 s left"
+    clock.now += 5
+    reporter.update("stage 3/4 gptq", 3, 3)  # the last layer: the done line says it
     reporter.finish("stage 3/4 gptq")
-    assert stream.getvalue().splitlines()[-1] == "[0:24] stage 3/4 gptq: done in 24 s · 3 layers, 6.0 s/layer"
+    assert stream.getvalue().splitlines()[-1] == "[0:16] stage 3/4 gptq: done in 16 s · 3 layers, 5.3 s/layer"
+    assert len(stream.getvalue().splitlines()) == 4
+    reporter.start("evaluate original model", 100, unit="request")
+    clock.now += 1
+    reporter.update("evaluate original model", 10)  # requests: at the interval only
+    clock.now += 5
+    reporter.update("evaluate original model", 60)
+    assert stream.getvalue().splitlines()[-1] == ("[0:22] evaluate original model: 60/100 requests · "
+                                                  "10 requests/s · ~4 s left")
+    assert len(stream.getvalue().splitlines()) == 5
     assert all(is_status_line(line) for line in stream.getvalue().splitlines())
 
 
