@@ -173,8 +173,9 @@ def _load_section(folder: Path, export_report: dict[str, Any] | None, load_path:
             return lines + ["This run only profiled the model; it wrote no model copy.", ""]
         why, snippet = native_loader(folder, load_path)
         return lines + [why, "", "```python", snippet, "```", ""]
-    lines += [f"A `{export_report.get('format')}` export of `{export_report.get('source')}`. The consumers shown to "
-              "load this folder:", ""]
+    lines += [f"A `{export_report.get('format')}` export of `{export_report.get('source')}`. How to load it, as "
+              "the export recorded it (`export_report.json`, which names only the consumers shown to load this "
+              "shape):", ""]
     for consumer, command in (export_report.get("load") or {}).items():
         lines += [f"- {consumer}:", "", "  ```bash", f"  {command}", "  ```", ""]
     lines += [f"Note: {note}" for note in export_report.get("notes") or []]
