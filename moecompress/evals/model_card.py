@@ -5,8 +5,8 @@ what each stage decided, the quality before and after, the size, how to load the
 moecompress version, and the report's plots. The loaders listed are only those shown to work for that kind of
 folder: for a compress output, plain transformers when the folder is a plain Hugging Face checkpoint and
 ``import moecompress`` + transformers when it is the native format (both covered by the tests, which run the card's
-own snippet); for an export, the commands the export recorded in ``export_report.json`` (it lists only the
-consumers shown to load that shape) and its notes.
+own snippet); for an export, the commands the export recorded in ``export_report.json`` (the export decides which
+consumers it names) and its notes.
 """
 
 from __future__ import annotations
@@ -173,9 +173,8 @@ def _load_section(folder: Path, export_report: dict[str, Any] | None, load_path:
             return lines + ["This run only profiled the model; it wrote no model copy.", ""]
         why, snippet = native_loader(folder, load_path)
         return lines + [why, "", "```python", snippet, "```", ""]
-    lines += [f"A `{export_report.get('format')}` export of `{export_report.get('source')}`. How to load it, as "
-              "the export recorded it (`export_report.json`, which names only the consumers shown to load this "
-              "shape):", ""]
+    lines += [f"A `{export_report.get('format')}` export of `{export_report.get('source')}`. The commands the "
+              "export recorded for its consumers (`export_report.json`), and its notes:", ""]
     for consumer, command in (export_report.get("load") or {}).items():
         lines += [f"- {consumer}:", "", "  ```bash", f"  {command}", "  ```", ""]
     lines += [f"Note: {note}" for note in export_report.get("notes") or []]
