@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -52,9 +53,13 @@ def test_every_recipes_example_command_names_a_model_that_exists():
 def test_a_wheel_install_has_the_bundled_calibration_and_tasks(tmp_path):
     """Build the wheel, install it (without dependencies: they are this venv's) into a folder of its own, and
     calibrate with ``files: bundled`` from outside the source tree."""
+    source = tmp_path / "source"  # a copy, so the build writes nothing into the checkout
+    shutil.copytree(REPO_ROOT / "moecompress", source / "moecompress", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                            str(wheels), str(REPO_ROOT)], capture_output=True, text=True, timeout=500)
+                            str(wheels), str(source)], capture_output=True, text=True, timeout=500)
     assert build.returncode == 0, build.stderr
     wheel = next(wheels.glob("moecompress-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
