@@ -71,8 +71,10 @@ def summary_lines(report: dict, out: Path) -> list[str]:
             f"{model.get('bits_per_parameter', 0):.2f} bits per parameter"
             if isinstance(before, (int, float)) and isinstance(after, (int, float)) and after else "")
     lines.append(f"parameters {model.get('parameters_before', 0):,} -> {model.get('parameters_after', 0):,}{size}")
-    lines.append(f"super experts {report.get('super_experts')}; calibration sha256 "
-                 f"{report.get('calibration', {}).get('sha256', '')[:16]}...")
+    calibration = report.get("calibration", {})
+    super_experts = ", ".join(f"layer {layer} expert {expert}" for layer, expert in report.get("super_experts") or [])
+    lines.append(f"super experts: {super_experts or 'none'}; calibration {calibration.get('num_samples')} x "
+                 f"{calibration.get('seq_len')} tokens, sha256 {calibration.get('sha256', '')[:16]}...")
     for stage in report.get("stages", []):
         applied = applied_bits(stage)
         lines.append(f"  {stage['method']}: {stage['seconds']:.1f} s" + (" (resumed)" if stage.get("resumed") else "")
