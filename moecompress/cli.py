@@ -19,16 +19,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 
-import torch
-import transformers
-from safetensors import SafetensorError
+from moecompress.errors import report_interrupt_on_one_line
+from moecompress.logs import quiet_libraries_before_import, run_output, verbose_from_environment
 
-from moecompress.errors import MoECompressError, OutOfSpaceError, is_out_of_space
-from moecompress.version import __version__
+# Before torch (it imports tqdm, which reads TQDM_DISABLE once, when imported) and everything that imports transformers.
+if not (verbose_from_environment() or {"-v", "--verbose"} & set(sys.argv[1:])):
+    quiet_libraries_before_import()
+
+try:  # torch takes seconds to import: Ctrl-C then must not print a traceback
+    import torch  # noqa: E402
+    from safetensors import SafetensorError  # noqa: E402
+except KeyboardInterrupt:
+    report_interrupt_on_one_line()
+    raise
+
+from moecompress.errors import MoECompressError, OutOfSpaceError, is_out_of_space  # noqa: E402
+from moecompress.version import __version__  # noqa: E402
 
 # Subcommand modules, in the order `--help` lists them.
 COMMAND_MODULES = ("inspect", "compress", "eval", "export", "retrieve", "store")
@@ -51,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compress Mixture-of-Experts language models and report what it cost in quality.",
     )
     parser.add_argument("--version", action="version", version=f"moecompress {__version__}")
+    parser.add_argument(*VERBOSE_FLAGS, action="store_true", help=VERBOSE_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
@@ -60,31 +70,33 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    for subparser in subparsers.choices.values():  # `moecompress compress -v ...` as well as `moecompress -v ...`
+        subparser.add_argument(*VERBOSE_FLAGS, action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
 
 
-def quiet_third_party_output() -> None:
-    """Keep the terminal for our own progress bars and report: no per-file loading bars or library warnings.
+VERBOSE_FLAGS = ("-v", "--verbose")
+VERBOSE_HELP = "also show the libraries' own output (progress bars, warnings); or set MOECOMPRESS_VERBOSE=1"
 
-    ``MOECOMPRESS_VERBOSE=1`` keeps everything. TQDM_DISABLE must be set before tqdm is imported (it reads its
-    defaults from the environment when its class is defined), hence at the top of ``main``.
-    """
-    if os.environ.get("MOECOMPRESS_VERBOSE"):
-        return
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("LMEVAL_LOG_LEVEL", "ERROR")  # lm-eval resets its logger level when imported
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    for name in ("lm_eval", "lm-eval", "transformers", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    transformers.utils.logging.disable_progress_bar()  # its own loading bars ignore TQDM_DISABLE
+
+def quiet_third_party_output(argv: list[str]) -> bool:
+    """Keep the terminal for our own progress and results: the libraries' bars and warnings go to the run's log
+    (``run.log``) instead. Returns whether the run is verbose (``-v`` or ``MOECOMPRESS_VERBOSE=1``: keep everything).
+
+    The switches that libraries read when imported are set here too, for a ``main`` called from Python; the
+    console script has set them already, when this module was imported (before torch)."""
+    verbose = verbose_from_environment() or bool(set(VERBOSE_FLAGS) & set(argv))
+    if not verbose:
+        quiet_libraries_before_import()
+    return verbose
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     name = "moecompress"
     args = None
     try:
-        quiet_third_party_output()
+        verbose = quiet_third_party_output(argv)
         parser = build_parser()  # imports every command's module: seconds, during which Ctrl-C must be one line
         try:
             args = parser.parse_args(argv)
@@ -94,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 1
         name = f"moecompress {args.command}"
-        return int(args.func(args) or 0)
+        args.verbose = verbose
+        with run_output(verbose=verbose):  # libraries' loggers and warnings off the terminal (compress: run.log)
+            return int(args.func(args) or 0)
     except MoECompressError as error:
         return _fail(f"{name}: error: {error}", EXIT_USAGE)
     except KeyboardInterrupt as interrupt:  # RunInterrupted says whether the run can be resumed

@@ -9,9 +9,12 @@ in :mod:`moecompress.stages` and is re-exported here (``from moecompress.pipelin
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import platform
 import shutil
+import sys
 import time
 from importlib import metadata
 from pathlib import Path
@@ -28,12 +31,22 @@ from moecompress.checkpoint.lazy import build_skeleton
 from moecompress.checkpoint.loading import load_model
 from moecompress.checkpoint.native import build_meta_model, save_model
 from moecompress.checkpoint.validation import has_tokenizer_files, resolve_checkpoint
-from moecompress.errors import CheckpointError, OutOfSpaceError, RecipeError, RunInterrupted, is_out_of_space
+from moecompress.errors import (
+    CheckpointError,
+    MoECompressError,
+    OutOfSpaceError,
+    RecipeError,
+    RunInterrupted,
+    is_out_of_space,
+)
+from moecompress.evals.model_card import write_model_card
 from moecompress.evals.report_md import write_report_markdown
 from moecompress.export.options import ExportOptions, check_exports, run_exports
 from moecompress.folders import write_json_atomic
+from moecompress.logs import LOGGER, RUN_LOG, ConsoleHandler, RunLog, log_exception, run_output
 from moecompress.models.families import adapter_for
 from moecompress.models.summary import model_summary
+from moecompress.progress import ProgressReporter, for_stream, reporting
 from moecompress.recipe import CalibrationConfig, Recipe, check_stage_order, load_recipe, parse_recipe
 from moecompress.run_folder import LOCK_FILE, REPORT_FILE, STATE_FILE, RunFolder, RunLock, file_sizes, run_state
 from moecompress.stages import STAGE_REGISTRY, RunContext, Stage, StageOptions, StageResult, register_stage
@@ -43,19 +56,6 @@ from moecompress.version import __version__
 # Statistics the profiling pass always collects on the original model: super experts need the output maxima, the
 # report shows expert usage overall and per calibration domain.
 PROFILE_STATISTICS = ("max_abs_expert_output", "expert_token_counts", "expert_token_counts_by_domain")
-
-
-class ProgressReporter:
-    """Receives progress events; the CLI draws them as rich progress bars. The default does nothing."""
-
-    def start(self, name: str, total: int | None = None) -> None:
-        pass
-
-    def update(self, name: str, completed: int, total: int | None = None) -> None:
-        pass
-
-    def finish(self, name: str) -> None:
-        pass
 
 
 class Pipeline:
@@ -105,21 +105,79 @@ class Pipeline:
         return self.recipe.stages
 
     def run(self, source: str | Path, output_dir: str | Path, *, device: str | None = None, dtype: Any = "auto",
-            overwrite: bool = False, progress: ProgressReporter | None = None,
-            execution: str = "auto", allow_task_code: bool = False,
+            threads: int | None = None, overwrite: bool = False, execution: str = "auto",
+            progress: ProgressReporter | bool | None = None, verbose: bool | None = None,
+            source_name: str | None = None, allow_task_code: bool = False,
             exports: list[ExportOptions] | None = None) -> dict[str, Any]:
-        """``execution``: ``streamed`` (never hold the whole model, see ``moecompress.streaming``), ``in_memory``,
-        or ``auto`` (streamed when the recipe's stages allow it). ``allow_task_code``: let an ``evaluate`` stage's
-        task folder run Python (lm-eval ``!function``; see :mod:`moecompress.evals.taskdefs`): the caller's
-        decision, never the recipe's. ``exports``: deployment folders to write after the run besides the recipe's
-        ``export:`` ones (``compress --export``); all are checked before any work."""
+        """Run the stages on ``source`` and write the result into ``output_dir``; return the report.
+
+        source: a checkpoint folder or a Hugging Face hub id; only read, never written.
+        output_dir: the run's folder: the model (unless no stage changes it), ``report.json``, ``report.md`` with
+            its plots, ``README.md`` (a model card), ``run.log``. Built in ``<output_dir>.partial-<hash>`` and moved
+            into place when the run finishes; a stopped run resumes there (see the class docstring).
+        device: compute device of the calibration passes and the stages: ``cpu`` (default), ``cuda``, ``cuda:N``,
+            ``mps``.
+        dtype: compute dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"``, ``"float32"``, or a
+            ``torch.dtype``.
+        threads: CPU threads torch uses during the run (default: torch's own choice); restored afterwards.
+        overwrite: replace a run of another recipe, model or calibration data in ``output_dir`` (or its stopped
+            run); a folder that is not a moecompress run is never replaced.
+        execution: ``streamed`` (never hold the whole model, see ``moecompress.streaming``), ``in_memory``, or
+            ``auto`` (streamed when the recipe's stages allow it).
+        progress: None (default): progress and messages on stderr as the CLI shows them (bars on a terminal,
+            plain lines otherwise); False: nothing on the terminal; or a :class:`ProgressReporter` of your own.
+        verbose: also show the libraries' own output (progress bars, warnings); default: ``MOECOMPRESS_VERBOSE``.
+            Either way it goes to ``run.log``.
+        source_name: how the report and the model card name the source (default ``source``; ``moecompress.compress``
+            passes a loaded model's name, since it runs on a temporary copy).
+        allow_task_code: let an ``evaluate`` stage's task folder run Python (lm-eval ``!function``; see
+            :mod:`moecompress.evals.taskdefs`): the caller's decision, never the recipe's.
+        exports: deployment folders to write after the run besides the recipe's ``export:`` ones (``compress
+            --export``).
+
+        Every export is checked before any work and written after the run, beside ``output_dir``. Returns the report
+        (``report.json``'s content, plus ``exports``).
+        """
         exports = [*self.recipe.exports, *(exports or [])]
-        report = _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
-                              progress=progress or ProgressReporter(), execution=execution,
-                              allow_task_code=allow_task_code, exports=exports).execute()
-        if exports:  # deployment folders beside the native output
-            report = {**report, "exports": run_exports(output_dir, exports)}
+        reporter, console = _display(progress)
+        run_log = RunLog()
+        try:
+            with run_output(run_log, console=console, verbose=verbose), reporting(reporter), torch_threads(threads):
+                report = _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
+                                      progress=reporter, execution=execution, run_log=run_log,
+                                      threads=threads, source_name=source_name, allow_task_code=allow_task_code,
+                                      exports=exports).execute()
+                if exports:  # deployment folders beside the native output
+                    report = {**report, "exports": run_exports(output_dir, exports)}
+        finally:
+            reporter.close()
+            run_log.close()
         return report
+
+
+def _display(progress: ProgressReporter | bool | None) -> tuple[ProgressReporter, logging.Handler | None]:
+    """The reporter and the console handler of a run: the CLI's display on stderr by default, nothing when
+    ``progress`` is False, a caller's reporter (with our messages beside it) otherwise."""
+    if progress is False:
+        return ProgressReporter(), None
+    reporter = for_stream(sys.stderr) if progress is None or progress is True else progress
+    return reporter, ConsoleHandler(sys.stderr, started=reporter.started, reporter=reporter)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """``torch.set_num_threads(threads)`` for the duration of a run (nothing when None)."""
+    if threads is None:
+        yield
+        return
+    if threads < 1:
+        raise RecipeError(f"threads must be at least 1 (got {threads})")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class _PipelineRun:
@@ -132,13 +190,15 @@ class _PipelineRun:
     """
 
     def __init__(self, pipeline: Pipeline, source, output_dir, *, device, dtype, overwrite, progress,
-                 execution: str = "auto", allow_task_code: bool = False,
+                 execution: str = "auto", run_log: RunLog | None = None, threads: int | None = None,
+                 source_name: str | None = None, allow_task_code: bool = False,
                  exports: list[ExportOptions] | None = None) -> None:
         self.exports = list(exports or [])
         self.stream_plan = choose_execution(execution, pipeline.recipe.stages)  # a bad mode fails first
         self.pipeline = pipeline
         self.recipe = pipeline.recipe
         self.source = str(source)
+        self.source_name = source_name or self.source
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.device = device
         self.dtype = dtype
@@ -147,7 +207,10 @@ class _PipelineRun:
                                 overwrite=overwrite)
         self.progress = progress
         self.allow_task_code = allow_task_code
+        self.run_log = run_log or RunLog()
+        self.threads = threads
         self.timings: dict[str, float] = {}
+        self.task = "calibration"  # the progress task the layer-by-layer passes of a stage advance
 
     @property
     def partial_dir(self) -> Path:
@@ -190,12 +253,16 @@ class _PipelineRun:
         if finished is not None:
             report = self.folder.reusable_report(finished, identity)
             if report is not None:  # the same run already finished here
+                LOGGER.info("%s already holds this run (same recipe, model and calibration): its report; "
+                            "--overwrite runs it again", self.output_dir)
                 return report
         output_seen = run_state(self.output_dir)
         self.folder.check_replaceable(output_seen)
         state, created = self.folder.open_partial(identity)
         partial = self.partial_dir
         try:
+            self.run_log.open(partial)
+            self._log_start(checkpoint_folder, calibration, state)
             state["finished"] = False
             state["source_files"] = source.files
             profile = state.get("profile") or self._profile(checkpoint_folder, calibration)
@@ -208,28 +275,53 @@ class _PipelineRun:
             report["timings"] = {**self.timings, "total": time.perf_counter() - started}
             write_json_atomic(partial / REPORT_FILE, report)
             write_report_markdown(report, partial)
-            state["files"] = file_sizes(partial, exclude={STATE_FILE, LOCK_FILE})
+            write_model_card(report, partial, source_folder=checkpoint_folder, load_path=self.output_dir)
+            state["files"] = file_sizes(partial, exclude={STATE_FILE, LOCK_FILE, RUN_LOG})
             state["finished"] = True
             write_json_atomic(partial / STATE_FILE, state)
             self.folder.publish(output_seen)
+            self.run_log.moved_to(self.output_dir)
+            LOGGER.info("done: %s (report.md, README.md, run.log) in %.0f s", self.output_dir,
+                        report["timings"]["total"])
         except BaseException as error:
             kept = "profile" in state
+            log_exception(error, "the run stopped")
             if created and not kept:  # nothing worth resuming: leave no empty partial folder behind
                 shutil.rmtree(partial, ignore_errors=True)
+            log = partial / RUN_LOG if partial.is_dir() else None
             if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
                 raise RunInterrupted(
-                    f"the run can be resumed: re-run the same command (finished work is kept in {partial})" if kept
-                    else "stopped before any work was saved; re-run the same command to start again"
+                    f"the run can be resumed: re-run the same command (finished work is kept in {partial}; log: "
+                    f"{log})" if kept else "stopped before any work was saved; re-run the same command to start again"
                 ) from None
             if is_out_of_space(error):
                 raise OutOfSpaceError(
                     f"no space left on the device while writing {partial}; free some space (or choose an --out on "
                     "another disk), then re-run the same command" + (": the run resumes from the work saved there"
                                                                      if kept else "")) from error
+            if log is not None:
+                _name_the_log(error, log)
             raise
         finally:
             self.folder.release()
         return report
+
+    def _log_start(self, checkpoint_folder: Path, calibration, state: dict) -> None:
+        """The run's first lines: one on the terminal, the detail (versions, device, recipe) in run.log."""
+        stages = self.recipe.stages
+        resumed = " (resuming a stopped run)" if state.get("profile") else ""
+        LOGGER.info("compress %s -> %s: %s%s", self.source_name, self.output_dir,
+                    f"{len(stages)} stage(s) ({', '.join(stage.method for stage in stages)})" if stages
+                    else "profile only", resumed)
+        LOGGER.debug("checkpoint folder: %s", checkpoint_folder)
+        LOGGER.debug("versions: %s", ", ".join(f"{name} {version}" for name, version in collect_versions().items()))
+        LOGGER.debug("device %s, dtype %s, torch threads %d%s; platform %s", self.device or "cpu", self.dtype,
+                     torch.get_num_threads(), "" if self.threads is None else " (set for this run)",
+                     platform.platform())
+        LOGGER.debug("command: %s", " ".join(sys.argv))
+        LOGGER.debug("recipe (sha256 %s): %s", self.recipe.sha256, json.dumps(self.recipe.to_dict()))
+        LOGGER.debug("calibration: %d x %d tokens, sha256 %s, from %s", calibration.num_samples, calibration.seq_len,
+                     calibration.sha256, ", ".join(map(str, getattr(calibration, "sources", []) or [])) or "-")
 
     def _calibration(self, checkpoint_folder: Path):
         started = time.perf_counter()
@@ -242,7 +334,8 @@ class _PipelineRun:
         else:
             calibration = load_calibration(tokenizer, files=config.files, dataset=config.dataset,
                                            dataset_config=config.dataset_config, dataset_split=config.dataset_split,
-                                           num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+                                           num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed,
+                                           text_field=config.text_field, chat_template=config.chat_template)
         self.timings["calibration_data"] = time.perf_counter() - started
         return tokenizer, calibration
 
@@ -260,7 +353,7 @@ class _PipelineRun:
         options = _stage_statistics_options(self.recipe.stages[0]) if self.recipe.stages else {}
         runner = LayerwiseRunner.from_source(checkpoint_folder, device=self.device, dtype=self._torch_dtype())
         summary = model_summary(runner.model)
-        self.progress.start("profile", len(runner.layers))
+        self.progress.start("profile", len(runner.layers), unit="layer")
         run = runner.run(calibration, names, options=options or None, batch_size=self.recipe.calibration.batch_size,
                          on_layer=lambda done, total: self.progress.update("profile", done, total))
         self.progress.finish("profile")
@@ -297,7 +390,7 @@ class _PipelineRun:
             model=model, tokenizer=loaded_tokenizer or tokenizer, source=self.source, output_dir=partial,
             calibration=calibration, super_experts=[tuple(pair) for pair in profile["super_experts"]],
             config=model.config, device=self.device, batch_size=self.recipe.calibration.batch_size,
-            on_layer=lambda done, total: self.progress.update("calibration", done, total),
+            on_layer=lambda done, total: self.progress.update(self.task, done, total),
             allow_task_code=self.allow_task_code,
         )
         if "statistics" in profile:  # the profiling pass ran in this process: its numbers serve the first stage
@@ -327,7 +420,7 @@ class _PipelineRun:
             model=streamed.skeleton(), tokenizer=tokenizer, source=self.source, output_dir=partial,
             calibration=calibration, super_experts=[tuple(pair) for pair in profile["super_experts"]],
             device=self.device, batch_size=self.recipe.calibration.batch_size,
-            on_layer=lambda done, total: self.progress.update("calibration", done, total),
+            on_layer=lambda done, total: self.progress.update(self.task, done, total),
             allow_task_code=self.allow_task_code,
         )
         context.config = context.model.config
@@ -350,8 +443,10 @@ class _PipelineRun:
         done = state["stages"].get(key) if state.get("streamed_model_written") else None
         if done is None:
             started = time.perf_counter()
-            name = "stream layers" + (f": {plan.quantization.method}" if plan.quantization else "")
-            self.progress.start(name, None)
+            name = (f"stage {index + 1}/{len(self.recipe.stages)} {plan.quantization.method}, streamed"
+                    if plan.quantization else "write the pruned model, streamed")
+            self.progress.start(name, None, unit="layer")
+            self.task = name
             quantization_result, _ = streamed.write_model(context, pruning_result, partial)
             self.progress.finish(name)
             seconds = time.perf_counter() - started
@@ -388,9 +483,10 @@ class _PipelineRun:
     def _stage(self, index: int, stage: Stage, context: RunContext, state: dict, partial: Path):
         """Run (or, when a stopped run finished it, replay) one stage; returns ``(result, report record)``."""
         key = f"{index}:{stage.method}"
-        name = f"stage {index + 1}/{len(self.recipe.stages)}: {stage.method}"
+        name = f"stage {index + 1}/{len(self.recipe.stages)} {stage.method}"
         done = state["stages"].get(key)
-        self.progress.start(name, None)
+        self.progress.start(name, None, unit="layer")
+        self.task = name
         started = time.perf_counter()
         if done is not None:
             # every finished stage replays its decisions: a structural edit, or one a later stage reads (a bit map);
@@ -399,7 +495,8 @@ class _PipelineRun:
             if stage.replay(context, result) or not result.changed_structure:
                 if result.changed_structure:
                     context.mark_statistics_stale()
-                self.progress.finish(name)
+                self.progress.stop(name)
+                LOGGER.info("%s: replayed from the stopped run's decisions", name)
                 return result, {**done["record"], "resumed": True}
         result = stage.run(context)
         if result.changed_structure:
@@ -438,7 +535,7 @@ class _PipelineRun:
             "super_experts_after": final_super,
             "super_experts_detail": profile["super_experts_detail"],
             "model": {
-                "source": self.source,
+                "source": self.source_name,
                 "family": before.get("family"),
                 "parameters_before": before["parameters"]["total"],
                 "parameters_after": parameters_after,
@@ -482,5 +579,13 @@ def _checkpoint_dtype(folder: Path):
 
 
 # The stage interface and the run-folder lock are defined below the pipeline; these names stay importable from here.
+def _name_the_log(error: BaseException, log: Path) -> None:
+    """Say where the failed run's log is: in the one-line message of our errors, as a note under a traceback."""
+    if isinstance(error, MoECompressError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        error.args = (f"{error.args[0]} (log: {log})",)
+    elif hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(f"run log: {log}")
+
+
 __all__ = ["LOCK_FILE", "PROFILE_STATISTICS", "STAGE_REGISTRY", "Pipeline", "ProgressReporter", "RunContext", "RunLock",
            "Stage", "StageOptions", "StageResult", "collect_versions", "register_stage"]

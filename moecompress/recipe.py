@@ -37,6 +37,7 @@ from moecompress.calibration.ebss import EbssOptions
 from moecompress.errors import RecipeError, describe_value
 from moecompress.export.options import ExportOptions, parse_export
 from moecompress.stages import STAGE_REGISTRY, Stage
+from moecompress.stages import format_validation_error as _format_validation_error
 from moecompress.yaml_files import load_yaml_bounded
 
 RECIPE_KEYS = ("calibration", "stages", "export")
@@ -51,9 +52,11 @@ class CalibrationConfig(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid")
 
     files: list[str] | None = None
-    dataset: str | None = None
+    dataset: str | None = None  # a hub id or a local folder in the datasets layout
     dataset_config: str | None = None
     dataset_split: str = "train"
+    text_field: str | None = None  # the dataset's text field (default `text`, else a chat messages field)
+    chat_template: bool | None = None  # chat messages: the tokenizer's template (default), or false: plain text
     num_samples: int = pydantic.Field(64, ge=1)
     seq_len: int = pydantic.Field(512, ge=2)
     seed: int = 0
@@ -82,6 +85,9 @@ class CalibrationConfig(pydantic.BaseModel):
     def _files_or_dataset(self):
         if self.files and self.dataset:
             raise ValueError("give either `files` or `dataset`, not both")
+        if not self.dataset and (self.text_field is not None or self.chat_template is not None):
+            raise ValueError("`text_field` and `chat_template` apply to a `dataset`; files are .jsonl with a `text` "
+                             "field or .txt")
         return self
 
 
@@ -183,6 +189,8 @@ def _parse_calibration(section: Any, base_dir) -> CalibrationConfig:
     if config.files and base_dir is not None:
         config.files = [entry if entry == "bundled" or Path(entry).expanduser().is_absolute()
                         else str((Path(base_dir) / entry).resolve()) for entry in config.files]
+    if config.dataset and base_dir is not None and (Path(base_dir) / config.dataset).is_dir():
+        config.dataset = str((Path(base_dir) / config.dataset).resolve())  # a local dataset folder beside the recipe
     return config
 
 
@@ -199,26 +207,9 @@ def _parse_stage(index: int, entry: Any) -> Stage:
         raise RecipeError(f"{where}: unknown method {describe_value(method)}; known methods: {', '.join(methods)}{failed}")
     stage_class = STAGE_REGISTRY[method]
     try:
-        return stage_class(options)
+        return stage_class(stage_class.Options(**options))  # validated here, so errors name the recipe's place
     except pydantic.ValidationError as error:
         raise RecipeError(_format_validation_error(f"{where} ({method})", error, stage_class.Options)) from None
-
-
-def _format_validation_error(where: str, error: pydantic.ValidationError, model: type[pydantic.BaseModel],
-                             most: int = 3) -> str:
-    """The first ``most`` problems (a list of a million bad items is one message, not a million)."""
-    problems = []
-    errors = error.errors()
-    for item in errors[:most]:
-        key = (".".join(str(part) for part in item["loc"]) or "(options)")[:100]
-        if item["type"] == "extra_forbidden":
-            problems.append(f"unknown key {key!r} (allowed: {', '.join(model.model_fields)})")
-        else:
-            message = item["msg"].removeprefix("Value error, ")
-            problems.append(f"{key}: {message[:300]} (got {describe_value(item.get('input'))})")
-    if len(errors) > most:
-        problems.append(f"and {len(errors) - most} more")
-    return f"{where}: " + "; ".join(problems)
 
 
 # Where stages live: every module of these packages (pruning, quantization), and modules of the others whose

@@ -28,6 +28,7 @@ from moecompress.checkpoint.validation import validate_checkpoint
 from moecompress.errors import CheckpointError, MoECompressError
 from moecompress.folders import RunLock as FolderLock
 from moecompress.folders import check_output_placement, claim_folder, folder_listing, move_into_place, read_json
+from moecompress.logs import RUN_LOG  # the run's log: ours, though it is not among the files a run records
 
 REPORT_FILE = "report.json"
 STATE_FILE = "state.json"
@@ -105,7 +106,7 @@ class RunFolder:
         recorded = (state or {}).get("files")
         if not isinstance(recorded, dict):
             return  # no run there, or one by an older version that did not record its files
-        foreign = sorted(set(file_sizes(self.output_dir, exclude={STATE_FILE, LOCK_FILE})) - set(recorded))
+        foreign = sorted(set(file_sizes(self.output_dir, exclude={STATE_FILE, LOCK_FILE, RUN_LOG})) - set(recorded))
         if foreign:
             raise MoECompressError(
                 f"--out {self.output_dir} holds a moecompress run and files it did not write ({', '.join(foreign[:3])}"

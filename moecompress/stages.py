@@ -14,15 +14,19 @@ calibration pass that collects only what the asking stages need; a structural ed
 
 from __future__ import annotations
 
+import inspect
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pydantic
+from pydantic_core import PydanticUndefined
 
 from moecompress.analysis.super_experts import remap_super_experts
 from moecompress.calibration import LayerwiseRunner
-from moecompress.errors import CalibrationError
+from moecompress.errors import CalibrationError, RecipeError, describe_value
 
 
 class StageOptions(pydantic.BaseModel):
@@ -47,8 +51,20 @@ class StageResult:
     changed_structure: bool = False
 
 
+class StageOptionsError(RecipeError):
+    """A stage built from Python with options its ``Options`` model refuses (the message names each problem)."""
+
+    def __init__(self, message: str, validation_error: pydantic.ValidationError) -> None:
+        super().__init__(message)
+        self.validation_error = validation_error
+
+
 class Stage:
     """Base class of pipeline stages. Subclasses set ``method`` and ``Options`` and implement ``run``.
+
+    Options are keyword arguments, a dict, or an ``Options`` instance: ``GPTQStage(bits=4, group_size=128)``,
+    ``GPTQStage({"bits": 4})``; ``help()`` of a stage class lists every option with its type, default and meaning
+    (generated from ``Options``). A stage class is named after its recipe ``method`` (:func:`stage_class_name`).
 
     Optional: ``statistics`` names what the stage will ask ``context.statistics`` for (the profiling pass then
     collects it too, so a first stage costs no extra pass); ``check(context)`` rejects impossible options once the
@@ -61,10 +77,27 @@ class Stage:
     Options: ClassVar[type[StageOptions]] = StageOptions
     statistics: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, options: StageOptions | dict[str, Any] | None = None) -> None:
-        if options is None:
-            options = {}
-        self.options = options if isinstance(options, StageOptions) else self.Options(**options)
+    def __init__(self, options: StageOptions | dict[str, Any] | None = None, /, **option_values: Any) -> None:
+        if isinstance(options, StageOptions) and not option_values:
+            self.options = options
+            return
+        if isinstance(options, StageOptions):
+            options = options.model_dump(exclude_unset=True)
+        values = {**(options or {}), **option_values}
+        try:
+            self.options = self.Options(**values)
+        except pydantic.ValidationError as error:
+            raise StageOptionsError(format_validation_error(type(self).__name__, error, self.Options), error) from None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.method and ("method" in vars(cls) or "Options" in vars(cls)):
+            cls.__doc__ = (inspect.cleandoc(cls.__doc__ or "") + "\n\n" + options_doc(cls)).strip()
+            cls.__signature__ = options_signature(cls)
+
+    def __repr__(self) -> str:
+        values = self.options.model_dump(exclude_unset=True)
+        return f"{type(self).__name__}({', '.join(f'{key}={value!r}' for key, value in values.items())})"
 
     def run(self, context: "RunContext") -> StageResult:  # pragma: no cover - interface
         raise NotImplementedError
@@ -78,6 +111,93 @@ class Stage:
 
     def describe(self) -> dict[str, Any]:
         return {"method": self.method, **self.options.model_dump(mode="json", exclude_none=True)}
+
+
+# ----- names, options documentation ---------------------------------------------------------------------------------
+ACRONYMS = {"gptq": "GPTQ", "rtn": "RTN"}
+
+
+def stage_class_name(method: str) -> str:
+    """The class name of the stage with recipe ``method``: the method in CamelCase, then ``Stage``
+    (``prune_reap`` -> ``PruneReapStage``, ``mcmoe_pmq`` -> ``McmoePmqStage``; ``GPTQStage``, ``RTNStage``)."""
+    return "".join(ACRONYMS.get(part, part.capitalize()) for part in method.split("_")) + "Stage"
+
+
+def format_validation_error(where: str, error: pydantic.ValidationError, model: type[pydantic.BaseModel],
+                            most: int = 3) -> str:
+    """One line naming the first ``most`` problems pydantic found (a list of a million bad items is one message, not
+    a million): the key, what is wrong, what was given (a short excerpt) or what is allowed."""
+    problems = []
+    errors = error.errors()
+    for item in errors[:most]:
+        key = (".".join(str(part) for part in item["loc"]) or "(options)")[:100]
+        if item["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r} (allowed: {', '.join(model.model_fields)})")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {message[:300]} (got {describe_value(item.get('input'))})")
+    if len(errors) > most:
+        problems.append(f"and {len(errors) - most} more")
+    return f"{where}: " + "; ".join(problems)
+
+
+def type_name(annotation: Any) -> str:
+    """A field's type as a person reads it: ``int``, ``list[str]``, ``int | None``, ``'minmax' | 'mse'``."""
+    origin, arguments = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Literal:
+        return " | ".join(repr(value) for value in arguments)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(argument) for argument in arguments)
+    if origin is typing.Annotated:
+        return type_name(arguments[0]) + _constraints(arguments[1:])
+    if origin is not None:
+        inner = ", ".join(type_name(argument) for argument in arguments)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]" if inner else getattr(origin, "__name__", str(origin))
+    if annotation is type(None):
+        return "None"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "length >=", "max_length": "length <="}
+
+
+def _constraints(metadata) -> str:
+    """`` (>= 1, < 1)`` from a field's constraint objects (annotated_types ``Ge``, ``Interval``, ``MinLen``...)."""
+    bounds = [f"{symbol} {getattr(item, name)}" for item in metadata for name, symbol in _BOUNDS.items()
+              if getattr(item, name, None) is not None]
+    return f" ({', '.join(bounds)})" if bounds else ""
+
+
+def _default(field_info) -> Any:
+    if field_info.default is not PydanticUndefined:
+        return field_info.default
+    if field_info.default_factory is not None:
+        return field_info.default_factory()
+    return PydanticUndefined
+
+
+def options_doc(stage_class: type[Stage]) -> str:
+    """The options section of a stage's docstring, from its pydantic ``Options``: every option's type (with its
+    bounds), default and description."""
+    lines = [f"Options (keyword arguments, or the keys of ``method: {stage_class.method}`` in a recipe):", ""]
+    for name, field_info in stage_class.Options.model_fields.items():
+        default = _default(field_info)
+        shown_type = type_name(field_info.annotation) + _constraints(field_info.metadata)
+        lines.append(f"    {name}: {shown_type}, " + ("required" if default is PydanticUndefined
+                                                        else f"default {default!r}"))
+        if field_info.description:
+            lines.append(f"        {field_info.description}")
+    return "\n".join(lines)
+
+
+def options_signature(stage_class: type[Stage]) -> inspect.Signature:
+    """``(options=None, /, *, bits: int = 4, ...)``: what ``help()`` and editors show for the constructor."""
+    parameters = [inspect.Parameter("options", inspect.Parameter.POSITIONAL_ONLY, default=None)]
+    for name, field_info in stage_class.Options.model_fields.items():
+        default = _default(field_info)
+        parameters.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=field_info.annotation,
+                                            default=inspect.Parameter.empty if default is PydanticUndefined else default))
+    return inspect.Signature(parameters)
 
 
 STAGE_REGISTRY: dict[str, type[Stage]] = {}

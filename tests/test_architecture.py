@@ -17,7 +17,8 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "moecompress"
 
 # DESIGN.md "Layers", bottom to top. A module imports only from its own layer or the ones below it.
 LAYERS: list[tuple[str, ...]] = [
-    ("moecompress.errors", "moecompress.folders", "moecompress.version", "moecompress.yaml_files"),
+    ("moecompress.errors", "moecompress.folders", "moecompress.version", "moecompress.yaml_files", "moecompress.progress",
+     "moecompress.logs"),
     ("moecompress.models", "moecompress.solvers"),
     ("moecompress.kernels",),
     ("moecompress.checkpoint",),
@@ -27,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("moecompress.pruning", "moecompress.quantization"),
     ("moecompress.export", "moecompress.evals"),
     ("moecompress.recipe",),
-    ("moecompress.run_folder", "moecompress.streaming", "moecompress.pipeline"),
+    ("moecompress.run_folder", "moecompress.streaming", "moecompress.pipeline", "moecompress.api"),
     ("moecompress.commands",),
     ("moecompress.cli", "moecompress.__main__"),
     ("moecompress",),  # the package itself: the public facade, above everything

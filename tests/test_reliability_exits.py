@@ -16,13 +16,14 @@ from conftest import testbed_model_path as model_folder
 from moecompress.cli import main
 from moecompress.commands.arguments import check_device
 from moecompress.pipeline import _PipelineRun
+from moecompress.progress import is_status_line
 
 MODEL = str(model_folder("moe-ref-mx"))
 
 
 def _one_line(captured) -> str:
-    """The one message line on stderr (progress bars drawn before a failure are not messages)."""
-    lines = [line for line in captured.err.strip().splitlines() if "━" not in line]
+    """The one message line on stderr (progress bars and status lines before a failure are not error messages)."""
+    lines = [line for line in captured.err.strip().splitlines() if "━" not in line and not is_status_line(line)]
     assert len(lines) == 1, captured.err
     assert "Traceback" not in captured.err and "usage:" not in captured.err
     return lines[0]
@@ -196,6 +197,6 @@ def test_real_process_argument_error_and_sigint(recipe, tmp_path, testbed):
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=300)
     assert process.returncode == 130, err
-    lines = [line for line in err.splitlines() if line.strip() and "━" not in line and "profile" not in line]
+    lines = [line for line in err.splitlines() if line.strip() and "━" not in line and not is_status_line(line)]
     assert lines == [lines[-1]] and lines[-1].startswith("moecompress compress: interrupted"), err
     assert "Traceback" not in err

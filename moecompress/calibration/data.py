@@ -22,17 +22,17 @@ import torch
 
 from moecompress.errors import CalibrationError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+BUNDLED_CALIBRATION_DIR = Path(__file__).resolve().parents[1] / "data" / "calib"
 
 
 def bundled_calibration_dir() -> Path:
-    """The small calibration set shipped with moecompress (``moecompress/data/calib`` or ``demo/calib``)."""
-    for candidate in (Path(__file__).resolve().parents[1] / "data" / "calib", REPO_ROOT / "demo" / "calib"):
-        if candidate.is_dir():
-            return candidate
+    """The small calibration set shipped inside the package (``moecompress/data/calib``: in the wheel too;
+    ``demo/calib`` links to it in a source checkout)."""
+    if BUNDLED_CALIBRATION_DIR.is_dir():
+        return BUNDLED_CALIBRATION_DIR
     raise CalibrationError(
-        "the bundled calibration set was not found (expected moecompress/data/calib or demo/calib); "
-        "pass calibration files explicitly (`calibration: {files: [...]}`)"
+        f"the bundled calibration set is missing ({BUNDLED_CALIBRATION_DIR}); reinstall moecompress, or pass "
+        "calibration files explicitly (`calibration: {files: [...]}`)"
     )
 
 
@@ -166,33 +166,87 @@ def _read_file(path: Path) -> list[Document]:
     raise CalibrationError(f"calibration file {path} has an unsupported type {path.suffix!r}; use .jsonl (with a `text` field) or .txt")
 
 
-def read_hub_dataset(name: str, *, config: str | None = None, split: str = "train", text_field: str = "text",
-                     max_documents: int = 20000) -> list[Document]:
-    """Documents of a Hugging Face dataset (needs network or a local datasets cache)."""
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+CHAT_FIELDS = ("messages", "conversations", "conversation")  # fields that hold [{"role", "content"}] lists
+
+
+def read_dataset(name: str, tokenizer=None, *, config: str | None = None, split: str = "train",
+                 text_field: str | None = None, chat_template: bool | None = None,
+                 max_documents: int = 20000) -> list[Document]:
+    """Documents of a dataset: a Hugging Face hub id (network, or the datasets cache) or a local folder in the
+    datasets layout (data files ``load_dataset`` reads, or a ``save_to_disk`` folder).
+
+    text_field: the field holding each document; default ``text``, else the first of :data:`CHAT_FIELDS`.
+    A field holding chat messages (``[{"role", "content"}]``) is rendered with the tokenizer's chat template, as
+    llm-compressor does; ``chat_template: false`` joins the messages as ``role: content`` lines instead.
+    A row's ``domain`` field, when it has one, is kept (the report shows expert usage per domain).
+    """
+    local = Path(name).expanduser()
+    if not local.exists() and (os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"):
         raise CalibrationError(
             f"cannot download dataset {name!r}: offline mode is on (HF_DATASETS_OFFLINE/HF_HUB_OFFLINE). "
-            "Use local files (`calibration: {files: [...]}`) or the bundled set, or unset offline mode."
+            "Use local files (`calibration: {files: [...]}`), a local dataset folder, the bundled set, or unset "
+            "offline mode."
         )
+    rows = _dataset_rows(str(local) if local.exists() else name, config, split)
+    documents = []
+    field_name = text_field
+    for row in rows:
+        if field_name is None:
+            field_name = _text_field_of(row, name)
+        if field_name not in row:
+            raise CalibrationError(f"dataset {name!r} has no field {field_name!r} (fields: {', '.join(row)}); set "
+                                   "calibration.text_field to the field that holds the text")
+        text = _document_text(row[field_name], tokenizer, chat_template, name, field_name)
+        if text.strip():
+            domain = row.get("domain") if isinstance(row.get("domain"), str) and row.get("domain") else name
+            documents.append(Document(text, domain))
+        if len(documents) >= max_documents:
+            break
+    if not documents:
+        raise CalibrationError(f"dataset {name!r} split {split!r} has no non-empty {field_name or 'text'!r} rows")
+    return documents
+
+
+def _dataset_rows(name: str, config: str | None, split: str):
+    """The rows of ``split`` (a ``save_to_disk`` folder is read with ``load_from_disk``, anything else streamed)."""
     try:
         import datasets  # heavy, and only for `calibration.dataset`
     except ImportError:  # pragma: no cover - depends on the environment
         raise CalibrationError("the `datasets` package is needed for `calibration.dataset`; pip install datasets") from None
+    folder = Path(name)
     try:
-        rows = datasets.load_dataset(name, config, split=split, streaming=True)
-    except Exception as error:  # the hub raises many types; one clear message instead
+        if (folder / "dataset_dict.json").is_file() or (folder / "state.json").is_file():
+            loaded = datasets.load_from_disk(str(folder))
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(name, config, split=split, streaming=True)
+    except Exception as error:  # the hub and the builders raise many types; one clear message instead
         raise CalibrationError(f"could not load dataset {name!r} ({type(error).__name__}: {error}); check the name, "
                                "config and split, or use local files") from None
-    documents = []
-    for row in rows:
-        text = row.get(text_field)
-        if isinstance(text, str) and text.strip():
-            documents.append(Document(text, name))
-        if len(documents) >= max_documents:
-            break
-    if not documents:
-        raise CalibrationError(f"dataset {name!r} split {split!r} has no non-empty {text_field!r} rows")
-    return documents
+
+
+def _text_field_of(row: dict, name: str) -> str:
+    for candidate in ("text", *CHAT_FIELDS):
+        if candidate in row:
+            return candidate
+    raise CalibrationError(f"dataset {name!r} has no `text` or chat messages field (fields: {', '.join(row)}); set "
+                           "calibration.text_field to the field that holds the text")
+
+
+def _document_text(value, tokenizer, chat_template: bool | None, name: str, field_name: str) -> str:
+    """A row's text: the string itself, or chat messages rendered (see :func:`read_dataset`)."""
+    if isinstance(value, str):
+        return value
+    is_chat = isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value)
+    if not is_chat:
+        raise CalibrationError(f"dataset {name!r}: field {field_name!r} holds {type(value).__name__}, not text or "
+                               'chat messages ([{"role", "content"}]); set calibration.text_field to a text field')
+    if chat_template is False:
+        return "\n".join(f"{message['role']}: {message['content']}" for message in value)
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise CalibrationError(f"dataset {name!r}: field {field_name!r} holds chat messages but the tokenizer has no "
+                               "chat template; set calibration.chat_template: false to use the messages as plain "
+                               "`role: content` text")
+    return tokenizer.apply_chat_template(value, tokenize=False)
 
 
 # ----- sampling ------------------------------------------------------------------------------------------------
@@ -266,15 +320,20 @@ class _DomainStream:
 
 def load_calibration(tokenizer, *, files: list[str | Path] | str | None = None, dataset: str | None = None,
                      dataset_config: str | None = None, dataset_split: str = "train", num_samples: int = 64,
-                     seq_len: int = 512, seed: int = 0) -> CalibrationSet:
-    """Build a :class:`CalibrationSet` from files, a hub dataset, or (neither given, or ``files: bundled``) the bundled set."""
+                     seq_len: int = 512, seed: int = 0, text_field: str | None = None,
+                     chat_template: bool | None = None) -> CalibrationSet:
+    """Build a :class:`CalibrationSet` from files, a dataset (hub id or local folder, :func:`read_dataset`), or
+    (neither given, or ``files: bundled``) the bundled set."""
     if files and dataset:
         raise CalibrationError("give either calibration `files` or a `dataset`, not both")
     if isinstance(files, (str, Path)):
         files = [files]
     if dataset:
-        documents = read_hub_dataset(dataset, config=dataset_config, split=dataset_split)
-        sources = [f"hf:{dataset}" + (f"/{dataset_config}" if dataset_config else "") + f":{dataset_split}"]
+        documents = read_dataset(dataset, tokenizer, config=dataset_config, split=dataset_split,
+                                 text_field=text_field, chat_template=chat_template)
+        prefix = "" if Path(dataset).expanduser().exists() else "hf:"
+        sources = [f"{prefix}{dataset}" + (f"/{dataset_config}" if dataset_config else "") + f":{dataset_split}"
+                   + (f"[{text_field}]" if text_field else "")]
     else:
         if not files or list(map(str, files)) == ["bundled"]:
             files = [bundled_calibration_dir()]

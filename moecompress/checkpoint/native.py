@@ -30,6 +30,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from moecompress.checkpoint.native_registration import QUANT_METHOD, LazyQuantizationConfig, LazyQuantizer
 from moecompress.errors import CheckpointError
 from moecompress.kernels.backend import PackedExperts, register_packed_experts_backend
 from moecompress.kernels.linear import PackedLinear
@@ -48,7 +49,6 @@ from moecompress.models.edits import (
 )
 from moecompress.models.families import decoder_layers, find_moe_blocks, text_config
 
-QUANT_METHOD = "moecompress"
 FORMAT_VERSION = 1
 
 
@@ -228,9 +228,12 @@ def build_meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
 
 
 def register_native_format() -> None:
-    """Make ``quant_method: moecompress`` known to transformers (idempotent; done by ``import moecompress``)."""
-    AUTO_QUANTIZATION_CONFIG_MAPPING.setdefault(QUANT_METHOD, MoECompressQuantizationConfig)
-    AUTO_QUANTIZER_MAPPING.setdefault(QUANT_METHOD, MoECompressQuantizer)
+    """Make ``quant_method: moecompress`` known to transformers (idempotent). ``import moecompress`` registers
+    stand-ins (:mod:`moecompress.checkpoint.native_registration`); these classes replace them."""
+    for mapping, real in ((AUTO_QUANTIZATION_CONFIG_MAPPING, MoECompressQuantizationConfig),
+                          (AUTO_QUANTIZER_MAPPING, MoECompressQuantizer)):
+        if mapping.get(QUANT_METHOD) in (None, LazyQuantizationConfig, LazyQuantizer):
+            mapping[QUANT_METHOD] = real
 
 
 def save_model(model: nn.Module, tokenizer, folder: Path) -> None:

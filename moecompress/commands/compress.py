@@ -5,16 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
 from moecompress.commands.arguments import device_name, positive_int
 from moecompress.commands.export import add_export_options
+from moecompress.evals.report_md import applied_bits, human_bytes, quality_table
 from moecompress.export import EXPORT_FORMATS
 from moecompress.export.options import ExportOptions
 from moecompress.export.report import render_report
-from moecompress.pipeline import Pipeline, ProgressReporter
+from moecompress.pipeline import Pipeline
 
 
 def register(subparsers) -> None:
@@ -55,62 +52,47 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-class RichProgress(ProgressReporter):
-    """Progress bars for the profiling pass, every stage and every calibration pass inside a stage.
-
-    The display starts with the first bar, so a run refused before any work prints its one error line alone."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.tasks: dict[str, int] = {}
-
-    def start(self, name: str, total: int | None = None) -> None:
-        if not self.progress.live.is_started:
-            self.progress.start()
-        if name in self.tasks:
-            self.progress.reset(self.tasks[name], total=total)
-        else:
-            self.tasks[name] = self.progress.add_task(name, total=total)
-
-    def update(self, name: str, completed: int, total: int | None = None) -> None:
-        if name not in self.tasks:
-            self.start(name, total)
-        self.progress.update(self.tasks[name], completed=completed, total=total)
-
-    def finish(self, name: str) -> None:
-        if name in self.tasks:
-            task = self.progress.tasks[self.tasks[name]]
-            self.progress.update(self.tasks[name], total=task.total or 1, completed=task.total or 1)
-
-
 def run(args: argparse.Namespace) -> int:
-    console = Console(stderr=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     pipeline = Pipeline.from_recipe(args.recipe)
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console, transient=False)
     exports = []
     if args.export:  # built before the run: a bad export option fails now, not after the compression
         exports.append(ExportOptions(format=args.export, tp=args.tp, widen_to_layer_max=args.widen_to_layer_max,
                                      widen_to_model_max=args.widen_to_model_max, consumer=args.consumer,
                                      dequantize=args.dequantize, types=args.types, layer_mean=args.layer_mean,
                                      out=str(args.export_out) if args.export_out else None))
-    try:  # the exports are checked against the recipe before any work, and written after the run
-        report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, overwrite=args.overwrite,
-                              execution=args.execution, allow_task_code=args.allow_task_code,
-                              progress=RichProgress(progress), exports=exports)
-    finally:
-        if progress.live.is_started:
-            progress.stop()
-    model = report.get("model", {})
-    console.print(f"[bold]done[/bold]: {args.out}/report.json")
-    console.print(f"parameters {model.get('parameters_before', 0):,} -> {model.get('parameters_after', 0):,}; "
-                  f"super experts {report.get('super_experts')}; calibration sha256 "
-                  f"{report.get('calibration', {}).get('sha256', '')[:16]}...")
-    for stage in report.get("stages", []):
-        console.print(f"  {stage['method']}: {stage['seconds']:.1f} s" + (" (resumed)" if stage.get("resumed") else ""))
-    if report.get("exports"):
-        for export_report in report["exports"]:
-            console.print("\n".join(render_report(export_report)), markup=False)
+    # progress and messages on stderr (bars on a terminal, plain lines otherwise), everything in <out>/run.log;
+    # the exports are checked against the recipe before any work, and written after the run
+    report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, threads=args.threads,
+                          overwrite=args.overwrite, execution=args.execution, verbose=getattr(args, "verbose", None),
+                          allow_task_code=args.allow_task_code, exports=exports)
+    # the results on stdout, plain: a command to copy is never wrapped into two lines
+    print("\n".join(summary_lines(report, args.out)), flush=True)
     return 0
+
+
+def summary_lines(report: dict, out: Path) -> list[str]:
+    """What ``compress`` prints on stdout when it is done: where the result is, size, quality, time per stage,
+    and for each export how to load it."""
+    model = report.get("model", {})
+    lines = [f"done: {out} (report.md, README.md, run.log)"]
+    before, after = model.get("bytes_before"), model.get("bytes_after")
+    size = (f"; in memory {human_bytes(before)} -> {human_bytes(after)} ({before / after:.2f}x smaller), "
+            f"{model.get('bits_per_parameter', 0):.2f} bits per parameter"
+            if isinstance(before, (int, float)) and isinstance(after, (int, float)) and after else "")
+    lines.append(f"parameters {model.get('parameters_before', 0):,} -> {model.get('parameters_after', 0):,}{size}")
+    calibration = report.get("calibration", {})
+    super_experts = ", ".join(f"layer {layer} expert {expert}" for layer, expert in report.get("super_experts") or [])
+    lines.append(f"super experts: {super_experts or 'none'}; calibration {calibration.get('num_samples')} x "
+                 f"{calibration.get('seq_len')} tokens, sha256 {calibration.get('sha256', '')[:16]}...")
+    for stage in report.get("stages", []):
+        applied = applied_bits(stage)
+        lines.append(f"  {stage['method']}: {stage['seconds']:.1f} s" + (" (resumed)" if stage.get("resumed") else "")
+                     + (f"; applied {applied}" if applied else ""))
+        metrics = stage.get("metrics") or {}
+        if stage["method"] == "evaluate" and metrics.get("before"):
+            for row in quality_table(metrics)[2:]:
+                task, metric, value_before, value_after, delta = (cell.strip() for cell in row.strip("|").split("|"))
+                lines.append(f"    {task} {metric}: {value_before} -> {value_after}, {delta}")
+    for export_report in report.get("exports") or []:
+        lines += render_report(export_report)
+    return lines

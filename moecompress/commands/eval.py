@@ -10,10 +10,12 @@ import time
 
 from rich.console import Console
 
+from moecompress import progress
 from moecompress.commands.arguments import device_name, positive_int
 from moecompress.evals import evaluate_model, resolve_tasks
 from moecompress.evals.loading import load_model_for_eval
 from moecompress.evals.tables import scores_table
+from moecompress.logs import ConsoleHandler, run_output
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -68,16 +70,24 @@ def run(args: argparse.Namespace) -> int:
     batch_size: int | str = args.batch_size
     # bad task names or data, and task code not allowed, fail before the model loads
     resolve_tasks(task_names, include_path=args.include_path, allow_task_code=args.allow_task_code)
-    model, tokenizer = load_model_for_eval(args.model, device=args.device)
-    started = time.perf_counter()
-    # With --json, stdout carries only the JSON: anything lm-eval prints goes to stderr.
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        scores = evaluate_model(
-            model, tokenizer, task_names, limit=args.limit, batch_size=batch_size, include_path=args.include_path,
-            add_bos_token=args.add_bos_token, encode_separately=not args.joint_encoding,
-            allow_task_code=args.allow_task_code,
-        )
-    seconds = time.perf_counter() - started
+    # progress on stderr (bars on a terminal, plain lines otherwise); stdout carries only the scores
+    reporter = progress.for_stream(sys.stderr)
+    console = ConsoleHandler(sys.stderr, started=reporter.started, reporter=reporter)
+    try:
+        with run_output(console=console, verbose=getattr(args, "verbose", None)), progress.reporting(reporter):
+            model, tokenizer = load_model_for_eval(args.model, device=args.device)
+            started = time.perf_counter()
+            # With --json, stdout carries only the JSON: anything lm-eval prints goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), \
+                    progress.task(f"evaluate {args.model}", unit="request"):
+                scores = evaluate_model(
+                    model, tokenizer, task_names, limit=args.limit, batch_size=batch_size,
+                    include_path=args.include_path, add_bos_token=args.add_bos_token,
+                    encode_separately=not args.joint_encoding, allow_task_code=args.allow_task_code,
+                )
+            seconds = time.perf_counter() - started
+    finally:
+        reporter.close()
     if args.json:
         print(json.dumps(scores, indent=2, sort_keys=True))
     else:

@@ -15,12 +15,17 @@ That is how models trained on documents separated by ``<|endoftext|>`` saw text.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from typing import Any
+from typing import Any, Iterator
 
+import lm_eval.models.huggingface as lm_eval_huggingface
 from lm_eval.models.huggingface import HFLM
 
+from moecompress import progress
 from moecompress.errors import TaskError
+from moecompress.logs import libraries_quiet
 
 
 def default_bos_token_id(tokenizer: Any) -> int | None:
@@ -59,17 +64,57 @@ class BosPrefixedHFLM(HFLM):
             context_ids = [self.bos_token_id, *context_ids]
         return context_ids, continuation_ids
 
-    # lm-eval passes an explicit `disable=` to its progress bars, which overrides tqdm's own TQDM_DISABLE default; the
-    # moecompress CLI sets TQDM_DISABLE=1 (its own rich progress bars show the run), so honour it here as well.
+    # Progress. In a quiet run (moecompress.logs) lm-eval's own bars are replaced by our progress: every request it
+    # scores advances the run's innermost progress task (the evaluate stage's "evaluate ..." task). lm-eval passes
+    # an explicit `disable=` to its bars, which overrides tqdm's TQDM_DISABLE default, so that is honoured here too.
     def loglikelihood(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or _progress_disabled())
+        with _requests_as_progress(len(requests)) as ours:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or ours or _progress_disabled())
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or _progress_disabled())
+        windows = sum(self._rolling_windows(request.args[0]) for request in requests) if libraries_quiet() else 0
+        with _requests_as_progress(windows) as ours:
+            return super().loglikelihood_rolling(requests, disable_tqdm=disable_tqdm or ours or _progress_disabled())
+
+    def _rolling_windows(self, text: str) -> int:
+        """How many model windows lm-eval scores ``text`` in (one per ``max_length`` tokens)."""
+        return max(1, math.ceil(len(self.tok_encode(text)) / self.max_length))
 
 
 def _progress_disabled() -> bool:
     return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+
+
+class _CountedRequests:
+    """Stands in for tqdm inside lm-eval's HF model while our progress shows: a bar over requests advances our
+    progress, a bar over an iterable only iterates; nothing is printed."""
+
+    def __init__(self, iterable=None, *args, **kwargs) -> None:
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def update(self, count: int = 1) -> None:
+        progress.advance(count)
+
+    def close(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _requests_as_progress(total: int) -> Iterator[bool]:
+    """In a quiet run, count lm-eval's scored requests (``total`` of them) as our progress; yields whether it does."""
+    if not libraries_quiet() or not hasattr(lm_eval_huggingface, "tqdm"):
+        yield False
+        return
+    progress.add_total(total)
+    original = lm_eval_huggingface.tqdm
+    lm_eval_huggingface.tqdm = _CountedRequests
+    try:
+        yield True
+    finally:
+        lm_eval_huggingface.tqdm = original
 
 
 def build_lm(

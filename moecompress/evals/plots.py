@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 import numpy as np  # noqa: E402
+from matplotlib.colors import BoundaryNorm, ListedColormap  # noqa: E402
 
 
 def _layer_sorted(mapping: dict[Any, Any]) -> list[tuple[int, Any]]:
@@ -29,7 +30,9 @@ def expert_usage_heatmaps(usage_by_domain: dict[str, list[list[float]]], out_fil
     domains = sorted(usage_by_domain)
     columns = min(4, len(domains))
     rows = -(-len(domains) // columns)
-    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.6 * rows), squeeze=False)
+    # constrained layout keeps each panel's title clear of the x labels of the row above and of the suptitle
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 2.8 * rows + 0.6), squeeze=False,
+                                layout="constrained")
     shares_by_domain = {}
     for domain in domains:
         counts = np.asarray(usage_by_domain[domain], dtype=float)  # [layers, experts]
@@ -49,8 +52,8 @@ def expert_usage_heatmaps(usage_by_domain: dict[str, list[list[float]]], out_fil
         axis.set_ylabel("MoE layer", fontsize=8)
         axis.tick_params(labelsize=7)
     if image is not None:
-        figure.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="share of routed tokens")
-    figure.suptitle("Expert usage per layer and calibration domain", y=1.04)
+        figure.colorbar(image, ax=axes, shrink=0.8, label="share of routed tokens")
+    figure.suptitle("Expert usage per layer and calibration domain")
     return _save(figure, out_file)
 
 
@@ -73,29 +76,39 @@ def kept_experts_map(
 
 
 def bit_width_map(bit_widths: dict[Any, list[float]], out_file: Path, *, title: str = "Bits per expert") -> Path:
-    """Layers x experts coloured by bit width (0 = pruned), with the number written in each cell when it fits."""
+    """Layers x experts, one colour per bit width present (0 = dropped, grey), the number written in each cell when
+    it fits; the legend is discrete, as the widths are."""
     layers = _layer_sorted(bit_widths)
     width = max((len(bits) for _, bits in layers), default=0)
     bits = np.full((len(layers), width), np.nan)
     for row, (_, layer_bits) in enumerate(layers):
         bits[row, : len(layer_bits)] = layer_bits
+    widths = sorted({float(value) for value in bits[np.isfinite(bits)]})
+    palette = plt.get_cmap("viridis", max(len(widths), 2))
+    colours = [(0.8, 0.8, 0.8, 1.0) if value == 0 else palette(index / max(len(widths) - 1, 1))
+               for index, value in enumerate(widths)]
+    boundaries = [widths[0] - 0.5] + [(a + b) / 2 for a, b in zip(widths, widths[1:])] + [widths[-1] + 0.5] \
+        if widths else [0, 1]
+    colour_map = ListedColormap(colours or [(0.8, 0.8, 0.8, 1.0)])
     figure, axis = plt.subplots(figsize=(max(4.0, 0.3 * width + 2.0), max(2.0, 0.35 * len(layers) + 1.0)))
-    image = axis.imshow(bits, aspect="auto", cmap="plasma", interpolation="nearest")
+    image = axis.imshow(bits, aspect="auto", cmap=colour_map, norm=BoundaryNorm(boundaries, colour_map.N),
+                        interpolation="nearest")
     if width <= 64:
-        low, high = np.nanmin(bits), np.nanmax(bits)
         for row in range(bits.shape[0]):
             for column in range(bits.shape[1]):
-                if not np.isnan(bits[row, column]):
-                    # dark text on the bright end of the colour map, light text on the dark end
-                    bright = high > low and (bits[row, column] - low) / (high - low) > 0.6
-                    axis.text(column, row, f"{bits[row, column]:g}", ha="center", va="center", fontsize=6,
+                value = bits[row, column]
+                if not np.isnan(value):
+                    red, green, blue, _ = colours[widths.index(float(value))]
+                    bright = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5  # dark text on light cells
+                    axis.text(column, row, f"{value:g}", ha="center", va="center", fontsize=6,
                               color="black" if bright else "white")
     axis.set_yticks(range(len(layers)), [str(layer) for layer, _ in layers])
     axis.set_xlabel("expert")
     axis.set_ylabel("MoE layer")
     mean_bits = float(np.nanmean(bits)) if np.isfinite(bits).any() else float("nan")
     axis.set_title(f"{title} (mean {mean_bits:.2f})")
-    figure.colorbar(image, ax=axis, label="bits")
+    colour_bar = figure.colorbar(image, ax=axis, ticks=widths, label="bits")
+    colour_bar.ax.set_yticklabels(["dropped" if value == 0 else f"{value:g}" for value in widths])
     return _save(figure, out_file)
 
 

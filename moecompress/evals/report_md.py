@@ -16,7 +16,7 @@ from moecompress.evals.tables import format_value, lower_is_better
 PLOTS_FOLDER = "plots"
 
 
-def _human_bytes(count: Any) -> str:
+def human_bytes(count: Any) -> str:
     if not isinstance(count, (int, float)):
         return "-"
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -26,7 +26,7 @@ def _human_bytes(count: Any) -> str:
     return "-"
 
 
-def _human_count(count: Any) -> str:
+def human_count(count: Any) -> str:
     if not isinstance(count, (int, float)):
         return "-"
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -48,9 +48,9 @@ def _model_section(model: dict[str, Any]) -> list[str]:
     lines += ["| | before | after | change |", "|---|---:|---:|---:|"]
     params_before, params_after = model.get("parameters_before"), model.get("parameters_after")
     bytes_before, bytes_after = model.get("bytes_before"), model.get("bytes_after")
-    lines.append(f"| parameters | {_human_count(params_before)} | {_human_count(params_after)} | "
+    lines.append(f"| parameters | {human_count(params_before)} | {human_count(params_after)} | "
                  f"{_ratio(params_before, params_after)} |")
-    lines.append(f"| size | {_human_bytes(bytes_before)} | {_human_bytes(bytes_after)} | "
+    lines.append(f"| size | {human_bytes(bytes_before)} | {human_bytes(bytes_after)} | "
                  f"{_ratio(bytes_before, bytes_after)} |")
     bits = model.get("bits_per_parameter")
     if isinstance(bits, dict):
@@ -89,7 +89,7 @@ def quality_table(metrics: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _decision_summary(decisions: dict[str, Any]) -> str:
+def decision_summary(decisions: dict[str, Any]) -> str:
     """One line per stage: what it decided, in numbers (the full record stays in report.json)."""
     parts = []
     kept = decisions.get("kept_experts")
@@ -107,14 +107,35 @@ def _decision_summary(decisions: dict[str, Any]) -> str:
     return "; ".join(parts) or "-"
 
 
+def applied_bits(stage: dict[str, Any]) -> str | None:
+    """What a quantiser applied when it differs from its ``bits`` option (an earlier stage's bit map decided the
+    widths): ``"2-4 per expert (mean 3.00), from the bit map"``; None when the option is what was applied."""
+    widths = [bits for layer_bits in ((stage.get("decisions") or {}).get("bit_widths") or {}).values()
+              for bits in layer_bits]
+    nominal = (stage.get("options") or {}).get("bits")
+    if not isinstance(nominal, (int, float)) or not widths or set(widths) == {nominal}:
+        return None
+    span = f"{min(widths):g}-{max(widths):g}" if min(widths) != max(widths) else f"{widths[0]:g}"
+    return f"{span} per expert (mean {sum(widths) / len(widths):.2f}), from the bit map"
+
+
+def applied_options(stage: dict[str, Any]) -> dict[str, Any]:
+    """A stage's options as they were applied: a quantiser's ``bits`` replaced by the bit map it followed."""
+    options = dict(stage.get("options") or {})
+    applied = applied_bits(stage)
+    if applied is not None:
+        options["bits"] = applied
+    return options
+
+
 def _stages_section(stages: list[dict[str, Any]]) -> list[str]:
-    lines = ["## Stages", "", "| # | method | seconds | options | decisions |", "|---:|---|---:|---|---|"]
+    lines = ["## Stages", "", "| # | method | seconds | options (as applied) | decisions |", "|---:|---|---:|---|---|"]
     for index, stage in enumerate(stages, start=1):
-        options = json.dumps(stage.get("options") or {}, sort_keys=True)
-        options = options if len(options) <= 80 else options[:77] + "..."
+        options = json.dumps(applied_options(stage), sort_keys=True)
+        options = options if len(options) <= 120 else options[:117] + "..."
         seconds = stage.get("seconds")
         lines.append(f"| {index} | {stage.get('method', '?')} | {format_value(seconds) if seconds is not None else '-'} | "
-                     f"`{options}` | {_decision_summary(stage.get('decisions') or {})} |")
+                     f"`{options}` | {decision_summary(stage.get('decisions') or {})} |")
     return lines + [""]
 
 
@@ -131,16 +152,20 @@ def _plots(report: dict[str, Any], out_dir: Path) -> list[tuple[str, str]]:
         drawn.append(("Expert usage per layer and calibration domain", str(path.relative_to(out_dir))))
         first_domain = next(iter(usage.values()))
         num_experts = len(first_domain[0]) if first_domain and first_domain[0] else None
+    drawn_bit_maps: set[str] = set()
     for index, stage in enumerate(report.get("stages") or [], start=1):
         decisions = stage.get("decisions") or {}
         method = stage.get("method", "stage")
         kept = decisions.get("kept_experts")
-        if isinstance(kept, dict) and kept:
+        own_plots = stage.get("plots") or []  # a pruning stage's own plot already shows its kept-experts map
+        if isinstance(kept, dict) and kept and not own_plots:
             path = plots.kept_experts_map(kept, plot_dir / f"stage{index}_{method}_kept_experts.png",
                                           num_experts=num_experts, title=f"Kept experts ({method})")
             drawn.append((f"Kept experts, stage {index} ({method})", str(path.relative_to(out_dir))))
         bits = decisions.get("bit_widths")
-        if isinstance(bits, dict) and bits:
+        bits_key = json.dumps(bits, sort_keys=True)
+        if isinstance(bits, dict) and bits and bits_key not in drawn_bit_maps:  # a quantiser repeats its allocator's map
+            drawn_bit_maps.add(bits_key)
             path = plots.bit_width_map(bits, plot_dir / f"stage{index}_{method}_bit_widths.png",
                                        title=f"Bits per expert ({method})")
             drawn.append((f"Bit widths, stage {index} ({method})", str(path.relative_to(out_dir))))
@@ -188,7 +213,7 @@ def write_report_markdown(report: dict[str, Any], out_dir: Path) -> Path:
             lines += [f"| {name} | {format_value(seconds)} |" for name, seconds in timings.items()]
             lines.append("")
         if peak:
-            lines += [f"Peak memory: {_human_bytes(peak)}", ""]
+            lines += [f"Peak memory: {human_bytes(peak)}", ""]
 
     calibration = report.get("calibration") or {}
     described = {key: calibration[key] for key in ("num_samples", "seq_len", "seed", "sha256") if key in calibration}

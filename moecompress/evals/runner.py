@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
 import logging
 import math
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from moecompress.evals.taskdefs import resolve_tasks
+from moecompress.logs import LOGGER, adopt_library_loggers, libraries_quiet
 
 
 def run_lm_eval(
@@ -33,27 +38,113 @@ def run_lm_eval(
 
     from moecompress.evals.lm import build_lm  # imports lm_eval (seconds): deferred with it
 
+    adopt_library_loggers()  # lm-eval (and datasets, which it imports) may be new to this run's logging
     resolved = resolve_tasks(tasks, include_path=include_path, allow_task_code=allow_task_code)
     language_model = build_lm(
         model, tokenizer, batch_size=batch_size, add_bos_token=add_bos_token, encode_separately=encode_separately
     )
     was_training = getattr(model, "training", False)
     try:
-        results = lm_eval.simple_evaluate(
-            model=language_model,
-            tasks=resolved.specs,
-            task_manager=resolved.task_manager,
-            limit=limit,
-            bootstrap_iters=0,
-            log_samples=log_samples,
-            random_seed=None,
-            numpy_random_seed=None,
-            torch_random_seed=None,
-        )
+        with _without_environment_probes(), _prints_to_the_log(), _silent_lm_eval_bars():
+            results = lm_eval.simple_evaluate(
+                model=language_model,
+                tasks=resolved.specs,
+                task_manager=resolved.task_manager,
+                limit=limit,
+                bootstrap_iters=0,
+                log_samples=log_samples,
+                random_seed=None,
+                numpy_random_seed=None,
+                torch_random_seed=None,
+            )
     finally:
         if was_training:
             model.train()
     return results
+
+
+@contextlib.contextmanager
+def _without_environment_probes() -> Iterator[None]:
+    """lm-eval records the git hash of the working directory (``git describe``, which prints "fatal: not a git
+    repository" outside one) and torch's environment report (subprocesses) in its results; we use neither."""
+    evaluator = importlib.import_module("lm_eval.evaluator")
+    probes = {name: getattr(evaluator, name) for name in ("get_git_commit_hash", "add_env_info")
+              if evaluator is not None and hasattr(evaluator, name)}
+    for name in probes:
+        setattr(evaluator, name, _no_probe)
+    try:
+        yield
+    finally:
+        for name, function in probes.items():
+            setattr(evaluator, name, function)
+
+
+def _no_probe(*args, **kwargs) -> None:
+    return None
+
+
+class _LogLines(io.TextIOBase):
+    """A text stream whose lines become DEBUG records (what lm-eval prints, kept in run.log)."""
+
+    def __init__(self) -> None:
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            if line.strip():
+                LOGGER.debug("lm-eval: %s", line)
+        return len(text)
+
+
+@contextlib.contextmanager
+def _prints_to_the_log() -> Iterator[None]:
+    """In a quiet run, lm-eval's ``print`` calls (batch-size detection...) go to run.log, not stdout (results only)."""
+    if not libraries_quiet():
+        yield
+        return
+    with contextlib.redirect_stdout(_LogLines()):
+        yield
+
+
+class _SilentBar:
+    """Stands in for tqdm in lm-eval's task and request-building modules during a quiet run: iterates, prints
+    nothing (tqdm's own TQDM_DISABLE only works when set before tqdm is imported, which a Python caller has done)."""
+
+    def __init__(self, iterable=None, *args, **kwargs) -> None:
+        self.iterable = iterable
+
+    def __iter__(self):
+        return iter(self.iterable if self.iterable is not None else ())
+
+    def update(self, count: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# lm-eval modules that draw bars while they build requests and compute metrics (the model's own are our progress)
+LM_EVAL_BAR_MODULES = ("lm_eval.api.task", "lm_eval.api.model", "lm_eval.api.metrics")
+
+
+@contextlib.contextmanager
+def _silent_lm_eval_bars() -> Iterator[None]:
+    if not libraries_quiet():
+        yield
+        return
+    swapped = []
+    for name in LM_EVAL_BAR_MODULES:
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "tqdm"):
+            swapped.append((module, module.tqdm))
+            module.tqdm = _SilentBar
+    try:
+        yield
+    finally:
+        for module, original in swapped:
+            module.tqdm = original
 
 
 def scores_from_results(results: dict[str, Any]) -> dict[str, dict[str, float]]:

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Literal
 import pydantic
 import torch
 
+from moecompress import progress
 from moecompress.errors import RecipeError
 from moecompress.evals.loading import load_model_for_eval
 from moecompress.evals.runner import evaluate_model
@@ -37,13 +38,18 @@ CACHE_FOLDER = "eval_cache"
 
 class EvaluateOptions(StageOptions):
     tasks: list[str] = pydantic.Field(min_length=1, description="task names or tags, e.g. [tb_code_next, testbed_ppl]")
-    limit: pydantic.PositiveInt | pydantic.confloat(gt=0, lt=1) | None = None
-    batch_size: pydantic.PositiveInt | Literal["auto"] = 16
-    include_path: str | None = None
-    add_bos_token: bool | None = None
-    encode_separately: bool = True
-    dtype: Literal["float32", "keep"] = "float32"
-    device: str = "cpu"
+    limit: pydantic.PositiveInt | pydantic.confloat(gt=0, lt=1) | None = pydantic.Field(
+        None, description="at most this many documents per task (a number below 1: that fraction); None: all")
+    batch_size: pydantic.PositiveInt | Literal["auto"] = pydantic.Field(
+        16, description="requests per forward pass, or 'auto' (lm-eval finds the largest that fits)")
+    include_path: str | None = pydantic.Field(None, description="a folder of your own lm-eval YAML tasks")
+    add_bos_token: bool | None = pydantic.Field(
+        None, description="condition every request on the tokenizer's BOS (None: when the tokenizer has one)")
+    encode_separately: bool = pydantic.Field(
+        True, description="tokenize context and choice apart (False: lm-eval's joint encoding)")
+    dtype: Literal["float32", "keep"] = pydantic.Field(
+        "float32", description="score both models in float32, or keep the compressed model's dtype")
+    device: str = pydantic.Field("cpu", description="torch device the original model is scored on")
 
     @pydantic.field_validator("tasks", mode="before")
     @classmethod
@@ -102,7 +108,8 @@ class EvaluateStage(Stage):
         if context.tokenizer is None:
             raise RecipeError("the evaluate stage needs the model's tokenizer; the run has none (save it beside the model)")
         before = self._original_scores(context)
-        with evaluated_in_float32(context.model) if options.dtype == "float32" else contextlib.nullcontext():
+        with evaluated_in_float32(context.model) if options.dtype == "float32" else contextlib.nullcontext(), \
+                progress.task("evaluate compressed model", unit="request"):
             after = self._score(context.model, context.tokenizer, context.allow_task_code)
         return StageResult(metrics={"before": before, "after": after, "delta": score_deltas(before, after)})
 
@@ -145,7 +152,8 @@ class EvaluateStage(Stage):
         dtype = torch.float32 if options.dtype == "float32" else next(context.model.parameters()).dtype
         original_model, original_tokenizer = load_model_for_eval(context.source, device=options.device, dtype=dtype)
         try:
-            scores = self._score(original_model, original_tokenizer, context.allow_task_code)
+            with progress.task("evaluate original model", unit="request"):
+                scores = self._score(original_model, original_tokenizer, context.allow_task_code)
         finally:
             del original_model
             gc.collect()

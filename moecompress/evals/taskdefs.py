@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,12 +137,7 @@ def resolve_tasks(task_names: list[str], include_path: str | Path | None = None,
             "dataset hub can be reached."
         )
     if _offline():
-        # Not an error: the hub data may be cached. Said once, so a failure further down is understood.
-        warnings.warn(
-            f"task(s) {', '.join(remote_names)} come from lm-eval's hub tasks and offline mode is set "
-            "(HF_DATASETS_OFFLINE / HF_HUB_OFFLINE): they work only if their datasets are already cached",
-            stacklevel=2,
-        )
+        check_cached_offline(full_manager, remote_names)
     return ResolvedTasks(specs=specs, task_manager=full_manager, names=names)
 
 
@@ -218,6 +212,46 @@ def _template_escape(template: str) -> str | None:
         if isinstance(node, jinja2.nodes.Filter) and node.name == "attr":
             return "uses the attr filter"
     return None
+
+
+def hub_datasets(task_manager, name: str, depth: int = 0) -> list[tuple[str, str | None]]:
+    """``[(dataset path, config name)]`` a lm-eval task (or each task of a group or tag) reads from the hub; local
+    builders (json, csv, a folder) are left out."""
+    entry = task_manager.task_index.get(name)
+    if entry is None or depth > 4:
+        return []
+    config = getattr(entry, "cfg", None) or {}
+    path = config.get("dataset_path")
+    if isinstance(path, str):
+        local = path in ("json", "csv", "parquet", "text", "arrow") or Path(path).expanduser().exists()
+        return [] if local else [(path, config.get("dataset_name"))]
+    members = [task for task in config.get("task") or [] if isinstance(task, str)] if isinstance(
+        config.get("task"), list) else []
+    members += sorted(getattr(entry, "tags", None) or []) if not members else []
+    return [dataset for member in members for dataset in hub_datasets(task_manager, member, depth + 1)]
+
+
+def check_cached_offline(task_manager, task_names: list[str]) -> None:
+    """Offline mode: every hub dataset the tasks read must be in the datasets cache, else one :class:`TaskError`
+    now, before any model work (not a failure after the profiling pass)."""
+    # the datasets library (heavy) only for tasks that come from the hub while offline
+    import datasets
+
+    missing: dict[str, list[str]] = {}
+    for name in task_names:
+        for path, config_name in hub_datasets(task_manager, name):
+            try:
+                datasets.load_dataset_builder(path, config_name)
+            except Exception:  # noqa: BLE001 - offline, any failure means "not usable from the cache"
+                missing.setdefault(name, []).append(path + (f" ({config_name})" if config_name else ""))
+    if missing:
+        needs = "; ".join(f"{name} needs {', '.join(sorted(set(paths)))}" for name, paths in missing.items())
+        raise TaskError(
+            f"offline mode is on (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) and hub task data is not in the datasets "
+            f"cache: {needs}. Unset offline mode to download it, or use the bundled tasks "
+            f"({', '.join(bundled_task_names()[:3])}, ...; tags testbed, testbed_mc, testbed_ppl) or your own "
+            "(--include-path DIR / include_path)"
+        )
 
 
 def local_task_config(yaml_path: str | Path) -> dict[str, Any]:

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from pathlib import Path
 
 from moecompress.errors import UsageError
@@ -37,3 +39,18 @@ def export_folder(source: str | Path, out: str | Path, fmt: str, *, tp: int = 1,
     if fmt == "gguf":
         return export_gguf(source, out, types=types, layer_mean=layer_mean)
     raise UsageError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+
+
+class _ExportPackage(types.ModuleType):
+    """``moecompress.export`` is this package and, called, the export helper of the facade:
+    ``moecompress.export("runs/demo", "compressed-tensors", "runs/demo-ct")`` (a package's name and a function's
+    cannot both be ``moecompress.export`` otherwise: importing the package would replace the function)."""
+
+    def __call__(self, folder: str | Path, format: str, out: str | Path, **options) -> dict:  # noqa: A002
+        """Write the compress output ``folder`` as ``format`` (``compressed-tensors``, ``hf``, ``gguf``) into ``out``;
+        returns the export report. Options: ``tp``, ``widen_to_layer_max``, ``widen_to_model_max``, ``consumer``
+        (compressed-tensors), ``dequantize`` (hf), ``types``, ``layer_mean`` (gguf)."""
+        return export_folder(folder, out, format, **options)
+
+
+sys.modules[__name__].__class__ = _ExportPackage

@@ -271,7 +271,6 @@ def export_compressed_tensors(source: str | Path, out: str | Path, *, tp: int = 
         checkpoint.copy_side_files(partial)
         notes = _consumer_notes(expert_targets, loads)
         report = write_report(partial, FORMAT, checkpoint, out, tally, tp=tp, notes=notes, consumers=loads)
-        (partial / "README.md").write_text(model_card(report, expert_targets, loads))
     checkpoint.close()
     return report
 
@@ -332,27 +331,6 @@ def _consumer_notes(expert_targets: dict[Scheme, list[str]], loads: tuple[str, .
             f"written as the widest ({max(widths)}-bit), so from_pretrained raises on the narrower layers (checked at "
             "export) instead of loading wrong weights; serve it with vLLM, or load the native folder (or re-export "
             "with --widen-to-model-max for a folder transformers loads)"]
-
-
-def model_card(report: dict, expert_targets: dict[Scheme, list[str]], loads: tuple[str, ...]) -> str:
-    """The export folder's ``README.md``: what it holds and which consumers load it, with their commands."""
-    schemes = sorted(expert_targets, key=lambda scheme: -scheme[0])
-    layers = {scheme: len(prefixes) for scheme, prefixes in expert_targets.items()}
-    lines = ["---", "library_name: " + ("transformers" if "transformers" in loads else "vllm"),
-             "tags: [moecompress, compressed-tensors, pack-quantized]", "---", "",
-             "# compressed-tensors export (moecompress)", "",
-             f"Exported by `moecompress export --format compressed-tensors` from `{report['source']}`.", "",
-             "Routed experts: " + "; ".join(
-                 f"{bits}-bit, " + (f"group size {group_size}" if group_size > 0 else "one scale per row")
-                 + (", symmetric" if symmetric else ", asymmetric") + f" ({layers[(bits, group_size, symmetric)]} MoE "
-                 "layer(s))" for bits, group_size, symmetric in schemes) + ".", "",
-             "## Loads in", ""]
-    lines += [f"- **{name}**: `{report['load'][name]}`" for name in loads]
-    if "transformers" not in loads:
-        lines += ["", "**Not plain transformers**: " + " ".join(report.get("notes", []))]
-    lines += ["", f"Size on disk {report['bytes_on_disk'] / 2**20:.2f} MiB; "
-              f"{report['bits_per_parameter']:.2f} bits per parameter.", ""]
-    return "\n".join(lines)
 
 
 def decompression_difference(native_folder: str | Path, exported_folder: str | Path) -> dict[str, float]:

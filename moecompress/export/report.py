@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 from moecompress.checkpoint.native_reader import NativeCheckpoint
+from moecompress.evals.model_card import CARD_FILE, write_model_card
 from moecompress.export.output import REPORT_FILE, folder_bytes
+from moecompress.folders import read_json
 
 
 @dataclass
@@ -57,10 +59,10 @@ def consumer_commands(fmt: str, out: Path, source: Path, tp: int) -> dict[str, s
 
 def write_report(folder: Path, fmt: str, checkpoint: NativeCheckpoint, out: Path, tally: ExportTally, *, tp: int = 1,
                  notes: list[str] | None = None, consumers: tuple[str, ...] | None = None) -> dict:
-    """Write ``folder/export_report.json`` (``folder`` holds the finished shards and side files: the report is the
-    last file an export writes) and return the report. ``files`` lists every file of the export, so that a later
-    export replacing it removes those and nothing else. ``consumers``: the consumers shown to load this folder
-    (default: all); only their commands are listed."""
+    """Write the export's model card ``folder/README.md`` and ``folder/export_report.json`` (``folder`` holds the
+    finished shards and side files: the report is the last file an export writes) and return the report. ``files``
+    lists every file of the export, so that a later export replacing it removes those and nothing else.
+    ``consumers``: the consumers shown to load this folder (default: all); only their commands are listed."""
     on_disk = folder_bytes(folder)
     report = {
         "format": fmt,
@@ -79,8 +81,13 @@ def write_report(folder: Path, fmt: str, checkpoint: NativeCheckpoint, out: Path
                  if consumers is None or consumer in consumers or consumer == "moecompress_native"},
         "notes": list(notes or []),
         "files": sorted([*(str(path.relative_to(folder)) for path in folder.rglob("*")
-                           if path.is_file() and not path.name.startswith(".moecompress")), REPORT_FILE]),
+                           if path.is_file() and not path.name.startswith(".moecompress")), CARD_FILE, REPORT_FILE]),
     }
+    # the model card: the compress run's report when the source is a run's folder, and how to load this export
+    run_report = read_json(checkpoint.folder / "report.json") or {"model": {"source": str(checkpoint.folder)}}
+    base = Path(str((run_report.get("model") or {}).get("source") or ""))
+    write_model_card(run_report, folder, export_report=report, source_folder=base if base.is_dir() else None,
+                     load_path=Path(out))
     (folder / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
     return report
 

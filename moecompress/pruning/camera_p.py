@@ -276,7 +276,7 @@ class CameraPruneOptions(StageOptions):
 
 
 @register_stage
-class CameraPruning(Stage):
+class PruneCameraStage(Stage):
     """``method: prune_camera``: CAMERA-P micro-expert pruning, layer by layer on the already-pruned model."""
 
     method = "prune_camera"
@@ -375,13 +375,19 @@ def sweep_pruning(context: RunContext, prune_view) -> None:
     runner.sweep(context.calibration, process_layer, batch_size=context.batch_size, on_layer=context.on_layer)
     context.calibration_passes += 1
 
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+CameraPruning = PruneCameraStage
 
-__all__ = ["CameraPruning", "LayerPrunePlan", "apply_masked", "kept_channels", "make_padded", "make_physical",
-           "plan_layer", "sweep_pruning"]
+__all__ = ["CameraPStage", "CameraPruning", "LayerPrunePlan", "PruneCameraStage", "apply_masked", "kept_channels",
+           "make_padded", "make_physical", "plan_layer", "sweep_pruning"]
 
 
 @register_stage
-class CameraPPruning(CameraPruning):
+class CameraPStage(PruneCameraStage):
     """``method: camera_p``: the name the CAMERA issue and methods.md use; the same stage as ``prune_camera``."""
 
     method = "camera_p"
+
+
+CameraPPruning = CameraPStage  # the name before the naming scheme, kept as an alias

@@ -14,7 +14,7 @@ from moecompress.stages import register_stage
 
 
 @register_stage
-class EanPruning(ProgressivePruningStage):
+class PruneEanStage(ProgressivePruningStage):
     """``method: prune_ean``: keep the experts with the largest summed output norm over their routed tokens."""
 
     method = "prune_ean"
@@ -23,3 +23,7 @@ class EanPruning(ProgressivePruningStage):
 
     def layer_scores(self, view, layer_statistics) -> torch.Tensor:
         return ean_scores(layer_statistics)
+
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+EanPruning = PruneEanStage

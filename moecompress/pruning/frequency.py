@@ -26,7 +26,7 @@ def select_most_used(token_counts: torch.Tensor, num_keep: int, protected: list[
 
 
 @register_stage
-class FrequencyPruning(ProgressivePruningStage):
+class PruneFrequencyStage(ProgressivePruningStage):
     """``method: prune_frequency``: keep the most-used experts of every MoE layer."""
 
     method = "prune_frequency"
@@ -35,3 +35,7 @@ class FrequencyPruning(ProgressivePruningStage):
 
     def layer_scores(self, view, layer_statistics) -> torch.Tensor:
         return frequency_scores(layer_statistics)
+
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+FrequencyPruning = PruneFrequencyStage

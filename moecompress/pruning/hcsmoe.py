@@ -16,7 +16,7 @@ from moecompress.stages import register_stage
 
 
 @register_stage
-class HcSmoeMerging(ExpertMergingStage):
+class MergeHcsmoeStage(ExpertMergingStage):
     """``method: merge_hcsmoe``: hierarchical clustering of mean expert outputs, frequency-weighted merge."""
 
     method = "merge_hcsmoe"
@@ -32,3 +32,7 @@ class HcSmoeMerging(ExpertMergingStage):
                                                        self.num_clusters(view), protected.get(layer, []))
             scores[layer] = statistics[layer]["expert_token_counts"].float()
         return clusters, scores
+
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+HcSmoeMerging = MergeHcsmoeStage

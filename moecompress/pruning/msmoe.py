@@ -20,7 +20,7 @@ from moecompress.stages import register_stage
 
 
 @register_stage
-class MSmoeMerging(ExpertMergingStage):
+class MergeMsmoeStage(ExpertMergingStage):
     """``method: merge_msmoe``: dominant experts by usage absorb their most router-similar experts."""
 
     method = "merge_msmoe"
@@ -39,3 +39,7 @@ class MSmoeMerging(ExpertMergingStage):
             similarity = router_logit_affinity(statistics[layer]["router_logit_gram"])
             clusters[layer] = dominant_expert_groups(similarity, dominants[layer], protected.get(layer, []))
         return clusters, usage
+
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+MSmoeMerging = MergeMsmoeStage

@@ -85,7 +85,7 @@ def greedy_elimination(reconstruction: BlockReconstruction, num_keep: int, prote
 
 
 @register_stage
-class NaeePruning(ProgressivePruningStage):
+class PruneNaeeStage(ProgressivePruningStage):
     """``method: prune_naee``: keep the expert set that best reconstructs each MoE block's output."""
 
     method = "prune_naee"
@@ -135,3 +135,7 @@ class NaeePruning(ProgressivePruningStage):
         result.decisions["search"] = {str(layer): kind for layer, kind in sorted(self._search.items())}
         result.metrics["reconstruction_loss"] = {str(layer): loss for layer, loss in sorted(self._losses.items())}
         return result
+
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+NaeePruning = PruneNaeeStage

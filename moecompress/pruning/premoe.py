@@ -51,7 +51,7 @@ class PremoeOptions(ProgressiveOptions):
 
 
 @register_stage
-class PremoePruning(ProgressivePruningStage):
+class PrunePremoeStage(ProgressivePruningStage):
     """``method: prune_premoe``: PreMoe's probabilistic expert pruning (keep the largest TCESS per layer)."""
 
     method = "prune_premoe"
@@ -64,3 +64,7 @@ class PremoePruning(ProgressivePruningStage):
 
     def layer_scores(self, view, layer_statistics) -> torch.Tensor:
         return tcess_scores(layer_statistics)
+
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+PremoePruning = PrunePremoeStage

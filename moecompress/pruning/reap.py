@@ -16,7 +16,7 @@ from moecompress.stages import register_stage
 
 
 @register_stage
-class ReapPruning(ProgressivePruningStage):
+class PruneReapStage(ProgressivePruningStage):
     """``method: prune_reap``: keep the experts with the largest mean ``g_e ||E_e(x)||`` over their routed tokens."""
 
     method = "prune_reap"
@@ -25,3 +25,7 @@ class ReapPruning(ProgressivePruningStage):
 
     def layer_scores(self, view, layer_statistics) -> torch.Tensor:
         return reap_scores(layer_statistics)
+
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+ReapPruning = PruneReapStage

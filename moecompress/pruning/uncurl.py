@@ -17,7 +17,7 @@ from moecompress.stages import register_stage
 
 
 @register_stage
-class UncurlMerging(ExpertMergingStage):
+class MergeUncurlStage(ExpertMergingStage):
     """``method: merge_uncurl``: spectral clustering on router-logit affinity, aligned frequency-weighted merge."""
 
     method = "merge_uncurl"
@@ -33,3 +33,7 @@ class UncurlMerging(ExpertMergingStage):
                                                 seed=self.options.seed)
             scores[layer] = statistics[layer]["expert_token_counts"].float()
         return clusters, scores
+
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+UncurlMerging = MergeUncurlStage

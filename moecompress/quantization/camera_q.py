@@ -194,7 +194,7 @@ class CameraQuantizeOptions(StageOptions):
 
 
 @register_stage
-class CameraQuantization(Stage):
+class CameraQStage(Stage):
     """``method: camera_q``: per-channel bit groups by CAMERA energy, segment GPTQ, segment-packed experts."""
 
     method = "camera_q"
@@ -262,5 +262,9 @@ class CameraQuantization(Stage):
                            changed_structure=True)
 
 
-__all__ = ["CameraQuantization", "expert_segments", "permute_expert_channels", "quantize_layer_segments",
-           "solve_channel_bits"]
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+CameraQuantization = CameraQStage
+
+__all__ = ["CameraQStage", "CameraQuantization", "expert_segments", "permute_expert_channels",
+           "quantize_layer_segments", "solve_channel_bits"]

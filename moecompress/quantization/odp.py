@@ -38,7 +38,7 @@ class ODPOptions(StageOptions):
 
 
 @register_stage
-class ODPStage(Stage):
+class McmoeOdpStage(Stage):
     """``method: mcmoe_odp``: measure per-layer, per-rank thresholds and install ODP (saved with the model)."""
 
     method = "mcmoe_odp"
@@ -88,5 +88,9 @@ class ODPStage(Stage):
         return True
 
 
-__all__ = ["ODPStage", "ODPState", "apply_odp_from_config", "install_odp", "odp_routing", "odp_state", "ranks_over_top",
-           "remove_odp", "reset_odp_counters", "skipped_fractions", "token_importance"]
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+ODPStage = McmoeOdpStage
+
+__all__ = ["McmoeOdpStage", "ODPStage", "ODPState", "apply_odp_from_config", "install_odp", "odp_routing", "odp_state",
+           "ranks_over_top", "remove_odp", "reset_odp_counters", "skipped_fractions", "token_importance"]

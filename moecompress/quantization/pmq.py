@@ -42,6 +42,7 @@ import numpy as np
 import pydantic
 import torch
 
+from moecompress import progress
 from moecompress.analysis.block_outputs import BlockReconstruction
 from moecompress.errors import RecipeError
 from moecompress.kernels.layout import SUPPORTED_BITS, num_groups, packed_width
@@ -335,7 +336,7 @@ class PMQOptions(StageOptions):
 
 
 @register_stage
-class PMQStage(Stage):
+class McmoePmqStage(Stage):
     """``method: mcmoe_pmq``: decide a bit-width per routed expert (the bit map the next quantiser uses); with
     candidate 0, also which experts to drop."""
 
@@ -343,8 +344,8 @@ class PMQStage(Stage):
     Options = PMQOptions
     statistics = ("expert_token_counts", "routing_weight_sums_raw", "expert_input_hessian", "down_proj_hessian")
 
-    def __init__(self, options=None) -> None:
-        super().__init__(options)
+    def __init__(self, options=None, /, **option_values) -> None:
+        super().__init__(options, **option_values)
         error_statistics = (("expert_input_hessian", "down_proj_hessian") if self.options.eps_mode == "hessian"
                             else ("moe_block_inputs",))
         self.statistics = ("expert_token_counts", "routing_weight_sums_raw", *error_statistics)
@@ -389,7 +390,8 @@ class PMQStage(Stage):
         for layer, expert in context.super_experts:
             super_by_layer.setdefault(layer, []).append(expert)
         layers, mean_errors = [], {}
-        for view in find_moe_blocks(context.model):
+        views = find_moe_blocks(context.model)
+        for view in views:
             layer_statistics = statistics[view.layer_index]
             if options.eps_mode == "hessian":
                 errors = hessian_errors(view, layer_statistics["expert_input_hessian"],
@@ -403,6 +405,7 @@ class PMQStage(Stage):
             layers.append(LayerCosts(view.layer_index, costs, self._expert_bytes(view),
                                      super_by_layer.get(view.layer_index, []), self._min_kept(context, view)))
             mean_errors[str(view.layer_index)] = errors.mean(dim=0).tolist()
+            progress.detail(len(layers), len(views), "quantisation errors, layer")
         budget_metrics = {}
         if options.target_size is not None:
             limit, budget_metrics = self._expert_byte_budget(
@@ -489,5 +492,9 @@ class PMQStage(Stage):
                            for new, bits in enumerate(bits for bits in widths if bits != DROP)}
 
 
-__all__ = ["PMQOptions", "PMQStage", "TargetSize", "allocate_layer", "allocate_model", "block_output_errors",
-           "hessian_errors", "packed_expert_bytes", "parse_target_size", "pmq_costs"]
+# The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
+# moecompress.stages.stage_class_name), kept as an alias.
+PMQStage = McmoePmqStage
+
+__all__ = ["McmoePmqStage", "PMQOptions", "PMQStage", "TargetSize", "allocate_layer", "allocate_model",
+           "block_output_errors", "hessian_errors", "packed_expert_bytes", "parse_target_size", "pmq_costs"]

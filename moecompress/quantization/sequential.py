@@ -30,6 +30,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
+from moecompress import progress
 from moecompress.calibration.runner import LayerReplay, LayerwiseRunner
 from moecompress.checkpoint.native import MoECompressQuantizationConfig, prepare_skeleton
 from moecompress.checkpoint.shards import LayerFiles
@@ -325,6 +326,7 @@ class _GPTQLayer:
                     packed[view.layer_index] += self._quantize_expert_chunk(
                         view, list(range(*chunk)), half, layer_statistics[hessian_name],
                         layer_statistics["expert_token_counts"])
+                    progress.detail(chunk[1], view.num_experts, f"experts {half.replace('_', '/')}")
             if hook_linears:
                 self._quantize_linears(hook_linears, hooks.hessians())
         finally:
