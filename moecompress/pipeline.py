@@ -5,6 +5,11 @@ streamed (:mod:`moecompress.streaming`: decisions on a meta skeleton, then one s
 disk). Around both: the checks that run before any work, the profiling pass over the original model, resume from
 ``state.json``, the report, and the output folder's rules (:mod:`moecompress.run_folder`). The stage interface lives
 in :mod:`moecompress.stages` and is re-exported here (``from moecompress.pipeline import Stage`` keeps working).
+
+Over several ranks (``torchrun ... -m moecompress compress``, :mod:`moecompress.distributed`) every rank runs the
+same checks, profiling pass and stages on its share of the calibration batches, with statistics combined so that
+every rank decides the same; rank 0 alone holds the output folder's lock and writes ``state.json``, the report and
+the model files that are not sharded by rank, and runs the stages that only read the model (``evaluate``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from moecompress.checkpoint.lazy import build_skeleton
 from moecompress.checkpoint.loading import load_model
 from moecompress.checkpoint.native import build_meta_model, save_model
 from moecompress.checkpoint.validation import has_tokenizer_files, resolve_checkpoint
-from moecompress.errors import CheckpointError, RecipeError, RunInterrupted
+from moecompress.distributed import World, current_world, init_world, rank_device
+from moecompress.errors import CheckpointError, RecipeError, RunInterrupted, UsageError
 from moecompress.evals.report_md import write_report_markdown
 from moecompress.export.options import run_exports
 from moecompress.folders import write_json_atomic
@@ -43,6 +49,12 @@ from moecompress.version import __version__
 # Statistics the profiling pass always collects on the original model: super experts need the output maxima, the
 # report shows expert usage overall and per calibration domain.
 PROFILE_STATISTICS = ("max_abs_expert_output", "expert_token_counts", "expert_token_counts_by_domain")
+
+# Stages whose work over several ranks is checked to equal one process's (tests/test_distributed.py and the
+# statistics they read): decisions from combined statistics, GPTQ/RTN with experts owned by ranks, evaluation on
+# rank 0. A recipe with another stage runs in one process.
+RANKED_METHODS = ("prune_frequency", "prune_reap", "prune_ean", "prune_premoe", "prune_naee", "merge_msmoe",
+                  "merge_uncurl", "merge_hcsmoe", "mcmoe_pmq", "rtn", "gptq", "evaluate")
 
 
 class ProgressReporter:
@@ -111,7 +123,7 @@ class Pipeline:
         or ``auto`` (streamed when the recipe's stages allow it)."""
         report = _PipelineRun(self, source, output_dir, device=device, dtype=dtype, overwrite=overwrite,
                               progress=progress or ProgressReporter(), execution=execution).execute()
-        if self.recipe.exports:  # the recipe's `export:` key: deployment folders beside the native output
+        if self.recipe.exports and current_world().is_main:  # the recipe's `export:` key: deployment folders
             report = {**report, "exports": run_exports(output_dir, self.recipe.exports)}
         return report
 
@@ -130,9 +142,11 @@ class _PipelineRun:
         self.stream_plan = choose_execution(execution, pipeline.recipe.stages)  # a bad mode fails first
         self.pipeline = pipeline
         self.recipe = pipeline.recipe
+        self.world = init_world(device)  # a world of one unless a launcher started several ranks
+        _check_ranked_stages(self.world, self.recipe.stages)
         self.source = str(source)
         self.output_dir = Path(output_dir).expanduser().resolve()
-        self.device = device
+        self.device = _rank_device(self.world, device)
         self.dtype = dtype
         self.overwrite = overwrite
         self.folder = RunFolder(self.output_dir, recipe_sha256=self.recipe.sha256, source=self.source,
@@ -143,6 +157,11 @@ class _PipelineRun:
     @property
     def partial_dir(self) -> Path:
         return self.folder.partial_dir
+
+    def _save_state(self, state: dict) -> None:
+        """``state.json`` (rank 0 writes it; every rank holds the same state)."""
+        if self.world.is_main:
+            write_json_atomic(self.partial_dir / STATE_FILE, state)
 
     def _check_before_work(self, checkpoint_folder: Path) -> None:
         """Everything the model's config can refute, on a meta skeleton (no weights read): the family is supported,
@@ -178,16 +197,19 @@ class _PipelineRun:
                 return report
         output_seen = run_state(self.output_dir)
         self.folder.check_replaceable(output_seen)
-        state, created = self.folder.open_partial(identity)
+        state, created = self.folder.open_partial(identity) if self.world.is_main else ({}, False)
+        state = self.world.broadcast_object(state)  # the other ranks wait for rank 0's lock, then share its state
         partial = self.partial_dir
         try:
             state["finished"] = False
             profile = state.get("profile") or self._profile(checkpoint_folder, calibration)
             state["profile"] = {key: value for key, value in profile.items() if key != "statistics"}
-            write_json_atomic(partial / STATE_FILE, state)
+            self._save_state(state)
 
             stage_records, model_summary_after, model = self._run_stages(checkpoint_folder, tokenizer, calibration,
                                                                          profile, state, partial)
+            if not self.world.is_main:  # its part of the model is written; rank 0 reports
+                return {"rank": self.world.rank, "world_size": self.world.size}
             report = self._report(calibration, profile, stage_records, model_summary_after)
             report["timings"] = {**self.timings, "total": time.perf_counter() - started}
             write_json_atomic(partial / REPORT_FILE, report)
@@ -198,7 +220,7 @@ class _PipelineRun:
             self.folder.publish(output_seen)
         except BaseException as error:
             kept = "profile" in state
-            if created and not kept:  # nothing worth resuming: leave no empty partial folder behind
+            if created and not kept and self.world.is_main:  # nothing worth resuming: leave no empty partial folder
                 shutil.rmtree(partial, ignore_errors=True)
             if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
                 raise RunInterrupted(
@@ -215,9 +237,12 @@ class _PipelineRun:
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_folder))
         config = self.recipe.calibration
         if config.ebss is not None:  # the model writes its own calibration set (MoEQuant EBSS)
-            calibration = ebss_calibration(checkpoint_folder, tokenizer, config, device=self.device,
-                                           dtype=self._torch_dtype() or _checkpoint_dtype(checkpoint_folder),
-                                           progress=self.progress)
+            calibration = None
+            if self.world.is_main:  # generated once, by rank 0, for every rank
+                calibration = ebss_calibration(checkpoint_folder, tokenizer, config, device=self.device,
+                                               dtype=self._torch_dtype() or _checkpoint_dtype(checkpoint_folder),
+                                               progress=self.progress)
+            calibration = self.world.broadcast_object(calibration)
         else:
             calibration = load_calibration(tokenizer, files=config.files, dataset=config.dataset,
                                            dataset_config=config.dataset_config, dataset_split=config.dataset_split,
@@ -270,7 +295,9 @@ class _PipelineRun:
             return self._run_stages_streamed(checkpoint_folder, tokenizer, calibration, profile, state, partial)
         started = time.perf_counter()
         dtype = self._torch_dtype() or _checkpoint_dtype(checkpoint_folder)
-        model, loaded_tokenizer = load_model(str(checkpoint_folder), dtype=dtype, device=self.device or "cpu")
+        # the model stays on the CPU: calibration passes and quantisation move one decoder layer at a time to
+        # the compute device (moecompress.calibration.runner)
+        model, loaded_tokenizer = load_model(str(checkpoint_folder), dtype=dtype, device="cpu")
         self.timings["load_model"] = time.perf_counter() - started
         context = RunContext(
             model=model, tokenizer=loaded_tokenizer or tokenizer, source=self.source, output_dir=partial,
@@ -284,10 +311,18 @@ class _PipelineRun:
             context.statistics_options = dict(profile.get("statistic_options") or {})
         for stage in stages:
             stage.check(context)  # impossible options fail before any stage works
-        records = [self._stage(index, stage, context, state, partial)[1] for index, stage in enumerate(stages)]
+        last_edit = max((index for index, stage in enumerate(stages) if getattr(stage, "modifies_model", True)),
+                        default=-1)
+        records = []
+        for index, stage in enumerate(stages):
+            if index > last_edit and not self.world.is_main:
+                break  # the model is final: stages that only read it (evaluate) run on rank 0
+            records.append(self._stage(index, stage, context, state, partial)[1])
+            if index == last_edit:
+                self._gather_rank_memory()
         self.timings["calibration passes in stages"] = context.timings.get("calibration_passes", 0.0)
         summary_after = model_summary(model)
-        if any(getattr(stage, "modifies_model", True) for stage in stages):
+        if any(getattr(stage, "modifies_model", True) for stage in stages) and self.world.is_main:
             started = time.perf_counter()
             self.progress.start("save model", None)
             save_model(model, context.tokenizer, partial)
@@ -341,13 +376,16 @@ class _PipelineRun:
                     "changed_structure": result.changed_structure}}
                 records.append(record)
             state["streamed_model_written"] = True
-            write_json_atomic(partial / STATE_FILE, state)
+            self._save_state(state)
         elif plan.quantization is not None:
             records.append({**done["record"], "resumed": True})
+        self._gather_rank_memory()
+        if not self.world.is_main:  # the model is written: stages that only read it (evaluate) run on rank 0
+            return records, None, None
         started = time.perf_counter()
         model = None
         if plan.after:  # stages that read the whole model load the written result
-            model, loaded_tokenizer = load_model(str(partial), dtype=dtype, device=self.device or "cpu")
+            model, loaded_tokenizer = load_model(str(partial), dtype=dtype, device="cpu")
             context.model, context.config = model, model.config
             context.statistics_source = None
             context.tokenizer = loaded_tokenizer or tokenizer
@@ -386,10 +424,15 @@ class _PipelineRun:
         state["stages"][key] = {"record": record, "result": {
             "decisions": result.decisions, "metrics": result.metrics, "plots": result.plots,
             "changed_structure": result.changed_structure}}
-        write_json_atomic(partial / STATE_FILE, state)
+        self._save_state(state)
         self.timings[f"stage {index}: {stage.method}"] = seconds
         self.progress.finish(name)
         return result, record
+
+    def _gather_rank_memory(self) -> None:
+        """Every rank's peak memory so far, for the report (a collective: every rank calls it once, after the
+        model's last edit)."""
+        self.rank_peak_memory = self.world.all_gather_objects(peak_memory_bytes())
 
     @staticmethod
     def _record(stage: Stage, result: StageResult, seconds: float, context: RunContext) -> dict:
@@ -429,10 +472,33 @@ class _PipelineRun:
             "stages": stage_records,
             "timings": {},
             "peak_memory_bytes": peak_memory_bytes(),
+            "ranks": {"world_size": self.world.size,
+                      "peak_memory_bytes": getattr(self, "rank_peak_memory", None) or [peak_memory_bytes()]},
         }
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
+def _check_ranked_stages(world: World, stages: list[Stage]) -> None:
+    """Over several ranks, only stages whose ranked run is known to equal one process's (:data:`RANKED_METHODS`)."""
+    if world.size == 1:
+        return
+    other = [stage.method for stage in stages if stage.method not in RANKED_METHODS]
+    if other:
+        raise RecipeError(f"stage(s) {other} cannot run over several ranks yet (supported: {list(RANKED_METHODS)}); "
+                          "run this recipe in one process (without torchrun / --nproc)")
+
+
+def _rank_device(world: World, device):
+    """The compute device of this rank: ``cuda`` becomes the rank's own GPU (``cuda:LOCAL_RANK``)."""
+    if world.size == 1:
+        return device
+    try:
+        resolved = rank_device(device, world.local_rank)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return None if resolved is None else str(resolved)
+
+
 def _stage_statistics_options(stage: Stage) -> dict[str, dict]:
     """``{statistic: options}`` a stage passes to ``context.statistics`` (stages that have a
     ``statistics_options()`` method; none for the others)."""
