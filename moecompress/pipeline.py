@@ -143,7 +143,7 @@ class _PipelineRun:
         self.pipeline = pipeline
         self.recipe = pipeline.recipe
         self.world = init_world(device)  # a world of one unless a launcher started several ranks
-        _check_ranked_stages(self.world, self.recipe.stages)
+        check_ranked_stages(self.recipe.stages, self.world.size)
         self.source = str(source)
         self.output_dir = Path(output_dir).expanduser().resolve()
         self.device = _rank_device(self.world, device)
@@ -478,9 +478,9 @@ class _PipelineRun:
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
-def _check_ranked_stages(world: World, stages: list[Stage]) -> None:
+def check_ranked_stages(stages: list[Stage], world_size: int) -> None:
     """Over several ranks, only stages whose ranked run is known to equal one process's (:data:`RANKED_METHODS`)."""
-    if world.size == 1:
+    if world_size == 1:
         return
     other = [stage.method for stage in stages if stage.method not in RANKED_METHODS]
     if other:

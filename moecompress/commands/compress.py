@@ -25,7 +25,7 @@ from moecompress.distributed import launched_size, shutdown_world
 from moecompress.export import EXPORT_FORMATS
 from moecompress.export.options import ExportOptions, run_exports
 from moecompress.export.report import render_report
-from moecompress.pipeline import Pipeline, ProgressReporter
+from moecompress.pipeline import Pipeline, ProgressReporter, check_ranked_stages
 
 
 def register(subparsers) -> None:
@@ -116,6 +116,7 @@ class RankLog(ProgressReporter):
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.nproc > 1 and launched_size() == 1:  # this process starts the ranks and waits for them
+        check_ranked_stages(Pipeline.from_recipe(args.recipe).stages, args.nproc)  # before any rank starts
         threads = None if args.threads else max(1, (os.cpu_count() or 1) // args.nproc)
         try:
             launch_ranks(args.nproc, rank_arguments(args), args.log_dir or default_log_dir(), threads_per_rank=threads)
