@@ -38,7 +38,7 @@ from moecompress.errors import CheckpointError, RecipeError, RunInterrupted, Usa
 from moecompress.evals.report_md import write_report_markdown
 from moecompress.export.options import run_exports
 from moecompress.folders import write_json_atomic
-from moecompress.models.families import adapter_for
+from moecompress.models.families import adapter_for, decoder_layers
 from moecompress.models.summary import model_summary
 from moecompress.recipe import CalibrationConfig, Recipe, check_stage_order, load_recipe, parse_recipe
 from moecompress.run_folder import LOCK_FILE, REPORT_FILE, STATE_FILE, RunFolder, RunLock, file_sizes, run_state
@@ -202,7 +202,8 @@ class _PipelineRun:
         partial = self.partial_dir
         try:
             state["finished"] = False
-            profile = state.get("profile") or self._profile(checkpoint_folder, calibration)
+            profile = state.get("profile") or (self._profile_in_sweep(checkpoint_folder) if self._sweep_profiles()
+                                               else self._profile(checkpoint_folder, calibration))
             state["profile"] = {key: value for key, value in profile.items() if key != "statistics"}
             self._save_state(state)
 
@@ -269,23 +270,31 @@ class _PipelineRun:
                          on_layer=lambda done, total: self.progress.update("profile", done, total))
         self.progress.finish("profile")
         self.timings["profile"] = run.seconds
-        super_experts = find_super_experts(run.layers, run.num_hidden_layers)
-        moe_layers = sorted(run.layers)
-        usage_by_domain = {
-            domain: [run.layers[layer]["expert_token_counts_by_domain"][index].tolist() for layer in moe_layers]
-            for index, domain in enumerate(run.domain_names)
-        }
-        return {
-            "statistics": run.layers,
-            "statistic_names": names,
-            "statistic_options": options,
-            "super_experts": [list(pair) for pair in super_experts.routed],
-            "super_experts_detail": super_experts.to_dict(),
-            "moe_layers": moe_layers,
-            "expert_token_counts": [run.layers[layer]["expert_token_counts"].tolist() for layer in moe_layers],
-            "expert_usage_by_domain": usage_by_domain,
-            "summary_before": summary,
-        }
+        return {"statistics": run.layers, "statistic_names": names, "statistic_options": options,
+                **_profile_record(run.layers, run.num_hidden_layers, run.domain_names, summary)}
+
+    def _sweep_profiles(self) -> bool:
+        """Whether the profiling pass is folded into the GPTQ sweep: a streamed recipe whose only editing stage is
+        ``gptq`` reads no statistics before the sweep and no super experts at all, so the report's profile (super
+        experts, expert usage) is collected in each layer's first pass of the sweep instead of a pass of its own."""
+        plan = self.stream_plan
+        return plan is not None and plan.pruning is None and getattr(plan.quantization, "method", None) == "gptq"
+
+    def _profile_in_sweep(self, checkpoint_folder: Path) -> dict[str, Any]:
+        """The profile of a run whose GPTQ sweep measures it (:meth:`_sweep_profiles`): the model summary now (a
+        meta skeleton, no pass), the statistics once the sweep ran (:meth:`_profile_from_sweep`)."""
+        model, _ = build_skeleton(checkpoint_folder, dtype=self._torch_dtype())
+        return {"statistic_names": [], "statistic_options": {}, "measured_in": "gptq sweep",
+                **_profile_record({}, 0, [], model_summary(model))}
+
+    def _profile_from_sweep(self, profile: dict, sweep_statistics: dict, calibration, num_hidden_layers: int) -> dict:
+        """``profile`` completed with what the GPTQ sweep collected (``QuantizationResult.sweep_statistics``)."""
+        record = _profile_record(sweep_statistics, num_hidden_layers, calibration.domain_names,
+                                 profile["summary_before"])
+        # said in the report: the inputs of layer l went through the quantised layers before it
+        record["super_experts_detail"]["measured_in"] = "gptq sweep: each layer before its quantisation, on the " \
+                                                        "outputs of the quantised layers before it"
+        return {**profile, **record}
 
     def _run_stages(self, checkpoint_folder, tokenizer, calibration, profile, state, partial):
         stages = self.recipe.stages
@@ -335,7 +344,8 @@ class _PipelineRun:
         the output checkpoint, then load the written model for the stages that read it (evaluate)."""
         plan = self.stream_plan
         dtype = self._torch_dtype() or _checkpoint_dtype(checkpoint_folder)
-        streamed = StreamedStages(plan, checkpoint_folder, dtype, device=self.device)
+        sweep_statistics = PROFILE_STATISTICS if profile.get("measured_in") == "gptq sweep" else ()
+        streamed = StreamedStages(plan, checkpoint_folder, dtype, device=self.device, sweep_statistics=sweep_statistics)
         context = RunContext(
             model=streamed.skeleton(), tokenizer=tokenizer, source=self.source, output_dir=partial,
             calibration=calibration, super_experts=[tuple(pair) for pair in profile["super_experts"]],
@@ -364,10 +374,14 @@ class _PipelineRun:
             started = time.perf_counter()
             name = "stream layers" + (f": {plan.quantization.method}" if plan.quantization else "")
             self.progress.start(name, None)
-            quantization_result, _ = streamed.write_model(context, pruning_result, partial)
+            quantization_result, written = streamed.write_model(context, pruning_result, partial)
             self.progress.finish(name)
             seconds = time.perf_counter() - started
             self.timings["stream layers"] = seconds
+            if sweep_statistics:  # the profile this run measured in the sweep
+                profile.update(self._profile_from_sweep(profile, quantization_result.sweep_statistics, calibration,
+                                                        len(decoder_layers(written))))
+                state["profile"] = {key: value for key, value in profile.items() if key != "statistics"}
             if plan.quantization is not None:
                 result = plan.quantization.stage_result(quantization_result)
                 record = self._record(plan.quantization, result, seconds, context)
@@ -450,6 +464,8 @@ class _PipelineRun:
         calibration_record["moe_layers"] = profile["moe_layers"]
         calibration_record["expert_token_counts"] = profile["expert_token_counts"]
         final_super = stage_records[-1]["super_experts_after"] if stage_records else profile["super_experts"]
+        if profile.get("measured_in") == "gptq sweep":  # found after the stage ran; GPTQ keeps every expert's id
+            final_super = profile["super_experts"]
         return {
             "recipe": self.recipe.to_dict(),
             "versions": collect_versions(),
@@ -478,6 +494,25 @@ class _PipelineRun:
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
+def _profile_record(layers: dict, num_hidden_layers: int, domain_names: list[str], summary: dict) -> dict[str, Any]:
+    """The report's profile (super experts, expert usage overall and per domain, the model summary) from the
+    :data:`PROFILE_STATISTICS` of every MoE layer ``{layer: LayerStatistics}``."""
+    super_experts = find_super_experts(layers, num_hidden_layers)
+    moe_layers = sorted(layers)
+    usage_by_domain = {
+        domain: [layers[layer]["expert_token_counts_by_domain"][index].tolist() for layer in moe_layers]
+        for index, domain in enumerate(domain_names)
+    }
+    return {
+        "super_experts": [list(pair) for pair in super_experts.routed],
+        "super_experts_detail": super_experts.to_dict(),
+        "moe_layers": moe_layers,
+        "expert_token_counts": [layers[layer]["expert_token_counts"].tolist() for layer in moe_layers],
+        "expert_usage_by_domain": usage_by_domain,
+        "summary_before": summary,
+    }
+
+
 def check_ranked_stages(stages: list[Stage], world_size: int) -> None:
     """Over several ranks, only stages whose ranked run is known to equal one process's (:data:`RANKED_METHODS`)."""
     if world_size == 1:

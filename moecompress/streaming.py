@@ -102,11 +102,14 @@ def choose_execution(mode: str, stages: list) -> StreamPlan | None:
 class StreamedStages:
     """Runs a :class:`StreamPlan` for one pipeline run (see the module docstring)."""
 
-    def __init__(self, plan: StreamPlan, checkpoint_folder: Path, dtype: torch.dtype, device=None) -> None:
+    def __init__(self, plan: StreamPlan, checkpoint_folder: Path, dtype: torch.dtype, device=None,
+                 sweep_statistics: tuple[str, ...] = ()) -> None:
         self.plan = plan
         self.checkpoint_folder = Path(checkpoint_folder)
         self.dtype = dtype
         self.device = device
+        # statistics the quantiser collects in each layer's first pass (a run that skipped the profiling pass)
+        self.sweep_statistics = tuple(sweep_statistics)
 
     def skeleton(self):
         model, _ = build_skeleton(self.checkpoint_folder, dtype=self.dtype)
@@ -138,6 +141,9 @@ class StreamedStages:
             settings = self.plan.quantization.settings(context)
             settings.progress_dir = staging
             settings.fingerprint = settings.fingerprint + ":" + self.decisions_key(pruning_result)
+            if self.sweep_statistics:  # staged layers then hold them too
+                settings.sweep_statistics = self.sweep_statistics
+                settings.fingerprint += ":" + ",".join(self.sweep_statistics)
             quantization_result = quantize_model(model, settings, context.calibration, batch_size=context.batch_size,
                                                  on_layer=context.on_layer, runner=runner)
             layer_files = open_layer_files(staging, settings.fingerprint, world)

@@ -202,15 +202,17 @@ class LayerwiseRunner:
         still loaded (to swap in modules that are slower to run than the ones propagated through). Returns the
         seconds taken.
         """
-        input_ids, _, _ = _unpack_calibration(calibration)
-        input_ids, _ = rank_share(self.world, input_ids, None, batch_size)
+        input_ids, domain_names, token_domains = _unpack_calibration(calibration)
+        input_ids, token_domains = rank_share(self.world, input_ids, token_domains, batch_size)
         started = time.perf_counter()
         with torch.no_grad(), calibration_backend(self.model, self.views):
             cached = self.catch_layer0_inputs(input_ids, batch_size)
+            batch_domains = _split_domains(token_domains, [hidden.shape[0] * hidden.shape[1] for hidden, _, _ in cached])
             total = len(self.layers)
             for layer_index, layer in enumerate(self.layers):
                 moved = self._onload(layer, f"{self.layers_path}.{layer_index}", layer_index)
-                replay = LayerReplay(self.model, layer_index, layer, cached, self.world)
+                replay = LayerReplay(self.model, layer_index, layer, cached, self.world, batch_domains,
+                                     num_domains=max(len(domain_names), 1))
                 process_layer(layer_index, layer, replay)
                 replay.propagate()
                 if finish_layer is not None:
@@ -270,12 +272,16 @@ class LayerReplay:
     """
 
     def __init__(self, model: nn.Module, layer_index: int, layer: nn.Module,
-                 cached: list[tuple[torch.Tensor, tuple, dict]], world: World | None = None) -> None:
+                 cached: list[tuple[torch.Tensor, tuple, dict]], world: World | None = None,
+                 batch_domains: list[torch.Tensor | None] | None = None, num_domains: int = 1) -> None:
         self.model = model
         self.layer_index = layer_index
         self.layer = layer
         self.cached = cached  # this rank's batches
         self.world = world or current_world()
+        # calibration domain of every token of each batch (None: unknown), for per-domain statistics
+        self.batch_domains = batch_domains or [None] * len(cached)
+        self.num_domains = num_domains
 
     def views(self) -> list:
         """The MoE blocks of this decoder layer, as they are now."""
@@ -287,6 +293,10 @@ class LayerReplay:
         The statistics are combined over the ranks; ``hessian_owners`` (the rank of each expert of the Hessians'
         chunk) sends each per-expert Hessian only to its owner (the other ranks' copies are then partial)."""
         names = check_statistic_names(names)
+        options = dict(options or {})
+        if "expert_token_counts_by_domain" in names:
+            options["expert_token_counts_by_domain"] = {**options.get("expert_token_counts_by_domain", {}),
+                                                        "num_domains": self.num_domains}
         collectors = [LayerCollector(view, names, options) for view in self.views()]
         self._forward(collectors, keep_outputs=False)
         for collector in collectors:
@@ -302,6 +312,8 @@ class LayerReplay:
             collector.attach()
         try:
             for batch_index, (hidden, args, kwargs) in enumerate(self.cached):
+                for collector in collectors:
+                    collector.domain_ids = self.batch_domains[batch_index]
                 output = self.layer(hidden, *args, **kwargs)
                 if keep_outputs:
                     self.cached[batch_index] = (output[0] if isinstance(output, tuple) else output, args, kwargs)

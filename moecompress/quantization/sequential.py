@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from moecompress.calibration.runner import LayerReplay, LayerwiseRunner
+from moecompress.calibration.statistics import LayerStatistics
 from moecompress.checkpoint.native import MoECompressQuantizationConfig, prepare_skeleton
 from moecompress.checkpoint.shards import LayerFiles
 from moecompress.distributed import World, current_world
@@ -77,6 +78,10 @@ class QuantizationSettings:
     # found there instead of quantising them again (a killed run resumes at the first layer not yet written).
     progress_dir: Path | None = None
     fingerprint: str = ""
+    # Statistics to collect, at no extra pass, in each MoE layer's first pass (its experts not yet quantised, its
+    # inputs from the quantised layers before it): what a run that skipped the profiling pass reports (super
+    # experts, expert usage). Returned in ``QuantizationResult.sweep_statistics``.
+    sweep_statistics: tuple[str, ...] = ()
 
     def round_to_nearest(self, weight: torch.Tensor, bits: int) -> PackedLinearWeight:
         """RTN of ``weight [..., out, in]`` at ``bits`` with these settings' groups, symmetry and scale search."""
@@ -109,6 +114,8 @@ class QuantizationResult:
     seconds_per_layer: dict[int, float] = field(default_factory=dict)
     # decoder layer -> the native-format description of its packed modules (``{"layers": ..., "linears": ...}``)
     layer_configs: dict[int, dict] = field(default_factory=dict)
+    # MoE layer -> the ``settings.sweep_statistics`` of its first pass
+    sweep_statistics: dict[int, LayerStatistics] = field(default_factory=dict)
 
     def quantization_config(self) -> MoECompressQuantizationConfig:
         """The model's native ``quantization_config``, merged from every layer's (no module is read)."""
@@ -229,10 +236,13 @@ class _LayerProgress:
         if layer_index % self.world.size != self.world.rank:
             return
         layer_config = result.layer_configs[layer_index]
+        sweep = result.sweep_statistics.get(layer_index)
         self.files.save(layer_index, layer, {
             "config": layer_config,
             "experts": [asdict(record) for record in result.experts if record.layer == layer_index],
             "linears": {path: spec for path, spec in result.linears.items() if path in layer_config.get("linears", {})},
+            "sweep_statistics": None if sweep is None else {
+                "num_experts": sweep.num_experts, "num_tokens": sweep.num_tokens, "values": _to_lists(sweep.values)},
         })
 
     def restore(self, model: nn.Module, layer_index: int, layer: nn.Module, result: QuantizationResult) -> bool:
@@ -247,7 +257,25 @@ class _LayerProgress:
         result.experts.extend(ExpertRecord(**record) for record in saved["experts"])
         result.linears.update(saved["linears"])
         result.layer_configs[layer_index] = saved["config"]
+        sweep = saved.get("sweep_statistics")
+        if sweep is not None:
+            result.sweep_statistics[layer_index] = LayerStatistics(layer_index, sweep["num_experts"],
+                                                                   sweep["num_tokens"], _to_tensors(sweep["values"]))
         return True
+
+
+def _to_lists(value):
+    """Tensors (in dicts) as nested lists, for a JSON file."""
+    if isinstance(value, dict):
+        return {key: _to_lists(item) for key, item in value.items()}
+    return {"tensor": value.tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+
+
+def _to_tensors(value):
+    """:func:`_to_lists` undone."""
+    if "tensor" in value:
+        return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
+    return {key: _to_tensors(item) for key, item in value.items()}
 
 
 def open_layer_files(folder: Path, fingerprint: str, world: World) -> LayerFiles:
@@ -338,8 +366,16 @@ class _GPTQLayer:
                         chunk_owners = owners(self.world, chunk[1] - chunk[0])  # each Hessian to its solver
                     if first_chunk and shared_paths:
                         names.append(shared_name)
+                    first_pass = view is not None and half == "gate_up" and chunk[0] == 0
+                    if first_pass:  # the layer's experts are not quantised yet
+                        names += [name for name in self.settings.sweep_statistics if name not in names]
                     hooks.enabled = first_chunk
                     statistics = self.replay.collect(names, options, hessian_owners=chunk_owners)
+                    if first_pass and self.settings.sweep_statistics:
+                        found = statistics[view.layer_index]
+                        self.result.sweep_statistics[view.layer_index] = LayerStatistics(
+                            view.layer_index, found.num_experts, found.num_tokens,
+                            {name: found[name] for name in self.settings.sweep_statistics})
                     if first_chunk:
                         self._quantize_shared(statistics, shared_name, shared_paths, linears)
                         first_chunk = False
