@@ -20,6 +20,10 @@ import time
 import uuid
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
 from moecompress.distributed import is_communication_error
 from moecompress.errors import MoECompressError
 
@@ -44,10 +48,6 @@ def default_log_dir() -> Path:
 def launch_ranks(nproc: int, arguments: list[str], log_dir: Path, *, threads_per_rank: int | None) -> None:
     """Run ``python -m moecompress *arguments`` as ``nproc`` ranks on this machine; returns when all succeeded,
     raises :class:`RankFailed` naming the rank that failed first otherwise."""
-    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
     logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)  # the agent's start-up chatter
     log_dir.mkdir(parents=True, exist_ok=True)
     if threads_per_rank is not None:  # ranks share the cores (torchrun likewise sets OMP_NUM_THREADS=1)
