@@ -155,7 +155,7 @@ class LayerCollector:
             end = start + count
             inputs = pick_inputs[start:end]
             weights = view.expert_weights(expert)
-            intermediate = view.expert_intermediate(expert, inputs)
+            intermediate = view.expert_intermediate(expert, inputs, weights)
             expert_output = nn.functional.linear(intermediate, weights.down, weights.down_bias)
             if pick_outputs is None:
                 pick_outputs = expert_output.new_empty(num_picks, expert_output.shape[1])
