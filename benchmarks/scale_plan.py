@@ -55,10 +55,11 @@ REAL = {
 # Assumed sustained H100 SXM rates (why: fp32 matmuls without TF32, torch's default, peak 67 TFLOP/s, large GEMMs
 # sustain ~60%; bf16 tensor-core forward of many small expert GEMMs ~25% of the 989 TFLOP/s peak; Cholesky-type
 # factorisations ~30% of fp32 peak; HBM3 3.35 TB/s peak, ~75% streamed; ~8 us per kernel launch in the eager GPTQ
-# column loop, about 15 launches per column; NVLink 4 450 GB/s per direction). Replace with measured figures
+# column loop, about 15 launches per column; NVLink 4 450 GB/s per direction; an NVMe drive reading 3 GB/s, each
+# layer read twice (profiling pass, sweep), the ranks of a node sharing the page cache). Replace with measured figures
 # (scripts/gpu_check.sh) once a GPU is lent.
 GPU = {"fp32_matmul_tflops": 40.0, "bf16_forward_tflops": 250.0, "factorisation_tflops": 20.0, "hbm_gbps": 2500.0,
-       "launch_us": 8.0, "launches_per_column": 15, "nvlink_gbps": 450.0}
+       "launch_us": 8.0, "launches_per_column": 15, "nvlink_gbps": 450.0, "disk_gbps": 3.0}
 # A realistic calibration set for the projection: 512 sequences of 2048 tokens.
 PROJECT_TOKENS = 512 * 2048
 MSE_CANDIDATES = 80  # candidate clippings of the mse scale search (moecompress.quantization.packing)
@@ -265,7 +266,8 @@ def project(shape: str, gpus: int, card_gib: float = 80.0) -> dict:
                         + work["columns"] * GPU["launches_per_column"] * GPU["launch_us"] * 1e-6 / stack)
     hessian_bytes = real["E"] * (real["d"] ** 2 + real["I"] ** 2) * 8  # fp64 sums reduced to their owners
     packed_bytes = real["E"] * 3 * real["d"] * real["I"] * 4 / 8  # 4-bit experts shared with every rank
-    parts = {"profile": forward_s, "hessians": chunks * forward_s + hessian_s,
+    parts = {"disk": 2 * weights / (GPU["disk_gbps"] * 1e9), "profile": forward_s,
+             "hessians": chunks * forward_s + hessian_s,
              "solve": solve_per_expert * math.ceil(real["E"] / gpus), "propagation": forward_s,
              "communication": 0.0 if gpus == 1 else (2 * hessian_bytes + packed_bytes) / (GPU["nvlink_gbps"] * 1e9)}
     per_layer = sum(parts.values())
@@ -372,7 +374,7 @@ def markdown(results: dict, args) -> str:
         lines += ["", f"Projected whole compress (GPTQ 4-bit, {PROJECT_TOKENS // 2048} x 2048 calibration tokens) on "
                   "H100s at the assumed rates:", "",
                   "| model | GPUs | per MoE layer s | whole model h | memory per GPU GiB | Hessian passes | "
-                  "profile / Hessians / solve / propagation / communication s per layer |",
+                  "disk / profile / Hessians / solve / propagation / communication s per layer |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for name, rows in projections.items():
             for row in rows:
