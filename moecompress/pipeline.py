@@ -50,9 +50,9 @@ from moecompress.version import __version__
 # report shows expert usage overall and per calibration domain.
 PROFILE_STATISTICS = ("max_abs_expert_output", "expert_token_counts", "expert_token_counts_by_domain")
 
-# Stages whose work over several ranks is checked to equal one process's (tests/test_distributed.py and the
-# statistics they read): decisions from combined statistics, GPTQ/RTN with experts owned by ranks, evaluation on
-# rank 0. A recipe with another stage runs in one process.
+# Stages that run over several ranks: those that decide from the combined statistics alone (every statistic is
+# combined bit for bit, tests/test_distributed.py), GPTQ/RTN with experts owned by ranks, evaluation on rank 0.
+# CAMERA and ODP run passes of their own that are not split yet: a recipe with them runs in one process.
 RANKED_METHODS = ("prune_frequency", "prune_reap", "prune_ean", "prune_premoe", "prune_naee", "merge_msmoe",
                   "merge_uncurl", "merge_hcsmoe", "mcmoe_pmq", "rtn", "gptq", "evaluate")
 

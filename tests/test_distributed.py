@@ -201,6 +201,8 @@ def test_solved_experts_are_shared_with_every_rank():
 # ----- whole runs -------------------------------------------------------------------------------------------------
 CALIBRATION = {"files": [str(TESTBED / "calib")], "num_samples": 8, "seq_len": 48, "batch_size": 2}
 PRUNE_GPTQ = [{"method": "prune_frequency", "keep_ratio": 0.75}, {"method": "gptq", "bits": 2, "group_size": 32}]
+MERGE_REAP_GPTQ = [{"method": "merge_uncurl", "num_experts_to_keep": 28, "router_rule": "collapse"},
+                   {"method": "prune_reap", "num_experts_to_keep": 24}, {"method": "gptq", "bits": 3, "group_size": 32}]
 PMQ_GPTQ = [{"method": "mcmoe_pmq", "avg_bits": 2.5, "candidates": [2, 3]},
             {"method": "gptq", "bits": 2, "group_size": 32, "agq": True, "targets": ["routed_experts", "attention"]}]
 
@@ -222,6 +224,22 @@ def _compress(model: str, recipe: Path, out: Path, *extra: str, first_on_path: P
     return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=900)
 
 
+_ONE_PROCESS: dict[tuple, Path] = {}
+
+
+def _one_process(model: str, stages: list, execution: str, folder: Path) -> Path:
+    """The one-process output of ``stages`` on ``model``, made once per test session (the reference of several
+    tests)."""
+    key = (model, json.dumps(stages, sort_keys=True), execution)
+    if key not in _ONE_PROCESS:
+        folder.mkdir(parents=True, exist_ok=True)
+        out = folder / "one"
+        result = _compress(model, _write_recipe(folder, stages), out, "--execution", execution)
+        assert result.returncode == 0, result.stderr[-3000:]
+        _ONE_PROCESS[key] = out
+    return _ONE_PROCESS[key]
+
+
 def _assert_equal_runs(one: Path, ranked: Path) -> None:
     problems, count = compare_folder(one, ranked)
     assert count > 0 and problems == [], problems
@@ -235,27 +253,25 @@ def _assert_equal_runs(one: Path, ranked: Path) -> None:
     pytest.param("moe-ref-ds", PMQ_GPTQ, "in_memory", id="ds-pmq-agq-gptq"),
     pytest.param("moe-ref-mx", PRUNE_GPTQ, "streamed", id="mx-prune-gptq-streamed", marks=pytest.mark.slow),
     pytest.param("moe-ref-mx", PMQ_GPTQ, "in_memory", id="mx-pmq-agq-gptq", marks=pytest.mark.slow),
+    pytest.param("moe-ref-q3", MERGE_REAP_GPTQ, "in_memory", id="q3-merge-reap-gptq", marks=pytest.mark.slow),
 ])
-def test_two_ranks_equal_one_process(testbed, tmp_path, model, stages, execution):
-    recipe = _write_recipe(tmp_path, stages)
-    one = _compress(model, recipe, tmp_path / "one", "--execution", execution)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _compress(model, recipe, tmp_path / "two", "--execution", execution, "--nproc", "2",
-                    "--log-dir", str(tmp_path / "logs"))
+def test_two_ranks_equal_one_process(testbed, tmp_path, tmp_path_factory, model, stages, execution):
+    one = _one_process(model, stages, execution, tmp_path_factory.mktemp("one"))
+    two = _compress(model, _write_recipe(tmp_path, stages), tmp_path / "two", "--execution", execution,
+                    "--nproc", "2", "--log-dir", str(tmp_path / "logs"))
     assert two.returncode == 0, two.stderr[-3000:]
-    _assert_equal_runs(tmp_path / "one", tmp_path / "two")
+    _assert_equal_runs(one, tmp_path / "two")
     assert "[rank1]:" in two.stderr  # every rank's lines reach the terminal, prefixed
     assert list((tmp_path / "logs").rglob("stderr.log"))  # and a log file per rank
 
 
 @pytest.mark.slow
-def test_torchrun_launch_equals_one_process(testbed, tmp_path):
-    recipe = _write_recipe(tmp_path, PRUNE_GPTQ)
-    assert _compress("moe-ref-q3", recipe, tmp_path / "one").returncode == 0
+def test_torchrun_launch_equals_one_process(testbed, tmp_path, tmp_path_factory):
+    one = _one_process("moe-ref-q3", PRUNE_GPTQ, "streamed", tmp_path_factory.mktemp("one"))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
-    two = _compress("moe-ref-q3", recipe, tmp_path / "two", launcher=torchrun)
+    two = _compress("moe-ref-q3", _write_recipe(tmp_path, PRUNE_GPTQ), tmp_path / "two", launcher=torchrun)
     assert two.returncode == 0, two.stderr[-3000:]
-    _assert_equal_runs(tmp_path / "one", tmp_path / "two")
+    _assert_equal_runs(one, tmp_path / "two")
 
 
 FAILING_RANK = '''
@@ -275,7 +291,7 @@ if os.environ.get("RANK") == "1" and os.environ.get("MOECOMPRESS_TEST_FAIL"):
 '''
 
 
-def test_a_failing_rank_stops_the_run_with_one_error_and_the_run_resumes(testbed, tmp_path):
+def test_a_failing_rank_stops_the_run_with_one_error_and_the_run_resumes(testbed, tmp_path, tmp_path_factory):
     """Rank 1 fails in layer 3 (a ``sitecustomize`` patch in every rank): the command exits with that rank's code and
     one last line naming rank 1 and its message; the layers staged before it are kept, and the same command then
     resumes and finishes with the result of one process."""
@@ -297,8 +313,7 @@ def test_a_failing_rank_stops_the_run_with_one_error_and_the_run_resumes(testbed
 
     resumed = _compress("moe-ref-q3", recipe, out, "--nproc", "2", first_on_path=hooks)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert _compress("moe-ref-q3", recipe, tmp_path / "one").returncode == 0
-    _assert_equal_runs(tmp_path / "one", out)
+    _assert_equal_runs(_one_process("moe-ref-q3", PRUNE_GPTQ, "streamed", tmp_path_factory.mktemp("one")), out)
 
 
 def test_a_recipe_with_a_stage_not_checked_over_ranks_is_refused(testbed, tmp_path):

@@ -21,7 +21,8 @@ from moecompress.commands.launch import (
     launch_ranks,
     record_rank_failure,
 )
-from moecompress.distributed import launched_size, shutdown_world
+from moecompress.distributed import launched_size, rank_device, shutdown_world
+from moecompress.errors import UsageError
 from moecompress.export import EXPORT_FORMATS
 from moecompress.export.options import ExportOptions, run_exports
 from moecompress.export.report import render_report
@@ -117,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     if args.nproc > 1 and launched_size() == 1:  # this process starts the ranks and waits for them
         check_ranked_stages(Pipeline.from_recipe(args.recipe).stages, args.nproc)  # before any rank starts
+        try:
+            rank_device(args.device, args.nproc - 1)  # enough GPUs for one a rank
+        except ValueError as error:
+            raise UsageError(f"--nproc {args.nproc} --device {args.device}: {error}") from None
         threads = None if args.threads else max(1, (os.cpu_count() or 1) // args.nproc)
         try:
             launch_ranks(args.nproc, rank_arguments(args), args.log_dir or default_log_dir(), threads_per_rank=threads)
