@@ -1,7 +1,8 @@
 """Benchmark the packed Triton kernels against fp16 torch on real expert shapes (needs a CUDA GPU).
 
-Dense (one packed linear, ``y = x @ W^T``): fp16 ``F.linear`` vs ``packed_linear_triton`` (and gemlite when it
-imports) on Mixtral 4096x14336, Qwen3-30B-A3B 2048x768, DeepSeek-V3 7168x2048 (in x out), batches 1/16/64.
+Dense (one packed linear, ``y = x @ W^T``): fp16 ``F.linear`` vs ``packed_linear_triton`` (and, at 4 bits, torch's
+own int4 weight-only matmul ``aten._weight_int4pack_mm`` in bf16, and gemlite when it imports) on Mixtral
+4096x14336, Qwen3-30B-A3B 2048x768, DeepSeek-V3 7168x2048 (in x out), batches 1/16/64.
 MoE (one layer's routed experts): transformers' ``Qwen3MoeExperts`` with the ``grouped_mm`` and ``batched_mm``
 backends in fp16 vs ``PackedExperts`` on the grouped kernel, Qwen3-30B-A3B shape (128 experts, H=2048, I=768, top-8).
 
@@ -108,6 +109,27 @@ def gemlite_linear(weight: torch.Tensor, bits: int, group_size: int):
         return None, f"gemlite failed: {type(error).__name__}: {str(error)[:80]}"
 
 
+def torch_int4_linear(packed, device: str):
+    """torch's int4 weight-only matmul (tinygemm) for a symmetric 4-bit ``PackedLinearWeight``: ``(fn(x bf16), "")``,
+    or ``(None, reason)``. Codes ``[-8, 7]`` become ``[0, 15]`` with zero point 8 (``w = (q - 8) * scale``); the
+    scales, bf16, go in torch's ``[groups, out, 2]`` scale-and-zero layout."""
+    if packed.bits != 4 or not packed.symmetric:
+        return None, "torch int4: symmetric 4-bit only"
+    try:
+        codes = packed.codes().to(torch.int32) + 8  # [out, in]
+        scales = packed.scales.to(torch.bfloat16).t()  # [groups, out]
+        scale_and_zero = torch.stack([scales, torch.zeros_like(scales)], dim=-1).contiguous().to(device)
+        group = packed.effective_group_size
+        if device == "cpu":
+            weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 8)
+            return (lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, weight, group, scale_and_zero)), ""
+        nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).to(device)  # two codes a byte, high first
+        weight = torch.ops.aten._convert_weight_to_int4pack(nibbles, 8)
+        return (lambda x: torch.ops.aten._weight_int4pack_mm(x, weight, group, scale_and_zero)), ""
+    except Exception as error:  # the private op's layout moves between torch versions: say so, keep benchmarking
+        return None, f"torch int4 unavailable: {type(error).__name__}: {str(error)[:80]}"
+
+
 def bench_dense(args, device_name: str, peak: float | None) -> list[dict]:
     from moecompress.kernels.reference import packed_linear_reference
     from moecompress.kernels.triton_gemm import packed_linear_triton
@@ -124,6 +146,12 @@ def bench_dense(args, device_name: str, peak: float | None) -> list[dict]:
             print(f"[check] dense {shape_name} {in_features}x{out_features} {bits}-bit: rel. error vs torch "
                   f"reference {error:.2e} {'OK' if error < 1e-2 else 'FAIL'}")
             gem_layer, gem_note = gemlite_linear(weight, bits, args.group_size)
+            int4_fn, int4_note = torch_int4_linear(packed, "cuda")
+            if int4_fn is not None:
+                int4_error = relative_error(int4_fn(check_x.to(torch.bfloat16)),
+                                            packed_linear_reference(check_x, packed))
+                print(f"[check] torch int4 {shape_name}: rel. error vs reference {int4_error:.2e} "
+                      f"{'OK' if int4_error < 2e-2 else 'FAIL'}")
             for batch in args.batches:
                 x = torch.randn(batch, in_features, device="cuda", dtype=torch.float16)
                 fp16_ms, _ = time_cuda(lambda: F.linear(x, weight), args.iters, args.graph)
@@ -137,6 +165,13 @@ def bench_dense(args, device_name: str, peak: float | None) -> list[dict]:
                     "fp16_ms": fp16_ms, "ours_ms": ours_ms, "speedup_vs_fp16": fp16_ms / ours_ms,
                     "ours_GBps": ours_bytes / ours_ms / 1e6, "fp16_GBps": fp16_bytes / fp16_ms / 1e6,
                 }
+                if int4_fn is not None:
+                    x_bf16 = x.to(torch.bfloat16)
+                    row["torch_int4_ms"], _ = time_cuda(lambda: int4_fn(x_bf16), args.iters, args.graph)
+                    row["torch_int4_rel_error"] = int4_error
+                    row["speedup_vs_torch_int4"] = row["torch_int4_ms"] / ours_ms
+                elif bits == 4:
+                    row["torch_int4_note"] = int4_note
                 if gem_layer is not None:
                     try:
                         row["gemlite_ms"], _ = time_cuda(lambda: gem_layer(x), args.iters, args.graph)
@@ -245,12 +280,13 @@ def markdown_table(rows: list[dict]) -> str:
     lines = []
     dense = [r for r in rows if r["kind"] == "dense"]
     if dense:
-        lines += ["| shape (in x out) | bits | batch | fp16 F.linear us | ours us | speedup | ours GB/s | % peak | gemlite us |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| shape (in x out) | bits | batch | fp16 F.linear us | torch int4 us | ours us | speedup vs fp16 | "
+                  "ours GB/s | % peak | gemlite us |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in dense:
             gem = f"{r['gemlite_ms'] * 1e3:.1f}" if "gemlite_ms" in r else "-"
+            int4 = f"{r['torch_int4_ms'] * 1e3:.1f}" if "torch_int4_ms" in r else "-"
             lines.append(f"| {r['shape']} {r['in']}x{r['out']} | {r['bits']} | {r['batch']} | {r['fp16_ms'] * 1e3:.1f} | "
-                         f"{r['ours_ms'] * 1e3:.1f} | {r['speedup_vs_fp16']:.2f}x | {r['ours_GBps']:.0f} | "
+                         f"{int4} | {r['ours_ms'] * 1e3:.1f} | {r['speedup_vs_fp16']:.2f}x | {r['ours_GBps']:.0f} | "
                          f"{r.get('ours_pct_peak', float('nan')):.0f} | {gem} |")
     moe = [r for r in rows if r["kind"] == "moe"]
     if moe:

@@ -5,6 +5,11 @@ streamed (:mod:`moecompress.streaming`: decisions on a meta skeleton, then one s
 disk). Around both: the checks that run before any work, the profiling pass over the original model, resume from
 ``state.json``, the report, and the output folder's rules (:mod:`moecompress.run_folder`). The stage interface lives
 in :mod:`moecompress.stages` and is re-exported here (``from moecompress.pipeline import Stage`` keeps working).
+
+Over several ranks (``torchrun ... -m moecompress compress``, :mod:`moecompress.distributed`) every rank runs the
+same checks, profiling pass and stages on its share of the calibration batches, with statistics combined so that
+every rank decides the same; rank 0 alone holds the output folder's lock and writes ``state.json``, the report and
+the model files that are not sharded by rank, and runs the stages that only read the model (``evaluate``).
 """
 
 from __future__ import annotations
@@ -31,12 +36,14 @@ from moecompress.checkpoint.lazy import build_skeleton
 from moecompress.checkpoint.loading import load_model
 from moecompress.checkpoint.native import build_meta_model, save_model
 from moecompress.checkpoint.validation import has_tokenizer_files, resolve_checkpoint
+from moecompress.distributed import World, current_world, init_world, rank_device
 from moecompress.errors import (
     CheckpointError,
     MoECompressError,
     OutOfSpaceError,
     RecipeError,
     RunInterrupted,
+    UsageError,
     is_out_of_space,
 )
 from moecompress.evals.model_card import write_model_card
@@ -44,7 +51,7 @@ from moecompress.evals.report_md import write_report_markdown
 from moecompress.export.options import ExportOptions, check_exports, run_exports
 from moecompress.folders import write_json_atomic
 from moecompress.logs import LOGGER, RUN_LOG, ConsoleHandler, RunLog, log_exception, run_output
-from moecompress.models.families import adapter_for
+from moecompress.models.families import adapter_for, decoder_layers
 from moecompress.models.summary import model_summary
 from moecompress.progress import ProgressReporter, for_stream, reporting
 from moecompress.recipe import CalibrationConfig, Recipe, check_stage_order, load_recipe, parse_recipe
@@ -56,6 +63,12 @@ from moecompress.version import __version__
 # Statistics the profiling pass always collects on the original model: super experts need the output maxima, the
 # report shows expert usage overall and per calibration domain.
 PROFILE_STATISTICS = ("max_abs_expert_output", "expert_token_counts", "expert_token_counts_by_domain")
+
+# Stages that run over several ranks: those that decide from the combined statistics alone (every statistic is
+# combined bit for bit, tests/test_distributed.py), GPTQ/RTN with experts owned by ranks, evaluation on rank 0.
+# CAMERA and ODP run passes of their own that are not split yet: a recipe with them runs in one process.
+RANKED_METHODS = ("prune_frequency", "prune_reap", "prune_ean", "prune_premoe", "prune_naee", "merge_msmoe",
+                  "merge_uncurl", "merge_hcsmoe", "mcmoe_pmq", "rtn", "gptq", "evaluate")
 
 
 class Pipeline:
@@ -147,7 +160,7 @@ class Pipeline:
                                       progress=reporter, execution=execution, run_log=run_log,
                                       threads=threads, source_name=source_name, allow_task_code=allow_task_code,
                                       exports=exports).execute()
-                if exports:  # deployment folders beside the native output
+                if exports and current_world().is_main:  # deployment folders beside the native output
                     report = {**report, "exports": run_exports(output_dir, exports)}
         finally:
             reporter.close()
@@ -197,10 +210,12 @@ class _PipelineRun:
         self.stream_plan = choose_execution(execution, pipeline.recipe.stages)  # a bad mode fails first
         self.pipeline = pipeline
         self.recipe = pipeline.recipe
+        self.world = init_world(device)  # a world of one unless a launcher started several ranks
+        check_ranked_stages(self.recipe.stages, self.world.size)
         self.source = str(source)
         self.source_name = source_name or self.source
         self.output_dir = Path(output_dir).expanduser().resolve()
-        self.device = device
+        self.device = _rank_device(self.world, device)
         self.dtype = dtype
         self.overwrite = overwrite
         self.folder = RunFolder(self.output_dir, recipe_sha256=self.recipe.sha256, source=self.source,
@@ -215,6 +230,11 @@ class _PipelineRun:
     @property
     def partial_dir(self) -> Path:
         return self.folder.partial_dir
+
+    def _save_state(self, state: dict) -> None:
+        """``state.json`` (rank 0 writes it; every rank holds the same state)."""
+        if self.world.is_main:
+            write_json_atomic(self.partial_dir / STATE_FILE, state)
 
     def _check_before_work(self, checkpoint_folder: Path) -> None:
         """Everything the model's config can refute, on a meta skeleton (no weights read): the family is supported,
@@ -258,19 +278,24 @@ class _PipelineRun:
                 return report
         output_seen = run_state(self.output_dir)
         self.folder.check_replaceable(output_seen)
-        state, created = self.folder.open_partial(identity)
+        state, created = self.folder.open_partial(identity) if self.world.is_main else ({}, False)
+        state = self.world.broadcast_object(state)  # the other ranks wait for rank 0's lock, then share its state
         partial = self.partial_dir
         try:
-            self.run_log.open(partial)
+            if self.world.is_main:  # one run.log, rank 0's (the other ranks' lines stay in memory)
+                self.run_log.open(partial)
             self._log_start(checkpoint_folder, calibration, state)
             state["finished"] = False
             state["source_files"] = source.files
-            profile = state.get("profile") or self._profile(checkpoint_folder, calibration)
+            profile = state.get("profile") or (self._profile_in_sweep(checkpoint_folder) if self._sweep_profiles()
+                                               else self._profile(checkpoint_folder, calibration))
             state["profile"] = {key: value for key, value in profile.items() if key != "statistics"}
-            write_json_atomic(partial / STATE_FILE, state)
+            self._save_state(state)
 
             stage_records, model_summary_after, model = self._run_stages(checkpoint_folder, tokenizer, calibration,
                                                                          profile, state, partial)
+            if not self.world.is_main:  # its part of the model is written; rank 0 reports
+                return {"rank": self.world.rank, "world_size": self.world.size}
             report = self._report(calibration, profile, stage_records, model_summary_after)
             report["timings"] = {**self.timings, "total": time.perf_counter() - started}
             write_json_atomic(partial / REPORT_FILE, report)
@@ -286,7 +311,7 @@ class _PipelineRun:
         except BaseException as error:
             kept = "profile" in state
             log_exception(error, "the run stopped")
-            if created and not kept:  # nothing worth resuming: leave no empty partial folder behind
+            if created and not kept and self.world.is_main:  # nothing worth resuming: leave no empty partial folder
                 shutil.rmtree(partial, ignore_errors=True)
             log = partial / RUN_LOG if partial.is_dir() else None
             if isinstance(error, KeyboardInterrupt) and not isinstance(error, RunInterrupted):
@@ -328,9 +353,12 @@ class _PipelineRun:
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint_folder))
         config = self.recipe.calibration
         if config.ebss is not None:  # the model writes its own calibration set (MoEQuant EBSS)
-            calibration = ebss_calibration(checkpoint_folder, tokenizer, config, device=self.device,
-                                           dtype=self._torch_dtype() or _checkpoint_dtype(checkpoint_folder),
-                                           progress=self.progress)
+            calibration = None
+            if self.world.is_main:  # generated once, by rank 0, for every rank
+                calibration = ebss_calibration(checkpoint_folder, tokenizer, config, device=self.device,
+                                               dtype=self._torch_dtype() or _checkpoint_dtype(checkpoint_folder),
+                                               progress=self.progress)
+            calibration = self.world.broadcast_object(calibration)
         else:
             calibration = load_calibration(tokenizer, files=config.files, dataset=config.dataset,
                                            dataset_config=config.dataset_config, dataset_split=config.dataset_split,
@@ -358,23 +386,31 @@ class _PipelineRun:
                          on_layer=lambda done, total: self.progress.update("profile", done, total))
         self.progress.finish("profile")
         self.timings["profile"] = run.seconds
-        super_experts = find_super_experts(run.layers, run.num_hidden_layers)
-        moe_layers = sorted(run.layers)
-        usage_by_domain = {
-            domain: [run.layers[layer]["expert_token_counts_by_domain"][index].tolist() for layer in moe_layers]
-            for index, domain in enumerate(run.domain_names)
-        }
-        return {
-            "statistics": run.layers,
-            "statistic_names": names,
-            "statistic_options": options,
-            "super_experts": [list(pair) for pair in super_experts.routed],
-            "super_experts_detail": super_experts.to_dict(),
-            "moe_layers": moe_layers,
-            "expert_token_counts": [run.layers[layer]["expert_token_counts"].tolist() for layer in moe_layers],
-            "expert_usage_by_domain": usage_by_domain,
-            "summary_before": summary,
-        }
+        return {"statistics": run.layers, "statistic_names": names, "statistic_options": options,
+                **_profile_record(run.layers, run.num_hidden_layers, run.domain_names, summary)}
+
+    def _sweep_profiles(self) -> bool:
+        """Whether the profiling pass is folded into the GPTQ sweep: a streamed recipe whose only editing stage is
+        ``gptq`` reads no statistics before the sweep and no super experts at all, so the report's profile (super
+        experts, expert usage) is collected in each layer's first pass of the sweep instead of a pass of its own."""
+        plan = self.stream_plan
+        return plan is not None and plan.pruning is None and getattr(plan.quantization, "method", None) == "gptq"
+
+    def _profile_in_sweep(self, checkpoint_folder: Path) -> dict[str, Any]:
+        """The profile of a run whose GPTQ sweep measures it (:meth:`_sweep_profiles`): the model summary now (a
+        meta skeleton, no pass), the statistics once the sweep ran (:meth:`_profile_from_sweep`)."""
+        model, _ = build_skeleton(checkpoint_folder, dtype=self._torch_dtype())
+        return {"statistic_names": [], "statistic_options": {}, "measured_in": "gptq sweep",
+                **_profile_record({}, 0, [], model_summary(model))}
+
+    def _profile_from_sweep(self, profile: dict, sweep_statistics: dict, calibration, num_hidden_layers: int) -> dict:
+        """``profile`` completed with what the GPTQ sweep collected (``QuantizationResult.sweep_statistics``)."""
+        record = _profile_record(sweep_statistics, num_hidden_layers, calibration.domain_names,
+                                 profile["summary_before"])
+        # said in the report: the inputs of layer l went through the quantised layers before it
+        record["super_experts_detail"]["measured_in"] = "gptq sweep: each layer before its quantisation, on the " \
+                                                        "outputs of the quantised layers before it"
+        return {**profile, **record}
 
     def _run_stages(self, checkpoint_folder, tokenizer, calibration, profile, state, partial):
         stages = self.recipe.stages
@@ -384,7 +420,9 @@ class _PipelineRun:
             return self._run_stages_streamed(checkpoint_folder, tokenizer, calibration, profile, state, partial)
         started = time.perf_counter()
         dtype = self._torch_dtype() or _checkpoint_dtype(checkpoint_folder)
-        model, loaded_tokenizer = load_model(str(checkpoint_folder), dtype=dtype, device=self.device or "cpu")
+        # the model stays on the CPU: calibration passes and quantisation move one decoder layer at a time to
+        # the compute device (moecompress.calibration.runner)
+        model, loaded_tokenizer = load_model(str(checkpoint_folder), dtype=dtype, device="cpu")
         self.timings["load_model"] = time.perf_counter() - started
         context = RunContext(
             model=model, tokenizer=loaded_tokenizer or tokenizer, source=self.source, output_dir=partial,
@@ -399,10 +437,18 @@ class _PipelineRun:
             context.statistics_options = dict(profile.get("statistic_options") or {})
         for stage in stages:
             stage.check(context)  # impossible options fail before any stage works
-        records = [self._stage(index, stage, context, state, partial)[1] for index, stage in enumerate(stages)]
+        last_edit = max((index for index, stage in enumerate(stages) if getattr(stage, "modifies_model", True)),
+                        default=-1)
+        records = []
+        for index, stage in enumerate(stages):
+            if index > last_edit and not self.world.is_main:
+                break  # the model is final: stages that only read it (evaluate) run on rank 0
+            records.append(self._stage(index, stage, context, state, partial)[1])
+            if index == last_edit:
+                self._gather_rank_memory()
         self.timings["calibration passes in stages"] = context.timings.get("calibration_passes", 0.0)
         summary_after = model_summary(model)
-        if any(getattr(stage, "modifies_model", True) for stage in stages):
+        if any(getattr(stage, "modifies_model", True) for stage in stages) and self.world.is_main:
             started = time.perf_counter()
             self.progress.start("save model", None)
             save_model(model, context.tokenizer, partial)
@@ -415,7 +461,8 @@ class _PipelineRun:
         the output checkpoint, then load the written model for the stages that read it (evaluate)."""
         plan = self.stream_plan
         dtype = self._torch_dtype() or _checkpoint_dtype(checkpoint_folder)
-        streamed = StreamedStages(plan, checkpoint_folder, dtype, device=self.device)
+        sweep_statistics = PROFILE_STATISTICS if profile.get("measured_in") == "gptq sweep" else ()
+        streamed = StreamedStages(plan, checkpoint_folder, dtype, device=self.device, sweep_statistics=sweep_statistics)
         context = RunContext(
             model=streamed.skeleton(), tokenizer=tokenizer, source=self.source, output_dir=partial,
             calibration=calibration, super_experts=[tuple(pair) for pair in profile["super_experts"]],
@@ -447,10 +494,14 @@ class _PipelineRun:
                     if plan.quantization else "write the pruned model, streamed")
             self.progress.start(name, None, unit="layer")
             self.task = name
-            quantization_result, _ = streamed.write_model(context, pruning_result, partial)
+            quantization_result, written = streamed.write_model(context, pruning_result, partial)
             self.progress.finish(name)
             seconds = time.perf_counter() - started
             self.timings["stream layers"] = seconds
+            if sweep_statistics:  # the profile this run measured in the sweep
+                profile.update(self._profile_from_sweep(profile, quantization_result.sweep_statistics, calibration,
+                                                        len(decoder_layers(written))))
+                state["profile"] = {key: value for key, value in profile.items() if key != "statistics"}
             if plan.quantization is not None:
                 result = plan.quantization.stage_result(quantization_result)
                 record = self._record(plan.quantization, result, seconds, context)
@@ -459,13 +510,16 @@ class _PipelineRun:
                     "changed_structure": result.changed_structure}}
                 records.append(record)
             state["streamed_model_written"] = True
-            write_json_atomic(partial / STATE_FILE, state)
+            self._save_state(state)
         elif plan.quantization is not None:
             records.append({**done["record"], "resumed": True})
+        self._gather_rank_memory()
+        if not self.world.is_main:  # the model is written: stages that only read it (evaluate) run on rank 0
+            return records, None, None
         started = time.perf_counter()
         model = None
         if plan.after:  # stages that read the whole model load the written result
-            model, loaded_tokenizer = load_model(str(partial), dtype=dtype, device=self.device or "cpu")
+            model, loaded_tokenizer = load_model(str(partial), dtype=dtype, device="cpu")
             context.model, context.config = model, model.config
             context.statistics_source = None
             context.tokenizer = loaded_tokenizer or tokenizer
@@ -506,10 +560,15 @@ class _PipelineRun:
         state["stages"][key] = {"record": record, "result": {
             "decisions": result.decisions, "metrics": result.metrics, "plots": result.plots,
             "changed_structure": result.changed_structure}}
-        write_json_atomic(partial / STATE_FILE, state)
+        self._save_state(state)
         self.timings[f"stage {index}: {stage.method}"] = seconds
         self.progress.finish(name)
         return result, record
+
+    def _gather_rank_memory(self) -> None:
+        """Every rank's peak memory so far, for the report (a collective: every rank calls it once, after the
+        model's last edit)."""
+        self.rank_peak_memory = self.world.all_gather_objects(peak_memory_bytes())
 
     @staticmethod
     def _record(stage: Stage, result: StageResult, seconds: float, context: RunContext) -> dict:
@@ -527,6 +586,8 @@ class _PipelineRun:
         calibration_record["moe_layers"] = profile["moe_layers"]
         calibration_record["expert_token_counts"] = profile["expert_token_counts"]
         final_super = stage_records[-1]["super_experts_after"] if stage_records else profile["super_experts"]
+        if profile.get("measured_in") == "gptq sweep":  # found after the stage ran; GPTQ keeps every expert's id
+            final_super = profile["super_experts"]
         return {
             "recipe": self.recipe.to_dict(),
             "versions": collect_versions(),
@@ -549,10 +610,52 @@ class _PipelineRun:
             "stages": stage_records,
             "timings": {},
             "peak_memory_bytes": peak_memory_bytes(),
+            "ranks": {"world_size": self.world.size,
+                      "peak_memory_bytes": getattr(self, "rank_peak_memory", None) or [peak_memory_bytes()]},
         }
 
 
 # ----- helpers ---------------------------------------------------------------------------------------------------
+def _profile_record(layers: dict, num_hidden_layers: int, domain_names: list[str], summary: dict) -> dict[str, Any]:
+    """The report's profile (super experts, expert usage overall and per domain, the model summary) from the
+    :data:`PROFILE_STATISTICS` of every MoE layer ``{layer: LayerStatistics}``."""
+    super_experts = find_super_experts(layers, num_hidden_layers)
+    moe_layers = sorted(layers)
+    usage_by_domain = {
+        domain: [layers[layer]["expert_token_counts_by_domain"][index].tolist() for layer in moe_layers]
+        for index, domain in enumerate(domain_names)
+    }
+    return {
+        "super_experts": [list(pair) for pair in super_experts.routed],
+        "super_experts_detail": super_experts.to_dict(),
+        "moe_layers": moe_layers,
+        "expert_token_counts": [layers[layer]["expert_token_counts"].tolist() for layer in moe_layers],
+        "expert_usage_by_domain": usage_by_domain,
+        "summary_before": summary,
+    }
+
+
+def check_ranked_stages(stages: list[Stage], world_size: int) -> None:
+    """Over several ranks, only stages whose ranked run is known to equal one process's (:data:`RANKED_METHODS`)."""
+    if world_size == 1:
+        return
+    other = [stage.method for stage in stages if stage.method not in RANKED_METHODS]
+    if other:
+        raise RecipeError(f"stage(s) {other} cannot run over several ranks yet (supported: {list(RANKED_METHODS)}); "
+                          "run this recipe in one process (without torchrun / --nproc)")
+
+
+def _rank_device(world: World, device):
+    """The compute device of this rank: ``cuda`` becomes the rank's own GPU (``cuda:LOCAL_RANK``)."""
+    if world.size == 1:
+        return device
+    try:
+        resolved = rank_device(device, world.local_rank)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    return None if resolved is None else str(resolved)
+
+
 def _stage_statistics_options(stage: Stage) -> dict[str, dict]:
     """``{statistic: options}`` a stage passes to ``context.statistics`` (stages that have a
     ``statistics_options()`` method; none for the others)."""

@@ -14,6 +14,10 @@ weights), at most one quantisation stage (``rtn`` or ``gptq``), and then only st
 3. the staged layers become the output checkpoint shard by shard (:func:`moecompress.checkpoint.shards.write_checkpoint`);
 4. stages that need the whole model (``evaluate``) load the written result.
 
+Over several ranks (:mod:`moecompress.distributed`) the sweep is shared: each rank runs its calibration batches
+through every layer, solves the experts it owns and gets the others' (``quantize_model``); rank ``layer % size``
+stages the layer, and each rank writes its shards of the output checkpoint (rank 0 the index).
+
 Peak memory is one decoder layer, the calibration activations and one chunk of per-expert Hessians
 (``benchmarks/calibration_memory.py --stages prune+gptq`` measures it). A stopped run resumes at the first layer not
 yet staged. Merging, NAEE (its search runs the experts), progressive pruning and bit allocation (PMQ reads the
@@ -34,11 +38,11 @@ import torch
 from moecompress.calibration import LayerwiseRunner
 from moecompress.checkpoint.lazy import LazyCheckpoint, build_skeleton
 from moecompress.checkpoint.native import MoECompressQuantizationConfig, needs_native_format
-from moecompress.checkpoint.shards import LayerFiles, write_checkpoint
+from moecompress.checkpoint.shards import write_checkpoint
 from moecompress.errors import RecipeError
 from moecompress.models.edits import keep_experts
 from moecompress.pruning.base import ExpertPruningStage
-from moecompress.quantization.sequential import quantize_model
+from moecompress.quantization.sequential import open_layer_files, quantize_model
 from moecompress.quantization.stages import QuantizeStage
 
 STREAM_LAYERS_FOLDER = ".stream-layers"
@@ -98,11 +102,14 @@ def choose_execution(mode: str, stages: list) -> StreamPlan | None:
 class StreamedStages:
     """Runs a :class:`StreamPlan` for one pipeline run (see the module docstring)."""
 
-    def __init__(self, plan: StreamPlan, checkpoint_folder: Path, dtype: torch.dtype, device=None) -> None:
+    def __init__(self, plan: StreamPlan, checkpoint_folder: Path, dtype: torch.dtype, device=None,
+                 sweep_statistics: tuple[str, ...] = ()) -> None:
         self.plan = plan
         self.checkpoint_folder = Path(checkpoint_folder)
         self.dtype = dtype
         self.device = device
+        # statistics the quantiser collects in each layer's first pass (a run that skipped the profiling pass)
+        self.sweep_statistics = tuple(sweep_statistics)
 
     def skeleton(self):
         model, _ = build_skeleton(self.checkpoint_folder, dtype=self.dtype)
@@ -128,26 +135,34 @@ class StreamedStages:
                                  expert_selection={layer: sorted(kept) for layer, kept in kept_experts.items()})
 
         staging = Path(output_folder) / STREAM_LAYERS_FOLDER
+        world = runner.world
         quantization_result = None
         if self.plan.quantization is not None:
             settings = self.plan.quantization.settings(context)
             settings.progress_dir = staging
             settings.fingerprint = settings.fingerprint + ":" + self.decisions_key(pruning_result)
+            if self.sweep_statistics:  # staged layers then hold them too
+                settings.sweep_statistics = self.sweep_statistics
+                settings.fingerprint += ":" + ",".join(self.sweep_statistics)
             quantization_result = quantize_model(model, settings, context.calibration, batch_size=context.batch_size,
                                                  on_layer=context.on_layer, runner=runner)
-            layer_files = LayerFiles(staging, settings.fingerprint)
+            layer_files = open_layer_files(staging, settings.fingerprint, world)
         else:
-            layer_files = LayerFiles(staging, "prune:" + self.decisions_key(pruning_result))
+            layer_files = open_layer_files(staging, "prune:" + self.decisions_key(pruning_result), world)
 
             def stage_layer(layer_index: int, layer) -> None:
-                if layer_files.metadata(layer_index) is None:  # else staged by an earlier, stopped run
+                # rank layer % size stages it, unless an earlier, stopped run did
+                if layer_index % world.size == world.rank and layer_files.metadata(layer_index) is None:
                     layer_files.save(layer_index, layer, {})
 
             runner.each_layer(stage_layer, on_layer=context.on_layer)
+            world.barrier()
         if quantization_result is None and needs_native_format(model):  # layers with different expert counts
             model.config.quantization_config = MoECompressQuantizationConfig()
         write_checkpoint(model, layer_files, checkpoint, Path(output_folder), dtype=self.dtype,
-                         tokenizer=context.tokenizer, source_folder=self.checkpoint_folder)
-        shutil.rmtree(layer_files.folder, ignore_errors=True)  # every staged layer is in its shard now
+                         tokenizer=context.tokenizer, source_folder=self.checkpoint_folder, world=world)
+        world.barrier()  # every rank's shards are written
+        if world.is_main:
+            shutil.rmtree(layer_files.folder, ignore_errors=True)  # every staged layer is in its shard now
         return quantization_result, model
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-VOLATILE = {"seconds", "seconds_per_layer", "timings", "peak_memory_bytes", "versions", "resumed", "source"}
+# What differs between two runs of the same work: timings, memory, versions, and where it ran (ranks of a run).
+VOLATILE = {"seconds", "seconds_per_layer", "timings", "peak_memory_bytes", "versions", "resumed", "source", "ranks"}
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -35,14 +36,23 @@ def strip(value):
     return value
 
 
+def difference(a: torch.Tensor, b: torch.Tensor) -> str:
+    """How much two same-shaped tensors differ: elements that differ, and the largest |a - b| (as float64)."""
+    differ = a != b
+    largest = (a.double() - b.double()).abs().max().item()
+    return f"{int(differ.sum())} of {a.numel()} elements, max |diff| {largest:.3g}"
+
+
 def compare_folder(a: Path, b: Path) -> tuple[list[str], int]:
     problems = []
     ta, tb = tensors(a), tensors(b)
     if set(ta) != set(tb):
         problems.append(f"{a.name}: tensor keys differ: {sorted(set(ta) ^ set(tb))[:5]}")
     for key in sorted(set(ta) & set(tb)):
-        if ta[key].dtype != tb[key].dtype or ta[key].shape != tb[key].shape or not torch.equal(ta[key], tb[key]):
-            problems.append(f"{a.name}: tensor {key} differs")
+        if ta[key].dtype != tb[key].dtype or ta[key].shape != tb[key].shape:
+            problems.append(f"{a.name}: tensor {key} differs in dtype or shape")
+        elif not torch.equal(ta[key], tb[key]):
+            problems.append(f"{a.name}: tensor {key} differs: {difference(ta[key], tb[key])}")
     for name in ("config.json", "model.safetensors.index.json"):
         if (a / name).exists() or (b / name).exists():
             ca, cb = json.loads((a / name).read_text()), json.loads((b / name).read_text())

@@ -18,7 +18,7 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[1] / "moecompress"
 # DESIGN.md "Layers", bottom to top. A module imports only from its own layer or the ones below it.
 LAYERS: list[tuple[str, ...]] = [
     ("moecompress.errors", "moecompress.folders", "moecompress.version", "moecompress.yaml_files", "moecompress.progress",
-     "moecompress.logs"),
+     "moecompress.logs", "moecompress.distributed"),
     ("moecompress.models", "moecompress.solvers"),
     ("moecompress.kernels",),
     ("moecompress.checkpoint",),

@@ -30,16 +30,34 @@ class MoEBlockInputs(Statistic):
         self.max_tokens = int(self.options.get("max_tokens", DEFAULT_MAX_TOKENS))
         self.seed = int(self.options.get("seed", 0))
         self.batches: list[torch.Tensor] = []
+        self.sampled = False  # set by ``reduce``: the batches are already the sample
 
     def on_router(self, batch):
         self.batches.append(batch.hidden_states.float().cpu())
 
+    def _sample(self, total: int) -> torch.Tensor | None:
+        """Sorted indices of the kept tokens among ``total`` (None: all are kept)."""
+        if total <= self.max_tokens:
+            return None
+        generator = torch.Generator().manual_seed(self.seed)
+        return torch.randperm(total, generator=generator)[: self.max_tokens].sort().values
+
+    def combine_ranks(self, world, owners=None):
+        # ranks hold consecutive runs of the calibration tokens: each sends the sampled rows in its run, so the
+        # gathered rows are the ones (and in the order) one process samples
+        inputs = torch.cat(self.batches) if self.batches else torch.zeros(0, self.hidden_size)
+        counts = world.all_gather_objects(int(inputs.shape[0]))
+        offset = sum(counts[:world.rank])
+        chosen = self._sample(sum(counts))
+        if chosen is not None:
+            inputs = inputs[chosen[(chosen >= offset) & (chosen < offset + inputs.shape[0])] - offset]
+        self.batches = [torch.cat(world.all_gather_objects(inputs))]
+        self.sampled = True
+
     def result(self):
         inputs = torch.cat(self.batches) if self.batches else torch.zeros(0, self.hidden_size)
-        if inputs.shape[0] > self.max_tokens:
-            generator = torch.Generator().manual_seed(self.seed)
-            inputs = inputs[torch.randperm(inputs.shape[0], generator=generator)[: self.max_tokens].sort().values]
-        return inputs
+        chosen = None if self.sampled else self._sample(inputs.shape[0])
+        return inputs if chosen is None else inputs[chosen]
 
 
 def routing_after_keep(spec: RoutingSpec, num_experts: int, kept: list[int], top_k: int | None = None) -> RoutingSpec:

@@ -31,6 +31,7 @@ from moecompress.calibration.statistics import (
     SharedSlice,
     Statistic,
 )
+from moecompress.distributed import World
 from moecompress.models.view import MoEBlockView
 
 BACKEND_NAME = "moecompress_calibration"
@@ -154,7 +155,7 @@ class LayerCollector:
             end = start + count
             inputs = pick_inputs[start:end]
             weights = view.expert_weights(expert)
-            intermediate = view.expert_intermediate(expert, inputs)
+            intermediate = view.expert_intermediate(expert, inputs, weights)
             expert_output = nn.functional.linear(intermediate, weights.down, weights.down_bias)
             if pick_outputs is None:
                 pick_outputs = expert_output.new_empty(num_picks, expert_output.shape[1])
@@ -213,6 +214,13 @@ class LayerCollector:
             for statistic in self.statistics.values():
                 statistic.on_routed(batch)
         return output
+
+    def combine_ranks(self, world: World, hessian_owners: list[int] | None = None) -> None:
+        """Combine every statistic (and the token count) with the other ranks' (:meth:`Statistic.combine_ranks`); with
+        ``hessian_owners``, each per-expert Hessian goes only to the rank that owns the expert."""
+        self.num_tokens = int(world.all_reduce_(torch.tensor([self.num_tokens], dtype=torch.int64))[0])
+        for statistic in self.statistics.values():
+            statistic.combine_ranks(world, hessian_owners)
 
     def result(self) -> LayerStatistics:
         return LayerStatistics(

@@ -8,7 +8,9 @@
    through it (the outputs replace the cache and feed layer ``l+1``), collect, release the weights.
 
 Only one decoder layer's weights and the cached activations (``num_samples x seq_len x d``) are in memory at a time,
-so a checkpoint larger than RAM can be profiled. The experts run through the calibration backend
+so a checkpoint larger than RAM can be profiled. In a run over several ranks (:mod:`moecompress.distributed`) each
+rank catches and runs only its own consecutive calibration batches (whole batches: every batch is computed exactly as
+one process computes it) and the statistics are combined across ranks after each layer. The experts run through the calibration backend
 (``moecompress.calibration.backend``), which computes the statistics from the same routed slices as the forward.
 """
 
@@ -30,6 +32,7 @@ from moecompress.calibration.data import CalibrationSet
 from moecompress.calibration.statistics import LayerStatistics, check_statistic_names
 from moecompress.checkpoint.lazy import LazyCheckpoint, build_skeleton, release_module
 from moecompress.checkpoint.validation import resolve_checkpoint
+from moecompress.distributed import World, current_world
 from moecompress.errors import CalibrationError
 from moecompress.models import decoder_layers, find_moe_blocks
 
@@ -73,12 +76,15 @@ class LayerwiseRunner:
     model: an in-memory causal LM, or a meta-device skeleton with ``checkpoint`` to load layers from.
     device: where each layer runs (default: CPU, or the model's device).
     dtype: compute dtype for lazily loaded weights (default: the checkpoint's ``torch_dtype``).
+    world: the ranks of the run (default: this process's, :func:`moecompress.distributed.current_world`); each runs
+    its share of the calibration batches and the statistics are combined.
     """
 
     def __init__(self, model: nn.Module, *, checkpoint: LazyCheckpoint | None = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-                 expert_selection: dict[int, list[int]] | None = None) -> None:
+                 expert_selection: dict[int, list[int]] | None = None, world: World | None = None) -> None:
         self.model = model
+        self.world = world or current_world()
         self.checkpoint = checkpoint
         # decoder layer -> original ids of the experts its (meta, already pruned) MoE block keeps: only those are read
         self.expert_selection = dict(expert_selection or {})
@@ -136,6 +142,8 @@ class LayerwiseRunner:
         layer's weights are loaded (after its statistics are complete), for stages that act per layer."""
         names = check_statistic_names(names)
         input_ids, domain_names, token_domains = _unpack_calibration(calibration)
+        num_tokens = int(input_ids.numel())
+        input_ids, token_domains = rank_share(self.world, input_ids, token_domains, batch_size)
         options = {name: dict(value) for name, value in (options or {}).items()}
         if "expert_token_counts_by_domain" in names:
             options.setdefault("expert_token_counts_by_domain", {})["num_domains"] = max(len(domain_names), 1)
@@ -164,6 +172,7 @@ class LayerwiseRunner:
                     for collector in collectors:
                         collector.detach()
                 for collector in collectors:
+                    collector.combine_ranks(self.world)
                     results[layer_index] = collector.result()
                 if layer_callback is not None:
                     layer_callback(layer_index, layer, collectors)
@@ -172,7 +181,7 @@ class LayerwiseRunner:
                     on_layer(layer_index + 1, total)
         return CalibrationRun(
             layers=results,
-            num_tokens=int(input_ids.numel()),
+            num_tokens=num_tokens,
             seconds=time.perf_counter() - started,
             domain_names=domain_names,
             num_hidden_layers=len(self.layers),
@@ -193,14 +202,17 @@ class LayerwiseRunner:
         still loaded (to swap in modules that are slower to run than the ones propagated through). Returns the
         seconds taken.
         """
-        input_ids, _, _ = _unpack_calibration(calibration)
+        input_ids, domain_names, token_domains = _unpack_calibration(calibration)
+        input_ids, token_domains = rank_share(self.world, input_ids, token_domains, batch_size)
         started = time.perf_counter()
         with torch.no_grad(), calibration_backend(self.model, self.views):
             cached = self.catch_layer0_inputs(input_ids, batch_size)
+            batch_domains = _split_domains(token_domains, [hidden.shape[0] * hidden.shape[1] for hidden, _, _ in cached])
             total = len(self.layers)
             for layer_index, layer in enumerate(self.layers):
                 moved = self._onload(layer, f"{self.layers_path}.{layer_index}", layer_index)
-                replay = LayerReplay(self.model, layer_index, layer, cached)
+                replay = LayerReplay(self.model, layer_index, layer, cached, self.world, batch_domains,
+                                     num_domains=max(len(domain_names), 1))
                 process_layer(layer_index, layer, replay)
                 replay.propagate()
                 if finish_layer is not None:
@@ -260,21 +272,35 @@ class LayerReplay:
     """
 
     def __init__(self, model: nn.Module, layer_index: int, layer: nn.Module,
-                 cached: list[tuple[torch.Tensor, tuple, dict]]) -> None:
+                 cached: list[tuple[torch.Tensor, tuple, dict]], world: World | None = None,
+                 batch_domains: list[torch.Tensor | None] | None = None, num_domains: int = 1) -> None:
         self.model = model
         self.layer_index = layer_index
         self.layer = layer
-        self.cached = cached
+        self.cached = cached  # this rank's batches
+        self.world = world or current_world()
+        # calibration domain of every token of each batch (None: unknown), for per-domain statistics
+        self.batch_domains = batch_domains or [None] * len(cached)
+        self.num_domains = num_domains
 
     def views(self) -> list:
         """The MoE blocks of this decoder layer, as they are now."""
         return [view for view in find_moe_blocks(self.model) if view.layer_index == self.layer_index]
 
-    def collect(self, names: list[str] = (), options: dict[str, dict] | None = None) -> dict[int, LayerStatistics]:
-        """Run every cached batch through the layer, collecting ``names`` per MoE block; the cache is unchanged."""
+    def collect(self, names: list[str] = (), options: dict[str, dict] | None = None,
+                hessian_owners: list[int] | None = None) -> dict[int, LayerStatistics]:
+        """Run every cached batch through the layer, collecting ``names`` per MoE block; the cache is unchanged.
+        The statistics are combined over the ranks; ``hessian_owners`` (the rank of each expert of the Hessians'
+        chunk) sends each per-expert Hessian only to its owner (the other ranks' copies are then partial)."""
         names = check_statistic_names(names)
+        options = dict(options or {})
+        if "expert_token_counts_by_domain" in names:
+            options["expert_token_counts_by_domain"] = {**options.get("expert_token_counts_by_domain", {}),
+                                                        "num_domains": self.num_domains}
         collectors = [LayerCollector(view, names, options) for view in self.views()]
         self._forward(collectors, keep_outputs=False)
+        for collector in collectors:
+            collector.combine_ranks(self.world, hessian_owners)
         return {collector.view.layer_index: collector.result() for collector in collectors}
 
     def propagate(self) -> None:
@@ -286,6 +312,8 @@ class LayerReplay:
             collector.attach()
         try:
             for batch_index, (hidden, args, kwargs) in enumerate(self.cached):
+                for collector in collectors:
+                    collector.domain_ids = self.batch_domains[batch_index]
                 output = self.layer(hidden, *args, **kwargs)
                 if keep_outputs:
                     self.cached[batch_index] = (output[0] if isinstance(output, tuple) else output, args, kwargs)
@@ -318,6 +346,24 @@ def _unpack_calibration(calibration) -> tuple[torch.Tensor, list[str], torch.Ten
                                    f"got shape {tuple(calibration.shape)}")
         return calibration.long(), [], None
     raise CalibrationError(f"calibration must be a CalibrationSet or a [N, S] token-id tensor, got {type(calibration).__name__}")
+
+
+def rank_share(world: World, input_ids: torch.Tensor, token_domains: torch.Tensor | None,
+               batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """This rank's calibration sequences ``[n, S]`` (and their token domains): a consecutive block of whole batches of
+    ``batch_size``, so each batch is the one a single process runs and the ranks' batches in rank order are all of
+    them. A world of one gets everything."""
+    num_batches = -(-input_ids.shape[0] // batch_size)
+    if num_batches < world.size:
+        raise CalibrationError(f"the calibration set has {num_batches} batch(es) of {batch_size} sequences, fewer than "
+                               f"the {world.size} ranks of this run; use more calibration.num_samples, a smaller "
+                               "calibration.batch_size, or fewer ranks")
+    batches = world.owned(num_batches)
+    start, stop = batches.start * batch_size, min(batches.stop * batch_size, input_ids.shape[0])
+    if token_domains is not None:
+        seq_len = input_ids.shape[1]
+        token_domains = token_domains[start * seq_len:stop * seq_len]
+    return input_ids[start:stop], token_domains
 
 
 def _split_domains(token_domains: torch.Tensor | None, sizes: list[int]) -> list[torch.Tensor | None]:

@@ -13,6 +13,11 @@ kinds of events, all computed once by the calibration experts backend (``moecomp
 Consumers ask only for what they need (``collect_statistics(..., names=[...])``); the expensive ones (Hessians,
 all-token expert outputs) cost nothing unless asked. Results are fp32 CPU tensors in a :class:`LayerStatistics`.
 
+In a run over several ranks (:mod:`moecompress.distributed`) each rank feeds its accumulators from its own
+calibration batches; :meth:`Statistic.combine_ranks` then combines them across ranks before :meth:`Statistic.result`.
+Sums are kept in int64 or float64 (float64 Hessians too), so the combined result is the one a single process
+computes over the same batches (see ``moecompress.distributed``).
+
 Conventions: ``E`` routed experts, ``d`` hidden size, ``I`` expert intermediate size, ``T`` tokens in a batch,
 ``k`` top-k. "combine weight" ``c`` is the weight the model multiplies the expert output by (renormalised or not,
 times the routed scaling factor: whatever the family does). "raw" weight is the selection probability before
@@ -29,6 +34,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from moecompress.distributed import World
 from moecompress.errors import CalibrationError
 from moecompress.models.view import MoEBlockView
 
@@ -146,6 +152,19 @@ class Statistic:
     def result(self) -> Any:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def combine_ranks(self, world: World, owners: list[int] | None = None) -> None:
+        """Combine this rank's accumulators with every other rank's (each saw its own calibration batches), so
+        that :meth:`result` returns what one process would. ``owners`` (per-expert Hessians only): the rank that
+        needs each expert's Hessian; None gives every rank all of them. A world of one changes nothing."""
+        if world.size > 1:
+            raise CalibrationError(f"statistic {self.name!r} cannot be collected over several ranks (it does not say "
+                                   "how the ranks' parts combine); run this recipe in one process")
+
+
+def _sum_count(world: World, count: int) -> int:
+    """A Python int summed over the ranks."""
+    return int(world.all_reduce_(torch.tensor([count], dtype=torch.int64))[0])
+
 
 STATISTICS: dict[str, type[Statistic]] = {}
 
@@ -197,6 +216,10 @@ class RouterLogitMean(Statistic):
         self.sum += batch.logits.double().sum(0).cpu()
         self.count += batch.logits.shape[0]
 
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.sum)
+        self.count = _sum_count(world, self.count)
+
     def result(self):
         return (self.sum / max(self.count, 1)).float()
 
@@ -213,6 +236,9 @@ class RouterLogitGram(Statistic):
     def on_router(self, batch):
         logits = batch.logits.double()
         self.gram += (logits.T @ logits).cpu()
+
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.gram)
 
     def result(self):
         return self.gram.float()
@@ -256,6 +282,10 @@ class TcessMarkers(Statistic):
         self.sum += tcess_markers(batch.logits, self.top_k, self.threshold, self.phi).double().sum(0).cpu()
         self.count += batch.logits.shape[0]
 
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.sum)
+        self.count = _sum_count(world, self.count)
+
     def result(self):
         return (self.sum / max(self.count, 1)).float()
 
@@ -271,6 +301,9 @@ class ExpertTokenCounts(Statistic):
 
     def on_router(self, batch):
         self.counts += torch.bincount(batch.top_k_index.reshape(-1).cpu(), minlength=self.num_experts)[: self.num_experts]
+
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.counts)
 
     def result(self):
         return self.counts.clone()
@@ -293,6 +326,9 @@ class ExpertTokenCountsByDomain(Statistic):
         flat = batch.domain_ids.cpu().repeat_interleave(k) * self.num_experts + batch.top_k_index.reshape(-1).cpu()
         self.counts += torch.bincount(flat, minlength=self.num_domains * self.num_experts).view(self.num_domains, -1)
 
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.counts)
+
     def result(self):
         return self.counts.clone()
 
@@ -313,6 +349,9 @@ class _RoutedSum(Statistic):
         valid = (index >= 0) & (index < self.num_experts)
         weights = self.value(batch).reshape(-1).double()
         self.sum += torch.bincount(index[valid], weights=weights[valid], minlength=self.num_experts).cpu()
+
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.sum)
 
     def result(self):
         return self.sum.float()
@@ -387,6 +426,10 @@ class MaxAbsExpertOutput(Statistic):
         value = float(shared_slice.outputs.abs().max())
         self.shared[shared_slice.index] = max(float(self.shared[shared_slice.index]), value)
 
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.routed, op="max")
+        world.all_reduce_(self.shared, op="max")
+
     def result(self):
         return {"routed": self.routed.clone(), "shared": self.shared.clone()}
 
@@ -410,6 +453,9 @@ class TopKWeightRatioHist(Statistic):
         index = (ratios.clamp(0, 1) * self.bins).long().clamp_max(self.bins - 1).cpu()
         for rank in range(min(ranks - 1, self.hist.shape[0])):
             self.hist[rank] += torch.bincount(index[:, rank], minlength=self.bins)
+
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.hist)
 
     def result(self):
         return self.hist.clone()
@@ -447,6 +493,10 @@ class MeanExpertOutputAllTokens(Statistic):
             self.sum[expert] += self.view.expert_forward(expert, batch.hidden_states).double().sum(0).cpu()
         self.count += batch.hidden_states.shape[0]
 
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.sum)
+        self.count = _sum_count(world, self.count)
+
     def result(self):
         return (self.sum / max(self.count, 1)).float()
 
@@ -469,6 +519,13 @@ class _ChannelEnergy(Statistic):
 
     def combine(self, old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    reduce_op: ClassVar[str] = "sum"  # how two ranks' accumulators combine (as :meth:`combine` does)
+
+    def combine_ranks(self, world, owners=None):
+        world.all_reduce_(self.routed, op=self.reduce_op)
+        for shared in self.shared:
+            world.all_reduce_(shared, op=self.reduce_op)
 
     def on_routed_pairs(self, pairs):
         self.routed = self.combine(self.routed, self.reduce_by_expert(pairs.camera_phi_squared(), pairs.expert_ids).double().cpu())
@@ -509,15 +566,20 @@ class CameraEnergyMax(_ChannelEnergy):
         maxima = torch.zeros(self.num_experts, phi_squared.shape[1], device=phi_squared.device)  # phi^2 >= 0
         return maxima.scatter_reduce_(0, expert_ids[:, None].expand_as(phi_squared), phi_squared, reduce="amax")
 
+    reduce_op = "max"
+
     def combine(self, old, new):
         return torch.maximum(old, new)
 
 
 class _Hessian(Statistic):
-    """Per-expert ``sum c^p v v^T`` in fp32 on the compute device (the big ones: only when asked).
+    """Per-expert ``sum c^p v v^T`` on the compute device (the big ones: only when asked), returned in fp32.
 
+    Each batch's ``v^T v`` is an fp32 matmul, added into an fp64 accumulator: the sum is then (almost always) exact,
+    so ranks that each add their own batches give the fp32 result of one process (:mod:`moecompress.distributed`).
     Option ``experts: [start, stop]`` accumulates only that chunk of experts (``[stop - start, n, n]``), so a
     quantiser can bound the memory of a layer's Hessians (``E d^2`` floats) by sweeping the layer once per chunk.
+    Option ``on_device: true`` leaves the result on the compute device (a GPU quantiser solves it there).
     """
 
     power: ClassVar[int] = 0
@@ -532,21 +594,34 @@ class _Hessian(Statistic):
         super().__init__(view, options)
         self.expert_start, self.expert_stop = (int(bound) for bound in self.options.get("experts", (0, self.num_experts)))
         device = view.router_weight.device if view.router_weight.device.type != "meta" else torch.device("cpu")
-        self.hessian = torch.zeros(self.expert_stop - self.expert_start, self.size(), self.size(), dtype=torch.float32,
+        self.on_device = bool(self.options.get("on_device", False))
+        self.hessian = torch.zeros(self.expert_stop - self.expert_start, self.size(), self.size(), dtype=torch.float64,
                                    device=device)
 
     def on_expert(self, expert_slice):
         if not self.expert_start <= expert_slice.expert < self.expert_stop:
             return
-        vectors = self.vectors(expert_slice).float()
+        vectors = self.vectors(expert_slice).float().to(self.hessian.device)
         if self.power:
             # weighting each row by sqrt(c) gives sum c v v^T (MoEQuant AGQ)
-            vectors = vectors * expert_slice.combine_weights.float().clamp_min(0).sqrt()[:, None]
-        self.hessian[expert_slice.expert - self.expert_start].addmm_(vectors.T.to(self.hessian.device),
-                                                                     vectors.to(self.hessian.device))
+            vectors = vectors * expert_slice.combine_weights.float().clamp_min(0).sqrt().to(vectors.device)[:, None]
+        self.hessian[expert_slice.expert - self.expert_start].add_(vectors.T @ vectors)  # fp32 product, fp64 sum
+
+    def combine_ranks(self, world, owners=None):
+        if owners is None:
+            world.all_reduce_(self.hessian)
+            return
+        start = 0
+        while start < len(owners):  # one reduce per run of experts with the same owner
+            stop = start + 1
+            while stop < len(owners) and owners[stop] == owners[start]:
+                stop += 1
+            world.reduce_to_(self.hessian[start:stop], owners[start])
+            start = stop
 
     def result(self):
-        return self.hessian.cpu()
+        hessian = self.hessian.float()
+        return hessian if self.on_device else hessian.cpu()
 
 
 @register_statistic
@@ -588,7 +663,8 @@ class DownProjHessianAffinity(DownProjHessian):
 
 
 class _SharedHessian(Statistic):
-    """Per shared expert ``sum g^p v v^T`` over all tokens (``g``: its sigmoid gate, 1 when it has none)."""
+    """Per shared expert ``sum g^p v v^T`` over all tokens (``g``: its sigmoid gate, 1 when it has none), summed in
+    fp64 like the routed experts' (:class:`_Hessian`), returned in fp32."""
 
     power: ClassVar[int] = 0
 
@@ -605,11 +681,24 @@ class _SharedHessian(Statistic):
             vectors = vectors * shared_slice.gate.float().clamp_min(0).sqrt()[:, None]
         total = self.hessians.get(shared_slice.index)
         if total is None:
-            total = self.hessians[shared_slice.index] = vectors.new_zeros(vectors.shape[1], vectors.shape[1])
-        total.addmm_(vectors.T, vectors)
+            total = self.hessians[shared_slice.index] = vectors.new_zeros(vectors.shape[1], vectors.shape[1],
+                                                                          dtype=torch.float64)
+        total.add_(vectors.T @ vectors)  # fp32 product, fp64 sum
+
+    def size(self, index: int) -> int:
+        """Width of the vectors of shared expert ``index`` (a rank that saw no token must still take part)."""
+        return self.hidden_size
+
+    def combine_ranks(self, world, owners=None):
+        for index, shared in enumerate(self.view.shared_experts):
+            if index not in self.hessians:
+                size = self.size(index)
+                self.hessians[index] = torch.zeros(size, size, dtype=torch.float64,
+                                                   device=self.view.router_weight.device)
+            world.all_reduce_(self.hessians[index])
 
     def result(self):
-        return {index: hessian.cpu() for index, hessian in sorted(self.hessians.items())}
+        return {index: hessian.float().cpu() for index, hessian in sorted(self.hessians.items())}
 
 
 @register_statistic
@@ -635,6 +724,9 @@ class SharedDownHessian(_SharedHessian):
 
     def vectors(self, shared_slice):
         return shared_slice.intermediate
+
+    def size(self, index):
+        return int(self.view.shared_experts[index].module.down_proj.in_features)
 
 
 @register_statistic

@@ -38,8 +38,12 @@ def load_model(
     device: str | torch.device = "cpu",
     experts_implementation: str = "eager",
     odp: bool = True,
+    device_map: dict | None = None,
 ):
     """Load ``source`` (folder or hub id) as a causal LM. Returns ``(model, tokenizer)``, model in eval mode.
+
+    ``device_map`` (module path -> GPU index or ``"cpu"``, :func:`moecompress.checkpoint.placement.plan_placement`)
+    spreads the model over several devices (accelerate) instead of putting it whole on ``device``.
 
     ``odp``: apply the MC-MoE online dynamic pruning the checkpoint's config records (``mcmoe_odp``); False (or the
     environment variable ``MOECOMPRESS_ODP=0``) runs every routed expert.
@@ -60,7 +64,7 @@ def load_model(
         return model, _load_tokenizer(source, local)
     try:
         model, loading_info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(source), dtype=dtype, experts_implementation=experts_implementation, device_map=None,
+            str(source), dtype=dtype, experts_implementation=experts_implementation, device_map=device_map,
             output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError) as error:
@@ -70,7 +74,8 @@ def load_model(
         ) from error
     _refuse_newly_initialised_weights(source, loading_info)
     _refuse_non_finite_tensors(source, model)
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     find_moe_blocks(model)  # a config that claims MoE but built no MoE block (e.g. num_experts=0) fails here
     restore_expert_id_map(model)

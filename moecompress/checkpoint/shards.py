@@ -13,6 +13,9 @@ final norm, ``lm_head``, read from the source checkpoint), each shard written un
 * ``model.safetensors.index.json`` maps every key to its shard; ``config.json`` comes from the edited model's
   config (with the native ``quantization_config`` when the layers hold packed modules or differ in expert count).
 
+Over several ranks (:mod:`moecompress.distributed`), shard ``i`` is written by rank ``i % world size``; rank 0
+gathers the ranks' key maps and writes the index, ``config.json`` and the tokenizer once.
+
 The staged files make a stopped run resumable: a layer whose files are complete (its JSON is written last) is not
 processed again (only reloaded, to propagate the calibration inputs through it). A staged layer found damaged on
 resume (its JSON unreadable, its safetensors file missing, truncated or of another size than recorded) is a
@@ -34,6 +37,7 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from moecompress.checkpoint.headers import INDEX_FILE, read_safetensors_header
 from moecompress.checkpoint.lazy import release_module
+from moecompress.distributed import World, current_world
 from moecompress.errors import CheckpointError
 from moecompress.folders import write_text_atomic
 from moecompress.models.families import decoder_layers
@@ -114,25 +118,34 @@ def shard_name(index: int, total: int) -> str:
 
 
 def write_checkpoint(model: nn.Module, layer_files: LayerFiles, checkpoint, folder: Path, *,
-                     dtype: torch.dtype, tokenizer=None, source_folder: Path | None = None) -> dict[str, int]:
+                     dtype: torch.dtype, tokenizer=None, source_folder: Path | None = None,
+                     world: World | None = None) -> dict[str, int]:
     """Write ``model`` (a meta skeleton whose structure matches the staged layers) into ``folder`` from the staged
     decoder layers and the source ``checkpoint`` (a :class:`moecompress.checkpoint.lazy.LazyCheckpoint`, for
     the tensors outside the decoder layers). The staged layers are kept (the caller removes them once the whole
-    folder is written: a run stopped in between resumes from them). Returns ``{shard file: bytes}``.
+    folder is written: a run stopped in between resumes from them). Over several ranks each writes its shards and
+    rank 0 the index (every rank must call this). Returns ``{shard file: bytes}``.
     """
+    world = world or current_world()
     layers = decoder_layers(model)
     layers_path = next(name for name, module in model.named_modules() if module is layers)
     total = len(layers) + 1
     weight_map: dict[str, str] = {}
     for layer_index in range(len(layers)):
+        if (layer_index + 1) % world.size != world.rank:
+            continue
         name = shard_name(layer_index + 1, total)
         if layer_files.metadata(layer_index) is None:
             raise FileNotFoundError(f"decoder layer {layer_index} was not staged in {layer_files.folder}")
         prefix = f"{layers_path}.{layer_index}."
         state = {prefix + key: tensor for key, tensor in layer_files.tensors(layer_index).items()}
         weight_map.update(_write_shard(model, state, folder, name))
-    weight_map.update(_write_shard(model, _outside_layers_state(model, layers, checkpoint, dtype), folder,
-                                   shard_name(0, total)))
+    if world.is_main:  # shard 0: the tensors outside the decoder layers
+        weight_map.update(_write_shard(model, _outside_layers_state(model, layers, checkpoint, dtype), folder,
+                                       shard_name(0, total)))
+    weight_map = {key: name for part in world.all_gather_objects(weight_map) for key, name in part.items()}
+    if not world.is_main:
+        return {f: (folder / f).stat().st_size for f in sorted(set(weight_map.values()))}
     index = {"metadata": {"total_size": sum((folder / f).stat().st_size for f in set(weight_map.values()))},
              "weight_map": dict(sorted(weight_map.items()))}
     write_text_atomic(folder / INDEX_FILE, json.dumps(index, indent=2))

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 from pathlib import Path
 
 from moecompress.commands.arguments import device_name, positive_int
 from moecompress.commands.export import add_export_options
+from moecompress.commands.launch import (
+    LAUNCHED_BY_US_VARIABLE,
+    RankFailed,
+    default_log_dir,
+    launch_ranks,
+    record_rank_failure,
+)
+from moecompress.distributed import launched_size, rank_device, shutdown_world
+from moecompress.errors import UsageError
 from moecompress.evals.report_md import applied_bits, human_bytes, quality_table
 from moecompress.export import EXPORT_FORMATS
 from moecompress.export.options import ExportOptions
 from moecompress.export.report import render_report
-from moecompress.pipeline import Pipeline
+from moecompress.pipeline import Pipeline, check_ranked_stages
 
 
 def register(subparsers) -> None:
@@ -48,11 +60,27 @@ def register(subparsers) -> None:
                         help="let an evaluate stage's task folder (include_path) run Python: lm-eval `!function` "
                              "modules and templates that reach Python objects. Refused without it, since recipes and "
                              "task folders are shared files: read the code first")
+    parser.add_argument("--nproc", type=positive_int, default=1,
+                        help="run over N processes (ranks) on this machine through torch's elastic launcher, as "
+                             "`torchrun --nproc-per-node N -m moecompress compress ...` does: calibration batches "
+                             "split across ranks, experts quantised by their owning rank; gloo on CPU, NCCL on CUDA "
+                             "(one GPU per rank); default 1")
+    parser.add_argument("--log-dir", type=Path, default=None,
+                        help="with --nproc: where each rank's log goes (default: a new temporary folder, printed)")
     add_export_options(parser)
     parser.set_defaults(func=run)
+    global _PARSER
+    _PARSER = parser
+
+
+_PARSER: argparse.ArgumentParser | None = None
+# Options of the launching process that its ranks do not take.
+LAUNCHER_ONLY = ("nproc", "log_dir", "help")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.nproc > 1 and launched_size() == 1:  # this process starts the ranks and waits for them
+        return launch(args)
     pipeline = Pipeline.from_recipe(args.recipe)
     exports = []
     if args.export:  # built before the run: a bad export option fails now, not after the compression
@@ -60,12 +88,45 @@ def run(args: argparse.Namespace) -> int:
                                      widen_to_model_max=args.widen_to_model_max, consumer=args.consumer,
                                      dequantize=args.dequantize, types=args.types, layer_mean=args.layer_mean,
                                      out=str(args.export_out) if args.export_out else None))
-    # progress and messages on stderr (bars on a terminal, plain lines otherwise), everything in <out>/run.log;
-    # the exports are checked against the recipe before any work, and written after the run
-    report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, threads=args.threads,
-                          overwrite=args.overwrite, execution=args.execution, verbose=getattr(args, "verbose", None),
-                          allow_task_code=args.allow_task_code, exports=exports)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        # progress and messages on stderr (bars on a terminal, plain lines otherwise; rank 0 only), everything in
+        # <out>/run.log; the exports are checked against the recipe before any work, and written after the run
+        report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, threads=args.threads,
+                              overwrite=args.overwrite, execution=args.execution,
+                              verbose=getattr(args, "verbose", None), progress=None if rank == 0 else False,
+                              allow_task_code=args.allow_task_code, exports=exports)
+    except BaseException as error:
+        if launched_size() > 1:
+            record_rank_failure(error, rank)  # read by the launcher, which names the rank that failed first
+        raise
+    finally:
+        shutdown_world()
+    if rank != 0:  # rank 0 reports (and exports)
+        return 0
     # the results on stdout, plain: a command to copy is never wrapped into two lines
+    if os.environ.get(LAUNCHED_BY_US_VARIABLE):  # the launching process prints the summary; the exports are here
+        print("\n".join(line for export_report in report.get("exports") or [] for line in render_report(export_report)),
+              flush=True)
+    else:
+        print("\n".join(summary_lines(report, args.out)), flush=True)
+    return 0
+
+
+def launch(args: argparse.Namespace) -> int:
+    """``--nproc N``: start N ranks of this command, wait for them, print the summary of rank 0's report."""
+    check_ranked_stages(Pipeline.from_recipe(args.recipe).stages, args.nproc)  # before any rank starts
+    try:
+        rank_device(args.device, args.nproc - 1)  # enough GPUs for one a rank
+    except ValueError as error:
+        raise UsageError(f"--nproc {args.nproc} --device {args.device}: {error}") from None
+    threads = None if args.threads else max(1, (os.cpu_count() or 1) // args.nproc)
+    try:
+        launch_ranks(args.nproc, rank_arguments(args), args.log_dir or default_log_dir(), threads_per_rank=threads)
+    except RankFailed as failed:  # one line, with the failed rank's own exit code
+        print(f"moecompress compress: error: {failed}", file=sys.stderr)
+        return failed.exit_code
+    report = json.loads((args.out / "report.json").read_text())
     print("\n".join(summary_lines(report, args.out)), flush=True)
     return 0
 
@@ -96,3 +157,19 @@ def summary_lines(report: dict, out: Path) -> list[str]:
     for export_report in report.get("exports") or []:
         lines += render_report(export_report)
     return lines
+
+
+def rank_arguments(args: argparse.Namespace) -> list[str]:
+    """The command line each rank runs: ``compress`` with this command's options, less the launcher's own."""
+    arguments = ["compress"]
+    for action in _PARSER._actions:
+        if action.dest in LAUNCHER_ONLY:
+            continue
+        value = getattr(args, action.dest, None)
+        if not action.option_strings:  # positional
+            arguments.append(str(value))
+        elif isinstance(action, argparse._StoreTrueAction):
+            arguments += [action.option_strings[0]] if value else []
+        elif value is not None and value != action.default:
+            arguments += [action.option_strings[0], str(value)]
+    return arguments

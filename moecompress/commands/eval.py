@@ -13,7 +13,8 @@ from rich.console import Console
 from moecompress import progress
 from moecompress.commands.arguments import device_name, positive_int
 from moecompress.evals import evaluate_model, resolve_tasks
-from moecompress.evals.loading import load_model_for_eval
+from moecompress.checkpoint.placement import DEVICE_MAPS
+from moecompress.evals.loading import EVAL_DTYPES, load_model_for_eval
 from moecompress.evals.tables import scores_table
 from moecompress.logs import ConsoleHandler, run_output
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval",
         help="score a model on evaluation tasks (bundled offline tasks, your own, or lm-eval's)",
         description=(
-            "Score MODEL (a checkpoint folder or hub id) with lm-eval, in fp32. Bundled offline tasks: "
+            "Score MODEL (a checkpoint folder or hub id) with lm-eval, in fp32 (--dtype). Bundled offline tasks: "
             "tb_code_next, tb_manpages_next, tb_pydocs_next, tb_shakespeare_next, tb_austen_next, tb_kjv_next, "
             "tb_wordnet_gloss, tb_arith (multiple choice: acc, acc_norm, acc_mutual_info) and tb_ppl_<domain> "
             "(word_perplexity, byte_perplexity, bits_per_byte); tags testbed, testbed_mc, testbed_ppl."
@@ -34,7 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--limit", type=_limit, default=None, help="at most N documents per task (or a fraction < 1)")
     parser.add_argument("--batch-size", default=16, type=_batch_size,
                         help="requests per forward pass, or 'auto' (default 16)")
-    parser.add_argument("--device", default="cpu", type=device_name, help="torch device to run on (default cpu)")
+    parser.add_argument("--device", default="cpu", type=device_name,
+                        help="torch device to run on (default cpu); cuda spreads a model larger than one GPU over the "
+                             "GPUs and the CPU")
+    parser.add_argument("--dtype", default="float32", choices=sorted(EVAL_DTYPES),
+                        help="dtype the model is scored in (default float32; bfloat16 on GPUs)")
+    parser.add_argument("--device-map", default=None, choices=DEVICE_MAPS,
+                        help="with --device cuda: spread the model over the GPUs (and the CPU) this way even when it "
+                             "fits on one (accelerate's device_map)")
     parser.add_argument("--include-path", default=None, help="folder with your own lm-eval YAML tasks")
     parser.add_argument("--allow-task-code", action="store_true",
                         help="let the --include-path tasks run Python (lm-eval `!function` modules, templates that "
@@ -75,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
     console = ConsoleHandler(sys.stderr, started=reporter.started, reporter=reporter)
     try:
         with run_output(console=console, verbose=getattr(args, "verbose", None)), progress.reporting(reporter):
-            model, tokenizer = load_model_for_eval(args.model, device=args.device)
+            model, tokenizer = load_model_for_eval(args.model, device=args.device, dtype=EVAL_DTYPES[args.dtype],
+                                                   device_map=args.device_map)
             started = time.perf_counter()
             # With --json, stdout carries only the JSON: anything lm-eval prints goes to stderr.
             with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext(), \

@@ -12,6 +12,10 @@ The original checkpoint (``context.source``) is loaded read-only in fp32, scored
 options, the task files' contents), so a resumed run does not score it again. The compressed model
 (``context.model``) is scored in place: its floating-point tensors are cast to fp32 for the evaluation and cast back
 to their own dtypes afterwards (bf16 and fp16 values are exact in fp32, so the round trip changes nothing).
+
+``dtype: bfloat16`` (or ``float16``) scores both in that dtype instead (GPUs); ``device: cuda`` scores on the GPU,
+and a model larger than one GPU (or any, with ``device_map: auto``) is spread over the GPUs and the CPU
+(:mod:`moecompress.checkpoint.placement`); the compressed model returns to the CPU afterwards.
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ from typing import Any, Iterator, Literal
 
 import pydantic
 import torch
+from accelerate import dispatch_model
+from accelerate.hooks import remove_hook_from_module
 
 from moecompress import progress
+from moecompress.checkpoint.placement import DEVICE_MAPS, Placement, plan_placement
 from moecompress.errors import RecipeError
-from moecompress.evals.loading import load_model_for_eval
+from moecompress.evals.loading import EVAL_DTYPES, load_model_for_eval
 from moecompress.evals.runner import evaluate_model
 from moecompress.evals.taskdefs import resolve_tasks
 from moecompress.stages import RunContext, Stage, StageOptions, StageResult, register_stage
@@ -47,9 +54,12 @@ class EvaluateOptions(StageOptions):
         None, description="condition every request on the tokenizer's BOS (None: when the tokenizer has one)")
     encode_separately: bool = pydantic.Field(
         True, description="tokenize context and choice apart (False: lm-eval's joint encoding)")
-    dtype: Literal["float32", "keep"] = pydantic.Field(
-        "float32", description="score both models in float32, or keep the compressed model's dtype")
-    device: str = pydantic.Field("cpu", description="torch device the original model is scored on")
+    dtype: Literal["float32", "bfloat16", "float16", "keep"] = pydantic.Field(
+        "float32", description="score both models in this dtype (bfloat16 / float16 on GPUs), or keep the compressed "
+                               "model's dtype")
+    device: str = pydantic.Field("cpu", description="torch device both models are scored on")
+    device_map: Literal[DEVICE_MAPS] | None = pydantic.Field(
+        None, description="spread the models over the GPUs and the CPU this way (accelerate's device_map)")
 
     @pydantic.field_validator("tasks", mode="before")
     @classmethod
@@ -71,21 +81,40 @@ def score_deltas(
 
 
 @contextlib.contextmanager
-def evaluated_in_float32(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Cast the model's floating-point parameters and buffers to fp32, and each back to its own dtype on exit.
+def evaluated_in_float32(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Iterator[torch.nn.Module]:
+    """Cast the model's floating-point parameters and buffers to fp32 (or ``dtype``), and each back to its own dtype
+    on exit.
 
     Integer tensors (packed low-bit weights) are left alone.
     """
     original_dtypes: list[tuple[torch.Tensor, torch.dtype]] = []
     for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+        if tensor.is_floating_point() and tensor.dtype != dtype:
             original_dtypes.append((tensor, tensor.dtype))
-            tensor.data = tensor.data.to(torch.float32)
+            tensor.data = tensor.data.to(dtype)
     try:
         yield model
     finally:
         for tensor, dtype in original_dtypes:
             tensor.data = tensor.data.to(dtype)
+
+
+@contextlib.contextmanager
+def placed(model: torch.nn.Module, placement: Placement) -> Iterator[torch.nn.Module]:
+    """``model`` (in memory, on the CPU) on its evaluation device(s) inside the block, back on the CPU after."""
+    if placement.device_map is None and placement.device in (None, "cpu"):
+        yield model
+        return
+    if placement.device_map is None:
+        model.to(placement.device)
+    else:
+        dispatch_model(model, placement.device_map)
+    try:
+        yield model
+    finally:
+        if placement.device_map is not None:
+            remove_hook_from_module(model, recurse=True)
+        model.to("cpu")
 
 
 @register_stage
@@ -108,7 +137,9 @@ class EvaluateStage(Stage):
         if context.tokenizer is None:
             raise RecipeError("the evaluate stage needs the model's tokenizer; the run has none (save it beside the model)")
         before = self._original_scores(context)
-        with evaluated_in_float32(context.model) if options.dtype == "float32" else contextlib.nullcontext(), \
+        dtype = EVAL_DTYPES.get(options.dtype)
+        with evaluated_in_float32(context.model, dtype) if dtype else contextlib.nullcontext(), \
+                placed(context.model, plan_placement(context.model, options.device, device_map=options.device_map)), \
                 progress.task("evaluate compressed model", unit="request"):
             after = self._score(context.model, context.tokenizer, context.allow_task_code)
         return StageResult(metrics={"before": before, "after": after, "delta": score_deltas(before, after)})
@@ -137,7 +168,7 @@ class EvaluateStage(Stage):
                         data_digests.append(hashlib.sha256(Path(data_file).read_bytes()).hexdigest())
         identity = {
             "source": str(Path(source).resolve()) if Path(source).exists() else str(source),
-            "options": options.model_dump(exclude={"device", "batch_size"}),
+            "options": options.model_dump(exclude={"device", "device_map", "batch_size"}),
             "tasks": task_contents,
             "data": data_digests,
         }
@@ -149,8 +180,9 @@ class EvaluateStage(Stage):
         cache_file = Path(context.output_dir) / CACHE_FOLDER / f"original-{key}.json"
         if cache_file.is_file():
             return json.loads(cache_file.read_text())["scores"]
-        dtype = torch.float32 if options.dtype == "float32" else next(context.model.parameters()).dtype
-        original_model, original_tokenizer = load_model_for_eval(context.source, device=options.device, dtype=dtype)
+        dtype = EVAL_DTYPES.get(options.dtype) or next(context.model.parameters()).dtype
+        original_model, original_tokenizer = load_model_for_eval(context.source, device=options.device, dtype=dtype,
+                                                                 device_map=options.device_map)
         try:
             with progress.task("evaluate original model", unit="request"):
                 scores = self._score(original_model, original_tokenizer, context.allow_task_code)

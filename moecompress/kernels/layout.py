@@ -98,6 +98,14 @@ def unpack_codes(packed: torch.Tensor, bits: int, num_values: int) -> torch.Tens
     *lead, words = packed.shape
     rows = packed.reshape(-1, words)
     codes = torch.empty(rows.shape[0], num_values, dtype=torch.uint8, device=packed.device)
+    if 32 % bits == 0:  # 1, 2, 4, 8 bits: no code crosses a word; shift each word by every code's offset at once
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+        mask = (1 << bits) - 1
+        for start, stop in _row_chunks(rows.shape[0], num_values * 4):
+            # an arithmetic shift of a negative word fills with ones; the mask keeps only the code's own bits
+            unpacked = (rows[start:stop].unsqueeze(-1) >> shifts) & mask  # [R, W, 32 / bits]
+            codes[start:stop] = unpacked.reshape(stop - start, -1)[:, :num_values]
+        return codes.reshape(*lead, num_values)
     bit_offsets = torch.arange(num_values, device=packed.device) * bits
     word_index, shift = bit_offsets // 32, bit_offsets % 32
     for start, stop in _row_chunks(rows.shape[0], num_values * 4):
@@ -205,12 +213,24 @@ class PackedLinearWeight:
         return unpack_signed(self.packed, self.bits, self.shape[1])
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Torch reference: ``W = (q - zero) * scale`` ``[..., out, in]`` in ``dtype`` (default: the scales' dtype)."""
-        values = self.codes().float()
-        if self.zeros is not None:
-            values = values - self._expand_groups(self.zeros.float())
-        weight = values * self._expand_groups(self.scales.float())
-        return weight.to(dtype or self.scales.dtype)
+        """Torch reference: ``W = (q - zero) * scale`` ``[..., out, in]`` in ``dtype`` (default: the scales' dtype).
+
+        Computed in fp32 from the unsigned codes (every step exact but the product, as in :meth:`codes`), in place,
+        groups broadcast rather than repeated when they divide the row: this runs for every expert of every batch
+        that goes through quantised experts on the CPU, so it is kept lean."""
+        values = unpack_codes(self.packed, self.bits, self.shape[1]).float()
+        values = values.mul_(2).sub_(1) if self.bits == 1 else values.sub_(1 << (self.bits - 1))
+        group = self.effective_group_size
+        if self.shape[1] % group == 0:
+            grouped = values.view(*values.shape[:-1], self.shape[1] // group, group)
+            if self.zeros is not None:
+                grouped.sub_(self.zeros.float().unsqueeze(-1))
+            grouped.mul_(self.scales.float().unsqueeze(-1))
+        else:
+            if self.zeros is not None:
+                values.sub_(self._expand_groups(self.zeros.float()))
+            values.mul_(self._expand_groups(self.scales.float()))
+        return values.to(dtype or self.scales.dtype)
 
     def _expand_groups(self, per_group: torch.Tensor) -> torch.Tensor:
         """``[..., out, n_groups]`` -> ``[..., out, in]`` (each group value repeated over its columns)."""

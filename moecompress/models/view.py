@@ -268,14 +268,17 @@ class MoEBlockView:
             down_bias=down_bias[expert] if down_bias is not None else None,
         )
 
-    def expert_intermediate(self, expert: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``h = glu(gate x, up x)``: hidden_states ``[n, d]`` -> ``[n, I]`` (the micro-expert activations)."""
+    def expert_intermediate(self, expert: int, hidden_states: torch.Tensor,
+                            weights: ExpertWeights | None = None) -> torch.Tensor:
+        """``h = glu(gate x, up x)``: hidden_states ``[n, d]`` -> ``[n, I]`` (the micro-expert activations).
+        ``weights``: the expert's :meth:`expert_weights` when the caller has them already (packed experts are then
+        not dequantised twice)."""
         if self.storage == "concatenated" and getattr(self.experts, "gate_up_proj_bias", None) is None:
             # One matmul over the fused [2I, d] slice instead of two over its halves (the calibration hot path).
             gate_up = self.experts.gate_up_proj[expert]
             gate_out, up_out = torch.nn.functional.linear(hidden_states.to(gate_up.dtype), gate_up).chunk(2, dim=-1)
             return self.glu(gate_out, up_out) if self.glu is not None else self.activation(gate_out) * up_out
-        weights = self.expert_weights(expert)
+        weights = weights or self.expert_weights(expert)
         x = hidden_states.to(weights.gate.dtype)
         gate_out = torch.nn.functional.linear(x, weights.gate, weights.gate_bias)
         up_out = torch.nn.functional.linear(x, weights.up, weights.up_bias)

@@ -87,12 +87,13 @@ def fit_group_params(
     scales, zeros = quantization_params(min_vals, max_vals, bits, symmetric, scale_dtype, mean_abs)
     if scale_search == "minmax" or bits == 1:
         return scales, zeros
-    best_error = _rounding_error(groups, scales, zeros, bits)
+    work = torch.empty_like(groups)  # one buffer for every candidate: no temporaries per step
+    best_error = _rounding_error(groups, scales, zeros, bits, work)
     for step in range(1, int(MSE_MAX_SHRINK * MSE_GRID)):
         shrink = 1.0 - step / MSE_GRID
         candidate_scales, candidate_zeros = quantization_params(min_vals * shrink, max_vals * shrink, bits,
                                                                 symmetric, scale_dtype)
-        error = _rounding_error(groups, candidate_scales, candidate_zeros, bits)
+        error = _rounding_error(groups, candidate_scales, candidate_zeros, bits, work)
         better = error < best_error
         best_error = torch.where(better, error, best_error)
         scales = torch.where(better, candidate_scales, scales)
@@ -101,12 +102,25 @@ def fit_group_params(
     return scales, zeros
 
 
-def _rounding_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int) -> torch.Tensor:
-    """``sum |w - q(w)|^MSE_NORM`` per group: ``groups [..., columns]``, scales / zeros ``[...]`` -> ``[...]``."""
-    zeros = None if zeros is None else zeros.unsqueeze(-1)
-    codes = quantize_values(groups, scales.unsqueeze(-1), zeros, bits)
-    dequantised = (codes - (0 if zeros is None else zeros)) * scales.unsqueeze(-1)
-    return (groups - dequantised).abs().pow(MSE_NORM).sum(-1)
+def _rounding_error(groups: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
+                    work: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum |w - q(w)|^MSE_NORM`` per group: ``groups [..., columns]``, scales / zeros ``[...]`` -> ``[...]``.
+
+    The same arithmetic as :func:`quantize_values` and a dequantisation, done in place in ``work`` (a buffer shaped
+    like ``groups``): the search runs it 80 times per group, and fresh temporaries for every operation made it
+    several times slower than the arithmetic itself (allocation and first-touch page faults of large tensors)."""
+    qmin, qmax = signed_range(bits)
+    work = torch.empty_like(groups) if work is None else work
+    scales = scales.unsqueeze(-1)
+    torch.div(groups, scales, out=work)
+    if zeros is not None:
+        work.add_(zeros.unsqueeze(-1))
+    work.round_().clamp_(qmin, qmax)
+    if zeros is not None:
+        work.sub_(zeros.unsqueeze(-1))
+    work.mul_(scales)
+    torch.sub(groups, work, out=work)
+    return work.abs_().pow_(MSE_NORM).sum(-1)
 
 
 def quantize_values(

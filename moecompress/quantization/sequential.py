@@ -15,6 +15,11 @@ projection's input width) get a damping that grows as their token count falls, `
 the mean Hessian diagonal, which moves GPTQ towards plain rounding (the limit of a large damping); an expert no
 token reached is rounded (RTN). Either way every scale is finite; such experts are listed in the result.
 
+Over several ranks (:mod:`moecompress.distributed`) each rank runs its own calibration batches, each per-expert
+Hessian is summed into the rank that owns the expert, each rank solves its own experts and linears, and the results
+are shared (:mod:`moecompress.quantization.ranks`), so every rank holds the same quantised layer; rank
+``layer % world size`` stages the finished layer on disk.
+
 The quantised experts become :class:`moecompress.kernels.backend.PackedExperts`, quantised linears
 :class:`moecompress.kernels.linear.PackedLinear`, and ``config.quantization_config`` describes them (the native
 format, ``moecompress.checkpoint.native``), so the model saves and reloads with ``from_pretrained``.
@@ -32,8 +37,10 @@ from torch import nn
 
 from moecompress import progress
 from moecompress.calibration.runner import LayerReplay, LayerwiseRunner
+from moecompress.calibration.statistics import LayerStatistics
 from moecompress.checkpoint.native import MoECompressQuantizationConfig, prepare_skeleton
 from moecompress.checkpoint.shards import LayerFiles
+from moecompress.distributed import World, current_world
 from moecompress.errors import MoECompressError, UnsupportedModelError
 from moecompress.kernels.backend import PackedExperts
 from moecompress.kernels.layout import SUPPORTED_BITS, PackedLinearWeight
@@ -43,6 +50,7 @@ from moecompress.models.edits import replace_experts
 from moecompress.models.view import MoEBlockView
 from moecompress.quantization.gptq import gptq_quantize, hessian_weighted_error
 from moecompress.quantization.packing import SCALE_SEARCHES, quantize_rtn
+from moecompress.quantization.ranks import owned_keys, owners, share_solved
 
 TARGETS = ("routed_experts", "shared_experts", "attention", "dense_mlp")
 DOWN_PROJECTION_NAMES = ("down_proj", "w2", "c_proj", "fc2", "dense_4h_to_h")
@@ -71,6 +79,10 @@ class QuantizationSettings:
     # found there instead of quantising them again (a killed run resumes at the first layer not yet written).
     progress_dir: Path | None = None
     fingerprint: str = ""
+    # Statistics to collect, at no extra pass, in each MoE layer's first pass (its experts not yet quantised, its
+    # inputs from the quantised layers before it): what a run that skipped the profiling pass reports (super
+    # experts, expert usage). Returned in ``QuantizationResult.sweep_statistics``.
+    sweep_statistics: tuple[str, ...] = ()
 
     def round_to_nearest(self, weight: torch.Tensor, bits: int) -> PackedLinearWeight:
         """RTN of ``weight [..., out, in]`` at ``bits`` with these settings' groups, symmetry and scale search."""
@@ -103,6 +115,8 @@ class QuantizationResult:
     seconds_per_layer: dict[int, float] = field(default_factory=dict)
     # decoder layer -> the native-format description of its packed modules (``{"layers": ..., "linears": ...}``)
     layer_configs: dict[int, dict] = field(default_factory=dict)
+    # MoE layer -> the ``settings.sweep_statistics`` of its first pass
+    sweep_statistics: dict[int, LayerStatistics] = field(default_factory=dict)
 
     def quantization_config(self) -> MoECompressQuantizationConfig:
         """The model's native ``quantization_config``, merged from every layer's (no module is read)."""
@@ -172,7 +186,8 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings, calibration
     check_quantizable(model, settings)
     result = QuantizationResult()
     runner = runner or LayerwiseRunner(model, device=device)
-    progress = _LayerProgress(settings.progress_dir, settings.fingerprint) if settings.progress_dir else None
+    world = runner.world
+    progress = _LayerProgress(settings.progress_dir, settings.fingerprint, world) if settings.progress_dir else None
     if settings.method == "gptq" and calibration is None:
         raise MoECompressError("GPTQ needs calibration data; add a `calibration:` section to the recipe")
 
@@ -202,6 +217,7 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings, calibration
         runner.each_layer(lambda index, layer: (process(index, layer, None), finish(index, layer)), on_layer=on_layer)
     else:
         runner.sweep(calibration, process, batch_size=batch_size, on_layer=on_layer, finish_layer=finish)
+    world.barrier()  # every rank's staged layers are on disk before anyone reads or removes them
     model.config.quantization_config = result.quantization_config()
     return result
 
@@ -209,21 +225,29 @@ def quantize_model(model: nn.Module, settings: QuantizationSettings, calibration
 # ----- resuming --------------------------------------------------------------------------------------------------
 class _LayerProgress:
     """Finished decoder layers on disk (:class:`moecompress.checkpoint.shards.LayerFiles`): the layer's state dict, its
-    packed modules' config and expert records, valid for one ``fingerprint`` (stage options + calibration data)."""
+    packed modules' config and expert records, valid for one ``fingerprint`` (stage options + calibration data).
+    Over several ranks, rank ``layer % size`` writes a layer, and whether a layer is there is rank 0's reading, so
+    every rank restores (or quantises) the same layers."""
 
-    def __init__(self, folder: Path, fingerprint: str) -> None:
-        self.files = LayerFiles(folder, fingerprint)
+    def __init__(self, folder: Path, fingerprint: str, world: World | None = None) -> None:
+        self.world = world or current_world()
+        self.files = open_layer_files(folder, fingerprint, self.world)
 
     def save(self, model: nn.Module, layer_index: int, layer: nn.Module, result: QuantizationResult) -> None:
+        if layer_index % self.world.size != self.world.rank:
+            return
         layer_config = result.layer_configs[layer_index]
+        sweep = result.sweep_statistics.get(layer_index)
         self.files.save(layer_index, layer, {
             "config": layer_config,
             "experts": [asdict(record) for record in result.experts if record.layer == layer_index],
             "linears": {path: spec for path, spec in result.linears.items() if path in layer_config.get("linears", {})},
+            "sweep_statistics": None if sweep is None else {
+                "num_experts": sweep.num_experts, "num_tokens": sweep.num_tokens, "values": _to_lists(sweep.values)},
         })
 
     def restore(self, model: nn.Module, layer_index: int, layer: nn.Module, result: QuantizationResult) -> bool:
-        saved = self.files.metadata(layer_index)
+        saved = self.world.broadcast_object(self.files.metadata(layer_index) if self.world.is_main else None)
         if saved is None:
             return False
         prepare_skeleton(model, MoECompressQuantizationConfig(**{k: v for k, v in saved["config"].items()
@@ -234,7 +258,32 @@ class _LayerProgress:
         result.experts.extend(ExpertRecord(**record) for record in saved["experts"])
         result.linears.update(saved["linears"])
         result.layer_configs[layer_index] = saved["config"]
+        sweep = saved.get("sweep_statistics")
+        if sweep is not None:
+            result.sweep_statistics[layer_index] = LayerStatistics(layer_index, sweep["num_experts"],
+                                                                   sweep["num_tokens"], _to_tensors(sweep["values"]))
         return True
+
+
+def _to_lists(value):
+    """Tensors (in dicts) as nested lists, for a JSON file."""
+    if isinstance(value, dict):
+        return {key: _to_lists(item) for key, item in value.items()}
+    return {"tensor": value.tolist(), "dtype": str(value.dtype).removeprefix("torch.")}
+
+
+def _to_tensors(value):
+    """:func:`_to_lists` undone."""
+    if "tensor" in value:
+        return torch.tensor(value["tensor"], dtype=getattr(torch, value["dtype"]))
+    return {key: _to_tensors(item) for key, item in value.items()}
+
+
+def open_layer_files(folder: Path, fingerprint: str, world: World) -> LayerFiles:
+    """:class:`LayerFiles` opened by every rank; rank 0 first, since opening empties a folder of another run."""
+    files = LayerFiles(folder, fingerprint) if world.is_main else None
+    world.barrier()
+    return files or LayerFiles(folder, fingerprint)
 
 
 def _layer_quantization_config(model: nn.Module, layer_index: int) -> MoECompressQuantizationConfig:
@@ -270,6 +319,7 @@ class _GPTQLayer:
                  result: QuantizationResult) -> None:
         self.model, self.layer_index, self.layer, self.replay = model, layer_index, layer, replay
         self.settings, self.result = settings, result
+        self.world = replay.world
         self.records: dict[tuple[int, int], ExpertRecord] = {}
         self.hessian_suffix = "_affinity" if settings.agq else ""
 
@@ -310,13 +360,23 @@ class _GPTQLayer:
                 for chunk in chunks:
                     names = ["expert_token_counts"] if view is not None else []
                     options = {}
+                    chunk_owners = None
                     if view is not None:
                         names.append(hessian_name)
-                        options[hessian_name] = {"experts": list(chunk)}
+                        options[hessian_name] = {"experts": list(chunk), "on_device": True}
+                        chunk_owners = owners(self.world, chunk[1] - chunk[0])  # each Hessian to its solver
                     if first_chunk and shared_paths:
                         names.append(shared_name)
+                    first_pass = view is not None and half == "gate_up" and chunk[0] == 0
+                    if first_pass:  # the layer's experts are not quantised yet
+                        names += [name for name in self.settings.sweep_statistics if name not in names]
                     hooks.enabled = first_chunk
-                    statistics = self.replay.collect(names, options)
+                    statistics = self.replay.collect(names, options, hessian_owners=chunk_owners)
+                    if first_pass and self.settings.sweep_statistics:
+                        found = statistics[view.layer_index]
+                        self.result.sweep_statistics[view.layer_index] = LayerStatistics(
+                            view.layer_index, found.num_experts, found.num_tokens,
+                            {name: found[name] for name in self.settings.sweep_statistics})
                     if first_chunk:
                         self._quantize_shared(statistics, shared_name, shared_paths, linears)
                         first_chunk = False
@@ -328,7 +388,7 @@ class _GPTQLayer:
                         layer_statistics["expert_token_counts"])
                     progress.detail(chunk[1], view.num_experts, f"experts {half.replace('_', '/')}")
             if hook_linears:
-                self._quantize_linears(hook_linears, hooks.hessians())
+                self._quantize_linears(hook_linears, hooks.hessians(self.world))
         finally:
             hooks.remove()
         return packed
@@ -346,12 +406,15 @@ class _GPTQLayer:
         packed: dict[int, PackedLinearWeight] = {}
         errors: dict[int, float] = {}
         stacks: dict[int, list[tuple[int, int, float]]] = {}  # bits -> [(offset in chunk, expert, damping)]
+        owned = set(owned_keys(self.world, experts))  # the other experts' Hessians are complete on other ranks
         for offset, expert in enumerate(experts):
             bits, tokens = settings.expert_bits(view.layer_index, expert), int(token_counts[expert])
             record = self.records.setdefault((view.layer_index, expert),
                                              ExpertRecord(view.layer_index, expert, bits, tokens))
             floor = settings.cold_token_floor or fused.shape[2]
             record.cold = record.cold or tokens < floor
+            if expert not in owned:
+                continue
             damp = _cold_damping(settings.damp, tokens, floor, hessians[offset])
             if damp is None:  # no calibration signal at all: plain rounding
                 packed[expert] = settings.round_to_nearest(fused[expert].detach(), bits)
@@ -362,6 +425,7 @@ class _GPTQLayer:
         for bits, all_members in stacks.items():
             for members in _gptq_stacks(all_members, out_features, in_features, settings.hessian_memory_bytes):
                 self._gptq_stack(fused, hessians, members, bits, packed, errors)
+        share_solved(self.world, experts, packed, errors)
         for expert in experts:
             fused.data[expert] = packed[expert].dequantize(fused.dtype)
             record = self.records[(view.layer_index, expert)]
@@ -408,22 +472,32 @@ class _GPTQLayer:
             self.replay.collect([])
         finally:
             hooks.remove()
-        return hooks.hessians()
+        return hooks.hessians(self.world)
 
     def _quantize_linears(self, linears, hessians: dict[str, torch.Tensor]) -> None:
+        """GPTQ of plain linears ``[(path, nn.Linear)]``: each rank solves its block of them (``hessians`` holds
+        the complete Hessians of those), then every rank installs all of them."""
         settings = self.settings
+        paths = [path for path, _ in linears]
+        packed: dict[str, PackedLinearWeight] = {}
+        errors: dict[str, float] = {}
         for path, linear in linears:
-            weight = linear.weight.detach()
-            packed, error = self._gptq(weight, hessians[path], settings.bits, tokens=1, floor=1)
-            _replace_linear(self.model, path, linear, packed)
-            self.result.linears[path] = {"bits": settings.bits, "error": error}
+            if path in owned_keys(self.world, paths):
+                packed[path], errors[path] = self._gptq(linear.weight.detach(), hessians[path], settings.bits,
+                                                        tokens=1, floor=1)
+        share_solved(self.world, paths, packed, errors)
+        for path, linear in linears:
+            _replace_linear(self.model, path, linear, packed[path])
+            self.result.linears[path] = {"bits": settings.bits, "error": errors[path]}
 
 
 class _LinearInputHessians:
-    """Forward pre-hooks that accumulate ``sum x x^T`` (fp32) of each named linear's input over all tokens."""
+    """Forward pre-hooks that accumulate ``sum x x^T`` of each named linear's input over all tokens (each batch's
+    product in fp32, summed in fp64 as the expert Hessians are: :mod:`moecompress.calibration.statistics`)."""
 
     def __init__(self, linears) -> None:
         self.enabled = True
+        self._linears = list(linears)
         self._sums: dict[str, torch.Tensor] = {}
         self._handles = [linear.register_forward_pre_hook(self._hook(path)) for path, linear in linears]
 
@@ -434,12 +508,19 @@ class _LinearInputHessians:
             inputs = args[0].reshape(-1, args[0].shape[-1]).float()
             total = self._sums.get(path)
             if total is None:
-                total = self._sums[path] = inputs.new_zeros(inputs.shape[1], inputs.shape[1])
-            total.addmm_(inputs.T, inputs)
+                total = self._sums[path] = inputs.new_zeros(inputs.shape[1], inputs.shape[1], dtype=torch.float64)
+            total.add_(inputs.T @ inputs)
         return hook
 
-    def hessians(self) -> dict[str, torch.Tensor]:
-        return self._sums
+    def hessians(self, world: World) -> dict[str, torch.Tensor]:
+        """fp32 ``{path: [in, in]}``, each summed over the ranks into the rank that solves that linear."""
+        rank_of = dict(zip([path for path, _ in self._linears], owners(world, len(self._linears))))
+        for path, linear in self._linears:
+            if path not in self._sums:  # this rank saw no token of it
+                size = linear.in_features
+                self._sums[path] = torch.zeros(size, size, dtype=torch.float64, device=linear.weight.device)
+            world.reduce_to_(self._sums[path], rank_of[path])
+        return {path: total.float() for path, total in self._sums.items()}
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -533,9 +614,13 @@ def _gptq_stacks(members: list, out_features: int, in_features: int, memory_byte
     return [members[start:start + size] for start in range(0, len(members), size)]
 
 
+# Bytes per Hessian element while a chunk is collected: the fp64 accumulator and its fp32 result.
+HESSIAN_BYTES_PER_ELEMENT = 12
+
+
 def _expert_chunks(view: MoEBlockView, half: str, memory_bytes: int) -> list[tuple[int, int]]:
     size = view.hidden_size if half == "gate_up" else view.intermediate_size
-    per_expert = size * size * 4
+    per_expert = size * size * HESSIAN_BYTES_PER_ELEMENT
     chunk = max(1, min(view.num_experts, memory_bytes // per_expert))
     return [(start, min(start + chunk, view.num_experts)) for start in range(0, view.num_experts, chunk)]
 

@@ -25,6 +25,7 @@ from typing import Literal
 import pydantic
 from torch import nn
 
+from moecompress.distributed import current_world
 from moecompress.errors import MoECompressError, RecipeError
 from moecompress.kernels.layout import SUPPORTED_BITS
 from moecompress.models.families import find_moe_blocks
@@ -139,7 +140,7 @@ class QuantizeStage(Stage):
                                 batch_size=context.batch_size, on_layer=context.on_layer)
         context.mark_statistics_stale()
         progress_dir = self._progress_dir(context)
-        if progress_dir is not None:
+        if progress_dir is not None and current_world().is_main:
             shutil.rmtree(progress_dir, ignore_errors=True)  # the stage is done: its record replaces the layer files
         return self.stage_result(result)
 
