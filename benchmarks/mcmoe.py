@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype the compression pipeline runs in (bfloat16: the checkpoints' own, scales stored "
                              "in bf16 as a deployment would)")
+    parser.add_argument("--allocations", action="store_true", help="no evaluation: print how far each PMQ error "
+                        "form's bit map is from the frequency-only placement of the same widths, and exit")
     parser.add_argument("--pairs", default=None, help="--compare: comma list of A-B pairs instead of the default "
                         "ones (A and B configuration names)")
     add_merge_compare_arguments(parser)
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     if print_merged_or_compared(args, markdown_table, comparison_table):
         return 0
     set_threads(args.threads)
+    if args.allocations:
+        return allocation_table(args)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.json_out.read_text())["rows"] if args.json_out.exists() else []
     for model_name in args.models.split(","):
@@ -208,6 +212,57 @@ def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, d
     if config.startswith("odp"):
         return [ODPStage({"quantile": float(config[3:]), "protect_fraction": 0.02})], calibration
     raise SystemExit(f"unknown configuration {config!r}")
+
+
+def frequency_placement(widths: dict[str, list[int]], counts: dict) -> dict[str, list[int]]:
+    """``widths`` of each layer re-placed by selection frequency: the widest to the most selected expert (ties: lower
+    id), as :class:`FixedWidthsStage` with ``order: frequency`` does."""
+    placed = {}
+    for layer, values in widths.items():
+        ranking = torch.argsort(counts[int(layer)]["expert_token_counts"], descending=True, stable=True).tolist()
+        placed[layer] = [0] * len(values)
+        for rank, expert in enumerate(ranking):
+            placed[layer][expert] = sorted(values, reverse=True)[rank]
+    return placed
+
+
+def allocation_table(args) -> int:
+    """For each model and PMQ error form (``eps_mode`` hessian / hessian_norm / block_output, ``--avg-bits`` over
+    {2, 3, 4}, groups of ``--group-size``): how many experts' widths differ from the frequency-only placement of the
+    same per-layer widths, and from the ``hessian`` form's map. No evaluation: one calibration pass per model (the
+    benchmark's calibration), the super experts found as the pipeline finds them."""
+    import copy
+
+    from moecompress.analysis.super_experts import find_super_experts
+    from moecompress.calibration import LayerwiseRunner, load_calibration
+    from moecompress.pipeline import RunContext
+    from moecompress.quantization.pmq import PMQStage
+
+    print("| model | eps_mode | experts | differ from frequency-only placement | differ from eps_mode hessian | "
+          "layers with other widths than hessian's |")
+    print("|---|---|---:|---:|---:|---:|")
+    for model_name in args.models.split(","):
+        model, tokenizer = load_model(testbed_model(model_name), dtype=torch.float32)
+        calibration = load_calibration(tokenizer, files=[TESTBED_CALIB], num_samples=args.num_samples,
+                                       seq_len=args.seq_len, seed=0)
+        profile = LayerwiseRunner(model).run(calibration, ["max_abs_expert_output", "expert_token_counts"])
+        super_experts = find_super_experts(profile.layers, profile.num_hidden_layers).routed
+        maps = {}
+        for form in ("hessian", "hessian_norm", "block_output"):
+            context = RunContext(model=copy.deepcopy(model), tokenizer=tokenizer, source=model_name,
+                                 output_dir=Path(tempfile.mkdtemp()), calibration=calibration,
+                                 super_experts=list(super_experts))
+            stage = PMQStage({"avg_bits": args.avg_bits, "candidates": [2, 3, 4], "group_size": args.group_size,
+                              "eps_mode": form})
+            maps[form] = stage.run(context).decisions["bit_widths"]
+        for form, widths in maps.items():
+            flat = [bits for values in widths.values() for bits in values]
+            placed = frequency_placement(widths, profile.layers)
+            differ = sum(a != b for layer in widths for a, b in zip(widths[layer], placed[layer]))
+            from_hessian = sum(a != b for layer in widths for a, b in zip(widths[layer], maps["hessian"][layer]))
+            other_widths = sum(sorted(widths[layer]) != sorted(maps["hessian"][layer]) for layer in widths)
+            print(f"| {model_name} | {form} | {len(flat)} | {differ} | {from_hessian} | {other_widths} |", flush=True)
+    return 0
 
 
 def whole_model_bytes(args) -> str:

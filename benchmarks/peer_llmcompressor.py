@@ -48,10 +48,13 @@ def load(model_path: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmcompressor.modeling.moe.linearize import load_quantizable_moe
+    from llmcompressor.modeling.moe.linearize import linearize_moe
 
-    with load_quantizable_moe():  # experts as per-expert linears, as the maintainers' MoE examples load them
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    # experts as per-expert linears, as llm-compressor calibrates them. Its load-time path (load_quantizable_moe)
+    # imports every transformers model module for Qwen3-MoE, and one of them needs torchvision, which its venv
+    # lacks; converting after loading is its other documented path (same weights, slower load).
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16)
+    linearize_moe(model)
     return model, AutoTokenizer.from_pretrained(model_path)
 
 
