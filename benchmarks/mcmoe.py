@@ -31,7 +31,8 @@ Configurations:
   random@C, frequency@C  the same with the widths of configuration C's row (e.g. frequency@pmq_norm)
   camera_q, camera_q_spec  CAMERA-Q at ``--avg-bits`` over bits {4, 3, 2}, groups of ``--group-size`` (one GPTQ sweep
                        over down_proj, mse scales / ``preset: camera_spec``: each segment alone, minmax scales)
-  recipe:PATH          the stages and calibration of a recipe YAML (e.g. recipes/recommended_3bit.yaml)
+  recipe:PATH          the stages of a recipe YAML (e.g. recipes/recommended_3bit.yaml), on the benchmark's
+                       calibration tokens like every other row
   folder:PATH          a model folder as it is (e.g. llm-compressor's output, dequantised to plain HF)
   joint                mcmoe_pmq candidates {0, 2, 3, 4}, target_size ``--target``: pruning and widths in one knapsack
   prune_then_quantize  prune_frequency to ``--keep`` experts per layer, then mcmoe_pmq {2, 3, 4} at the same target
@@ -175,9 +176,8 @@ def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, d
     eps_modes = {"pmq": "hessian", "pmq_norm": "hessian_norm", "pmq_block": "block_output"}
     if config == "full" or config.startswith("folder:"):
         return [], calibration
-    if config.startswith("recipe:"):
-        recipe = load_recipe(config.partition(":")[2])
-        return recipe.stages, recipe.calibration.model_dump(exclude_none=True)
+    if config.startswith("recipe:"):  # the recipe's stages on the benchmark's calibration tokens (as every row)
+        return load_recipe(config.partition(":")[2]).stages, calibration
     if config in ("uniform2", "uniform3", "uniform2_nocold", "uniform3_nocold"):
         return [GPTQStage({**gptq_options, "bits": int(config[7]),
                            "cold_damping": not config.endswith("_nocold")})], calibration
