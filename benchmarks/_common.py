@@ -101,6 +101,10 @@ ACCURACY_TASKS = ("tb_code_next", "tb_kjv_next", "tb_austen_next")
 PERPLEXITY_TASKS = ("tb_ppl_pycode", "tb_ppl_kjv", "tb_ppl_austen")
 
 
+#: Requests per forward in :func:`score_model`: 64 was a quarter faster than lm-eval's 16 on these CPUs, same scores.
+EVAL_BATCH_SIZE = 64
+
+
 def score_model(model, tokenizer, *, limit: int, ppl_limit: int, accuracy_tasks=ACCURACY_TASKS,
                 perplexity_tasks=PERPLEXITY_TASKS) -> dict:
     """Score ``model`` with lm-eval: ``{"scores": {task: {metric: value}}, "items": {task: [acc_mutual_info per
@@ -112,11 +116,13 @@ def score_model(model, tokenizer, *, limit: int, ppl_limit: int, accuracy_tasks=
     scores, items, documents = {}, {}, {}
     with stdout_to_stderr():
         if accuracy_tasks:
-            results = run_lm_eval(model, tokenizer, list(accuracy_tasks), limit=limit, log_samples=True)
+            results = run_lm_eval(model, tokenizer, list(accuracy_tasks), limit=limit, log_samples=True,
+                                  batch_size=EVAL_BATCH_SIZE)
             scores.update(scores_from_results(results))
             items = item_scores(results, "acc_mutual_info")
         if perplexity_tasks:
-            results = run_lm_eval(model, tokenizer, list(perplexity_tasks), limit=ppl_limit, log_samples=True)
+            results = run_lm_eval(model, tokenizer, list(perplexity_tasks), limit=ppl_limit, log_samples=True,
+                                  batch_size=EVAL_BATCH_SIZE)
             scores.update(scores_from_results(results))
             documents = document_ratios(results)
 

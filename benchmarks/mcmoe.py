@@ -58,7 +58,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import (TESTBED_CALIB, add_merge_compare_arguments, add_repo_to_path,
+from _common import (ACCURACY_TASKS, TESTBED_CALIB, add_merge_compare_arguments, add_repo_to_path,
                      add_threads_argument, paired_rows, print_merged_or_compared, score_model, set_offline,
                      set_threads, testbed_model)
 
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype the compression pipeline runs in (bfloat16: the checkpoints' own, scales stored "
                              "in bf16 as a deployment would)")
+    parser.add_argument("--ppl-only", action="store_true", help="score bits per byte only (no accuracy tasks: about "
+                        "30x cheaper); such rows pair with others on bits per byte only")
     parser.add_argument("--allocations", action="store_true", help="no evaluation: print how far each PMQ error "
                         "form's bit map is from the frequency-only placement of the same widths, and exit")
     parser.add_argument("--pairs", default=None, help="--compare: comma list of A-B pairs instead of the default "
@@ -304,7 +306,8 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
         if tokenizer is None:  # a folder saved without its tokenizer: the source model's
             tokenizer = load_model(source)[1]
         reset_odp_counters(model)
-        scored = score_model(model, tokenizer, limit=args.limit, ppl_limit=args.ppl_limit)
+        scored = score_model(model, tokenizer, limit=args.limit, ppl_limit=args.ppl_limit,
+                             accuracy_tasks=() if args.ppl_only else ACCURACY_TASKS)
         skipped = skipped_fractions(model)
         bit_widths = {}
         for view in find_moe_blocks(model):
@@ -331,7 +334,7 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
         "skipped_fraction": (sum(skipped.values()) / len(skipped)) if skipped else None,
         "skipped_per_layer": {str(layer): value for layer, value in skipped.items()},
         "scores": scored["scores"], "items": scored["items"], "documents": scored["documents"],
-        "scale_search": args.scale_search, "limit": args.limit,
+        "scale_search": args.scale_search, "limit": None if args.ppl_only else args.limit,
         "ppl_limit": args.ppl_limit, "group_size": args.group_size,
         "target": args.target if config in ("joint", "prune_then_quantize") else None,
         "ebss_usage_std": _ebss_std(report),
@@ -383,7 +386,7 @@ def comparison_table(rows: list[dict]) -> str:
     lines = ["| model | pair | accuracy difference [95% CI] | bits/byte difference [95% CI] |", "|---|---|---|---:|"]
     by_model: dict[str, dict[str, dict]] = {}
     for row in rows:
-        if "items" in row:
+        if "items" in row or "documents" in row:
             by_model.setdefault(row["model"], {})[row["config"]] = row
     for model, configs in by_model.items():
         for first, second, accuracy, bpb in paired_rows(configs, PAIRS):
@@ -400,8 +403,9 @@ def markdown_table(rows: list[dict], header: bool = True) -> str:
                 else f"{row['mean_expert_bits']:.2f}")
         skipped = "-" if row.get("skipped_fraction") is None else f"{row['skipped_fraction']:.1%}"
         stored = "-" if row.get("expert_bits_per_parameter") is None else f"{row['expert_bits_per_parameter']:.3f}"
+        accuracy = "-" if row.get("mean_acc_mutual_info") is None else f"{row['mean_acc_mutual_info']:.3f}"
         lines.append(f"| {row['model']} | {row['config']} | {bits} | {row['expert_bytes']:,} | {stored} | {skipped} | "
-                     f"{row['mean_acc_mutual_info']:.3f} | {row['mean_bits_per_byte']:.4f} |")
+                     f"{accuracy} | {row['mean_bits_per_byte']:.4f} |")
     return "\n".join(lines)
 
 
