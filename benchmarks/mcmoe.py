@@ -347,7 +347,10 @@ STORED_BYTES_FILE = "stored_expert_bytes.json"  # written beside a dequantised c
 def config_label(config: str) -> str:
     """The row's name: the configuration, with a folder or recipe shortened to its file or folder name."""
     kind, _, path = config.partition(":")
-    return f"{kind}:{Path(path).stem}" if kind in ("folder", "recipe") and path else config
+    if kind not in ("folder", "recipe") or not path:
+        return config
+    name = Path(path).stem
+    return f"{kind}:{Path(path).parent.name if name == 'plain' else name}"  # peer outputs are OUT/plain
 
 
 def routed_expert_bytes_on_disk(folder: Path) -> int:
