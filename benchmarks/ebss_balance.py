@@ -1,10 +1,12 @@
 """Expert-usage balance of EBSS calibration sets against the test-bed text calibration (same size).
 
 For each model: the text calibration (the test bed's calib folder, seeded sampling over its eight domains) and
-EBSS sets for each ``--settings`` entry (``tau`` or ``tau:ngN`` for ``no_repeat_ngram=N``),
-all ``--num-samples x --seq-len`` tokens.
+EBSS sets for each ``--settings`` entry (``tau`` or ``tau:ngN`` for ``no_repeat_ngram=N``; ``paper`` or
+``paper:ngN`` for ``preset: moequant_paper``, the paper's sigma on counts of the child sequence at tau 1.2; ``paperT``
+for that preset at tau T), all ``--num-samples x --seq-len`` tokens.
 sigma = per MoE layer the unbiased std of the top-k selection frequencies over the whole set, averaged over layers
-(methods.md 4). Sets are cached (``--cache-dir``), so a second run only re-measures.
+(methods.md 4; the same measure for every set, whatever balance term generated it). Sets are cached
+(``--cache-dir``), so a second run only re-measures.
 
     python benchmarks/ebss_balance.py --models moe-ref-q3,moe-ref-mx --num-samples 16 --seq-len 128 \\
         --settings inf,1.2,0.01,1.2:ng4,0.01:ng4,0.001:ng4
@@ -45,12 +47,15 @@ def main() -> None:
         for setting in args.settings.split(","):
             tau_text, _, ngram_text = setting.partition(":")
             ngram = int(ngram_text.removeprefix("ng")) if ngram_text else None
-            options = EbssOptions(num_samples=args.num_samples, seq_len=args.seq_len, tau=float(tau_text),
-                                  seed=args.seed, no_repeat_ngram=ngram)
+            paper = tau_text.startswith("paper")
+            tau = float(tau_text.removeprefix("paper") or 1.2)
+            options = EbssOptions(num_samples=args.num_samples, seq_len=args.seq_len, tau=tau, seed=args.seed,
+                                  no_repeat_ngram=ngram, preset="moequant_paper" if paper else None)
             started = time.perf_counter()
             ebss = generate_ebss(model, tokenizer, options, cache_dir=args.cache_dir)
             seconds = "cached" if ebss.from_cache else f"{time.perf_counter() - started:.0f}"
             label = "plain beam search" if math.isinf(options.tau) else f"tau {options.tau:g}"
+            label += " (paper: counts, child)" if paper else ""
             label += f", no_repeat_ngram {ngram}" if ngram else ""
             sample = tokenizer.decode(ebss.input_ids[0, 1:40]).replace("\n", "\\n").replace("|", "/")
             rows.append((name, f"EBSS {label}", ebss.usage_std, seconds, sample))

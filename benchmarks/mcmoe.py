@@ -20,10 +20,20 @@ differences on the same items with a 95% bootstrap interval (``moecompress.evals
 
 Configurations:
   full                 the unquantised model
-  uniform2             every expert GPTQ 2-bit
-  pmq                  mcmoe_pmq avg_bits ``--avg-bits`` over {2, 3, 4} (Hessian proxy), then GPTQ at those widths
+  uniform2, uniform3   every expert GPTQ 2-bit (3-bit)
+  uniform2_nocold, uniform3_nocold  the same with ``cold_damping: false`` (GPTQ's plain damping for every expert)
+  pmq                  mcmoe_pmq avg_bits ``--avg-bits`` over {2, 3, 4} (Hessian proxy ``eps_mode: hessian``), then
+                       GPTQ at those widths
+  pmq_norm, pmq_block  the same with ``eps_mode: hessian_norm`` (its square root) / ``block_output`` (the reference
+                       code's RTN block-output norm)
   random               PMQ's widths per layer, shuffled over the experts (seeded): the same size
   frequency            PMQ's widths per layer, the widest to the most frequently selected experts: the same size
+  random@C, frequency@C  the same with the widths of configuration C's row (e.g. frequency@pmq_norm)
+  camera_q, camera_q_spec  CAMERA-Q at ``--avg-bits`` over bits {4, 3, 2}, groups of ``--group-size`` (one GPTQ sweep
+                       over down_proj, mse scales / ``preset: camera_spec``: each segment alone, minmax scales)
+  recipe:PATH          the stages of a recipe YAML (e.g. recipes/recommended_3bit.yaml), on the benchmark's
+                       calibration tokens like every other row
+  folder:PATH          a model folder as it is (e.g. llm-compressor's output, dequantised to plain HF)
   joint                mcmoe_pmq candidates {0, 2, 3, 4}, target_size ``--target``: pruning and widths in one knapsack
   prune_then_quantize  prune_frequency to ``--keep`` experts per layer, then mcmoe_pmq {2, 3, 4} at the same target
   odp<q>               the full model with mcmoe_odp (thresholds = quantile q of w_r/w_0, 2% protected tokens);
@@ -31,6 +41,12 @@ Configurations:
   uniform2_ebss        uniform2 calibrated on an EBSS set (tau 1.2, beam 4) of the same size instead of text
   uniform2_ebss_balanced  the same with tau 0.001 and no_repeat_ngram 4 (the setting where the balance term works
                        on the test bed, benchmarks/ebss_balance.py)
+  uniform2_ebss_paper  the same with ``preset: moequant_paper`` (sigma on counts of the child sequence, tau 1.2);
+                       ``uniform2_ebss_paper_ng4`` adds no_repeat_ngram 4
+
+Every row also records ``expert_bits_per_parameter``: the bytes its routed experts take in the saved checkpoint
+(packed words, scales and zero points at their stored dtype; dropped experts 0) times 8, over the original model's
+routed-expert parameters.
 """
 
 from __future__ import annotations
@@ -42,20 +58,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import (TESTBED_CALIB, add_merge_compare_arguments, add_repo_to_path, add_threads_argument,
-                     print_merged_or_compared, set_offline, set_threads, testbed_model)
+from _common import (ACCURACY_TASKS, TESTBED_CALIB, add_merge_compare_arguments, add_repo_to_path,
+                     add_threads_argument, paired_rows, print_merged_or_compared, score_model, set_offline,
+                     set_threads, testbed_model)
 
 set_offline()
 add_repo_to_path()
-
-ACCURACY_TASKS = ("tb_code_next", "tb_kjv_next", "tb_austen_next")
-PERPLEXITY_TASKS = ("tb_ppl_pycode", "tb_ppl_kjv", "tb_ppl_austen")
 
 import pydantic  # noqa: E402
 import torch  # noqa: E402
 
 from moecompress.checkpoint import load_model  # noqa: E402
 from moecompress.models import find_moe_blocks  # noqa: E402
+from moecompress.models.summary import model_summary  # noqa: E402
 from moecompress.pipeline import RunContext, Stage, StageOptions, StageResult, register_stage  # noqa: E402
 
 
@@ -107,26 +122,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json-out", type=Path, default=Path("runs/mcmoe.json"))
     parser.add_argument("--scale-search", default="minmax", choices=["minmax", "mse"], help="GPTQ's group scales")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype the compression pipeline runs in (bfloat16: the checkpoints' own, scales stored "
+                             "in bf16 as a deployment would)")
+    parser.add_argument("--ppl-only", action="store_true", help="score bits per byte only (no accuracy tasks: about "
+                        "30x cheaper); such rows pair with others on bits per byte only")
+    parser.add_argument("--allocations", action="store_true", help="no evaluation: print how far each PMQ error "
+                        "form's bit map is from the frequency-only placement of the same widths, and exit")
+    parser.add_argument("--pairs", default=None, help="--compare: comma list of A-B pairs instead of the default "
+                        "ones (A and B configuration names)")
     add_merge_compare_arguments(parser)
     add_threads_argument(parser, None)
     args = parser.parse_args(argv)
+    if args.pairs:
+        global PAIRS
+        PAIRS = tuple(tuple(pair.split("-", 1)) for pair in args.pairs.split(","))
     if print_merged_or_compared(args, markdown_table, comparison_table):
         return 0
     set_threads(args.threads)
+    if args.allocations:
+        return allocation_table(args)
     args.json_out.parent.mkdir(parents=True, exist_ok=True)
     rows = json.loads(args.json_out.read_text())["rows"] if args.json_out.exists() else []
     for model_name in args.models.split(","):
-        pmq_widths = None
         for config in args.configs.split(","):
-            if config in ("random", "frequency") and pmq_widths is None:
+            pmq_widths = None
+            if config.startswith(("random", "frequency")):
+                source = config.partition("@")[2] or "pmq"
                 pmq_widths = next((row["bit_widths"] for row in rows
-                                   if row["model"] == model_name and row["config"] == "pmq"), None)
+                                   if row["model"] == model_name and row["config"] == source), None)
                 if pmq_widths is None:
-                    raise SystemExit(f"{config} needs the pmq row of {model_name}: run config pmq first")
+                    raise SystemExit(f"{config} needs the {source} row of {model_name}: run config {source} first")
             row = run_configuration(args, model_name, config, pmq_widths)
-            if config == "pmq":
-                pmq_widths = row["bit_widths"]
-            rows = [old for old in rows if (old["model"], old["config"]) != (model_name, config)] + [row]
+            rows = [old for old in rows if (old["model"], old["config"]) != (model_name, row["config"])] + [row]
             args.json_out.write_text(json.dumps({"rows": rows}, indent=1))
             print(markdown_table([row], header=False), file=sys.stderr, flush=True)
     print(markdown_table(rows))
@@ -136,26 +164,44 @@ def main(argv: list[str] | None = None) -> int:
 def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, dict]:
     """The pipeline stages of one configuration and its calibration section."""
     from moecompress.pruning.frequency import FrequencyPruning
+    from moecompress.quantization.camera_q import CameraQuantization
     from moecompress.quantization.odp import ODPStage
     from moecompress.quantization.pmq import PMQStage
     from moecompress.quantization.stages import GPTQStage
+    from moecompress.recipe import load_recipe
 
     calibration = {"files": [str(TESTBED_CALIB)], "num_samples": args.num_samples, "seq_len": args.seq_len,
                    "seed": 0}
-    gptq = GPTQStage({"bits": 2, "group_size": args.group_size, "scale_search": args.scale_search})
+    gptq_options = {"bits": 2, "group_size": args.group_size, "scale_search": args.scale_search}
+    gptq = GPTQStage(gptq_options)
     pmq = {"group_size": args.group_size}
-    if config == "full":
+    eps_modes = {"pmq": "hessian", "pmq_norm": "hessian_norm", "pmq_block": "block_output"}
+    if config == "full" or config.startswith("folder:"):
         return [], calibration
-    if config == "uniform2":
-        return [gptq], calibration
+    if config.startswith("recipe:"):  # the recipe's stages on the benchmark's calibration tokens (as every row)
+        return load_recipe(config.partition(":")[2]).stages, calibration
+    if config in ("uniform2", "uniform3", "uniform2_nocold", "uniform3_nocold"):
+        return [GPTQStage({**gptq_options, "bits": int(config[7]),
+                           "cold_damping": not config.endswith("_nocold")})], calibration
     if config == "uniform2_ebss":
         return [gptq], {**calibration, "ebss": {"tau": 1.2, "beam": 4, "compare_text": True}}
     if config == "uniform2_ebss_balanced":
         return [gptq], {**calibration, "ebss": {"tau": 0.001, "beam": 4, "no_repeat_ngram": 4, "compare_text": True}}
-    if config == "pmq":
-        return [PMQStage({**pmq, "avg_bits": args.avg_bits, "candidates": [2, 3, 4]}), gptq], calibration
-    if config in ("random", "frequency"):
-        return [FixedWidthsStage({"widths": pmq_widths, "order": config}), gptq], calibration
+    if config in ("uniform2_ebss_paper", "uniform2_ebss_paper_ng4"):
+        ebss = {"preset": "moequant_paper", "beam": 4, "compare_text": True}
+        if config.endswith("_ng4"):
+            ebss["no_repeat_ngram"] = 4
+        return [gptq], {**calibration, "ebss": ebss}
+    if config in eps_modes:
+        return [PMQStage({**pmq, "avg_bits": args.avg_bits, "candidates": [2, 3, 4], "eps_mode": eps_modes[config]}),
+                gptq], calibration
+    if config in ("camera_q", "camera_q_spec"):
+        options = {"avg_bits": args.avg_bits, "bits": [4, 3, 2], "group_size": args.group_size}
+        if config == "camera_q_spec":
+            options["preset"] = "camera_spec"
+        return [CameraQuantization(options)], calibration
+    if config.startswith(("random", "frequency")):
+        return [FixedWidthsStage({"widths": pmq_widths, "order": config.partition("@")[0]}), gptq], calibration
     if config == "joint":
         return [PMQStage({**pmq, "target_size": args.target, "candidates": [0, 2, 3, 4], "at_least_one": []}),
                 gptq], calibration
@@ -168,6 +214,57 @@ def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, d
     if config.startswith("odp"):
         return [ODPStage({"quantile": float(config[3:]), "protect_fraction": 0.02})], calibration
     raise SystemExit(f"unknown configuration {config!r}")
+
+
+def frequency_placement(widths: dict[str, list[int]], counts: dict) -> dict[str, list[int]]:
+    """``widths`` of each layer re-placed by selection frequency: the widest to the most selected expert (ties: lower
+    id), as :class:`FixedWidthsStage` with ``order: frequency`` does."""
+    placed = {}
+    for layer, values in widths.items():
+        ranking = torch.argsort(counts[int(layer)]["expert_token_counts"], descending=True, stable=True).tolist()
+        placed[layer] = [0] * len(values)
+        for rank, expert in enumerate(ranking):
+            placed[layer][expert] = sorted(values, reverse=True)[rank]
+    return placed
+
+
+def allocation_table(args) -> int:
+    """For each model and PMQ error form (``eps_mode`` hessian / hessian_norm / block_output, ``--avg-bits`` over
+    {2, 3, 4}, groups of ``--group-size``): how many experts' widths differ from the frequency-only placement of the
+    same per-layer widths, and from the ``hessian`` form's map. No evaluation: one calibration pass per model (the
+    benchmark's calibration), the super experts found as the pipeline finds them."""
+    import copy
+
+    from moecompress.analysis.super_experts import find_super_experts
+    from moecompress.calibration import LayerwiseRunner, load_calibration
+    from moecompress.pipeline import RunContext
+    from moecompress.quantization.pmq import PMQStage
+
+    print("| model | eps_mode | experts | differ from frequency-only placement | differ from eps_mode hessian | "
+          "layers with other widths than hessian's |")
+    print("|---|---|---:|---:|---:|---:|")
+    for model_name in args.models.split(","):
+        model, tokenizer = load_model(testbed_model(model_name), dtype=torch.float32)
+        calibration = load_calibration(tokenizer, files=[TESTBED_CALIB], num_samples=args.num_samples,
+                                       seq_len=args.seq_len, seed=0)
+        profile = LayerwiseRunner(model).run(calibration, ["max_abs_expert_output", "expert_token_counts"])
+        super_experts = find_super_experts(profile.layers, profile.num_hidden_layers).routed
+        maps = {}
+        for form in ("hessian", "hessian_norm", "block_output"):
+            context = RunContext(model=copy.deepcopy(model), tokenizer=tokenizer, source=model_name,
+                                 output_dir=Path(tempfile.mkdtemp()), calibration=calibration,
+                                 super_experts=list(super_experts))
+            stage = PMQStage({"avg_bits": args.avg_bits, "candidates": [2, 3, 4], "group_size": args.group_size,
+                              "eps_mode": form})
+            maps[form] = stage.run(context).decisions["bit_widths"]
+        for form, widths in maps.items():
+            flat = [bits for values in widths.values() for bits in values]
+            placed = frequency_placement(widths, profile.layers)
+            differ = sum(a != b for layer in widths for a, b in zip(widths[layer], placed[layer]))
+            from_hessian = sum(a != b for layer in widths for a, b in zip(widths[layer], maps["hessian"][layer]))
+            other_widths = sum(sorted(widths[layer]) != sorted(maps["hessian"][layer]) for layer in widths)
+            print(f"| {model_name} | {form} | {len(flat)} | {differ} | {from_hessian} | {other_widths} |", flush=True)
+    return 0
 
 
 def whole_model_bytes(args) -> str:
@@ -186,26 +283,31 @@ def whole_model_bytes(args) -> str:
 
 
 def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
-    from moecompress.evals import evaluate_model, run_lm_eval, scores_from_results
-    from moecompress.evals.paired import item_scores
     from moecompress.pipeline import Pipeline
     from moecompress.quantization.odp import reset_odp_counters, skipped_fractions
 
     source = testbed_model(model_name)
     args.current_model = model_name
-    num_experts = find_moe_blocks(load_model(source)[0])[0].num_experts
+    original = load_model(source)[0]
+    num_experts = find_moe_blocks(original)[0].num_experts
+    expert_parameters = model_summary(original)["parameters"]["routed_experts"]
+    del original
     stages, calibration = stages_for(args, config, pmq_widths, num_experts)
     with tempfile.TemporaryDirectory(prefix="mcmoe-bench-") as folder:
         report = {"stages": []}
+        evaluated = Path(config.partition(":")[2]) if config.startswith("folder:") else source
         if stages:
-            report = Pipeline(stages, calibration=calibration).run(source, Path(folder) / "out", dtype="float32")
-            model, tokenizer = load_model(Path(folder) / "out", dtype=torch.float32)
-        else:
-            model, tokenizer = load_model(source, dtype=torch.float32)
+            evaluated = Path(folder) / "out"
+            report = Pipeline(stages, calibration=calibration).run(source, evaluated, dtype=args.dtype)
+        stored_expert_bytes = routed_expert_bytes_on_disk(evaluated)
+        if (Path(evaluated) / STORED_BYTES_FILE).is_file():  # a dequantised copy: the bytes of its compressed form
+            stored_expert_bytes = json.loads((Path(evaluated) / STORED_BYTES_FILE).read_text())["stored_expert_bytes"]
+        model, tokenizer = load_model(evaluated, dtype=torch.float32)
+        if tokenizer is None:  # a folder saved without its tokenizer: the source model's
+            tokenizer = load_model(source)[1]
         reset_odp_counters(model)
-        results = run_lm_eval(model, tokenizer, list(ACCURACY_TASKS), limit=args.limit, log_samples=True)
-        scores, items = scores_from_results(results), item_scores(results, "acc_mutual_info")
-        scores.update(evaluate_model(model, tokenizer, list(PERPLEXITY_TASKS), limit=args.ppl_limit))
+        scored = score_model(model, tokenizer, limit=args.limit, ppl_limit=args.ppl_limit,
+                             accuracy_tasks=() if args.ppl_only else ACCURACY_TASKS)
         skipped = skipped_fractions(model)
         bit_widths = {}
         for view in find_moe_blocks(model):
@@ -217,19 +319,52 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
                            for tensor in [*view.experts.parameters(), *view.experts.buffers()])
     allocated = pmq_decided or bit_widths
     # over the original experts: a pruned or dropped expert counts 0 bits
-    total_bits = sum(bits for widths in allocated.values() for bits in widths)
+    mean_bits = sum(bits for widths in allocated.values() for bits in widths) / (num_experts * len(allocated))
+    camera = next((stage["metrics"] for stage in report["stages"] if stage.get("method") == "camera_q"), None)
+    if camera is not None:
+        mean_bits = camera["mean_effective_avg_bits"]
+    elif config.startswith("folder:"):
+        mean_bits = None  # another tool's output: its widths are not read here
     return {
-        "model": model_name, "config": config, "bit_widths": pmq_decided or bit_widths,
-        "mean_expert_bits": total_bits / (num_experts * len(allocated)), "expert_bytes": expert_bytes,
-        "mean_acc_mutual_info": sum(scores[task]["acc_mutual_info"] for task in ACCURACY_TASKS) / len(ACCURACY_TASKS),
-        "mean_bits_per_byte": sum(scores[task]["bits_per_byte"] for task in PERPLEXITY_TASKS) / len(PERPLEXITY_TASKS),
+        "model": model_name, "config": config_label(config), "bit_widths": pmq_decided or bit_widths,
+        "mean_expert_bits": mean_bits, "expert_bytes": expert_bytes,
+        "stored_expert_bytes": stored_expert_bytes,
+        "expert_bits_per_parameter": 8 * stored_expert_bytes / expert_parameters, "dtype": args.dtype,
+        "mean_acc_mutual_info": scored["mean_acc_mutual_info"], "mean_bits_per_byte": scored["mean_bits_per_byte"],
         "skipped_fraction": (sum(skipped.values()) / len(skipped)) if skipped else None,
         "skipped_per_layer": {str(layer): value for layer, value in skipped.items()},
-        "scores": scores, "items": items, "scale_search": args.scale_search, "limit": args.limit,
+        "scores": scored["scores"], "items": scored["items"], "documents": scored["documents"],
+        "scale_search": args.scale_search, "limit": None if args.ppl_only else args.limit,
         "ppl_limit": args.ppl_limit, "group_size": args.group_size,
         "target": args.target if config in ("joint", "prune_then_quantize") else None,
         "ebss_usage_std": _ebss_std(report),
     }
+
+
+STORED_BYTES_FILE = "stored_expert_bytes.json"  # written beside a dequantised copy by benchmarks/peer_llmcompressor.py
+
+
+def config_label(config: str) -> str:
+    """The row's name: the configuration, with a folder or recipe shortened to its file or folder name."""
+    kind, _, path = config.partition(":")
+    if kind not in ("folder", "recipe") or not path:
+        return config
+    name = Path(path).stem
+    return f"{kind}:{Path(path).parent.name if name == 'plain' else name}"  # peer outputs are OUT/plain
+
+
+def routed_expert_bytes_on_disk(folder: Path) -> int:
+    """Bytes the routed experts' tensors take in ``folder``'s safetensors files (from their headers): keys with an
+    ``.experts.`` part (shared experts are ``shared_expert(s)``). Works for plain, native and compressed-tensors
+    folders."""
+    from moecompress.checkpoint.headers import read_safetensors_header
+
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        for key, entry in read_safetensors_header(path).items():
+            if ".experts." in key and isinstance(entry, dict) and "data_offsets" in entry:
+                total += entry["data_offsets"][1] - entry["data_offsets"][0]
+    return total
 
 
 def _ebss_std(report: dict):
@@ -239,35 +374,41 @@ def _ebss_std(report: dict):
 
 PAIRS = (("pmq", "uniform2"), ("pmq", "random"), ("pmq", "frequency"), ("joint", "prune_then_quantize"),
          ("uniform2_ebss", "uniform2"), ("uniform2_ebss_balanced", "uniform2"),
-         ("odp0.5", "full"), ("odp0.3", "full"))
+         ("odp0.5", "full"), ("odp0.3", "full"),
+         ("pmq_norm", "frequency"), ("pmq_block", "frequency"), ("pmq_norm", "pmq"), ("pmq_block", "pmq"),
+         ("uniform2_ebss_paper", "uniform2"), ("uniform2_ebss_paper_ng4", "uniform2"),
+         ("uniform2_ebss_paper", "uniform2_ebss_balanced"),
+         ("uniform2", "uniform2_nocold"), ("uniform3", "uniform3_nocold"),
+         ("camera_q", "camera_q_spec"), ("camera_q", "uniform2"), ("camera_q", "uniform3"), ("camera_q", "pmq"))
 
 
 def comparison_table(rows: list[dict]) -> str:
     """Paired differences ``a - b`` per model (rows of the same ``--limit`` and scales): mean accuracy on the same
-    items with its 95% bootstrap interval, and mean bits per byte."""
-    from moecompress.evals.paired import paired_differences
-
-    lines = ["| model | pair | accuracy difference [95% CI] | bits/byte difference |", "|---|---|---|---:|"]
+    items and mean bits per byte on the same documents, each with its 95% bootstrap interval (bits per byte without
+    one for rows measured before documents were kept)."""
+    lines = ["| model | pair | accuracy difference [95% CI] | bits/byte difference [95% CI] |", "|---|---|---|---:|"]
     by_model: dict[str, dict[str, dict]] = {}
     for row in rows:
-        if "items" in row:
+        if "items" in row or "documents" in row:
             by_model.setdefault(row["model"], {})[row["config"]] = row
     for model, configs in by_model.items():
-        items = {config: row["items"] for config, row in configs.items()}
-        for first, second, difference in paired_differences(items, PAIRS, tasks=list(ACCURACY_TASKS)):
-            bpb = configs[first]["mean_bits_per_byte"] - configs[second]["mean_bits_per_byte"]
-            lines.append(f"| {model} | {first} - {second} | {difference} | {bpb:+.4f} |")
+        for first, second, accuracy, bpb in paired_rows(configs, PAIRS):
+            lines.append(f"| {model} | {first} - {second} | {accuracy} | {bpb} |")
     return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict], header: bool = True) -> str:
-    lines = ["| model | configuration | mean expert bits | expert bytes | skipped expert calls | mean acc_mutual_info | "
-             "mean bits/byte |", "|---|---|---:|---:|---:|---:|---:|"] if header else []
+    lines = ["| model | configuration | mean expert bits | expert bytes | bits per expert parameter (stored) | "
+             "skipped expert calls | mean acc_mutual_info | mean bits/byte |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"] if header else []
     for row in rows:
-        bits = "fp32" if row["config"].startswith(("full", "odp")) else f"{row['mean_expert_bits']:.2f}"
+        bits = ("fp32" if row["config"].startswith(("full", "odp")) else "-" if row.get("mean_expert_bits") is None
+                else f"{row['mean_expert_bits']:.2f}")
         skipped = "-" if row.get("skipped_fraction") is None else f"{row['skipped_fraction']:.1%}"
-        lines.append(f"| {row['model']} | {row['config']} | {bits} | {row['expert_bytes']:,} | {skipped} | "
-                     f"{row['mean_acc_mutual_info']:.3f} | {row['mean_bits_per_byte']:.3f} |")
+        stored = "-" if row.get("expert_bits_per_parameter") is None else f"{row['expert_bits_per_parameter']:.3f}"
+        accuracy = "-" if row.get("mean_acc_mutual_info") is None else f"{row['mean_acc_mutual_info']:.3f}"
+        lines.append(f"| {row['model']} | {row['config']} | {bits} | {row['expert_bytes']:,} | {stored} | {skipped} | "
+                     f"{accuracy} | {row['mean_bits_per_byte']:.4f} |")
     return "\n".join(lines)
 
 

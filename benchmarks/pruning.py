@@ -9,6 +9,21 @@
     python benchmarks/pruning.py --table results/pruning_q3.json     # print the markdown table of a finished run
     python benchmarks/pruning.py --model moe-ref-q3 --profiling-cost --threads 1  # each method's cost vs one pass
 
+With ``--ppl-tasks`` each run is scored like the quantisation benchmarks (``_common.score_model``): mean
+``acc_mutual_info`` over ``--tasks`` with per-item scores, mean bits per byte over ``--ppl-tasks`` (``--ppl-limit``
+documents) with per-document log-likelihoods, so that ``--compare`` prints paired differences (the recommended form
+against its paper preset, each against frequency) with 95% bootstrap intervals:
+
+    python benchmarks/pruning.py --model moe-ref-mx --profiles general --keeps 6,4 \
+        --methods prune_reap,prune_reap_paper,merge_hcsmoe,merge_hcsmoe_paper,prune_frequency \
+        --tasks tb_code_next,tb_kjv_next,tb_austen_next --ppl-tasks tb_ppl_pycode,tb_ppl_kjv,tb_ppl_austen \
+        --json-out results/pruning_fix_mx.json
+    python benchmarks/pruning.py --compare results/pruning_fix_mx.json
+
+Method names are stage methods, or variants: ``prune_reap_paper`` / ``merge_hcsmoe_paper`` (the paper presets),
+``prune_reap_progressive`` (``progressive: true``). ``--folder LABEL=PATH`` also scores a model folder made
+elsewhere (e.g. llm-compressor's REAP) with the same tasks.
+
 A profile is the calibration text the methods are tuned on (``../shared/testbed/calib``, never the tasks):
 ``general`` = all eight domains mixed, or one domain name (``pycode``) = that domain's file only. For each profile
 the original model gets ONE calibration pass collecting every statistic any method needs (super experts too); each
@@ -26,12 +41,22 @@ import sys
 import time
 from pathlib import Path
 
-from _common import TESTBED_CALIB, add_repo_to_path, add_threads_argument, set_offline, set_threads, testbed_model
+from _common import (TESTBED_CALIB, add_repo_to_path, add_threads_argument, paired_rows, score_model, set_offline,
+                     set_threads, testbed_model)
 
 set_offline()
 add_repo_to_path()
 
 PRUNERS = ("prune_frequency", "prune_ean", "prune_reap", "prune_premoe", "prune_naee")
+# variants: name -> (stage method, options)
+VARIANTS = {"prune_reap_paper": ("prune_reap", {"preset": "reap_paper"}),
+            "prune_reap_progressive": ("prune_reap", {"progressive": True}),
+            "prune_reap_paper_progressive": ("prune_reap", {"preset": "reap_paper", "progressive": True}),
+            "merge_hcsmoe_paper": ("merge_hcsmoe", {"preset": "hcsmoe_paper"})}
+PAIRS = (("prune_reap", "prune_reap_paper"), ("merge_hcsmoe", "merge_hcsmoe_paper"),
+         ("prune_reap", "prune_frequency"), ("prune_reap_paper", "prune_frequency"),
+         ("merge_hcsmoe", "prune_frequency"), ("merge_hcsmoe_paper", "prune_frequency"),
+         ("prune_reap_progressive", "prune_reap_paper_progressive"))
 MERGERS = ("merge_uncurl", "merge_hcsmoe", "merge_msmoe")
 PRIMARY_METRIC = {"tb_ppl_pycode": "word_perplexity"}
 NAEE_MAX_TOKENS = 512  # cached block inputs per layer for NAEE's search (the stage's default is 2048)
@@ -42,7 +67,8 @@ def stage_for(method: str, keep: int, group_balanced: bool):
     from moecompress.recipe import known_methods
 
     known_methods()  # imports every stage module
-    options = {"num_experts_to_keep": keep}
+    method, variant_options = VARIANTS.get(method, (method, {}))
+    options = {"num_experts_to_keep": keep, **variant_options}
     if method == "prune_naee":
         options["max_tokens"] = NAEE_MAX_TOKENS
     if group_balanced:
@@ -84,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-balanced", choices=("no", "yes", "both"), default="no",
                         help="group_balanced for the pruners (DeepSeek-V3); merges never")
     parser.add_argument("--tasks", default="tb_code_next")
+    parser.add_argument("--ppl-tasks", default="", help="rolling-perplexity tasks scored as mean bits per byte "
+                        "(turns on per-item and per-document records for --compare)")
+    parser.add_argument("--ppl-limit", type=int, default=40, help="documents per --ppl-tasks task")
+    parser.add_argument("--folder", action="append", default=[], metavar="LABEL=PATH",
+                        help="also score this model folder (made elsewhere) with the same tasks")
+    parser.add_argument("--compare", type=Path, nargs="+", help="paired differences of finished runs and exit")
     parser.add_argument("--limit", type=int, default=250)
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
@@ -97,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.table:
         for path in args.table:
             print(markdown_table(json.loads(path.read_text())))
+        return 0
+    if args.compare:
+        for path in args.compare:
+            print(comparison_table(json.loads(path.read_text())))
         return 0
     if args.profiling_cost:
         return profiling_cost(args)
@@ -121,10 +157,25 @@ def main(argv: list[str] | None = None) -> int:
 
     source = testbed_model(args.model)
     model, tokenizer = load_model(str(source), dtype=torch.float32)
+
+    def score(scored_model) -> dict:
+        if not args.ppl_tasks:
+            return {"scores": evaluate_model(scored_model, tokenizer, tasks, limit=args.limit, batch_size=32)}
+        return score_model(scored_model, tokenizer, limit=args.limit, ppl_limit=args.ppl_limit,
+                           accuracy_tasks=[task for task in tasks if task], perplexity_tasks=args.ppl_tasks.split(","))
+
     if "full" not in results["runs"]:
-        results["runs"]["full"] = {"scores": evaluate_model(model, tokenizer, tasks, limit=args.limit, batch_size=32)}
+        results["runs"]["full"] = score(model)
         save()
         print("full", results["runs"]["full"]["scores"], flush=True)
+    for entry in args.folder:
+        label, _, path = entry.partition("=")
+        if f"folder/{label}" not in results["runs"]:
+            folder_model, _ = load_model(path, dtype=torch.float32)
+            results["runs"][f"folder/{label}"] = {"profile": "-", "method": label, "keep": None,
+                                                  "group_balanced": False, "path": path, **score(folder_model)}
+            save()
+            del folder_model
     methods = args.methods.split(",")
     balanced_choices = {"no": [False], "yes": [True], "both": [False, True]}[args.group_balanced]
     for profile in args.profiles.split(","):
@@ -144,13 +195,14 @@ def main(argv: list[str] | None = None) -> int:
             context = cached_context(pruned, tokenizer, str(source), calibration, super_experts, statistics, names,
                                      options, Path(f"/tmp/pruning-bench/{args.model}"))
             result = stage_for(method, keep, balanced).run(context)
-            scores = evaluate_model(pruned, tokenizer, tasks, limit=args.limit, batch_size=32)
+            scored = score(pruned)
             results["runs"][_key(profile, method, keep, balanced)] = {
-                "profile": profile, "method": method, "keep": keep, "group_balanced": balanced, "scores": scores,
+                "profile": profile, "method": method, "keep": keep, "group_balanced": balanced, **scored,
+                "kept_experts": result.decisions.get("kept_experts"), "clusters": result.decisions.get("clusters"),
                 "extra_calibration_passes": context.calibration_passes,
                 "super_experts": [list(p) for p in super_experts]}
             save()
-            print(_key(profile, method, keep, balanced), scores, flush=True)
+            print(_key(profile, method, keep, balanced), scored["scores"], flush=True)
             del pruned, context, result
     print(markdown_table(results))
     return 0
@@ -199,6 +251,26 @@ def profiling_cost(args) -> int:
     return 0
 
 
+def comparison_table(results: dict) -> str:
+    """Paired differences ``a - b`` (:data:`PAIRS`, each at every keep count both ran with the same profile) of
+    runs scored with ``--ppl-tasks``: accuracy on the same items and bits per byte on the same documents, with 95%
+    bootstrap intervals; and each run against the full model."""
+    runs = results["runs"]
+    tasks = list(runs["full"].get("items") or [])
+    lines = [f"`{results.get('command', '')}`", "", "| profile | kept | pair | accuracy difference [95% CI] | "
+             "bits/byte difference [95% CI] |", "|---|---:|---|---|---:|"]
+    groups: dict[tuple, dict] = {}
+    for run in runs.values():
+        if run.get("keep") is not None and not run.get("group_balanced"):
+            groups.setdefault((run["profile"], run["keep"]), {})[run["method"]] = run
+    for (profile, keep), by_method in sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1])):
+        pairs = list(PAIRS) + [(method, "full") for method in by_method]
+        for first, second, accuracy, bpb in paired_rows({**by_method, "full": runs["full"]}, pairs,
+                                                        accuracy_tasks=tasks):
+            lines.append(f"| {profile} | {keep} | {first} - {second} | {accuracy} | {bpb} |")
+    return "\n".join(lines)
+
+
 def _key(profile: str, method: str, keep: int, balanced: bool) -> str:
     return f"{profile}/{method}/{keep}" + ("/group_balanced" if balanced else "")
 
@@ -212,33 +284,46 @@ def markdown_table(results: dict) -> str:
     """One row per (profile, method, group_balanced), one column per (keep, task); the full model first."""
     runs = results["runs"]
     full = runs["full"]["scores"]
+    ppl_tasks = list(runs["full"].get("documents") or [])  # runs scored with --ppl-tasks
     tasks = list(full)
-    keeps = sorted({run["keep"] for key, run in runs.items() if key != "full"}, reverse=True)
+    keeps = sorted({run["keep"] for key, run in runs.items() if key != "full" and run.get("keep") is not None},
+                   reverse=True)
     columns = [(keep, task) for keep in keeps for task in tasks]
-    multi_task = len([t for t in tasks if t not in PRIMARY_METRIC]) > 1
+    multi_task = len([t for t in tasks if t not in PRIMARY_METRIC and t not in ppl_tasks]) > 1
     if multi_task:
         columns = [(keep, "mean") for keep in keeps]
+    if ppl_tasks:
+        tasks = [t for t in tasks if t not in PRIMARY_METRIC or t in ppl_tasks]
+        columns = [(keep, kind) for keep in keeps for kind in (["mean"] if multi_task or len(tasks) > len(ppl_tasks)
+                                                                 else []) + ["bits/byte"]]
     header = ["profile", "method"] + [f"{keep} kept: {task}" for keep, task in columns]
     lines = [f"`{results.get('command', '')}`", "", "| " + " | ".join(header) + " |",
              "|" + "---|" * len(header)]
 
     def cell(scores, task):
         if task == "mean":
-            values = [_metric(t, scores) for t in tasks if t not in PRIMARY_METRIC]
+            values = [_metric(t, scores) for t in tasks if t not in PRIMARY_METRIC and t not in ppl_tasks]
             return f"{sum(values) / len(values):.3f}"
+        if task == "bits/byte":
+            values = [scores[t]["bits_per_byte"] for t in tasks if t in ppl_tasks]
+            return f"{sum(values) / len(values):.4f}"
         value = _metric(task, scores)
         return f"{value:.2f}" if task in PRIMARY_METRIC else f"{value:.3f}"
 
     lines.append("| - | full model | " + " | ".join(cell(full, task) for _, task in columns) + " |")
     rows = {}
     for key, run in runs.items():
-        if key == "full":
+        if key == "full" or run.get("keep") is None:
             continue
         name = run["method"] + (" (group_balanced)" if run["group_balanced"] else "")
         rows.setdefault((run["profile"], name), {})[run["keep"]] = run["scores"]
     for (profile, name), by_keep in rows.items():
         cells = [cell(by_keep[keep], task) if keep in by_keep else "" for keep, task in columns]
         lines.append(f"| {profile} | {name} | " + " | ".join(cells) + " |")
+    for key, run in runs.items():
+        if run.get("keep") is None and key != "full":  # --folder runs: the same cell in every keep column
+            lines.append(f"| - | {run['method']} | " + " | ".join(cell(run["scores"], task) for _, task in columns)
+                         + " |")
     return "\n".join(lines)
 
 

@@ -17,8 +17,10 @@ from moecompress.quantization.camera_q import (
     CameraQuantization,
     expert_segments,
     permute_expert_channels,
+    quantize_layer_segments,
     solve_channel_bits,
 )
+from moecompress.quantization.gptq import gptq_quantize, gptq_quantize_mixed
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOKENS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -112,3 +114,56 @@ def test_bad_options_fail_with_a_fix():
         CameraQuantization({"avg_bits": 2.25, "bits": [5, 3, 2]})
     with pytest.raises(ValueError, match="between"):
         CameraQuantization({"avg_bits": 5, "bits": [4, 3, 2]})
+
+
+class _FixedStatistics:
+    """A stand-in for the layer replay: returns fixed per-expert Hessians and token counts for one layer."""
+
+    def __init__(self, layer, statistics):
+        self.layer, self.statistics = layer, statistics
+
+    def collect(self, names, options=None):
+        return {self.layer: {name: self.statistics[name] for name in names}}
+
+
+def _hessians(count, size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(count, 4 * size, size, generator=generator) @ torch.randn(size, size, generator=generator)
+    return inputs.transpose(1, 2) @ inputs
+
+
+@pytest.mark.parametrize("down_sweep", ["joint", "segments"])
+def test_down_projection_is_one_mixed_sweep_or_one_gptq_per_segment(down_sweep):
+    """joint: each expert's W_down is exactly gptq_quantize_mixed over the whole matrix with its segments' widths;
+    segments (preset camera_spec): each segment is gptq_quantize of its columns on its diagonal Hessian block."""
+    model = _wide_mixtral()
+    view = find_moe_blocks(model)[0]
+    original_down = view.experts.down_proj.data.clone()
+    statistics = {"expert_input_hessian": _hessians(view.num_experts, 32, 0),
+                  "down_proj_hessian": _hessians(view.num_experts, 64, 1),
+                  "expert_token_counts": torch.full((view.num_experts,), 100)}
+    segments = {expert: [16, 32, 16] for expert in range(view.num_experts)}
+    packed = quantize_layer_segments(view, _FixedStatistics(view.layer_index, statistics), segments, [4, 3, 2], 16,
+                                     0.01, down_sweep=down_sweep, scale_search="mse")
+    for expert in (0, 3):
+        weight, hessian = original_down[expert].float(), statistics["down_proj_hessian"][expert]
+        if down_sweep == "joint":
+            expected = gptq_quantize_mixed(weight, hessian, [4, 3, 3, 2], group_size=16, scale_search="mse",
+                                           scale_dtype=torch.float32).dequantize()
+        else:
+            expected = torch.cat([gptq_quantize(weight[:, a:b], hessian[a:b, a:b], bits, group_size=16,
+                                                scale_search="mse").packed.dequantize(torch.float32)
+                                  for a, b, bits in ((0, 16, 4), (16, 48, 3), (48, 64, 2))], dim=1)
+        got = torch.cat([pair[1].dequantize(torch.float32) for pair in packed[expert]], dim=1)
+        torch.testing.assert_close(got, expected)
+        torch.testing.assert_close(view.experts.down_proj.data[expert].float(), expected)
+        assert [pair[1].bits for pair in packed[expert]] == [4, 3, 2]
+
+
+def test_camera_spec_preset_fixes_the_spec_recipe():
+    stage = CameraQuantization({"avg_bits": 2.5, "preset": "camera_spec"})
+    assert (stage.options.down_sweep, stage.options.scale_search) == ("segments", "minmax")
+    default = CameraQuantization({"avg_bits": 2.5})
+    assert (default.options.down_sweep, default.options.scale_search) == ("joint", "mse")
+    with pytest.raises(ValueError, match="preset 'camera_spec' fixes"):
+        CameraQuantization({"avg_bits": 2.5, "preset": "camera_spec", "down_sweep": "joint"})

@@ -24,6 +24,7 @@ from moecompress.calibration.ebss import (
     first_token_candidates,
     generate_ebss,
     model_fingerprint,
+    per_layer_sigma,
     usage_sigma,
 )
 from moecompress.checkpoint import load_model
@@ -62,6 +63,68 @@ def test_tau_inf_is_plain_beam_search(q3):
     searched = ebss_search(model, first_tokens, SEPARATOR, options, vocab_limit=8192)
     for row, first in enumerate(first_tokens.tolist()):
         assert searched[row].tolist() == reference_beam_search(model, first, 10, 3)
+
+
+def _routing_counts(model, sequence: list[int]) -> torch.Tensor:
+    """``[layers, experts]`` top-k selection counts of one whole sequence, from a fresh forward (no cache)."""
+    from moecompress.calibration.ebss import RoutingCounter
+
+    with RoutingCounter(model) as counter, torch.no_grad():
+        counter.reset(1)
+        model(torch.tensor([sequence]))
+        return counter.step_counts[0]
+
+
+def reference_child_balance_search(model, first_token: int, length: int, width: int, fan: int, tau: float) -> list[int]:
+    """The paper's form without a cache: every beam re-run from scratch, its ``fan`` most likely extensions each
+    re-run whole to count the child's routing, scored ``-(RS + log p) / (j + 1) + sigma_counts(child) / tau``."""
+    beams, sums = [[SEPARATOR, first_token]], [0.0]
+    with torch.no_grad():
+        while len(beams[0]) < length:
+            candidates = []
+            for beam, total in zip(beams, sums):
+                log_probs = torch.log_softmax(model(torch.tensor([beam])).logits[0, -1].double(), dim=-1)
+                top = log_probs.topk(fan)
+                for log_prob, token in zip(top.values.tolist(), top.indices.tolist()):
+                    child = beam + [token]
+                    sigma = float(per_layer_sigma(_routing_counts(model, child), kind="counts").mean())
+                    score = -(total + log_prob) / (len(beam)) + sigma / tau
+                    candidates.append((score, child, total + log_prob))
+            candidates.sort(key=lambda item: item[0])
+            beams = [child for _, child, _ in candidates[:width]]
+            sums = [total for _, _, total in candidates[:width]]
+    return beams[0]
+
+
+def test_child_balance_search_matches_a_search_without_cache(q3):
+    """preset moequant_paper: counts sigma of the child sequence, tau 1.2."""
+    model, _ = q3
+    options = EbssOptions(num_samples=1, seq_len=7, beam=2, child_top_m=3, preset="moequant_paper")
+    assert (options.sigma, options.balance_on, options.tau) == ("counts", "child", 1.2)
+    for first in (3784, 2171):
+        searched = ebss_search(model, torch.tensor([first]), SEPARATOR, options, vocab_limit=8192)
+        assert searched[0].tolist() == reference_child_balance_search(model, first, 7, 2, 3, 1.2)
+
+
+def test_child_search_without_balance_is_plain_beam_search(q3):
+    """A huge tau leaves only the log-probs; with child_top_m >= beam every beam-search survivor is a candidate."""
+    model, _ = q3
+    options = EbssOptions(num_samples=1, seq_len=9, beam=3, child_top_m=3, balance_on="child", sigma="counts",
+                          tau=1e12)
+    searched = ebss_search(model, torch.tensor([3784]), SEPARATOR, options, vocab_limit=8192)
+    assert searched[0].tolist() == reference_beam_search(model, 3784, 9, 3)
+
+
+def test_paper_tau_balances_where_the_frequency_form_does_not(q3, tmp_path):
+    """At the paper's tau 1.2, sigma on counts of the child makes the set more balanced than plain beam search; the
+    frequency form at the same tau equals plain beam search."""
+    model, tokenizer = q3
+    sizes = {"num_samples": 2, "seq_len": 24}
+    beam = generate_ebss(model, tokenizer, EbssOptions(**sizes, tau=math.inf), cache_dir=tmp_path)
+    frequency = generate_ebss(model, tokenizer, EbssOptions(**sizes, tau=1.2), cache_dir=tmp_path)
+    paper = generate_ebss(model, tokenizer, EbssOptions(**sizes, preset="moequant_paper"), cache_dir=tmp_path)
+    assert torch.equal(frequency.input_ids, beam.input_ids)
+    assert paper.usage_std < 0.9 * beam.usage_std
 
 
 def test_no_repeat_ngram_bans_repeated_ngrams(q3):
@@ -139,6 +202,18 @@ def test_routing_counts_match_the_calibration_statistics(q3):
     assert sigma == pytest.approx(np.mean(expected), rel=1e-6)
 
 
+def test_counts_sigma_is_the_papers_formula_on_raw_counts():
+    counts = torch.tensor([[[3.0, 1.0, 0.0, 4.0], [2.0, 2.0, 2.0, 2.0]]])
+    row = np.array([3, 1, 0, 4], dtype=float)
+    direct = np.sqrt(4 / 3 * ((row - row.mean()) ** 2).sum())
+    assert float(usage_sigma(counts, kind="counts")[0]) == pytest.approx(np.mean([direct, 0.0]))
+    # sqrt(E) * selections times the frequency form
+    assert float(per_layer_sigma(counts, kind="counts")[0, 0]) == pytest.approx(
+        2 * 8 * float(per_layer_sigma(counts)[0, 0]))
+    with pytest.raises(ValueError, match="sigma kind 'std'"):
+        usage_sigma(counts, kind="std")
+
+
 def test_fingerprint_changes_with_an_edit(tmp_path):
     model, _ = load_model(model_folder("moe-ref-q3"), dtype=torch.float32)
     before = model_fingerprint(model)
@@ -154,6 +229,8 @@ def test_bad_options_fail_with_one_line():
         EbssOptions(tau=0)
     with pytest.raises(RecipeError, match="top_m .* must be >= beam"):
         parse_recipe({"calibration": {"ebss": {"beam": 8, "top_m": 4}}})
+    with pytest.raises(pydantic.ValidationError, match="preset 'moequant_paper' fixes \\['sigma'\\]"):
+        EbssOptions(preset="moequant_paper", sigma="frequency")
     with pytest.raises(RecipeError, match="ebss: unknown key 'width' \\(allowed: num_samples, seq_len, tau"):
         parse_recipe({"calibration": {"ebss": {"width": 4}}})
 

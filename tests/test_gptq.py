@@ -1,11 +1,12 @@
-"""GPTQ on one matrix against a direct, unblocked reference (the OBS update with an explicit inverse Hessian)."""
+"""GPTQ on one matrix against a direct, unblocked reference (the OBS update with an explicit inverse Hessian), and
+GPTQ with a bit width per column group (one sweep) against the same reference and against plain GPTQ."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from moecompress.quantization.gptq import gptq_quantize, hessian_weighted_error
+from moecompress.quantization.gptq import gptq_quantize, gptq_quantize_mixed, hessian_weighted_error
 from moecompress.quantization.packing import quantization_params, quantize_rtn, quantize_values
 
 
@@ -20,7 +21,7 @@ def _correlated_problem(out_features: int, in_features: int, seed: int):
 def _reference_gptq(weight, hessian, bits, group_size, symmetric, damp=0.01):
     """Column by column: quantise, then ``w_j -= (w_i - q_i) / Hinv_ii * Hinv_ij`` and remove column i from the inverse
     Hessian (the Schur complement), all in float64, no blocks, no Cholesky. Group scales are taken from the current
-    (error-updated) weights at each group's first column."""
+    (error-updated) weights at each group's first column. ``bits``: one width, or a list with one per group."""
     weight = weight.double().clone()
     hessian = hessian.double().clone()
     in_features = weight.shape[1]
@@ -30,12 +31,13 @@ def _reference_gptq(weight, hessian, bits, group_size, symmetric, damp=0.01):
     quantised = torch.zeros_like(weight)
     scales = zeros = None
     for column in range(in_features):
+        column_bits = bits[column // width] if isinstance(bits, list) else bits
         if column % width == 0:
             group = weight[:, column:column + width]
-            scales, zeros = quantization_params(group.amin(-1), group.amax(-1), bits, symmetric, torch.float32)
+            scales, zeros = quantization_params(group.amin(-1), group.amax(-1), column_bits, symmetric, torch.float32)
             scales = scales.double()
             zeros = None if zeros is None else zeros.double()
-        codes = quantize_values(weight[:, column], scales, zeros, bits).double()
+        codes = quantize_values(weight[:, column], scales, zeros, column_bits).double()
         quantised[:, column] = (codes - (0 if zeros is None else zeros)) * scales
         error = (weight[:, column] - quantised[:, column]) / inverse[column, column]
         weight[:, column:] -= error[:, None] * inverse[column, column:][None, :]
@@ -115,3 +117,60 @@ def test_a_hessian_with_nan_is_an_error():
     hessian[3, 3] = float("nan")
     with pytest.raises(ValueError, match="could not be factorised"):
         gptq_quantize(weight, hessian, 4, group_size=32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("scale_search", ["minmax", "mse"])
+def test_one_width_for_every_group_is_plain_gptq(bits, scale_search):
+    weight, hessian = _correlated_problem(12, 96, seed=bits)
+    plain = gptq_quantize(weight, hessian, bits, group_size=16, scale_search=scale_search)
+    mixed = gptq_quantize_mixed(weight, hessian, [bits] * 6, group_size=16, scale_search=scale_search)
+    assert torch.equal(mixed.packed_columns(0, 96).packed, plain.packed.packed)
+    assert torch.equal(mixed.packed_columns(0, 96).scales, plain.packed.scales)
+    assert mixed.relative_error == pytest.approx(plain.relative_error)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mixed_widths_match_the_unblocked_reference(symmetric):
+    """Groups of 16 at 4, 4, 3, 3, 2, 2 (+ a ragged last group at 2): the blocked sweep against the float64 OBS
+    reference run with the same width per group."""
+    weight, hessian = _correlated_problem(12, 100, seed=11)
+    group_bits = [4, 4, 3, 3, 2, 2, 2]
+    mixed = gptq_quantize_mixed(weight, hessian, group_bits, group_size=16, symmetric=symmetric, block_size=32)
+    reference = _reference_gptq(weight, hessian, group_bits, 16, symmetric)
+    same = (mixed.dequantize().double() - reference).abs() < 1e-4
+    assert same.float().mean() > 0.9
+    reference_error = hessian_weighted_error(weight, reference.float(), hessian)
+    assert mixed.relative_error == pytest.approx(reference_error, rel=0.05)
+    codes = mixed.codes
+    for group, bits in enumerate(group_bits):  # every group's codes lie in its own width's range
+        columns = codes[:, 16 * group:16 * (group + 1)]
+        assert int(columns.max()) <= 2 ** (bits - 1) - 1 and int(columns.min()) >= -(2 ** (bits - 1))
+
+
+def test_packed_segments_reassemble_the_matrix_and_refuse_mixed_runs():
+    weight, hessian = _correlated_problem(8, 80, seed=4)
+    mixed = gptq_quantize_mixed(weight, hessian, [4, 3, 3, 2, 2], group_size=16)
+    parts = [mixed.packed_columns(0, 16), mixed.packed_columns(16, 48), mixed.packed_columns(48, 80)]
+    assert [part.bits for part in parts] == [4, 3, 2]
+    assert torch.equal(torch.cat([part.dequantize(torch.float32) for part in parts], dim=1), mixed.dequantize())
+    with pytest.raises(ValueError, match="several widths"):
+        mixed.packed_columns(0, 32)
+    with pytest.raises(ValueError, match="whole groups"):
+        mixed.packed_columns(8, 32)
+
+
+def test_one_sweep_loses_less_than_quantising_segments_apart():
+    """The CAMERA-Q case: a matrix whose input columns are cut into segments of different widths. Quantising each
+    segment alone (its diagonal block of H) never compensates one segment's error in the others; one sweep does."""
+    segments = [(0, 32, 4), (32, 64, 3), (64, 96, 2)]
+    joint_total = apart_total = 0.0
+    for seed in range(5):
+        weight, hessian = _correlated_problem(32, 96, seed=seed)
+        joint = gptq_quantize_mixed(weight, hessian, [4, 4, 3, 3, 2, 2], group_size=16).relative_error
+        apart = torch.cat([gptq_quantize(weight[:, a:b], hessian[a:b, a:b], bits, group_size=16).packed.dequantize(
+            torch.float32) for a, b, bits in segments], dim=1)
+        apart = hessian_weighted_error(weight, apart, hessian)
+        assert joint < apart
+        joint_total, apart_total = joint_total + joint, apart_total + apart
+    assert joint_total < 0.97 * apart_total

@@ -12,6 +12,7 @@ from conftest import testbed_model_path as model_folder
 from moecompress.analysis.alignment import align_cluster, alignment_permutation, permute_expert_neurons
 from moecompress.analysis.clustering import (
     average_linkage_clusters,
+    frequency_seeded_clusters,
     dominant_expert_groups,
     router_logit_affinity,
     spectral_clusters,
@@ -86,6 +87,30 @@ def test_spectral_and_average_linkage_clusterings_find_constructed_groups_and_ke
     with_super = spectral_clusters(affinity, 4, singletons=[4])
     assert [4] in with_super and len(with_super) == 4 and [1, 7] in with_super
     assert [7] in average_linkage_clusters(columns, 4, singletons=[7])
+
+
+def test_frequency_seeds_keep_busy_experts_apart_and_merge_dead_ones_into_them():
+    """Average linkage on mean outputs keeps far-away experts alone; here the far ones are dead (0 tokens), as on
+    moe-ref-mx. Frequency seeds make the busiest experts the clusters and send every other to its nearest seed."""
+    generator = torch.Generator().manual_seed(1)
+    near = torch.randn(1, 64, generator=generator, dtype=torch.float64)
+    outputs = torch.cat([near + 0.1 * torch.randn(5, 64, generator=generator, dtype=torch.float64),  # 0-4: busy, alike
+                         10 + torch.randn(3, 64, generator=generator, dtype=torch.float64)])      # 5-7: dead, far apart
+    counts = torch.tensor([900.0, 800.0, 700.0, 600.0, 500.0, 0.0, 2.0, 0.0])
+    paper = average_linkage_clusters(outputs, 4)
+    assert [[0, 1, 2, 3, 4]] == [members for members in paper if 0 in members]  # one giant cluster of the busy ones
+    seeded = frequency_seeded_clusters(outputs, counts, 4)
+    seeds = [[e for e in members if e in (0, 1, 2, 3)] for members in seeded]
+    assert sorted(map(len, seeds)) == [1, 1, 1, 1]  # the four busiest each lead a cluster
+    assert all(any(e in members for e in (0, 1, 2, 3)) for members in seeded)  # no cluster without a busy expert
+    distance = torch.cdist(outputs, outputs)
+    for members in seeded:  # every other expert sits with its nearest seed
+        seed = next(e for e in members if e in (0, 1, 2, 3))
+        for expert in members:
+            assert distance[expert, seed] == distance[expert, [0, 1, 2, 3]].min()
+    assert [7] in frequency_seeded_clusters(outputs, counts, 4, singletons=[7])  # a super expert stays alone
+    assert HcSmoeMerging({"num_experts_to_keep": 4}).options.clustering == "frequency_seeds"
+    assert HcSmoeMerging({"num_experts_to_keep": 4, "preset": "hcsmoe_paper"}).options.clustering == "average_linkage"
 
 
 def test_dominant_groups_join_the_most_similar_dominant():

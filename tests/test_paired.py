@@ -1,5 +1,6 @@
 """Paired comparison on the same items: the mean difference against a direct computation, the interval's coverage
-and width against the unpaired noise it removes, per-item scores read from a real lm-eval run."""
+and width against the unpaired noise it removes, per-item scores read from a real lm-eval run; the same for the
+corpus ratio bits per byte (documents resampled together for both runs)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from conftest import testbed_model_path as model_folder
 
 from moecompress.checkpoint import load_model
 from moecompress.evals import run_lm_eval
-from moecompress.evals.paired import item_scores, paired_difference
+from moecompress.evals.paired import (
+    bits_per_byte,
+    document_ratios,
+    item_scores,
+    paired_difference,
+    paired_ratio_difference,
+)
 
 
 def _correlated_runs(items: int, flip: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -79,3 +86,43 @@ def test_pairs_of_runs_are_compared_only_when_both_ran():
     compared = paired_differences(runs, [("gptq", "rtn"), ("gptq+agq", "gptq")])
     assert [(first, second) for first, second, _ in compared] == [("gptq", "rtn")]
     assert compared[0][2] == paired_difference(runs["gptq"], runs["rtn"])
+
+
+def _documents(count: int, seed: int, shift: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """Two runs over the same ``count`` documents: log-likelihoods that share each document's difficulty; ``b``
+    loses ``shift`` nats per byte more than ``a``, plus a little per-document noise."""
+    generator = np.random.default_rng(seed)
+    sizes = generator.integers(200, 2000, count).astype(float)
+    difficulty = generator.uniform(0.6, 1.2, count)  # nats per byte of each document
+    first = -difficulty * sizes
+    second = -(difficulty + shift + generator.normal(0, 0.01, count)) * sizes
+    return np.stack([first, sizes], 1), np.stack([second, sizes], 1)
+
+
+def test_bits_per_byte_difference_is_the_corpus_ratio_difference_with_a_paired_interval():
+    a, b = _documents(40, seed=0, shift=0.02)
+    difference = paired_ratio_difference({"t": a.tolist()}, {"t": b.tolist()})
+    direct = (-a[:, 0].sum() / a[:, 1].sum() + b[:, 0].sum() / b[:, 1].sum()) / np.log(2)
+    assert difference.mean == pytest.approx(direct)
+    assert bits_per_byte(a) == pytest.approx(-a[:, 0].sum() / a[:, 1].sum() / np.log(2))
+    covered, widths = 0, []
+    for seed in range(40):
+        a, b = _documents(40, seed=seed, shift=0.02)
+        difference = paired_ratio_difference({"t": a}, {"t": b}, resamples=2000, seed=seed)
+        expected = -0.02 / np.log(2)  # b worse by 0.02 nats per byte on average
+        covered += difference.low <= expected <= difference.high
+        widths.append(difference.high - difference.low)
+    assert covered >= 34
+    # unpaired: the spread of one 40-document ratio alone is about std(difficulty) / sqrt(40) / ln 2
+    assert np.mean(widths) < 0.3 * 2 * 1.96 * 0.17 / np.sqrt(40) / np.log(2)
+    with pytest.raises(ValueError, match="same documents"):
+        paired_ratio_difference({"t": a[:3]}, {"t": b})
+
+
+def test_document_ratios_come_from_a_real_lm_eval_run(testbed, one_thread):
+    model, tokenizer = load_model(model_folder("moe-ref-q3"), dtype=torch.float32)
+    results = run_lm_eval(model, tokenizer, ["tb_ppl_kjv"], limit=3, log_samples=True)
+    documents = document_ratios(results)
+    assert len(documents["tb_ppl_kjv"]) == 3
+    assert bits_per_byte(documents["tb_ppl_kjv"]) == pytest.approx(
+        results["results"]["tb_ppl_kjv"]["bits_per_byte,none"])

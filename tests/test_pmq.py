@@ -13,7 +13,7 @@ from moecompress.errors import RecipeError
 from moecompress.models import find_moe_blocks
 from moecompress.pipeline import Pipeline
 from moecompress.quantization.packing import quantize_rtn
-from moecompress.quantization.pmq import PMQStage, allocate_layer, hessian_errors, pmq_costs
+from moecompress.quantization.pmq import PMQStage, allocate_layer, hessian_errors, layer_errors, pmq_costs
 from moecompress.quantization.stages import GPTQStage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -61,6 +61,34 @@ def test_hessian_errors_equal_a_direct_computation(testbed, scale_search):
             torch.trace(d_down @ layer["down_proj_hessian"][3] @ d_down.T)
         assert float(errors[3, column]) == pytest.approx(float(direct), rel=1e-4)
     assert bool((errors[:, 0] > errors[:, 1]).all())  # fewer bits, more error, for every expert
+
+
+def test_hessian_norm_is_the_norm_of_the_output_change_on_the_routed_tokens():
+    """eps_mode hessian_norm: sqrt(sum_lin ||dW X^T||_F^2) with the routed inputs X (H = X^T X), here computed
+    from explicit inputs; it grows like sqrt(tokens), the squared form like tokens."""
+    from types import SimpleNamespace
+
+    generator = torch.Generator().manual_seed(0)
+    gate, up, down = (torch.randn(8, 16, generator=generator), torch.randn(8, 16, generator=generator),
+                      torch.randn(16, 8, generator=generator))
+    view = SimpleNamespace(num_experts=1, expert_weights=lambda e: SimpleNamespace(gate=gate, up=up, down=down))
+    inputs, hidden = torch.randn(50, 16, generator=generator), torch.randn(50, 8, generator=generator)
+    errors = {}
+    for repeat in (1, 4):  # the same tokens seen 4 times
+        x, h = inputs.repeat(repeat, 1), hidden.repeat(repeat, 1)
+        errors[repeat] = hessian_errors(view, (x.T @ x)[None], (h.T @ h)[None], [2, 3], 16, True)
+        gate_up = torch.cat([gate, up])
+        for column, bits in enumerate([2, 3]):
+            d_gate_up = gate_up - quantize_rtn(gate_up, bits, 16).dequantize(torch.float32)
+            d_down = down - quantize_rtn(down, bits, 16).dequantize(torch.float32)
+            norm = torch.sqrt(torch.linalg.norm(d_gate_up @ x.T) ** 2 + torch.linalg.norm(d_down @ h.T) ** 2)
+            assert float(errors[repeat][0, column].sqrt()) == pytest.approx(float(norm), rel=1e-4)
+    assert torch.allclose(errors[4], 4 * errors[1], rtol=1e-5)
+    stage = PMQStage({"avg_bits": 2.5, "eps_mode": "hessian_norm", "candidates": [2, 3], "group_size": 16})
+    statistics = {"expert_input_hessian": (x.T @ x)[None], "down_proj_hessian": (h.T @ h)[None]}
+    assert torch.allclose(layer_errors(view, statistics, stage.options), errors[4].sqrt())
+    assert stage.statistics == ("expert_token_counts", "routing_weight_sums_raw", "expert_input_hessian",
+                                "down_proj_hessian")
 
 
 def test_pmq_then_gptq_quantises_each_expert_at_its_allocated_width(testbed, tmp_path):

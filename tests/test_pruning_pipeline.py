@@ -56,7 +56,7 @@ def test_pruned_and_merged_models_reload_with_plain_from_pretrained_and_the_same
 def test_progressive_mode_scores_each_layer_after_the_layers_before_it_were_pruned(testbed, tmp_path):
     model, _ = load_model(str(model_folder("moe-ref-q3")), dtype=torch.float32)
     tokens = torch.randint(1, 8192, (4, 24), generator=torch.Generator().manual_seed(1))
-    # by hand: one full pass per layer on the model pruned so far
+    # by hand: one full pass per layer on the model pruned so far (the paper's mean score)
     by_hand = copy.deepcopy(model)
     expected = {}
     for view in find_moe_blocks(model):
@@ -69,10 +69,10 @@ def test_progressive_mode_scores_each_layer_after_the_layers_before_it_were_prun
     progressive = copy.deepcopy(model)
     context = RunContext(model=progressive, tokenizer=None, source="", output_dir=tmp_path, calibration=tokens,
                          batch_size=2)
-    result = ReapPruning({"num_experts_to_keep": 12, "progressive": True}).run(context)
+    result = ReapPruning({"num_experts_to_keep": 12, "progressive": True, "preset": "reap_paper"}).run(context)
     assert {int(layer): kept for layer, kept in result.decisions["kept_experts"].items()} == expected
     assert context.calibration_passes == 1
-    plain = ReapPruning({"num_experts_to_keep": 12}).run(
+    plain = ReapPruning({"num_experts_to_keep": 12, "preset": "reap_paper"}).run(
         RunContext(model=copy.deepcopy(model), tokenizer=None, source="", output_dir=tmp_path, calibration=tokens,
                    batch_size=2))
     assert plain.decisions["kept_experts"]["0"] == result.decisions["kept_experts"]["0"]  # the first layer agrees

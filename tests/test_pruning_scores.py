@@ -9,7 +9,13 @@ from conftest import testbed_model_path as model_folder
 from torch.nn import functional as F
 
 import moecompress.analysis.block_outputs  # noqa: F401  (registers moe_block_inputs)
-from moecompress.analysis.expert_scores import ean_scores, frequency_scores, reap_scores, tcess_scores
+from moecompress.analysis.expert_scores import (
+    ean_scores,
+    frequency_scores,
+    reap_frequency_weighted_scores,
+    reap_scores,
+    tcess_scores,
+)
 from moecompress.calibration import collect_statistics
 from moecompress.calibration.statistics import tcess_markers
 from moecompress.checkpoint import load_model
@@ -78,6 +84,24 @@ def test_frequency_ean_and_reap_scores_match_a_hooked_hf_forward(q3_model_and_to
         torch.testing.assert_close(ean_scores(statistics[layer]).double(), ean, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(reap_scores(statistics[layer]).double(), reap, rtol=1e-4, atol=1e-5)
         assert (reap[counts == 0] == 0).all()
+        torch.testing.assert_close(reap_frequency_weighted_scores(statistics[layer]).double(), reap * counts,
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_frequency_weighted_reap_never_keeps_a_rare_expert_over_a_busy_one_unless_it_earns_it(tmp_path):
+    """Layer statistics where expert 0 is busy (1000 tokens, mean g*||E|| 1.0), expert 1 rare (10 tokens, mean
+    5.0: the paper's score keeps it) and expert 2 dead; the recommended score keeps the busy one, the paper's the
+    rare one."""
+    counts = torch.tensor([1000.0, 10.0, 0.0, 500.0])
+    sums = torch.tensor([1000.0, 50.0, 0.0, 400.0])
+    statistics = {"expert_token_counts": counts, "reap_sums": sums}
+    paper = ReapPruning({"num_experts_to_keep": 2, "preset": "reap_paper"})
+    recommended = ReapPruning({"num_experts_to_keep": 2})
+    assert recommended.options.score == "frequency_weighted" and paper.options.score == "mean"
+    assert torch.topk(paper.layer_scores(None, statistics), 2).indices.tolist() == [1, 0]
+    assert torch.topk(recommended.layer_scores(None, statistics), 2).indices.tolist() == [0, 3]
+    with pytest.raises(ValueError, match="preset 'reap_paper' fixes score"):
+        ReapPruning({"num_experts_to_keep": 2, "preset": "reap_paper", "score": "frequency_weighted"})
 
 
 def test_tcess_markers_follow_the_premoe_formula_on_hand_made_logits():

@@ -134,6 +134,31 @@ def test_cold_experts_get_finite_weights_and_are_reported(testbed, tmp_path):
                 assert torch.isfinite(tensor).all(), key
 
 
+def test_cold_damping_grows_below_the_floor_and_can_be_turned_off(testbed):
+    from moecompress.quantization.sequential import _cold_damping
+
+    hessian = torch.eye(4)
+    assert _cold_damping(0.01, 64, 256, hessian) == pytest.approx(0.01 + 0.75)
+    assert _cold_damping(0.01, 300, 256, hessian) == pytest.approx(0.01)
+    assert _cold_damping(0.01, 64, 0, hessian) == pytest.approx(0.01)  # off: GPTQ's plain damping
+    assert _cold_damping(0.01, 0, 256, hessian) is None  # no token: rounded
+    # on a model: off changes exactly the cold experts that saw some tokens (those with none are rounded either way)
+    quantised = {}
+    for cold_damping in (True, False):
+        model, tokenizer, _ = _model_and_calibration("moe-ref-q3", testbed)
+        calibration = load_calibration(tokenizer, files=[testbed / "calib"], num_samples=2, seq_len=32, seed=0)
+        settings = QuantizationSettings(method="gptq", bits=2, group_size=32, scale_search="minmax",
+                                        cold_damping=cold_damping)
+        result = quantize_model(model, settings, calibration)
+        view = find_moe_blocks(model)[0]
+        quantised[cold_damping] = [view.experts.expert_linear(e, "gate_up_proj").dequantize(torch.float32)
+                                   for e in range(view.num_experts)]
+        tokens = {r.expert: r.tokens for r in result.experts if r.layer == view.layer_index}
+    changed = [e for e in tokens if not torch.equal(quantised[True][e], quantised[False][e])]
+    assert changed and all(0 < tokens[e] < 256 for e in changed)
+    assert all(torch.equal(quantised[True][e], quantised[False][e]) for e in tokens if tokens[e] == 0)
+
+
 def test_mixed_widths_and_pruned_layers_round_trip(testbed, tmp_path):
     model, _, calibration = _model_and_calibration("moe-ref-q3", testbed)
     views = find_moe_blocks(model)

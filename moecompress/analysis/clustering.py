@@ -5,7 +5,9 @@ a sorted list of expert ids, clusters ordered by their smallest member.
   ``G = sum_t z_t z_t^T`` (``S_ij = G_ij / sqrt(G_ii G_jj)`` before the map);
 * :func:`spectral_clusters`: spectral clustering on a precomputed affinity (scikit-learn, k-means labels);
 * :func:`average_linkage_clusters`: HC-SMoE's agglomerative average linkage on Euclidean distances (scikit-learn);
-* :func:`dominant_expert_groups`: M-SMoE's grouping of every other expert with its most similar dominant expert.
+* :func:`dominant_expert_groups`: M-SMoE's grouping of every other expert with its most similar dominant expert;
+* :func:`frequency_seeded_clusters`: the most used experts seed the clusters, every other expert joins the seed
+  nearest to it (Euclidean, on the same representations as average linkage).
 
 Super experts (``singletons``) are left out of the clustering and returned as clusters of their own.
 scikit-learn is imported lazily (it is only needed by these merges).
@@ -87,3 +89,15 @@ def dominant_expert_groups(similarity: torch.Tensor, dominants: list[int], singl
         groups[best].append(expert)
     return sorted([sorted(members) for members in groups.values()] + [[s] for s in singletons if s not in groups],
                   key=lambda members: members[0])
+
+
+def frequency_seeded_clusters(representations: torch.Tensor, token_counts: torch.Tensor, num_clusters: int,
+                              singletons: list[int] = ()) -> list[list[int]]:
+    """``num_clusters`` clusters seeded by the most used experts: the ``num_clusters - len(singletons)`` experts
+    with the most routed tokens (``token_counts [E]``; ties: lower id) among the non-singletons are the seeds, and
+    every other expert joins the seed whose representation (``[E, d]``) is nearest. So an expert the router (almost)
+    never picks is never a cluster of its own while a busy one is merged away."""
+    free, free_clusters = _split(representations.shape[0], num_clusters, list(singletons))
+    by_use = sorted(free, key=lambda e: (-float(token_counts[e]), e))
+    distance = torch.cdist(representations.double(), representations.double())
+    return dominant_expert_groups(-distance, by_use[:free_clusters], singletons)

@@ -14,6 +14,18 @@ with *deferred* balance:
    ``top_m`` most likely tokens per beam are scored (exact when ``top_m >= beam``: siblings share sigma);
 3. the ``beam`` lowest scores over all extensions survive; the best final beam is the sequence.
 
+Two forms of the balance term (``EbssOptions.sigma`` and ``balance_on``):
+
+* ``sigma: counts, balance_on: child`` (``preset: moequant_paper``, the paper's Algorithm 1 as the issue review read
+  it): sigma on raw selection *counts* with the figure's prefactor, ``sqrt(E / (E - 1) * sum_e (c_e - mean c)^2)``
+  (``sqrt(E) * selections`` times the frequency form), scored on the *child* sequence ``beam + v``: the
+  ``child_top_m`` most likely extensions of every beam are forwarded (one token each, on the beam's KV cache) to
+  know their routing, and the chosen children's logits serve the next step. In count units the balance term grows
+  with the sequence, which is what makes the paper's ``tau = 1.2`` bite;
+* ``sigma: frequency, balance_on: parent`` (the spec's reading, methods.md 4): the unbiased std of selection
+  frequencies of the parent beam (deferred balance), no extra forward; it needs ``tau`` about 0.001-0.01 on the test
+  bed to move the search at all.
+
 ``tau = inf`` is plain beam search by cumulative log-prob. Routing comes from the model's own routers through the
 uniform views (``MoEBlockView.route`` on each MoE block's input), so every supported family works, pruned models
 included (EBSS on a pruned model must be regenerated with it: balance is over the surviving experts).
@@ -31,7 +43,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import pydantic
 import safetensors.torch
@@ -46,6 +58,10 @@ from moecompress.models import find_moe_blocks
 
 CACHE_VERSION = 1
 EBSS_DOMAIN = "ebss"
+SIGMA_KINDS = ("frequency", "counts")
+# preset moequant_paper: the paper's balance term (counts, the child sequence) at its tau 1.2
+PRESETS = {"moequant_paper": {"sigma": "counts", "balance_on": "child", "tau": 1.2}}
+DEFAULTS = {"sigma": "frequency", "balance_on": "parent", "tau": 1.2}
 
 
 class EbssOptions(pydantic.BaseModel):
@@ -53,7 +69,10 @@ class EbssOptions(pydantic.BaseModel):
 
     num_samples x seq_len tokens (separator included; None: the recipe's calibration section's, 128 x 512 when
     called directly); tau: balance temperature (``inf`` = plain beam search); beam: beam width; top_m: extensions
-    scored per beam; no_repeat_ngram: ban repeating n-grams (off by default, as in the paper); seed: the first tokens
+    scored per beam (``balance_on: parent``); sigma: ``frequency`` or ``counts`` (module docstring); balance_on:
+    ``parent`` (deferred) or ``child`` (forwards ``child_top_m`` extensions per beam to score their own balance);
+    preset: ``moequant_paper`` (counts, child, tau 1.2);
+    no_repeat_ngram: ban repeating n-grams (off by default, as in the paper); seed: the first tokens
     (None: the section's, 0 directly); batch_size: sequences searched together (``batch_size * beam`` rows);
     cache_dir: where generated sets are cached (default :func:`default_cache_dir`); compare_text: a recipe also
     samples the section's text source at the same size and reports both sets' expert-usage std.
@@ -65,14 +84,39 @@ class EbssOptions(pydantic.BaseModel):
 
     num_samples: int | None = pydantic.Field(None, ge=1)
     seq_len: int | None = pydantic.Field(None, ge=2)
-    tau: float = pydantic.Field(1.2, gt=0)  # .inf: plain beam search by log-prob
+    tau: float | None = pydantic.Field(None, gt=0)  # .inf: plain beam search by log-prob
     beam: int = pydantic.Field(4, ge=1)
     top_m: int = pydantic.Field(64, ge=1)
+    sigma: Literal["frequency", "counts"] | None = None
+    balance_on: Literal["parent", "child"] | None = None
+    child_top_m: int = pydantic.Field(8, ge=1)
+    preset: Literal["moequant_paper"] | None = None
     no_repeat_ngram: int | None = pydantic.Field(None, ge=1)
     seed: int | None = None
     batch_size: int = pydantic.Field(8, ge=1)
     cache_dir: str | None = None
     compare_text: bool = True
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _preset_and_defaults(cls, values):
+        """Fill ``sigma``, ``balance_on`` and ``tau`` from the preset, else from :data:`DEFAULTS` (a value the
+        preset fixes may be repeated, not contradicted)."""
+        if not isinstance(values, dict):
+            return values
+        values = dict(values)
+        defaults = dict(DEFAULTS)
+        preset = values.get("preset")
+        if preset in PRESETS:
+            fixed = PRESETS[preset]
+            contradicting = [name for name in ("sigma", "balance_on") if values.get(name) not in (None, fixed[name])]
+            if contradicting:
+                raise ValueError(f"preset {preset!r} fixes {contradicting}; give either the preset or the values")
+            defaults.update(fixed)
+        for name, value in defaults.items():
+            if values.get(name) is None:
+                values[name] = value
+        return values
 
     @pydantic.model_validator(mode="after")
     def _enough_candidates(self):
@@ -89,9 +133,14 @@ class EbssOptions(pydantic.BaseModel):
     def cache_fields(self) -> dict:
         """What the generated tokens depend on (batch_size changes them at most by float rounding)."""
         resolved = self.resolved()
-        return {"num_samples": resolved.num_samples, "seq_len": resolved.seq_len,
-                "tau": "inf" if math.isinf(self.tau) else self.tau, "beam": self.beam, "top_m": self.top_m,
-                "no_repeat_ngram": self.no_repeat_ngram, "seed": resolved.seed}
+        fields = {"num_samples": resolved.num_samples, "seq_len": resolved.seq_len,
+                  "tau": "inf" if math.isinf(self.tau) else self.tau, "beam": self.beam, "top_m": self.top_m,
+                  "no_repeat_ngram": self.no_repeat_ngram, "seed": resolved.seed}
+        if (self.sigma, self.balance_on) != ("frequency", "parent"):  # older caches keep their keys
+            fields.update(sigma=self.sigma, balance_on=self.balance_on)
+            if self.balance_on == "child":
+                fields["child_top_m"] = self.child_top_m
+        return fields
 
 
 @dataclass
@@ -165,22 +214,34 @@ class RoutingCounter:
         return record
 
 
-def usage_sigma(counts: torch.Tensor, experts_per_layer: list[int] | None = None) -> torch.Tensor:
-    """counts ``[..., layers, experts]`` -> sigma ``[...]``: per layer the unbiased std of the selection
-    frequencies ``counts / counts.sum()``, averaged over layers (methods.md 4(c), "balance metric").
+def usage_sigma(counts: torch.Tensor, experts_per_layer: list[int] | None = None,
+                kind: str = "frequency") -> torch.Tensor:
+    """counts ``[..., layers, experts]`` -> sigma ``[...]``, per layer (:func:`per_layer_sigma`) averaged over layers
+    (methods.md 4(c), "balance metric").
 
     experts_per_layer: a layer's real expert count when layers differ (the padding columns are left out).
     """
-    return per_layer_sigma(counts, experts_per_layer).mean(dim=-1)
+    return per_layer_sigma(counts, experts_per_layer, kind).mean(dim=-1)
 
 
-def per_layer_sigma(counts: torch.Tensor, experts_per_layer: list[int] | None = None) -> torch.Tensor:
-    """counts ``[..., layers, experts]`` -> ``[..., layers]`` unbiased std of each layer's selection frequencies."""
+def per_layer_sigma(counts: torch.Tensor, experts_per_layer: list[int] | None = None,
+                    kind: str = "frequency") -> torch.Tensor:
+    """counts ``[..., layers, experts]`` -> ``[..., layers]``.
+
+    kind ``frequency``: the unbiased std of each layer's selection frequencies ``counts / counts.sum()``;
+    ``counts``: MoEQuant's figure, ``sqrt(E / (E - 1) * sum_e (c_e - mean c)^2)`` on the raw counts ``c``.
+    """
+    if kind not in SIGMA_KINDS:
+        raise ValueError(f"sigma kind {kind!r} is not known; use one of {list(SIGMA_KINDS)}")
     if experts_per_layer is None or all(size == counts.shape[-1] for size in experts_per_layer):
+        if kind == "counts":
+            experts = counts.shape[-1]
+            spread = (counts - counts.mean(dim=-1, keepdim=True)).pow(2).sum(dim=-1)
+            return (spread * experts / max(experts - 1, 1)).sqrt()
         frequencies = counts / counts.sum(dim=-1, keepdim=True).clamp(min=1)
         return frequencies.std(dim=-1, correction=1)
-    return torch.stack([per_layer_sigma(counts[..., layer, :size]) for layer, size in enumerate(experts_per_layer)],
-                       dim=-1)
+    return torch.stack([per_layer_sigma(counts[..., layer, :size], kind=kind)
+                        for layer, size in enumerate(experts_per_layer)], dim=-1)
 
 
 def expert_usage_std(model, input_ids: torch.Tensor, *, batch_size: int = 8) -> tuple[float, list[float]]:
@@ -216,6 +277,9 @@ def ebss_search(model, first_tokens: torch.Tensor, separator: int, options: Ebss
     ``vocab_limit``: logits of ids at or beyond it (embedding padding past the tokenizer) are never chosen.
     """
     options = options.resolved()
+    if options.balance_on == "child" and math.isfinite(options.tau):
+        return _child_balance_search(model, first_tokens, separator, options, vocab_limit=vocab_limit,
+                                     on_step=on_step)
     batch, width = first_tokens.shape[0], options.beam
     device = next(model.parameters()).device
     rows = batch * width
@@ -240,7 +304,7 @@ def ebss_search(model, first_tokens: torch.Tensor, separator: int, options: Ebss
             top_log_probs, top_tokens = log_probs.topk(options.top_m, dim=-1)  # [rows, m]
             generated = tokens.shape[1] - 1  # j: tokens after the separator
             if math.isfinite(options.tau):
-                balance = usage_sigma(counts, counter.experts_per_layer) / options.tau
+                balance = usage_sigma(counts, counter.experts_per_layer, options.sigma) / options.tau
             else:  # plain beam search by log-prob
                 balance = torch.zeros(rows, dtype=torch.float64)
             scores = -(log_prob_sum[:, None] + top_log_probs) / (generated + 1) + balance[:, None]  # lower is better
@@ -258,6 +322,56 @@ def ebss_search(model, first_tokens: torch.Tensor, separator: int, options: Ebss
             if on_step is not None:
                 on_step()
     return tokens.reshape(batch, width, -1)[:, 0]  # beams are kept best first
+
+
+def _child_balance_search(model, first_tokens: torch.Tensor, separator: int, options: EbssOptions, *,
+                          vocab_limit: int, on_step: Callable[[], None] | None = None) -> torch.Tensor:
+    """:func:`ebss_search` with the balance of the *child* sequence: each step forwards the ``child_top_m`` most
+    likely extensions of every beam (``beam * child_top_m`` rows on the beams' KV cache), scores each child by
+    ``-(RS + log p(v)) / (j + 1) + sigma(child) / tau`` and keeps the ``beam`` best; the kept children's logits are
+    the next step's, so no other forward runs. ``[B]`` -> ``[B, seq_len]``."""
+    batch, width, fan = first_tokens.shape[0], options.beam, options.child_top_m
+    device = next(model.parameters()).device
+    rows = batch * width
+    tokens = torch.stack([torch.full_like(first_tokens, separator), first_tokens], dim=1).repeat_interleave(width, 0)
+    log_prob_sum = torch.zeros(rows, dtype=torch.float64)
+    alive = torch.zeros(batch, width, dtype=torch.bool)
+    alive[:, 0] = True
+    banned = NoRepeatNGramLogitsProcessor(options.no_repeat_ngram) if options.no_repeat_ngram else None
+    cache = DynamicCache()
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with RoutingCounter(model) as counter, torch.no_grad():
+        counter.reset(rows)
+        logits = model(input_ids=tokens.to(device), use_cache=True, **{cache_argument: cache}).logits[:, -1]
+        counts = counter.step_counts.clone()  # [rows, layers, experts] of the prefix
+        while tokens.shape[1] < options.seq_len:
+            log_probs = torch.log_softmax(logits.float().cpu(), dim=-1).double()
+            log_probs[:, vocab_limit:] = -math.inf
+            if banned is not None:
+                log_probs = banned(tokens, log_probs)
+            top_log_probs, top_tokens = log_probs.topk(fan, dim=-1)  # [rows, fan]
+            parents = torch.arange(rows).repeat_interleave(fan)  # child row -> its beam
+            cache.reorder_cache(parents.to(device))
+            counter.reset(rows * fan)
+            child_logits = model(input_ids=top_tokens.reshape(-1, 1).to(device), use_cache=True,
+                                 **{cache_argument: cache}).logits[:, -1]
+            child_counts = counts[parents] + counter.step_counts  # [rows * fan, layers, experts]
+            balance = usage_sigma(child_counts, counter.experts_per_layer, options.sigma) / options.tau
+            generated = tokens.shape[1] - 1
+            scores = -(log_prob_sum[:, None] + top_log_probs) / (generated + 1) + balance.reshape(rows, fan)
+            scores = scores.masked_fill(~alive.reshape(rows, 1), math.inf).reshape(batch, width * fan)
+            best = scores.topk(width, dim=-1, largest=False).indices  # [B, w], best first
+            chosen = (best + torch.arange(batch)[:, None] * width * fan).reshape(-1)  # child rows
+            parent, pick = chosen // fan, chosen % fan
+            log_prob_sum = log_prob_sum[parent] + top_log_probs[parent, pick]
+            tokens = torch.cat([tokens[parent], top_tokens[parent, pick][:, None]], dim=1)
+            counts = child_counts[chosen]
+            logits = child_logits[chosen.to(child_logits.device)]
+            cache.reorder_cache(chosen.to(device))
+            alive[:] = True
+            if on_step is not None:
+                on_step()
+    return tokens.reshape(batch, width, -1)[:, 0]
 
 
 def generate_ebss(model, tokenizer, options: EbssOptions | None = None, *, cache_dir: str | Path | None = None,

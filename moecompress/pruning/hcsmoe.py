@@ -2,24 +2,60 @@
 
 Per MoE layer: each expert is represented by its mean output over *all* calibration tokens (statistic
 ``mean_expert_output_all_tokens``, which runs every expert on every token: opt-in, costs ``E`` expert FFNs per
-token), clustered by agglomerative average linkage on Euclidean distance into ``num_experts_to_keep`` clusters,
-merged by a frequency-weighted average (no neuron alignment, as in the paper; ``align: true`` adds it). The router
-is unchanged (R1, ``remap``) unless ``router_rule: collapse``.
+token), grouped into ``num_experts_to_keep`` clusters, and merged by a frequency-weighted average (no neuron
+alignment, as in the paper; ``align: true`` adds it). The router is unchanged (R1, ``remap``) unless
+``router_rule: collapse``.
+
+Two groupings (``clustering``):
+
+* ``average_linkage`` (``preset: hcsmoe_paper``): agglomerative average linkage on Euclidean distance. On an
+  8-expert model (moe-ref-mx at 4 of 8) it leaves one giant cluster and keeps dead experts (0-6 picks) as
+  singletons: an expert the router never picks is far from the others precisely because nothing trained it;
+* ``frequency_seeds`` (default): the most used experts seed the clusters and every other expert joins the nearest
+  seed (:func:`moecompress.analysis.clustering.frequency_seeded_clusters`), so a dead expert is merged (with weight
+  ~0) into a busy one instead of taking a cluster of its own.
 """
 
 from __future__ import annotations
 
-from moecompress.analysis.clustering import average_linkage_clusters
+from typing import Literal
+
+import pydantic
+
+from moecompress.analysis.clustering import average_linkage_clusters, frequency_seeded_clusters
 from moecompress.models import find_moe_blocks
-from moecompress.pruning.merging import ExpertMergingStage, protected_experts
+from moecompress.pruning.merging import ExpertMergingStage, MergeOptions, protected_experts
 from moecompress.stages import register_stage
+
+# preset hcsmoe_paper: the paper's average-linkage clustering
+PRESETS = {"hcsmoe_paper": {"clustering": "average_linkage"}}
+
+
+class HcSmoeOptions(MergeOptions):
+    clustering: Literal["average_linkage", "frequency_seeds"] | None = pydantic.Field(
+        None, description="frequency_seeds (default): the most used experts seed the clusters; average_linkage: "
+                          "the paper's agglomerative clustering")
+    preset: Literal["hcsmoe_paper"] | None = pydantic.Field(None, description="hcsmoe_paper: average linkage")
+
+    @pydantic.model_validator(mode="after")
+    def _preset(self):
+        if self.preset is not None:
+            fixed = PRESETS[self.preset]
+            if self.clustering not in (None, fixed["clustering"]):
+                raise ValueError(f"preset {self.preset!r} fixes clustering={fixed['clustering']!r}; give either the "
+                                 "preset or the clustering")
+            self.clustering = fixed["clustering"]
+        if self.clustering is None:
+            self.clustering = "frequency_seeds"
+        return self
 
 
 @register_stage
 class MergeHcsmoeStage(ExpertMergingStage):
-    """``method: merge_hcsmoe``: hierarchical clustering of mean expert outputs, frequency-weighted merge."""
+    """``method: merge_hcsmoe``: cluster the experts by their mean outputs, frequency-weighted merge."""
 
     method = "merge_hcsmoe"
+    Options = HcSmoeOptions
     statistics = ("mean_expert_output_all_tokens", "expert_token_counts")
     default_align = False
 
@@ -28,9 +64,14 @@ class MergeHcsmoeStage(ExpertMergingStage):
         clusters, scores = {}, {}
         for view in find_moe_blocks(context.model):
             layer = view.layer_index
-            clusters[layer] = average_linkage_clusters(statistics[layer]["mean_expert_output_all_tokens"],
-                                                       self.num_clusters(view), protected.get(layer, []))
-            scores[layer] = statistics[layer]["expert_token_counts"].float()
+            outputs, counts = (statistics[layer]["mean_expert_output_all_tokens"],
+                               statistics[layer]["expert_token_counts"])
+            if self.options.clustering == "average_linkage":
+                clusters[layer] = average_linkage_clusters(outputs, self.num_clusters(view), protected.get(layer, []))
+            else:
+                clusters[layer] = frequency_seeded_clusters(outputs, counts, self.num_clusters(view),
+                                                            protected.get(layer, []))
+            scores[layer] = counts.float()
         return clusters, scores
 
 # The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,

@@ -15,15 +15,21 @@ Per MoE layer, the routed micro-experts (expert channels) are split by CAMERA en
 3. **Segments.** The segment boundaries are rounded to multiples of ``group_size`` (down columns are GPTQ input
    columns, quantised group-wise with one width per group); the effective average is reported.
 4. **Quantise.** Layer by layer on the already-quantised model (:meth:`LayerwiseRunner.sweep`): GPTQ of each
-   segment's gate/up rows ``[2 w_s, H]`` with the expert's input Hessian, then of its down columns ``[H, w_s]`` with
-   the down Hessian (``h`` recomputed with the quantised gate/up) restricted to the segment (each segment is a
-   sub-FFN: ``E(x) = sum_s W_down[:, S_s] (act(W_gate[S_s] x) * W_up[S_s] x)``).
+   segment's gate/up rows ``[2 w_s, H]`` with the expert's input Hessian (rows are independent in GPTQ, so this
+   is exactly GPTQ of the whole matrix with a width per row), then of the down projection ``[H, I]`` on the down
+   Hessian (``h`` recomputed with the quantised gate/up). ``down_sweep: joint`` (default) quantises all of
+   ``W_down`` in ONE GPTQ sweep with a width per column group (:func:`gptq_quantize_mixed`), so the rounding error
+   of the high-width segment is compensated in the lower ones; ``down_sweep: segments`` quantises each segment's
+   columns ``[H, w_s]`` on its own diagonal block of the Hessian (each segment a sub-FFN,
+   ``E(x) = sum_s W_down[:, S_s] (act(W_gate[S_s] x) * W_up[S_s] x)``, the spec's recipe, methods.md 3 (e)), which
+   never compensates one segment's error in another. Group scales: ``scale_search`` (default ``mse``, as the
+   ``rtn``/``gptq`` stages). ``preset: camera_spec`` is the spec's form: ``down_sweep: segments``, ``minmax``.
 5. **Store.** Each layer's experts become :class:`moecompress.kernels.variable_width.SegmentedPackedExperts`
    (per expert up to three packed sub-FFNs); ``config.moecompress["camera_q"]`` records the segment widths and bits
    so the native format reloads it.
 
-The segment GPTQ runs in this stage (it calls the same ``gptq_quantize`` as the ``gptq`` stage): the ``gptq`` stage's
-engine packs one width per expert, and a per-channel width inside an expert needs the sub-FFN split above.
+The segment GPTQ runs in this stage (it calls the same GPTQ sweep as the ``gptq`` stage): the ``gptq`` stage's
+engine packs one width per expert, and a per-channel width inside an expert needs the sub-FFN storage above.
 
 ```yaml
 - method: camera_q
@@ -31,10 +37,14 @@ engine packs one width per expert, and a per-channel width inside an expert need
   bits: [4, 3, 2]        # hi, mid, lo (packable widths: 2, 3, 4, 8)
   group_size: 16         # segment boundaries and down-projection groups
   alpha: 0.9
+  # down_sweep: joint    # one GPTQ sweep over W_down with a width per group; segments: each segment alone
+  # scale_search: mse    # or minmax;  preset: camera_spec = segments + minmax (the spec's recipe)
 ```
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 import pydantic
@@ -48,13 +58,16 @@ from moecompress.kernels.variable_width import SegmentedPackedExperts
 from moecompress.models import find_moe_blocks
 from moecompress.models.edits import _config_record, replace_experts
 from moecompress.pruning.base import super_experts_by_layer
-from moecompress.quantization.gptq import gptq_quantize
+from moecompress.quantization.gptq import gptq_quantize, gptq_quantize_mixed
 from moecompress.quantization.packing import quantize_rtn
 from moecompress.quantization.stages import check_group_size
 from moecompress.solvers import Budget, MultipleChoiceKnapsack, solve
 from moecompress.stages import RunContext, Stage, StageOptions, StageResult, register_stage
 
 RECORD_KEY = "camera_q"
+# preset camera_spec: the spec's recipe (methods.md 3 (e)): each down-projection segment quantised as its own
+# sub-FFN, min/max group scales (the form measured before the joint sweep became the default).
+PRESETS = {"camera_spec": {"down_sweep": "segments", "scale_search": "minmax"}}
 
 
 # ----- 1. group shares ----------------------------------------------------------------------------------------------
@@ -126,19 +139,37 @@ def _segment_ranges(widths: list[int]) -> list[tuple[int, int]]:
 
 
 def _quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, damp: float,
-              tokens: int, scale_dtype: torch.dtype) -> PackedLinearWeight:
+              tokens: int, scale_dtype: torch.dtype, scale_search: str) -> PackedLinearWeight:
     """``weight`` fp32 ``[out, in]``; scales are stored in ``scale_dtype`` (the model's dtype)."""
     if tokens == 0 or float(hessian.diagonal().sum()) == 0:  # no calibration signal: plain rounding
-        return quantize_rtn(weight, bits, group_size, True, scale_dtype=scale_dtype)
+        return quantize_rtn(weight, bits, group_size, True, scale_dtype=scale_dtype, scale_search=scale_search)
     return gptq_quantize(weight, hessian, bits, group_size=group_size, symmetric=True, damp=damp,
-                         scale_dtype=scale_dtype).packed
+                         scale_dtype=scale_dtype, scale_search=scale_search).packed
+
+
+def _quantize_down_joint(weight: torch.Tensor, hessian: torch.Tensor, widths: list[int], bits: list[int],
+                         group_size: int, damp: float, tokens: int, scale_dtype: torch.dtype,
+                         scale_search: str) -> list[PackedLinearWeight | None]:
+    """One expert's ``W_down [H, I]`` (channels permuted into segments of ``widths``, each a multiple of
+    ``group_size`` but the last) in one GPTQ sweep, each column group at its segment's width; one packed weight per
+    non-empty segment (None for an empty one)."""
+    ranges = _segment_ranges(widths)
+    if tokens == 0 or float(hessian.diagonal().sum()) == 0:  # no calibration signal: plain rounding per segment
+        return [None if stop == start else quantize_rtn(weight[:, start:stop], width, group_size, True,
+                                                        scale_dtype=scale_dtype, scale_search=scale_search)
+                for (start, stop), width in zip(ranges, bits)]
+    group_bits = [width for (start, stop), width in zip(ranges, bits) for _ in range(start, stop, group_size)]
+    result = gptq_quantize_mixed(weight, hessian, group_bits, group_size=group_size, symmetric=True, damp=damp,
+                                 scale_dtype=scale_dtype, scale_search=scale_search)
+    return [None if stop == start else result.packed_columns(start, stop) for start, stop in ranges]
 
 
 def quantize_layer_segments(view, replay, segments: dict[int, list[int]], bits: list[int], group_size: int,
-                            damp: float) -> dict[int, list[tuple[PackedLinearWeight, PackedLinearWeight] | None]]:
-    """GPTQ every segment of every expert of one layer (gate/up first, then down on the quantised gate/up's ``h``);
-    the dequantised weights are written into the fused tensors. Returns ``{expert: [(gate_up, down) or None per
-    segment]}``."""
+                            damp: float, *, down_sweep: str = "joint", scale_search: str = "mse",
+                            ) -> dict[int, list[tuple[PackedLinearWeight, PackedLinearWeight] | None]]:
+    """GPTQ every segment of every expert of one layer (gate/up first, then down on the quantised gate/up's ``h``,
+    in one sweep per expert or per segment: ``down_sweep``); the dequantised weights are written into the fused
+    tensors. Returns ``{expert: [(gate_up, down) or None per segment]}``."""
     experts, size = view.experts, view.intermediate_size
     statistics = replay.collect(["expert_input_hessian", "expert_token_counts"])[view.layer_index]
     input_hessians, tokens = statistics["expert_input_hessian"], statistics["expert_token_counts"]
@@ -151,17 +182,23 @@ def quantize_layer_segments(view, replay, segments: dict[int, list[int]], bits: 
                 continue
             rows = torch.cat([torch.arange(start, stop), torch.arange(start, stop) + size]).to(experts.gate_up_proj.device)
             gate_up = _quantize(experts.gate_up_proj.data[expert][rows].float(), input_hessians[expert].to(rows.device),
-                                width, group_size, damp, int(tokens[expert]), experts.gate_up_proj.dtype)
+                                width, group_size, damp, int(tokens[expert]), experts.gate_up_proj.dtype, scale_search)
             experts.gate_up_proj.data[expert][rows] = gate_up.dequantize(experts.gate_up_proj.dtype)
             packed[expert].append([gate_up, None])
     down_hessians = replay.collect(["down_proj_hessian"])[view.layer_index]["down_proj_hessian"]
     for expert, widths in segments.items():
-        for index, ((start, stop), width) in enumerate(zip(_segment_ranges(widths), bits)):
-            if stop == start:
+        weight, hessian = experts.down_proj.data[expert], down_hessians[expert].to(experts.down_proj.device)
+        if down_sweep == "joint":
+            downs = _quantize_down_joint(weight.float(), hessian, widths, bits, group_size, damp, int(tokens[expert]),
+                                         experts.down_proj.dtype, scale_search)
+        else:  # each segment on its own diagonal block of the Hessian
+            downs = [None if stop == start else
+                     _quantize(weight[:, start:stop].float(), hessian[start:stop, start:stop], width, group_size, damp,
+                               int(tokens[expert]), experts.down_proj.dtype, scale_search)
+                     for (start, stop), width in zip(_segment_ranges(widths), bits)]
+        for index, ((start, stop), down) in enumerate(zip(_segment_ranges(widths), downs)):
+            if down is None:
                 continue
-            hessian = down_hessians[expert][start:stop, start:stop].to(experts.down_proj.device)
-            down = _quantize(experts.down_proj.data[expert][:, start:stop].float(), hessian, width, group_size, damp,
-                             int(tokens[expert]), experts.down_proj.dtype)
             experts.down_proj.data[expert][:, start:stop] = down.dequantize(experts.down_proj.dtype)
             packed[expert][index][1] = down
     return {expert: [tuple(pair) if pair is not None else None for pair in pairs] for expert, pairs in packed.items()}
@@ -177,9 +214,26 @@ class CameraQuantizeOptions(StageOptions):
     max_lo_share: float | None = pydantic.Field(None, ge=0, le=1, description="cap on the share of lo channels")
     damp: float = pydantic.Field(0.01, ge=0, lt=1, description="GPTQ damping (fraction of the mean diagonal)")
     solver: str = pydantic.Field("dp", description="dp, milp or pulp")
+    down_sweep: Literal["joint", "segments"] | None = pydantic.Field(
+        None, description="joint (default): one GPTQ sweep over down_proj with a width per column group; segments: "
+                          "each segment alone on its diagonal Hessian block (the spec's recipe)")
+    scale_search: Literal["mse", "minmax"] | None = pydantic.Field(
+        None, description="group scales: mse (default, as the rtn/gptq stages) or minmax")
+    preset: Literal["camera_spec"] | None = pydantic.Field(
+        None, description="camera_spec: the spec's recipe (down_sweep segments, minmax scales)")
 
     @pydantic.model_validator(mode="after")
     def _consistent(self):
+        defaults = {"down_sweep": "joint", "scale_search": "mse"}
+        if self.preset is not None:
+            fixed = PRESETS[self.preset]
+            contradicting = [name for name, value in fixed.items() if getattr(self, name) not in (None, value)]
+            if contradicting:
+                raise ValueError(f"preset {self.preset!r} fixes {contradicting}; give either the preset or the values")
+            defaults.update(fixed)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if len(self.bits) != 3 or sorted(self.bits, reverse=True) != self.bits or len(set(self.bits)) != 3:
             raise ValueError(f"bits must be three distinct widths, highest first (e.g. [4, 3, 2]); got {self.bits}")
         unknown = [b for b in self.bits if b not in SUPPORTED_BITS]
@@ -232,7 +286,8 @@ class CameraQStage(Stage):
                                                     options.group_size)
                     permute_expert_channels(view, expert, order)
                     segments[expert], orders[expert] = widths, order
-                packed = quantize_layer_segments(view, replay, segments, options.bits, options.group_size, options.damp)
+                packed = quantize_layer_segments(view, replay, segments, options.bits, options.group_size, options.damp,
+                                                 down_sweep=options.down_sweep, scale_search=options.scale_search)
                 packed_layers[view.layer_index] = (view, packed)
                 decisions[str(view.layer_index)] = {
                     "segment_widths": [segments[e] for e in range(view.num_experts)],

@@ -14,10 +14,16 @@ Steps (the reference implementation's, restated):
    done in blocks of columns ("lazy batch updates") so that the big update is one matmul per block.
 Group scales (without act-order) are computed from the error-updated weights when the sweep reaches the group's
 first column, as the reference does; each group lies inside one block, so those weights are current.
+
+Mixed widths (:func:`gptq_quantize_mixed`): each column group may have its own bit width, in ONE sweep over the
+whole matrix, so the rounding error of a group is still spread over every later column whatever their width (CAMERA-Q
+gives the input channels of ``down_proj`` a width per energy segment; quantising the segments as separate matrices
+would only see each segment's diagonal block of ``H``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,14 +70,119 @@ def gptq_quantize(
     the weight's device.
     """
     single = weight.dim() == 2
-    weights = weight.unsqueeze(0) if single else weight
-    hessians = hessian.unsqueeze(0) if single else hessian
+    sweep = _gptq_sweep(weight.unsqueeze(0) if single else weight, hessian.unsqueeze(0) if single else hessian,
+                        [bits] * num_groups(weight.shape[-1], group_size), group_size=group_size, symmetric=symmetric,
+                        damp=damp, act_order=act_order, block_size=block_size, scale_dtype=scale_dtype,
+                        scale_search=scale_search)
+    packed = PackedLinearWeight.from_codes(sweep.codes, sweep.scales.to(sweep.scale_dtype), sweep.zeros, bits,
+                                           group_size)
+    errors = sweep.relative_errors(packed.dequantize(torch.float32))
+    if single:
+        return GPTQResult(packed.select(0), errors[0], sweep.damps[0])
+    return GPTQResult(packed, errors, sweep.damps)
+
+
+@dataclass
+class MixedGPTQResult:
+    """GPTQ of one matrix ``[out, in]`` with a bit width per column group (:func:`gptq_quantize_mixed`).
+
+    codes: fp32 ``[out, in]`` signed integer values; scales / zeros: ``[out, groups]`` (scales in ``scale_dtype``
+    precision, zeros None when symmetric); group_bits: the width of each group; relative_error and damp as in
+    :class:`GPTQResult`.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_bits: list[int]
+    group_size: int
+    relative_error: float
+    damp: float
+
+    def packed_columns(self, start: int, stop: int) -> PackedLinearWeight:
+        """Columns ``[start, stop)``, a run of whole groups of one width, as one packed weight ``[out, stop-start]``."""
+        width = self.codes.shape[1] if self.group_size <= 0 else self.group_size
+        if start % width or (stop % width and stop != self.codes.shape[1]) or stop <= start:
+            raise ValueError(f"columns [{start}, {stop}) are not whole groups of {width}")
+        first, last = start // width, -(-stop // width)
+        widths = set(self.group_bits[first:last])
+        if len(widths) != 1:
+            raise ValueError(f"columns [{start}, {stop}) hold groups of several widths {sorted(widths)}")
+        zeros = None if self.zeros is None else self.zeros[:, first:last]
+        return PackedLinearWeight.from_codes(self.codes[:, start:stop], self.scales[:, first:last], zeros,
+                                             widths.pop(), self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        """``(codes - zero) * scale``, fp32 ``[out, in]``."""
+        width = self.codes.shape[1] if self.group_size <= 0 else self.group_size
+        expand = lambda per_group: per_group.float().repeat_interleave(width, dim=-1)[:, :self.codes.shape[1]]  # noqa: E731
+        values = self.codes if self.zeros is None else self.codes - expand(self.zeros)
+        return values * expand(self.scales)
+
+
+def gptq_quantize_mixed(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_bits: Sequence[int],
+    *,
+    group_size: int = 128,
+    symmetric: bool = True,
+    damp: float = 0.01,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    scale_dtype: torch.dtype | None = None,
+    scale_search: str = "minmax",
+) -> MixedGPTQResult:
+    """GPTQ of ``weight [out, in]`` on ``hessian [in, in]`` where column group ``g`` is quantised at
+    ``group_bits[g]`` bits, in one column sweep (every group's error compensated in all later columns). With one
+    width for every group this is exactly :func:`gptq_quantize`. No act-order: groups must stay runs of columns
+    in sweep order for their widths to mean anything.
+    """
+    groups = num_groups(weight.shape[-1], group_size)
+    if weight.dim() != 2 or len(group_bits) != groups:
+        raise ValueError(f"group_bits must give one width per column group ({groups} for {tuple(weight.shape)} and "
+                         f"group_size {group_size}), got {len(group_bits)}")
+    sweep = _gptq_sweep(weight.unsqueeze(0), hessian.unsqueeze(0), list(group_bits), group_size=group_size,
+                        symmetric=symmetric, damp=damp, act_order=False, block_size=block_size,
+                        scale_dtype=scale_dtype, scale_search=scale_search)
+    scales = sweep.scales[0].to(sweep.scale_dtype).float()
+    zeros = None if sweep.zeros is None else sweep.zeros[0]
+    result = MixedGPTQResult(sweep.codes[0], scales, zeros, [int(b) for b in group_bits], group_size, 0.0,
+                             sweep.damps[0])
+    result.relative_error = sweep.relative_errors(result.dequantize().unsqueeze(0))[0]
+    return result
+
+
+@dataclass
+class _Sweep:
+    """What one GPTQ column sweep produced for a stack ``[B, out, in]``: codes (fp32), scales / zeros
+    ``[B, out, groups]`` (fp32; scales already rounded to ``scale_dtype``), the damping used per matrix, and the
+    inputs needed to measure the error."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    damps: list[float]
+    scale_dtype: torch.dtype
+    original: torch.Tensor
+    undamped: torch.Tensor
+
+    def relative_errors(self, dequantised: torch.Tensor) -> list[float]:
+        return [hessian_weighted_error(self.original[b], dequantised[b], self.undamped[b])
+                for b in range(self.original.shape[0])]
+
+
+def _gptq_sweep(weights: torch.Tensor, hessians: torch.Tensor, group_bits: list[int], *, group_size: int,
+                symmetric: bool, damp, act_order: bool, block_size: int, scale_dtype, scale_search: str) -> _Sweep:
+    """The column sweep behind :func:`gptq_quantize` and :func:`gptq_quantize_mixed` (module docstring, steps 1-4),
+    on a stack ``weights [B, out, in]``, ``hessians [B, in, in]``; column group ``g`` at ``group_bits[g]`` bits."""
     stack, out_features, in_features = weights.shape
     if tuple(hessians.shape) != (stack, in_features, in_features):
-        raise ValueError(f"hessian must be [{in_features}, {in_features}] per matrix for weight {tuple(weight.shape)}, "
-                         f"got {tuple(hessian.shape)}")
+        raise ValueError(f"hessian must be [{in_features}, {in_features}] per matrix for weight "
+                         f"{tuple(weights.shape[1:])}, got {tuple(hessians.shape)}")
+    if act_order and len(set(group_bits)) > 1:
+        raise ValueError("act_order reorders columns across groups; it needs one width for every group")
     device = weights.device
-    scale_dtype = scale_dtype or (weight.dtype if weight.dtype.is_floating_point else torch.float32)
+    scale_dtype = scale_dtype or (weights.dtype if weights.dtype.is_floating_point else torch.float32)
     original = weights.float()
     undamped = hessians.to(device=device, dtype=torch.float32)
     damps = torch.as_tensor(damp, dtype=torch.float32, device=device).expand(stack).clone()
@@ -89,11 +200,11 @@ def gptq_quantize(
 
     scales = torch.zeros(stack, out_features, groups, device=device)
     zeros = None if symmetric else torch.zeros(stack, out_features, groups, device=device)
-    if act_order or group_size <= 0:  # static groups: every group's scale from the original weights
+    if act_order or group_size <= 0:  # static groups (one width): every group's scale from the original weights
         padded = torch.nn.functional.pad(original, (0, groups * group_width - in_features))
         grouped = padded.reshape(stack, out_features, groups, group_width)
         columns = (in_features - torch.arange(groups, device=device) * group_width).clamp(max=group_width)
-        static_scales, static_zeros = fit_group_params(grouped, bits, symmetric, scale_dtype,
+        static_scales, static_zeros = fit_group_params(grouped, group_bits[0], symmetric, scale_dtype,
                                                        grouped.abs().sum(-1) / columns, scale_search)
         scales.copy_(static_scales)
         if zeros is not None:
@@ -111,6 +222,8 @@ def gptq_quantize(
         block_upper = upper[:, start:stop, start:stop]
         for offset in range(stop - start):
             column = start + offset
+            # the column's group (the same for the whole stack: mixed widths exclude act-order)
+            bits = group_bits[int(column_group[0, column])]
             if not act_order and group_size > 0 and column % group_width == 0:
                 group_stop = min(offset + group_width, stop - start)
                 values = block_weights[:, :, offset:group_stop]
@@ -131,13 +244,7 @@ def gptq_quantize(
             codes.scatter_(2, order[:, column][:, None, None].expand(stack, out_features, 1), column_codes[:, :, None])
         work[:, :, stop:] -= block_errors @ upper[:, start:stop, stop:]
 
-    packed = PackedLinearWeight.from_codes(codes, scales.to(scale_dtype), zeros, bits, group_size)
-    dequantised = packed.dequantize(torch.float32)
-    errors = [hessian_weighted_error(original[b], dequantised[b], undamped[b]) for b in range(stack)]
-    damps_used = [float(value) for value in damps]
-    if single:
-        return GPTQResult(packed.select(0), errors[0], damps_used[0])
-    return GPTQResult(packed, errors, damps_used)
+    return _Sweep(codes, scales, zeros, [float(value) for value in damps], scale_dtype, original, undamped)
 
 
 def hessian_weighted_error(weight: torch.Tensor, quantised: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -7,8 +7,11 @@ Per expert ``e`` and candidate width ``b``, the cost of giving ``e`` ``b`` bits 
 * ``w_e``: its routing-weight mass, the *raw* (pre-renormalisation) top-k probabilities summed, normalised likewise;
 * ``eps_{e,b}``: the quantisation error at ``b`` bits, by ``eps_mode``:
 
-  - ``hessian`` (default): the Hessian proxy ``tr(dW H dW^T)`` summed over gate/up (input Hessian) and down
-    (down-projection Hessian), ``dW = W - RTN_b(W)``, from the per-expert Hessians of the calibration pass;
+  - ``hessian``: the Hessian proxy ``tr(dW H dW^T)`` summed over gate/up (input Hessian) and down
+    (down-projection Hessian), ``dW = W - RTN_b(W)``, from the per-expert Hessians of the calibration pass. It is a
+    *squared* output error summed over the expert's routed tokens, so it grows like ``n_e * err^2``;
+  - ``hessian_norm``: its square root, ``sqrt(sum_lin ||dW X_lin^T||_F^2)`` (``H = X^T X``), the Frobenius norm of
+    the expert's output change on its routed tokens: the reference's units (``~ sqrt(n_e) * err``);
   - ``block_output`` (the reference code): quantise only expert ``e`` with RTN at ``b`` bits and measure
     ``||Z - Z~||_F``, the change of the MoE block's output on (a sample of) the calibration tokens.
 
@@ -191,6 +194,16 @@ def block_output_errors(view: MoEBlockView, inputs: torch.Tensor, candidates: li
     return errors
 
 
+def layer_errors(view: MoEBlockView, layer_statistics, options: "PMQOptions") -> torch.Tensor:
+    """``[E, C]`` errors of one layer's experts at each candidate width, by ``options.eps_mode`` (module docstring)."""
+    if options.eps_mode == "block_output":
+        return block_output_errors(view, layer_statistics["moe_block_inputs"], options.candidates,
+                                   options.group_size, options.symmetric, options.scale_search)
+    errors = hessian_errors(view, layer_statistics["expert_input_hessian"], layer_statistics["down_proj_hessian"],
+                            options.candidates, options.group_size, options.symmetric, options.scale_search)
+    return errors.clamp_min(0).sqrt() if options.eps_mode == "hessian_norm" else errors
+
+
 def allocate_layer(costs: np.ndarray, candidates: list[int], avg_bits: float, at_least_one: list[int],
                    pinned: list[int], solver: str = "dp") -> list[int]:
     """Bit-width per expert of one layer: least total cost, ``sum bits <= avg_bits * E``, side constraints."""
@@ -278,8 +291,9 @@ class PMQOptions(StageOptions):
                                              "or '2.5bpp-experts'; one knapsack across layers")
     granularity: Literal["expert", "layer"] = pydantic.Field("expert", description="expert: a width per expert; "
                                                              "layer: one width per MoE layer")
-    eps_mode: Literal["hessian", "block_output"] | None = pydantic.Field(
-        None, description="hessian: tr(dW H dW^T) (default); block_output: the reference code's RTN block-output error")
+    eps_mode: Literal["hessian", "hessian_norm", "block_output"] | None = pydantic.Field(
+        None, description="hessian: tr(dW H dW^T) (default); hessian_norm: its square root (the reference's "
+                          "units); block_output: the reference code's RTN block-output error")
     block_output_tokens: int = pydantic.Field(2048, ge=16, description="cached block inputs for eps_mode block_output")
     preset: Literal["mcmoe_code"] | None = pydantic.Field(None, description="mcmoe_code: the reference code's choices")
     candidates: list[int] | None = pydantic.Field(None, description="widths an expert may get (default [2, 3, 4]); "
@@ -346,8 +360,8 @@ class McmoePmqStage(Stage):
 
     def __init__(self, options=None, /, **option_values) -> None:
         super().__init__(options, **option_values)
-        error_statistics = (("expert_input_hessian", "down_proj_hessian") if self.options.eps_mode == "hessian"
-                            else ("moe_block_inputs",))
+        error_statistics = (("moe_block_inputs",) if self.options.eps_mode == "block_output"
+                            else ("expert_input_hessian", "down_proj_hessian"))
         self.statistics = ("expert_token_counts", "routing_weight_sums_raw", *error_statistics)
 
     def check(self, context: RunContext) -> None:
@@ -393,13 +407,7 @@ class McmoePmqStage(Stage):
         views = find_moe_blocks(context.model)
         for view in views:
             layer_statistics = statistics[view.layer_index]
-            if options.eps_mode == "hessian":
-                errors = hessian_errors(view, layer_statistics["expert_input_hessian"],
-                                        layer_statistics["down_proj_hessian"], options.candidates, options.group_size,
-                                        options.symmetric, options.scale_search)
-            else:
-                errors = block_output_errors(view, layer_statistics["moe_block_inputs"], options.candidates,
-                                             options.group_size, options.symmetric, options.scale_search)
+            errors = layer_errors(view, layer_statistics, options)
             costs = pmq_costs(layer_statistics["expert_token_counts"], layer_statistics["routing_weight_sums_raw"],
                               errors, alpha=options.alpha, beta=options.beta, gamma=options.gamma)
             layers.append(LayerCosts(view.layer_index, costs, self._expert_bytes(view),
@@ -497,4 +505,5 @@ class McmoePmqStage(Stage):
 PMQStage = McmoePmqStage
 
 __all__ = ["McmoePmqStage", "PMQOptions", "PMQStage", "TargetSize", "allocate_layer", "allocate_model",
-           "block_output_errors", "hessian_errors", "packed_expert_bytes", "parse_target_size", "pmq_costs"]
+           "block_output_errors", "hessian_errors", "layer_errors", "packed_expert_bytes", "parse_target_size",
+           "pmq_costs"]

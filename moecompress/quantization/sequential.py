@@ -11,9 +11,10 @@ The layer's outputs, computed by the quantised layer, are the next layer's calib
 
 Per-expert Hessians (``E d^2`` floats a layer) are collected in chunks of experts that fit ``hessian_memory_bytes``:
 one pass of the layer per chunk. Cold experts (fewer routed tokens than ``cold_token_floor``, default the
-projection's input width) get a damping that grows as their token count falls, ``damp + (1 - n / floor)`` times
-the mean Hessian diagonal, which moves GPTQ towards plain rounding (the limit of a large damping); an expert no
-token reached is rounded (RTN). Either way every scale is finite; such experts are listed in the result.
+projection's input width) get, with ``cold_damping`` on, a damping that grows as their token count falls,
+``damp + (1 - n / floor)`` times the mean Hessian diagonal, which moves GPTQ towards plain rounding (the limit of a
+large damping); off, they get GPTQ's plain ``damp`` (as GPTQ and MoEQuant do). An expert no token reached is
+rounded (RTN). Either way every scale is finite; such experts are listed in the result.
 
 Over several ranks (:mod:`moecompress.distributed`) each rank runs its own calibration batches, each per-expert
 Hessian is summed into the rank that owns the expert, each rank solves its own experts and linears, and the results
@@ -73,6 +74,7 @@ class QuantizationSettings:
     agq: bool = False
     targets: tuple[str, ...] = ("routed_experts",)
     cold_token_floor: int | None = None
+    cold_damping: bool = True  # extra damping below the token floor (off: GPTQ's plain damp for every expert)
     hessian_memory_bytes: int = 1 << 30
     bit_map: dict[tuple[int, int], int] | None = None
     # Folder where each finished decoder layer is written; a re-run with the same ``fingerprint`` loads the layers
@@ -415,7 +417,7 @@ class _GPTQLayer:
             record.cold = record.cold or tokens < floor
             if expert not in owned:
                 continue
-            damp = _cold_damping(settings.damp, tokens, floor, hessians[offset])
+            damp = _cold_damping(settings.damp, tokens, floor if settings.cold_damping else 0, hessians[offset])
             if damp is None:  # no calibration signal at all: plain rounding
                 packed[expert] = settings.round_to_nearest(fused[expert].detach(), bits)
                 errors[expert] = float("nan")
@@ -642,11 +644,11 @@ def _replace_linear(model: nn.Module, path: str, linear: nn.Linear, packed: Pack
 
 def _cold_damping(damp: float, tokens: int, floor: int, hessian: torch.Tensor) -> float | None:
     """The damping of a weight whose Hessian saw ``tokens`` tokens: ``damp + (1 - tokens / floor)`` below the
-    floor (towards plain rounding, the limit of a large damping), ``damp`` above it; None when the Hessian holds no
-    signal at all (no token, or all-zero inputs), where the caller rounds (RTN)."""
+    floor (towards plain rounding, the limit of a large damping), ``damp`` above it (and for ``floor`` 0: cold damping
+    off); None when the Hessian holds no signal at all (no token, or all-zero inputs), where the caller rounds (RTN)."""
     if tokens == 0 or float(hessian.diagonal().sum()) == 0:
         return None
-    return damp + max(0.0, 1.0 - tokens / floor)
+    return damp + max(0.0, 1.0 - tokens / floor) if floor > 0 else damp
 
 
 def _check_finite(weight: torch.Tensor, what: str) -> None:

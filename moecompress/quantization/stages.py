@@ -105,8 +105,8 @@ class QuantizeStage(Stage):
 
     def settings(self, context: RunContext) -> QuantizationSettings:
         options = self.options
-        extra = {name: getattr(options, name) for name in ("damp", "act_order", "agq", "cold_token_floor")
-                 if hasattr(options, name)}
+        extra = {name: getattr(options, name) for name in ("damp", "act_order", "agq", "cold_token_floor",
+                                                           "cold_damping") if hasattr(options, name)}
         if getattr(options, "hessian_memory_gib", None) is not None:
             extra["hessian_memory_bytes"] = int(options.hessian_memory_gib * (1 << 30))
         return QuantizationSettings(method=self.quantization_method, bits=options.bits, group_size=options.group_size,
@@ -174,6 +174,8 @@ class GPTQOptions(QuantizeOptions):
     agq: bool = pydantic.Field(False, description="MoEQuant AGQ: weight routed tokens by their combine weight")
     cold_token_floor: int | None = pydantic.Field(None, ge=1, description="experts with fewer routed tokens get "
                                                   "more damping (default: the projection's input width)")
+    cold_damping: bool = pydantic.Field(True, description="extra damping for experts below cold_token_floor "
+                                        "(damp + 1 - tokens/floor); false: GPTQ's plain damp for every expert")
     hessian_memory_gib: float = pydantic.Field(1.0, gt=0, description="memory for one chunk of per-expert Hessians")
 
 
