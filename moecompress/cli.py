@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except MoECompressError as error:
         return _fail(f"{name}: error: {error}", EXIT_USAGE)
     except KeyboardInterrupt as interrupt:  # RunInterrupted says whether the run can be resumed
+        if args is None:  # still importing the commands' libraries
+            return _fail(f"{name}: interrupted while starting; nothing was done", EXIT_INTERRUPTED)
         return _fail(f"{name}: interrupted" + (f"; {interrupt}" if str(interrupt) else ""), EXIT_INTERRUPTED)
     except (MemoryError, torch.OutOfMemoryError) as error:
         return _fail(_out_of_memory(name, error), EXIT_MACHINE)

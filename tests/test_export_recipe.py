@@ -38,7 +38,7 @@ export: compressed-tensors
     out = tmp_path / "out"
     assert main(["compress", str(model_folder("moe-ref-mx")), "--recipe", str(recipe), "--out", str(out),
                  "--export", "hf", "--dequantize"]) == 0
-    printed = capsys.readouterr().err
+    printed = capsys.readouterr().out  # the summary, with each export's load commands, is on stdout
     assert "vllm serve" in printed
     ct = tmp_path / "out-compressed-tensors"
     report = json.loads((ct / "export_report.json").read_text())

@@ -53,7 +53,7 @@ def run(tmp_path_factory, testbed):
                     "group_size": 16},
                    {"method": "gptq", "bits": 4, "group_size": 16},
                    {"method": "evaluate", "tasks": ["tb_arith"], "limit": 4}],
-        "export": "compressed-tensors",
+        "export": {"format": "compressed-tensors", "for": "vllm"},  # per-layer widths: a vLLM-only shape (issue 21)
     }
     out = tmp_path / "out"
     report = moecompress.compress(source, recipe, out, progress=False)

@@ -12,6 +12,7 @@ on resume; two exports into one folder; Ctrl-C while the libraries import; torch
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -38,8 +39,10 @@ NO_SPACE = "Error while serializing: I/O error: No space left on device (os erro
 
 
 def one_line(captured) -> str:
-    lines = [line for line in captured.err.strip().splitlines() if "━" not in line]
-    assert len(lines) == 1, captured.err
+    """The one error line of stderr: the run's progress lines (``[m:ss] ...``, issue 25) may come before it."""
+    lines = [line for line in captured.err.strip().splitlines()
+             if "━" not in line and not re.match(r"\[\d+:\d\d(:\d\d)?\] ", line)]
+    assert len(lines) == 1 and captured.err.strip().endswith(lines[0]), captured.err
     assert "Traceback" not in captured.err and "usage:" not in captured.err, captured.err
     return lines[0]
 
