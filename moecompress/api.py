@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from moecompress.checkpoint.loading import load_model
 from moecompress.checkpoint.native import save_model
 from moecompress.errors import CheckpointError, RecipeError
+from moecompress.export.options import ExportOptions
 from moecompress.pipeline import Pipeline
 from moecompress.progress import ProgressReporter
 from moecompress.recipe import CalibrationConfig, Recipe, known_methods, parse_recipe
@@ -31,7 +32,8 @@ from moecompress.stages import STAGE_REGISTRY, Stage
 def compress(model_or_path: Any, recipe: Any, out: str | Path, calibration: Any = None, *, tokenizer: Any = None,
              device: str | None = None, dtype: Any = "auto", threads: int | None = None, overwrite: bool = False,
              execution: str = "auto", progress: ProgressReporter | bool | None = None,
-             verbose: bool | None = None) -> dict[str, Any]:
+             verbose: bool | None = None, allow_task_code: bool = False,
+             exports: list[ExportOptions] | None = None) -> dict[str, Any]:
     """Compress a model with a recipe and write the result into ``out``; return the report (``report.json``).
 
     model_or_path: a checkpoint folder, a Hugging Face hub id, or a loaded ``PreTrainedModel`` (then pass its
@@ -44,12 +46,14 @@ def compress(model_or_path: Any, recipe: Any, out: str | Path, calibration: Any 
         ``text_field``, ``num_samples``, ``seq_len``...), ``"bundled"``, a file or folder path (or a list of them),
         or a dataset name (a hub id, or a local folder in the datasets layout).
     tokenizer: the tokenizer of a loaded model (default: loaded from the model's ``name_or_path``).
-    device, dtype, threads, overwrite, execution, progress, verbose: as :meth:`Pipeline.run`.
+    device, dtype, threads, overwrite, execution, progress, verbose, allow_task_code, exports: as
+        :meth:`Pipeline.run`.
     """
     pipeline = _pipeline(recipe, calibration)
     if isinstance(model_or_path, (str, Path)):
         return pipeline.run(model_or_path, out, device=device, dtype=dtype, threads=threads, overwrite=overwrite,
-                            execution=execution, progress=progress, verbose=verbose)
+                            execution=execution, progress=progress, verbose=verbose, allow_task_code=allow_task_code,
+                            exports=exports)
     if not hasattr(model_or_path, "save_pretrained"):
         raise CheckpointError(f"compress takes a checkpoint folder, a hub id or a loaded transformers model, got "
                               f"{type(model_or_path).__name__}")
@@ -61,15 +65,17 @@ def compress(model_or_path: Any, recipe: Any, out: str | Path, calibration: Any 
         save_model(model_or_path, tokenizer, staging)
         return pipeline.run(staging, out, device=device, dtype=dtype, threads=threads, overwrite=overwrite,
                             execution=execution, progress=progress, verbose=verbose,
-                            source_name=_model_name(model_or_path))
+                            source_name=_model_name(model_or_path), allow_task_code=allow_task_code, exports=exports)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load(path: str | Path, *, dtype: Any = None, device: str = "cpu") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of a checkpoint folder or hub id, compressed (native format) or not; the checkpoint is
-    validated first and never written to. See :func:`moecompress.checkpoint.load_model`."""
-    return load_model(str(path), dtype=dtype, device=device)
+def load(path: str | Path, *, dtype: Any = None, device: str = "cpu", device_map: dict | None = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a checkpoint folder or hub id, compressed (native format, compressed-tensors) or
+    not; the checkpoint is validated first and never written to. ``device_map``: spread the model over devices
+    (accelerate; see :func:`moecompress.checkpoint.placement.plan_placement`). See
+    :func:`moecompress.checkpoint.load_model`."""
+    return load_model(str(path), dtype=dtype, device=device, device_map=device_map)
 
 
 def stage_classes() -> dict[str, type[Stage]]:

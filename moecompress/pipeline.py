@@ -323,7 +323,8 @@ class _PipelineRun:
                 raise OutOfSpaceError(
                     f"no space left on the device while writing {partial}; free some space (or choose an --out on "
                     "another disk), then re-run the same command" + (": the run resumes from the work saved there"
-                                                                     if kept else "")) from error
+                                                                     if kept else "")
+                    + (f" (log: {log})" if log is not None else "")) from error
             if log is not None:
                 _name_the_log(error, log)
             raise

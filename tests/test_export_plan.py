@@ -111,3 +111,26 @@ def test_a_recipe_export_key_is_checked_before_calibration(tmp_path, testbed, mo
     with pytest.raises(NotDeployableError, match="--widen-to-model-max .*--for vllm") as refused:
         Pipeline.from_recipe(recipe).run(str(model_folder("moe-ref-mx")), tmp_path / "out")
     assert isinstance(refused.value, MoECompressError) and "\n" not in str(refused.value)
+
+
+def test_a_gguf_export_of_a_config_llama_cpp_would_compute_otherwise_fails_before_calibration(tmp_path, testbed,
+                                                                                             monkeypatch):
+    import json
+    import shutil
+
+    from moecompress.calibration import runner
+    from moecompress.errors import UnsupportedModelError
+
+    monkeypatch.setattr(runner.LayerwiseRunner, "run", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran")))
+    model = tmp_path / "q3-no-renorm"
+    shutil.copytree(model_folder("moe-ref-q3"), model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "norm_topk_prob": False}))
+    skeleton, stages = build_skeleton(model)[0], parse_recipe({"stages": [GPTQ]}).stages
+    with pytest.raises(UnsupportedModelError, match="norm_topk_prob false"):
+        check_exports(skeleton, stages, [ExportOptions(format="gguf")], "out")
+    recipe = _recipe(tmp_path, testbed, "  - {method: gptq, bits: 4, group_size: 32}")
+    assert main(["compress", str(model), "--recipe", recipe, "--out", str(tmp_path / "out"), "--export", "gguf"]) == 2
+    assert not list(tmp_path.glob("out*"))  # refused before anything was written
+    skeleton, stages = _plan("moe-ref-mx", [GPTQ])
+    check_exports(skeleton, stages, [ExportOptions(format="gguf")], "out")  # a family llama.cpp runs: no error

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import accelerate
 import torch
 import transformers
 
@@ -59,7 +60,8 @@ def load_model(
         validate_checkpoint(local, config)
     if local is not None and is_compressed_tensors(config):
         model = load_compressed_tensors(local, dtype=dtype, experts_implementation=experts_implementation)
-        model.to(device)
+        _refuse_non_finite_tensors(source, model)
+        _place(model, device, device_map)
         find_moe_blocks(model)
         return model, _load_tokenizer(source, local)
     try:
@@ -74,13 +76,21 @@ def load_model(
         ) from error
     _refuse_newly_initialised_weights(source, loading_info)
     _refuse_non_finite_tensors(source, model)
-    if device_map is None:
+    if device_map is None:  # from_pretrained placed a mapped model itself
         model.to(device)
     model.eval()
     find_moe_blocks(model)  # a config that claims MoE but built no MoE block (e.g. num_experts=0) fails here
     restore_expert_id_map(model)
     apply_odp_from_config(model, odp)
     return model, _load_tokenizer(source, local)
+
+
+def _place(model: torch.nn.Module, device, device_map: dict | None) -> None:
+    """A model built in memory on ``device``, or spread by ``device_map`` (accelerate)."""
+    if device_map is None:
+        model.to(device)
+    else:
+        accelerate.dispatch_model(model, device_map)
 
 
 def load_compressed_tensors(folder: Path, *, dtype: torch.dtype, experts_implementation: str = "eager"):

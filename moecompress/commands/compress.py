@@ -24,6 +24,7 @@ from moecompress.export import EXPORT_FORMATS
 from moecompress.export.options import ExportOptions
 from moecompress.export.report import render_report
 from moecompress.pipeline import Pipeline, check_ranked_stages
+from moecompress.progress import ProgressReporter
 
 
 def register(subparsers) -> None:
@@ -52,8 +53,8 @@ def register(subparsers) -> None:
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for torch (default: torch's choice; 1 is often fastest on a busy machine)")
     parser.add_argument("--export", choices=EXPORT_FORMATS, default=None,
-                        help="also write a deployment folder in this format (default place: <--out>-<format>, beside "
-                             "the native output); a recipe can ask for it with `export: FORMAT`")
+                        help="also write a deployment folder in this format (default place: <--out>-<format>, or the file "
+                             "<--out>.gguf, beside the native output); a recipe can ask for it with `export: FORMAT`")
     parser.add_argument("--export-out", type=Path, default=None,
                         help="where --export writes (new or empty folder; for gguf a .gguf file)")
     parser.add_argument("--allow-task-code", action="store_true",
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         # <out>/run.log; the exports are checked against the recipe before any work, and written after the run
         report = pipeline.run(args.model, args.out, device=args.device, dtype=args.dtype, threads=args.threads,
                               overwrite=args.overwrite, execution=args.execution,
-                              verbose=getattr(args, "verbose", None), progress=None if rank == 0 else False,
+                              verbose=getattr(args, "verbose", None), progress=None if rank == 0 else RankLog(rank),
                               allow_task_code=args.allow_task_code, exports=exports)
     except BaseException as error:
         if launched_size() > 1:
@@ -106,11 +107,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     # the results on stdout, plain: a command to copy is never wrapped into two lines
     if os.environ.get(LAUNCHED_BY_US_VARIABLE):  # the launching process prints the summary; the exports are here
-        print("\n".join(line for export_report in report.get("exports") or [] for line in render_report(export_report)),
-              flush=True)
+        for export_report in report.get("exports") or []:
+            print("\n".join(render_report(export_report)), flush=True)
     else:
         print("\n".join(summary_lines(report, args.out)), flush=True)
     return 0
+
+
+class RankLog(ProgressReporter):
+    """Progress of a rank other than 0: one line per finished phase on stderr (rank 0 draws the progress)."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def on_finish(self, task) -> None:
+        print(f"rank {self.rank}: {task.name} done", file=sys.stderr, flush=True)
 
 
 def launch(args: argparse.Namespace) -> int:

@@ -226,6 +226,12 @@ def render_model_card(report: dict[str, Any], folder: Path, *, source_folder: Pa
     there."""
     base_metadata, base_heading = source_card(source_folder)
     metadata = card_metadata(report, base_metadata)
+    if export_report is not None:  # the library that loads this export (a --for vllm folder: vLLM, not transformers)
+        loaders = export_report.get("load") or {}
+        if export_report.get("format") == "gguf":
+            metadata["library_name"] = "gguf"
+        elif "transformers" not in loaders and "vllm" in loaders:
+            metadata["library_name"] = "vllm"
     body = [_title(report, base_heading), ""]
     body += _summary(report)
     body += _quality_section(report, measured_on_native=export_report is not None)

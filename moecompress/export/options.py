@@ -32,6 +32,7 @@ from moecompress.export.deployability import (
     plan_problems,
     raise_problems,
 )
+from moecompress.export.gguf_arch import architecture_of, check_config
 from moecompress.export.gguf_types import TypeTable
 
 
@@ -116,3 +117,6 @@ def check_exports(model, stages, exports: list[ExportOptions], native_dir: str |
             if quantized and not options.dequantize:
                 raise UsageError("export hf: the recipe quantizes the model, which a plain HF checkpoint cannot "
                                  "store; export --format compressed-tensors, or add --dequantize (full-size weights)")
+        elif options.format == "gguf":  # the family and the config llama.cpp would compute differently
+            text_config = model.config.get_text_config().to_dict()
+            check_config(architecture_of(text_config.get("model_type", model.config.model_type)), text_config)

@@ -74,6 +74,7 @@ class MergeHcsmoeStage(ExpertMergingStage):
             scores[layer] = counts.float()
         return clusters, scores
 
+
 # The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,
 # moecompress.stages.stage_class_name), kept as an alias.
 HcSmoeMerging = MergeHcsmoeStage
