@@ -113,6 +113,7 @@ def claim_folder(folder: Path, what: str) -> bool:
     """Create ``folder`` (True), or accept an existing one (False) only when it is a real folder of this user: a
     link, a file or another user's folder at a name moecompress chose is refused, never followed or emptied."""
     folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)  # the folders of the user's --out (`runs/` on a fresh clone)
     try:
         folder.mkdir()
         return True

@@ -51,8 +51,9 @@ class StageResult:
     changed_structure: bool = False
 
 
-class StageOptionsError(RecipeError):
-    """A stage built from Python with options its ``Options`` model refuses (the message names each problem)."""
+class StageOptionsError(RecipeError, ValueError):
+    """A stage built from Python with options its ``Options`` model refuses (the message names each problem). Also a
+    ``ValueError``, as pydantic's own error was, so a caller catching that keeps working."""
 
     def __init__(self, message: str, validation_error: pydantic.ValidationError) -> None:
         super().__init__(message)

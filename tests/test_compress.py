@@ -66,3 +66,12 @@ def test_bad_inputs_exit_with_one_clear_line(tmp_path, capsys):
     assert "could not be fetched from the hub" in capsys.readouterr().err
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     assert not list(tmp_path.glob("o*.partial-*"))  # a rejected run leaves nothing behind
+
+
+def test_compress_creates_the_folders_above_out(tmp_path, testbed):
+    """`--out runs/demo` on a fresh clone: `runs/` does not exist yet, and the run creates it (README command 1)."""
+    recipe = _recipe(tmp_path, f"calibration: {{files: [{testbed / 'calib' / 'pycode.jsonl'}], num_samples: 2, "
+                               "seq_len: 16}\nstages: []\n")
+    out = tmp_path / "runs" / "nested" / "demo"
+    assert main(["compress", str(model_folder("moe-ref-mx")), "--recipe", str(recipe), "--out", str(out)]) == 0
+    assert (out / "report.json").is_file() and not list(out.parent.glob("demo.partial*"))

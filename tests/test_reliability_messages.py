@@ -352,7 +352,7 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(importlib, "import_module", interrupted)
     assert main(["inspect", str(MX)]) == 130
-    assert one_line(capsys.readouterr()) == "moecompress: interrupted"
+    assert one_line(capsys.readouterr()) == "moecompress: interrupted while starting; nothing was done"
 
 
 @pytest.mark.parametrize("failure, code, message", [
