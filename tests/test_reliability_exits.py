@@ -189,8 +189,11 @@ def test_real_process_argument_error_and_sigint(recipe, tmp_path, testbed):
     slow_recipe = tmp_path / "slow.yaml"
     slow_recipe.write_text(f"calibration: {{files: [{testbed / 'calib'}], num_samples: 256, seq_len: 256}}\n"
                            "stages: []\n")
+    # SIGINT as a terminal delivers it, even when this test runs in the background (where SIGINT is ignored and
+    # the child would inherit that)
     process = subprocess.Popen([sys.executable, "-m", "moecompress.cli", *_compress(slow_recipe, tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not list(tmp_path.glob("out.partial-*")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.2)  # the partial folder appears when the profiling pass starts
