@@ -136,6 +136,8 @@ class SourceModel:
 
     # ----- tensors ------------------------------------------------------------------------------------------------
     def _handle(self, key: str):
+        if self.native is not None:  # one reader of a native folder's shards: NativeCheckpoint's
+            return self.native.tensor_handle(key)
         name = self.file_of.get(key)
         if name is None:
             raise CheckpointError(f"{self.folder}: tensor {key} is missing; the folder is damaged")
@@ -144,7 +146,10 @@ class SourceModel:
         return self._handles[name]
 
     def tensor(self, key: str) -> torch.Tensor:
-        """A plain tensor as stored."""
+        """A plain tensor as stored (from a native folder through :meth:`NativeCheckpoint.tensor`, which refuses NaN
+        and inf, as every export of a native folder does)."""
+        if self.native is not None:
+            return self.native.tensor(key)
         return self._handle(key).get_tensor(key)
 
     def tensor_shape(self, key: str) -> list[int]:
