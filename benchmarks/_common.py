@@ -99,6 +99,9 @@ def stdout_to_stderr() -> contextlib.redirect_stdout:
 #: ``acc_mutual_info``) and rolling-perplexity tasks (mean ``bits_per_byte``).
 ACCURACY_TASKS = ("tb_code_next", "tb_kjv_next", "tb_austen_next")
 PERPLEXITY_TASKS = ("tb_ppl_pycode", "tb_ppl_kjv", "tb_ppl_austen")
+#: Tasks no benchmark compares configurations on: the re-check of a claim made on the ones above.
+HELD_OUT_ACCURACY_TASKS = ("tb_manpages_next", "tb_pydocs_next", "tb_shakespeare_next")
+HELD_OUT_PERPLEXITY_TASKS = ("tb_ppl_manpages", "tb_ppl_pydocs", "tb_ppl_shakespeare", "tb_ppl_wordnet")
 
 
 #: Requests per forward in :func:`score_model`: 64 was a quarter faster than lm-eval's 16 on these CPUs, same scores.
@@ -132,6 +135,61 @@ def score_model(model, tokenizer, *, limit: int, ppl_limit: int, accuracy_tasks=
     return {"scores": scores, "items": items, "documents": documents,
             "mean_acc_mutual_info": mean(accuracy_tasks, "acc_mutual_info"),
             "mean_bits_per_byte": mean(perplexity_tasks, "bits_per_byte")}
+
+
+#: Characters of each calibration domain that :func:`calibration_bits_per_byte` scores, in pieces of
+#: ``CALIBRATION_PIECE_CHARS`` (the size of the test bed's perplexity documents).
+CALIBRATION_CHARS_PER_DOMAIN = 24_000
+CALIBRATION_PIECE_CHARS = 1_500
+
+
+def calibration_pieces(folder: Path = TESTBED_CALIB, chars_per_domain: int = CALIBRATION_CHARS_PER_DOMAIN,
+                       piece_chars: int = CALIBRATION_PIECE_CHARS) -> dict[str, list[str]]:
+    """``{domain: [text piece, ...]}``: the first ``chars_per_domain`` characters of each calibration JSONL file
+    (its documents in file order), cut into pieces of ``piece_chars`` characters that never span two documents.
+    The text configurations are chosen on, so that the evaluation tasks stay held out."""
+    pieces: dict[str, list[str]] = {}
+    for path in sorted(folder.glob("*.jsonl")):
+        pieces[path.stem], budget = [], chars_per_domain
+        for line in path.read_text(encoding="utf-8").splitlines():
+            text = json.loads(line)["text"] if line.strip() else ""
+            for start in range(0, len(text), piece_chars):
+                if budget <= 0:
+                    break
+                piece = text[start:start + min(piece_chars, budget)]
+                if piece.strip():
+                    pieces[path.stem].append(piece)
+                    budget -= len(piece)
+            if budget <= 0:
+                break
+    return pieces
+
+
+def calibration_bits_per_byte(model, tokenizer, pieces: dict[str, list[str]]) -> dict:
+    """Bits per byte of ``model`` on each domain's ``pieces`` (each piece scored alone after the BOS token, as the
+    rolling-perplexity tasks score a document): ``{"per_domain": {domain: bits/byte}, "mean": mean over domains,
+    "documents": {domain: [[log-likelihood, bytes] per piece]}}`` (the last in the form
+    ``moecompress.evals.paired.paired_ratio_difference`` pairs). A direct computation, ``-sum ln p(token) / ln 2 /
+    UTF-8 bytes``; imports torch."""
+    import torch
+
+    from moecompress.evals.lm import default_bos_token_id
+    from moecompress.evals.paired import bits_per_byte
+
+    bos = default_bos_token_id(tokenizer)
+    if bos is None:  # lm-eval conditions an empty context on EOS then
+        bos = tokenizer.eos_token_id
+    documents = {}
+    with torch.no_grad():
+        for domain, texts in pieces.items():
+            documents[domain] = []
+            for text in texts:
+                ids = torch.tensor([[bos, *tokenizer(text)["input_ids"]]])
+                logits = model(ids).logits[0, :-1].double()
+                log_likelihood = float(torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).sum())
+                documents[domain].append([log_likelihood, len(text.encode("utf-8"))])
+    per_domain = {domain: bits_per_byte(rows) for domain, rows in documents.items()}
+    return {"per_domain": per_domain, "mean": sum(per_domain.values()) / len(per_domain), "documents": documents}
 
 
 def paired_rows(runs: dict[str, dict], pairs, accuracy_tasks=ACCURACY_TASKS) -> list[tuple[str, str, str, str]]:

@@ -58,9 +58,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import (ACCURACY_TASKS, TESTBED_CALIB, add_merge_compare_arguments, add_repo_to_path,
-                     add_threads_argument, paired_rows, print_merged_or_compared, score_model, set_offline,
-                     set_threads, testbed_model)
+from _common import (ACCURACY_TASKS, HELD_OUT_ACCURACY_TASKS, HELD_OUT_PERPLEXITY_TASKS, PERPLEXITY_TASKS,
+                     TESTBED_CALIB, add_merge_compare_arguments, add_repo_to_path, add_threads_argument,
+                     calibration_bits_per_byte, calibration_pieces, paired_rows, print_merged_or_compared,
+                     score_model, set_offline, set_threads, testbed_model)
 
 set_offline()
 add_repo_to_path()
@@ -127,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                              "in bf16 as a deployment would)")
     parser.add_argument("--ppl-only", action="store_true", help="score bits per byte only (no accuracy tasks: about "
                         "30x cheaper); such rows pair with others on bits per byte only")
+    parser.add_argument("--score", default="tasks", choices=["tasks", "held-out", "calibration"],
+                        help="what each row is scored on: the benchmark tasks (default); the held-out tasks "
+                        "(tb_manpages/pydocs/shakespeare_next, tb_ppl_manpages/pydocs/shakespeare/wordnet: the "
+                        "re-check of a claim); or only bits per byte on the calibration text (24,000 characters "
+                        "per domain, no lm-eval: what recipes are chosen on)")
     parser.add_argument("--allocations", action="store_true", help="no evaluation: print how far each PMQ error "
                         "form's bit map is from the frequency-only placement of the same widths, and exit")
     parser.add_argument("--pairs", default=None, help="--compare: comma list of A-B pairs instead of the default "
@@ -306,8 +312,7 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
         if tokenizer is None:  # a folder saved without its tokenizer: the source model's
             tokenizer = load_model(source)[1]
         reset_odp_counters(model)
-        scored = score_model(model, tokenizer, limit=args.limit, ppl_limit=args.ppl_limit,
-                             accuracy_tasks=() if args.ppl_only else ACCURACY_TASKS)
+        scored = score_configuration(args, model, tokenizer)
         skipped = skipped_fractions(model)
         bit_widths = {}
         for view in find_moe_blocks(model):
@@ -337,8 +342,22 @@ def run_configuration(args, model_name: str, config: str, pmq_widths) -> dict:
         "scale_search": args.scale_search, "limit": None if args.ppl_only else args.limit,
         "ppl_limit": args.ppl_limit, "group_size": args.group_size,
         "target": args.target if config in ("joint", "prune_then_quantize") else None,
-        "ebss_usage_std": _ebss_std(report),
+        "ebss_usage_std": _ebss_std(report), "score": args.score,
+        "calibration_bits_per_byte": scored.get("calibration_bits_per_byte"),
     }
+
+
+def score_configuration(args, model, tokenizer) -> dict:
+    """:func:`score_model`'s result on the tasks ``--score`` names; for ``calibration``, bits per byte on the
+    calibration text in its ``mean_bits_per_byte`` (and per domain in ``calibration_bits_per_byte``)."""
+    if args.score == "calibration":
+        scored = calibration_bits_per_byte(model, tokenizer, calibration_pieces(TESTBED_CALIB))
+        return {"scores": {}, "items": {}, "documents": scored["documents"], "mean_acc_mutual_info": None,
+                "mean_bits_per_byte": scored["mean"], "calibration_bits_per_byte": scored["per_domain"]}
+    accuracy, perplexity = ((HELD_OUT_ACCURACY_TASKS, HELD_OUT_PERPLEXITY_TASKS) if args.score == "held-out"
+                            else (ACCURACY_TASKS, PERPLEXITY_TASKS))
+    return score_model(model, tokenizer, limit=args.limit, ppl_limit=args.ppl_limit,
+                       accuracy_tasks=() if args.ppl_only else accuracy, perplexity_tasks=perplexity)
 
 
 STORED_BYTES_FILE = "stored_expert_bytes.json"  # written beside a dequantised copy by benchmarks/peer_llmcompressor.py
@@ -392,7 +411,8 @@ def comparison_table(rows: list[dict]) -> str:
         if "items" in row or "documents" in row:
             by_model.setdefault(row["model"], {})[row["config"]] = row
     for model, configs in by_model.items():
-        for first, second, accuracy, bpb in paired_rows(configs, PAIRS):
+        tasks = sorted(next((row["items"] for row in configs.values() if row.get("items")), {}))
+        for first, second, accuracy, bpb in paired_rows(configs, PAIRS, accuracy_tasks=tasks):
             lines.append(f"| {model} | {first} - {second} | {accuracy} | {bpb} |")
     return "\n".join(lines)
 
