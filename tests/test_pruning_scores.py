@@ -166,3 +166,17 @@ def test_stages_keep_the_best_scored_experts_and_the_super_experts(q3_model_and_
     assert all(view.num_experts == 8 for view in find_moe_blocks(model))
     assert context.super_experts == [(1, result.decisions["kept_experts"]["1"].index(5))]
     assert (tmp_path / result.plots[0]).is_file()
+
+
+def test_only_rank_zero_draws_a_pruning_plot_every_rank_names_it(tmp_path, monkeypatch):
+    """Over several ranks every rank decides the same, so one file is drawn (by rank 0), not one per rank."""
+    import moecompress.pruning.base as pruning_base
+    from moecompress.distributed import World
+
+    scores, kept = {0: [3.0, 1.0, 2.0]}, {0: [0, 2]}
+    monkeypatch.setattr(pruning_base, "current_world", lambda: World(rank=1, size=2))
+    named = pruning_base.scores_plot(scores, kept, tmp_path / "plots" / "rank1.png", title="t")
+    assert named == tmp_path / "plots" / "rank1.png" and not named.exists()
+    monkeypatch.setattr(pruning_base, "current_world", lambda: World(rank=0, size=2))
+    drawn = pruning_base.scores_plot(scores, kept, tmp_path / "plots" / "rank0.png", title="t")
+    assert drawn.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -26,6 +26,7 @@ import pydantic
 import torch
 
 from moecompress.calibration import LayerwiseRunner
+from moecompress.distributed import current_world
 from moecompress.errors import CalibrationError, RecipeError
 from moecompress.models import decoder_layers, find_moe_blocks
 from moecompress.models.edits import keep_experts, remap_expert_ids
@@ -231,11 +232,9 @@ class ExpertPruningStage(Stage):
 
     def result(self, context: RunContext, scores: dict[int, torch.Tensor], kept_experts: dict[int, list[int]],
                extra_decisions: dict | None = None) -> StageResult:
-        from moecompress.pruning.plots import expert_scores_plot  # imports matplotlib (heavy): deferred to the plot
-
-        plot = expert_scores_plot({layer: scores[layer].tolist() for layer in scores}, kept_experts,
-                                  context.output_dir / "plots" / f"{self.method}_scores.png",
-                                  title=f"{self.method}: {self.score_name}")
+        plot = scores_plot({layer: scores[layer].tolist() for layer in scores}, kept_experts,
+                           context.output_dir / "plots" / f"{self.method}_scores.png",
+                           title=f"{self.method}: {self.score_name}")
         return expert_edit_result(
             context, self, scores, {layer: len(kept) for layer, kept in kept_experts.items()}, plot,
             {"kept_experts": {str(layer): kept for layer, kept in kept_experts.items()}, **(extra_decisions or {})})
@@ -301,6 +300,16 @@ class ProgressivePruningStage(ExpertPruningStage):
         context.mark_statistics_stale()
         context.remap_super_experts(remap_expert_ids(kept_experts))
         return self.result(context, scores, kept_experts)
+
+
+def scores_plot(scores: dict, kept_experts: dict | None, out_file: Path, **options) -> Path:
+    """``out_file``, drawn by :func:`moecompress.pruning.plots.expert_scores_plot` on rank 0 only: every rank decides
+    the same from the same combined statistics, so the other ranks name the same file without writing it again."""
+    if current_world().is_main:
+        from moecompress.pruning.plots import expert_scores_plot  # imports matplotlib (heavy): deferred to the plot
+
+        expert_scores_plot(scores, kept_experts, out_file, **options)
+    return out_file
 
 
 def expert_edit_result(context: RunContext, stage: Stage, scores: dict[int, torch.Tensor],

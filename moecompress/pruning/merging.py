@@ -28,6 +28,7 @@ from moecompress.pruning.base import (
     check_budget,
     expert_edit_result,
     experts_to_keep,
+    scores_plot,
     super_experts_by_layer,
 )
 from moecompress.stages import RunContext, Stage, StageResult
@@ -90,11 +91,9 @@ class ExpertMergingStage(Stage):
         weights = {layer: [cluster_weights(members, counts[layer]) for members in partition]
                    for layer, partition in clusters.items()}
         self._apply(context, clusters, anchors, weights)
-        from moecompress.pruning.plots import expert_scores_plot  # imports matplotlib (heavy): deferred to the plot
-
-        plot = expert_scores_plot({layer: values.tolist() for layer, values in scores.items()}, None,
-                                  context.output_dir / "plots" / f"{self.method}_clusters.png", clusters=clusters,
-                                  title=f"{self.method}: {self.score_name}")
+        plot = scores_plot({layer: values.tolist() for layer, values in scores.items()}, None,
+                           context.output_dir / "plots" / f"{self.method}_clusters.png", clusters=clusters,
+                           title=f"{self.method}: {self.score_name}")
         return expert_edit_result(
             context, self, scores, {layer: len(partition) for layer, partition in clusters.items()}, plot,
             {"clusters": {str(layer): partition for layer, partition in clusters.items()},
