@@ -254,7 +254,7 @@ def profiling_cost(args) -> int:
 def comparison_table(results: dict) -> str:
     """Paired differences ``a - b`` (:data:`PAIRS`, each at every keep count both ran with the same profile) of
     runs scored with ``--ppl-tasks``: accuracy on the same items and bits per byte on the same documents, with 95%
-    bootstrap intervals; and each run against the full model."""
+    bootstrap intervals; each run against the full model and against every ``--folder`` run."""
     runs = results["runs"]
     tasks = list(runs["full"].get("items") or [])
     lines = [f"`{results.get('command', '')}`", "", "| profile | kept | pair | accuracy difference [95% CI] | "
@@ -263,9 +263,12 @@ def comparison_table(results: dict) -> str:
     for run in runs.values():
         if run.get("keep") is not None and not run.get("group_balanced"):
             groups.setdefault((run["profile"], run["keep"]), {})[run["method"]] = run
+    # --folder runs (e.g. a peer's output): every method of every keep count against each of them
+    folders = {run["method"]: run for key, run in runs.items() if key != "full" and run.get("keep") is None}
     for (profile, keep), by_method in sorted(groups.items(), key=lambda item: (item[0][0], -item[0][1])):
-        pairs = list(PAIRS) + [(method, "full") for method in by_method]
-        for first, second, accuracy, bpb in paired_rows({**by_method, "full": runs["full"]}, pairs,
+        pairs = (list(PAIRS) + [(method, "full") for method in by_method]
+                 + [(method, folder) for method in by_method for folder in folders])
+        for first, second, accuracy, bpb in paired_rows({**by_method, **folders, "full": runs["full"]}, pairs,
                                                         accuracy_tasks=tasks):
             lines.append(f"| {profile} | {keep} | {first} - {second} | {accuracy} | {bpb} |")
     return "\n".join(lines)
