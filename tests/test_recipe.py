@@ -135,3 +135,30 @@ def test_quantising_after_a_remap_merge_is_refused_before_any_stage_runs():
     # collapse (a plain smaller model) stays allowed
     parse_recipe({"stages": [{"method": "merge_uncurl", "num_experts_to_keep": 4, "router_rule": "collapse"},
                              {"method": "gptq", "bits": 4}]})
+
+
+def test_the_recommended_recipes_budget_per_original_expert_parameter():
+    """Each recommended recipe prunes, then sizes the kept experts: its two numbers must give the size it is named
+    for per ORIGINAL routed-expert parameter (keep_ratio x target per kept parameter)."""
+    for name, size in (("recommended_3bit.yaml", 3.0), ("recommended_2p5bit.yaml", 2.5)):
+        prune, pmq, gptq = load_recipe(REPO / "recipes" / name).stages
+        assert (prune.method, pmq.method, gptq.method) == ("prune_reap", "mcmoe_pmq", "gptq")
+        per_kept = float(pmq.options.target_size.removesuffix("bpp-experts"))
+        assert abs(prune.options.keep_ratio * per_kept - size) < 1e-3, name
+        assert pmq.options.eps_mode == "hessian" and 0 not in pmq.options.candidates  # drops: REAP's, not PMQ's
+
+
+@pytest.mark.slow
+def test_the_recommended_2p5bit_recipe_keeps_its_size_on_a_real_model(tmp_path):
+    """Compress the bundled model: the routed experts it writes take at most 2.5 bits per routed-expert parameter
+    of the model it started from (packed codes, scales and zero points counted; pruned experts 0)."""
+    import moecompress
+    from moecompress.checkpoint import load_model
+    from moecompress.models.summary import model_summary
+
+    source = REPO / "demo" / "models" / "moe-ref-q3"
+    original_parameters = model_summary(load_model(source)[0])["parameters"]["routed_experts"]
+    moecompress.compress(source, REPO / "recipes" / "recommended_2p5bit.yaml", tmp_path / "out", threads=1)
+    stored = model_summary(load_model(tmp_path / "out")[0])
+    bits_per_parameter = 8 * stored["bytes"]["routed_experts"] / original_parameters
+    assert 2.3 < bits_per_parameter <= 2.5, bits_per_parameter
