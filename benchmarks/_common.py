@@ -165,29 +165,31 @@ def calibration_pieces(folder: Path = TESTBED_CALIB, chars_per_domain: int = CAL
     return pieces
 
 
+def sequence_log_likelihood(model, ids: list[int]) -> float:
+    """``sum over t >= 1 of ln p(ids[t] | ids[:t])`` under ``model`` (natural log, the first id only conditions):
+    one document as the rolling-perplexity tasks score it. Imports torch."""
+    import torch
+
+    tokens = torch.tensor([ids])
+    with torch.no_grad():
+        logits = model(tokens).logits[0, :-1].double()
+    return float(torch.log_softmax(logits, dim=-1).gather(1, tokens[0, 1:, None]).sum())
+
+
 def calibration_bits_per_byte(model, tokenizer, pieces: dict[str, list[str]]) -> dict:
     """Bits per byte of ``model`` on each domain's ``pieces`` (each piece scored alone after the BOS token, as the
     rolling-perplexity tasks score a document): ``{"per_domain": {domain: bits/byte}, "mean": mean over domains,
     "documents": {domain: [[log-likelihood, bytes] per piece]}}`` (the last in the form
     ``moecompress.evals.paired.paired_ratio_difference`` pairs). A direct computation, ``-sum ln p(token) / ln 2 /
-    UTF-8 bytes``; imports torch."""
-    import torch
-
+    UTF-8 bytes``."""
     from moecompress.evals.lm import default_bos_token_id
     from moecompress.evals.paired import bits_per_byte
 
     bos = default_bos_token_id(tokenizer)
     if bos is None:  # lm-eval conditions an empty context on EOS then
         bos = tokenizer.eos_token_id
-    documents = {}
-    with torch.no_grad():
-        for domain, texts in pieces.items():
-            documents[domain] = []
-            for text in texts:
-                ids = torch.tensor([[bos, *tokenizer(text)["input_ids"]]])
-                logits = model(ids).logits[0, :-1].double()
-                log_likelihood = float(torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None]).sum())
-                documents[domain].append([log_likelihood, len(text.encode("utf-8"))])
+    documents = {domain: [[sequence_log_likelihood(model, [bos, *tokenizer(text)["input_ids"]]),
+                           len(text.encode("utf-8"))] for text in texts] for domain, texts in pieces.items()}
     per_domain = {domain: bits_per_byte(rows) for domain, rows in documents.items()}
     return {"per_domain": per_domain, "mean": sum(per_domain.values()) / len(per_domain), "documents": documents}
 

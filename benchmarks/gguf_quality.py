@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 
 from _common import (REPO_ROOT, TESTBED_CALIB, add_merge_compare_arguments, add_repo_to_path, add_threads_argument,
-                     print_merged_or_compared, set_offline, set_threads, testbed_model)
+                     print_merged_or_compared, sequence_log_likelihood, set_offline, set_threads, testbed_model)
 
 set_offline()
 add_repo_to_path()
@@ -114,15 +114,8 @@ def gguf_scores(model: Path, documents: dict, threads: int) -> dict[str, list[fl
 
 
 def torch_scores(model, documents: dict) -> dict[str, list[float]]:
-    scores = {}
-    with torch.no_grad():
-        for task in PPL_TASKS:
-            scores[task] = []
-            for ids, _ in documents[task]:
-                logits = model(torch.tensor([ids])).logits[0, :-1].double()
-                picked = torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:])[:, None])
-                scores[task].append(float(-picked.sum()))
-    return scores
+    """``{task: [negative log-likelihood in nats per document]}`` of the torch model."""
+    return {task: [-sequence_log_likelihood(model, ids) for ids, _ in documents[task]] for task in PPL_TASKS}
 
 
 def bits_per_byte(nats: dict[str, list[float]], documents: dict) -> dict[str, float]:

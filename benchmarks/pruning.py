@@ -41,8 +41,8 @@ import sys
 import time
 from pathlib import Path
 
-from _common import (TESTBED_CALIB, add_repo_to_path, add_threads_argument, paired_rows, score_model, set_offline,
-                     set_threads, testbed_model)
+from _common import (TESTBED_CALIB, add_repo_to_path, add_threads_argument, calibration_bits_per_byte,
+                     calibration_pieces, paired_rows, score_model, set_offline, set_threads, testbed_model)
 
 set_offline()
 add_repo_to_path()
@@ -52,8 +52,12 @@ PRUNERS = ("prune_frequency", "prune_ean", "prune_reap", "prune_premoe", "prune_
 VARIANTS = {"prune_reap_paper": ("prune_reap", {"preset": "reap_paper"}),
             "prune_reap_progressive": ("prune_reap", {"progressive": True}),
             "prune_reap_paper_progressive": ("prune_reap", {"preset": "reap_paper", "progressive": True}),
-            "merge_hcsmoe_paper": ("merge_hcsmoe", {"preset": "hcsmoe_paper"})}
+            "merge_hcsmoe_paper": ("merge_hcsmoe", {"preset": "hcsmoe_paper"}),
+            "prune_reap_floor": ("prune_reap", {"score": "usage_floor"}),
+            "merge_hcsmoe_floor": ("merge_hcsmoe", {"clustering": "used_average_linkage"})}
 PAIRS = (("prune_reap", "prune_reap_paper"), ("merge_hcsmoe", "merge_hcsmoe_paper"),
+         ("prune_reap_floor", "prune_reap"), ("prune_reap_floor", "prune_reap_paper"),
+         ("merge_hcsmoe_floor", "merge_hcsmoe"), ("merge_hcsmoe_floor", "merge_hcsmoe_paper"),
          ("prune_reap", "prune_frequency"), ("prune_reap_paper", "prune_frequency"),
          ("merge_hcsmoe", "prune_frequency"), ("merge_hcsmoe_paper", "prune_frequency"),
          ("prune_reap_progressive", "prune_reap_paper_progressive"))
@@ -113,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ppl-tasks", default="", help="rolling-perplexity tasks scored as mean bits per byte "
                         "(turns on per-item and per-document records for --compare)")
     parser.add_argument("--ppl-limit", type=int, default=40, help="documents per --ppl-tasks task")
+    parser.add_argument("--score", choices=("tasks", "calibration"), default="tasks",
+                        help="calibration: bits per byte per 1,500-character piece of the calibration text (what "
+                             "defaults are chosen on; pairable) instead of --tasks / --ppl-tasks")
     parser.add_argument("--folder", action="append", default=[], metavar="LABEL=PATH",
                         help="also score this model folder (made elsewhere) with the same tasks")
     parser.add_argument("--compare", type=Path, nargs="+", help="paired differences of finished runs and exit")
@@ -159,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     model, tokenizer = load_model(str(source), dtype=torch.float32)
 
     def score(scored_model) -> dict:
+        if args.score == "calibration":  # each domain is a "task" of pieces, so the tables and --compare read it
+            scored = calibration_bits_per_byte(scored_model, tokenizer, calibration_pieces(TESTBED_CALIB))
+            return {"scores": {domain: {"bits_per_byte": value} for domain, value in scored["per_domain"].items()},
+                    "items": {}, "documents": scored["documents"], "mean_bits_per_byte": scored["mean"]}
         if not args.ppl_tasks:
             return {"scores": evaluate_model(scored_model, tokenizer, tasks, limit=args.limit, batch_size=32)}
         return score_model(scored_model, tokenizer, limit=args.limit, ppl_limit=args.ppl_limit,

@@ -14,7 +14,9 @@ from moecompress.analysis.expert_scores import (
     frequency_scores,
     reap_frequency_weighted_scores,
     reap_scores,
+    reap_usage_floor_scores,
     tcess_scores,
+    usage_shares,
 )
 from moecompress.calibration import collect_statistics
 from moecompress.calibration.statistics import tcess_markers
@@ -86,6 +88,9 @@ def test_frequency_ean_and_reap_scores_match_a_hooked_hf_forward(q3_model_and_to
         assert (reap[counts == 0] == 0).all()
         torch.testing.assert_close(reap_frequency_weighted_scores(statistics[layer]).double(), reap * counts,
                                    rtol=1e-4, atol=1e-4)
+        shares = counts * len(counts) / counts.sum()  # routed tokens over a uniform expert's
+        torch.testing.assert_close(reap_usage_floor_scores(statistics[layer], 0.5).double(),
+                                   reap * torch.clamp(shares / 0.5, max=1.0), rtol=1e-4, atol=1e-5)
 
 
 def test_frequency_weighted_reap_never_keeps_a_rare_expert_over_a_busy_one_unless_it_earns_it(tmp_path):
@@ -102,6 +107,28 @@ def test_frequency_weighted_reap_never_keeps_a_rare_expert_over_a_busy_one_unles
     assert torch.topk(recommended.layer_scores(None, statistics), 2).indices.tolist() == [0, 3]
     with pytest.raises(ValueError, match="preset 'reap_paper' fixes score"):
         ReapPruning({"num_experts_to_keep": 2, "preset": "reap_paper", "score": "frequency_weighted"})
+
+
+def test_usage_floor_reap_is_the_papers_score_on_a_balanced_router_and_drops_starved_experts():
+    """Balanced counts (every share within 0.8-1.2, as DeepSeek-V3's bias makes them): the usage-floor score ranks
+    exactly as the paper's mean while the frequency-weighted one does not. Starved counts: an expert routed a tenth
+    of a fair share loses to busy ones that the paper's mean would drop, and a dead one scores 0."""
+    balanced = {"expert_token_counts": torch.tensor([120.0, 100.0, 80.0, 100.0]),
+                "reap_sums": torch.tensor([120.0, 110.0, 96.0, 90.0])}  # means 1.0, 1.1, 1.2, 0.9
+    floor = ReapPruning({"num_experts_to_keep": 2, "score": "usage_floor"})
+    assert torch.topk(floor.layer_scores(None, balanced), 2).indices.tolist() == [2, 1]
+    assert torch.topk(reap_scores(balanced), 2).indices.tolist() == [2, 1]
+    assert torch.topk(reap_frequency_weighted_scores(balanced), 2).indices.tolist() == [0, 1]
+    starved = {"expert_token_counts": torch.tensor([1000.0, 40.0, 0.0, 960.0]),
+               "reap_sums": torch.tensor([1000.0, 100.0, 0.0, 900.0])}  # means 1, 2.5, 0, 0.94; shares 2, .08, 0, 1.92
+    torch.testing.assert_close(usage_shares(starved["expert_token_counts"]),
+                               torch.tensor([2.0, 0.08, 0.0, 1.92], dtype=torch.float64))
+    assert torch.topk(reap_scores(starved), 2).indices.tolist() == [1, 0]
+    scores = floor.layer_scores(None, starved)
+    assert torch.topk(scores, 2).indices.tolist() == [0, 3] and scores[2] == 0
+    torch.testing.assert_close(scores[1], torch.tensor(2.5 * 0.08 / 0.5))
+    with pytest.raises(ValueError, match="usage_floor"):
+        ReapPruning({"num_experts_to_keep": 2, "score": "usage_floor", "usage_floor": 0.0})
 
 
 def test_tcess_markers_follow_the_premoe_formula_on_hand_made_logits():

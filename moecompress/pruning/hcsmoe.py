@@ -13,7 +13,11 @@ Two groupings (``clustering``):
   singletons: an expert the router never picks is far from the others precisely because nothing trained it;
 * ``frequency_seeds`` (default): the most used experts seed the clusters and every other expert joins the nearest
   seed (:func:`moecompress.analysis.clustering.frequency_seeded_clusters`), so a dead expert is merged (with weight
-  ~0) into a busy one instead of taking a cluster of its own.
+  ~0) into a busy one instead of taking a cluster of its own;
+* ``used_average_linkage``: the paper's average linkage over the experts routed at least ``usage_floor`` (default
+  0.5) of a fair share; each rarely used expert then joins its nearest cluster
+  (:func:`moecompress.analysis.clustering.used_average_linkage_clusters`). Where the router uses every expert
+  (DeepSeek-V3's balancing bias) this is the paper's clustering.
 """
 
 from __future__ import annotations
@@ -22,7 +26,11 @@ from typing import Literal
 
 import pydantic
 
-from moecompress.analysis.clustering import average_linkage_clusters, frequency_seeded_clusters
+from moecompress.analysis.clustering import (
+    average_linkage_clusters,
+    frequency_seeded_clusters,
+    used_average_linkage_clusters,
+)
 from moecompress.models import find_moe_blocks
 from moecompress.pruning.merging import ExpertMergingStage, MergeOptions, protected_experts
 from moecompress.stages import register_stage
@@ -32,9 +40,12 @@ PRESETS = {"hcsmoe_paper": {"clustering": "average_linkage"}}
 
 
 class HcSmoeOptions(MergeOptions):
-    clustering: Literal["average_linkage", "frequency_seeds"] | None = pydantic.Field(
+    clustering: Literal["average_linkage", "frequency_seeds", "used_average_linkage"] | None = pydantic.Field(
         None, description="frequency_seeds (default): the most used experts seed the clusters; average_linkage: "
-                          "the paper's agglomerative clustering")
+                          "the paper's agglomerative clustering; used_average_linkage: the paper's clustering of "
+                          "the experts routed at least usage_floor of a fair share, the rest join their nearest")
+    usage_floor: float = pydantic.Field(0.5, gt=0.0, le=1.0, description="used_average_linkage: the share of a "
+                                                                         "uniform expert's tokens that counts as used")
     preset: Literal["hcsmoe_paper"] | None = pydantic.Field(None, description="hcsmoe_paper: average linkage")
 
     @pydantic.model_validator(mode="after")
@@ -68,6 +79,9 @@ class MergeHcsmoeStage(ExpertMergingStage):
                                statistics[layer]["expert_token_counts"])
             if self.options.clustering == "average_linkage":
                 clusters[layer] = average_linkage_clusters(outputs, self.num_clusters(view), protected.get(layer, []))
+            elif self.options.clustering == "used_average_linkage":
+                clusters[layer] = used_average_linkage_clusters(outputs, counts, self.num_clusters(view),
+                                                                protected.get(layer, []), self.options.usage_floor)
             else:
                 clusters[layer] = frequency_seeded_clusters(outputs, counts, self.num_clusters(view),
                                                             protected.get(layer, []))

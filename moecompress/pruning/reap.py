@@ -10,6 +10,10 @@ Two scores (``score``):
 * ``frequency_weighted`` (default): the same sum without the division, ``n_e * S_e``, the expert's total
   router-weighted output over the calibration tokens. An expert that is rarely or never routed scores (near) 0, so
   it cannot be kept over a busy one unless its outputs are larger by the ratio of their token counts.
+* ``usage_floor``: the paper's mean wherever the router gives an expert at least ``usage_floor`` (default 0.5) of a
+  fair share of its tokens, scaled down by its usage below that. On a balanced router (DeepSeek-V3's bias keeps
+  every share within 0.5-1.4) this is the paper's score, where the frequency factor only adds noise; a dead expert
+  scores 0.
 
 Top-k is unchanged by default: the next surviving expert fills the slot.
 """
@@ -21,7 +25,7 @@ from typing import Literal
 import pydantic
 import torch
 
-from moecompress.analysis.expert_scores import reap_frequency_weighted_scores, reap_scores
+from moecompress.analysis.expert_scores import reap_frequency_weighted_scores, reap_scores, reap_usage_floor_scores
 from moecompress.pruning.base import ProgressiveOptions, ProgressivePruningStage
 from moecompress.stages import register_stage
 
@@ -30,9 +34,12 @@ PRESETS = {"reap_paper": {"score": "mean"}}
 
 
 class ReapOptions(ProgressiveOptions):
-    score: Literal["mean", "frequency_weighted"] | None = pydantic.Field(
+    score: Literal["mean", "frequency_weighted", "usage_floor"] | None = pydantic.Field(
         None, description="frequency_weighted (default): sum of g*||E(x)|| over routed tokens; mean: the paper's "
-                          "mean over routed tokens")
+                          "mean over routed tokens; usage_floor: the mean, scaled down for experts routed less than "
+                          "usage_floor of a fair share")
+    usage_floor: float = pydantic.Field(0.5, gt=0.0, le=1.0, description="score usage_floor: the share of a uniform "
+                                                                         "expert's tokens below which the score falls")
     preset: Literal["reap_paper"] | None = pydantic.Field(None, description="reap_paper: the paper's mean score")
 
     @pydantic.model_validator(mode="after")
@@ -59,11 +66,14 @@ class PruneReapStage(ProgressivePruningStage):
 
     @property
     def score_name(self) -> str:
-        return "REAP (mean g*||E_e(x)||)" if self.options.score == "mean" else "REAP x frequency (sum g*||E_e(x)||)"
+        return {"mean": "REAP (mean g*||E_e(x)||)", "frequency_weighted": "REAP x frequency (sum g*||E_e(x)||)",
+                "usage_floor": f"REAP x min(1, usage / {self.options.usage_floor:g})"}[self.options.score]
 
     def layer_scores(self, view, layer_statistics) -> torch.Tensor:
         if self.options.score == "mean":
             return reap_scores(layer_statistics)
+        if self.options.score == "usage_floor":
+            return reap_usage_floor_scores(layer_statistics, self.options.usage_floor)
         return reap_frequency_weighted_scores(layer_statistics)
 
 
