@@ -38,7 +38,7 @@ Configurations:
   prune_then_quantize  prune_frequency to ``--keep`` experts per layer, then mcmoe_pmq {2, 3, 4} at the same target
   odp<q>               the full model with mcmoe_odp (thresholds = quantile q of w_r/w_0, 2% protected tokens);
                        reports the fraction of expert calls skipped while scoring
-  uniform2_ebss        uniform2 calibrated on an EBSS set (tau 1.2, beam 4) of the same size instead of text
+  uniform2_ebss        uniform2 calibrated on an EBSS set (tau 1.2, beam 4: the former default) of the same size
   uniform2_ebss_balanced  the same with tau 0.001 and no_repeat_ngram 4 (the setting where the balance term works
                        on the test bed, benchmarks/ebss_balance.py)
   uniform2_ebss_paper  the same with ``preset: moequant_paper`` (sigma on counts of the child sequence, tau 1.2);

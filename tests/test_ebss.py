@@ -58,7 +58,7 @@ def reference_beam_search(model, first_token: int, length: int, width: int) -> l
 
 def test_tau_inf_is_plain_beam_search(q3):
     model, _ = q3
-    options = EbssOptions(num_samples=2, seq_len=10, tau=math.inf, beam=3, top_m=8)
+    options = EbssOptions(num_samples=2, seq_len=10, tau=math.inf, beam=3, top_m=8, no_repeat_ngram=0)
     first_tokens = torch.tensor([3784, 2171])
     searched = ebss_search(model, first_tokens, SEPARATOR, options, vocab_limit=8192)
     for row, first in enumerate(first_tokens.tolist()):
@@ -110,7 +110,7 @@ def test_child_search_without_balance_is_plain_beam_search(q3):
     """A huge tau leaves only the log-probs; with child_top_m >= beam every beam-search survivor is a candidate."""
     model, _ = q3
     options = EbssOptions(num_samples=1, seq_len=9, beam=3, child_top_m=3, balance_on="child", sigma="counts",
-                          tau=1e12)
+                          tau=1e12, no_repeat_ngram=0)
     searched = ebss_search(model, torch.tensor([3784]), SEPARATOR, options, vocab_limit=8192)
     assert searched[0].tolist() == reference_beam_search(model, 3784, 9, 3)
 
@@ -127,13 +127,26 @@ def test_paper_tau_balances_where_the_frequency_form_does_not(q3, tmp_path):
     assert paper.usage_std < 0.9 * beam.usage_std
 
 
+def test_defaults_are_the_measured_best_and_the_paper_preset_keeps_the_papers_settings():
+    """The default is the form that measured best for 2-bit GPTQ (tau 0.001 on frequencies of the parent beam, no
+    repeated 4-grams); ``preset: moequant_paper`` keeps the paper's (counts of the child, tau 1.2, no n-gram ban),
+    and either may still be overridden where the preset does not fix the balance form."""
+    default = EbssOptions()
+    assert (default.sigma, default.balance_on, default.tau, default.no_repeat_ngram) == ("frequency", "parent", 0.001, 4)
+    paper = EbssOptions(preset="moequant_paper")
+    assert (paper.sigma, paper.balance_on, paper.tau, paper.no_repeat_ngram) == ("counts", "child", 1.2, 0)
+    assert EbssOptions(preset="moequant_paper", no_repeat_ngram=4).no_repeat_ngram == 4
+    assert EbssOptions(no_repeat_ngram=0).cache_fields()["no_repeat_ngram"] is None  # off, as older caches wrote it
+
+
 def test_no_repeat_ngram_bans_repeated_ngrams(q3):
     """Without it, the beam from this first token loops (" mapping, list, list, list, ..."); with it no bigram
     repeats."""
     model, _ = q3
     first = torch.tensor([3784])
-    looping = ebss_search(model, first, SEPARATOR, EbssOptions(seq_len=12, beam=2, top_m=8), vocab_limit=8192)[0]
-    banned = ebss_search(model, first, SEPARATOR, EbssOptions(seq_len=12, beam=2, top_m=8, no_repeat_ngram=2),
+    plain = {"seq_len": 12, "beam": 2, "top_m": 8, "tau": math.inf}  # plain beam search: only the ban differs
+    looping = ebss_search(model, first, SEPARATOR, EbssOptions(**plain, no_repeat_ngram=0), vocab_limit=8192)[0]
+    banned = ebss_search(model, first, SEPARATOR, EbssOptions(**plain, no_repeat_ngram=2),
                          vocab_limit=8192)[0].tolist()
     bigrams = list(zip(banned, banned[1:]))
     assert len(set(zip(looping.tolist(), looping.tolist()[1:]))) < len(looping) - 1  # the reference does repeat
@@ -171,7 +184,7 @@ def test_deterministic_by_seed_and_cached(q3, tmp_path):
     other = generate_ebss(model, tokenizer, EbssOptions(num_samples=2, seq_len=8, seed=4), cache_dir=tmp_path / "a")
     assert not other.from_cache and not torch.equal(other.input_ids[:, 1], first.input_ids[:, 1])
     assert first.input_ids.shape == (2, 8) and (first.input_ids[:, 0] == SEPARATOR).all()
-    assert first.domains == ["ebss", "ebss"] and first.describe()["ebss"]["options"]["tau"] == 1.2
+    assert first.domains == ["ebss", "ebss"] and first.describe()["ebss"]["options"]["tau"] == 0.001
 
 
 def test_first_tokens_are_ordinary_tokens(q3):

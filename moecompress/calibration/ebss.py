@@ -22,9 +22,15 @@ Two forms of the balance term (``EbssOptions.sigma`` and ``balance_on``):
   ``child_top_m`` most likely extensions of every beam are forwarded (one token each, on the beam's KV cache) to
   know their routing, and the chosen children's logits serve the next step. In count units the balance term grows
   with the sequence, which is what makes the paper's ``tau = 1.2`` bite;
-* ``sigma: frequency, balance_on: parent`` (the spec's reading, methods.md 4): the unbiased std of selection
-  frequencies of the parent beam (deferred balance), no extra forward; it needs ``tau`` about 0.001-0.01 on the test
-  bed to move the search at all.
+* ``sigma: frequency, balance_on: parent`` (the spec's reading, methods.md 4, and the default): the unbiased std of
+  selection frequencies of the parent beam (deferred balance), no extra forward; it needs ``tau`` about 0.001-0.01
+  on the test bed to move the search at all.
+
+The default (``tau: 0.001`` on frequencies of the parent, ``no_repeat_ngram: 4``) is the setting that measured best
+for 2-bit GPTQ calibrated on the set (README "Quality review", ``benchmarks/mcmoe.py --score calibration``): bits per
+byte on the calibration text 0.026 (mx) and 0.006 (q3) below the paper preset, and 0.15 / 0.06 below the former
+default ``tau: 1.2``, which equals plain beam search. Text calibration still beats every self-sampled set on both
+test-bed models (by 0.02-0.05); EBSS is for when no text like the users' is at hand.
 
 ``tau = inf`` is plain beam search by cumulative log-prob. Routing comes from the model's own routers through the
 uniform views (``MoEBlockView.route`` on each MoE block's input), so every supported family works, pruned models
@@ -60,8 +66,9 @@ CACHE_VERSION = 1
 EBSS_DOMAIN = "ebss"
 SIGMA_KINDS = ("frequency", "counts")
 # preset moequant_paper: the paper's balance term (counts, the child sequence) at its tau 1.2
-PRESETS = {"moequant_paper": {"sigma": "counts", "balance_on": "child", "tau": 1.2}}
-DEFAULTS = {"sigma": "frequency", "balance_on": "parent", "tau": 1.2}
+# (no n-gram ban, as in the paper: 0 = off)
+PRESETS = {"moequant_paper": {"sigma": "counts", "balance_on": "child", "tau": 1.2, "no_repeat_ngram": 0}}
+DEFAULTS = {"sigma": "frequency", "balance_on": "parent", "tau": 0.001, "no_repeat_ngram": 4}
 
 
 class EbssOptions(pydantic.BaseModel):
@@ -71,8 +78,8 @@ class EbssOptions(pydantic.BaseModel):
     called directly); tau: balance temperature (``inf`` = plain beam search); beam: beam width; top_m: extensions
     scored per beam (``balance_on: parent``); sigma: ``frequency`` or ``counts`` (module docstring); balance_on:
     ``parent`` (deferred) or ``child`` (forwards ``child_top_m`` extensions per beam to score their own balance);
-    preset: ``moequant_paper`` (counts, child, tau 1.2);
-    no_repeat_ngram: ban repeating n-grams (off by default, as in the paper); seed: the first tokens
+    preset: ``moequant_paper`` (counts, child, tau 1.2, no n-gram ban);
+    no_repeat_ngram: ban repeating n-grams of this length (default 4; 0 = off, as in the paper); seed: the first tokens
     (None: the section's, 0 directly); batch_size: sequences searched together (``batch_size * beam`` rows);
     cache_dir: where generated sets are cached (default :func:`default_cache_dir`); compare_text: a recipe also
     samples the section's text source at the same size and reports both sets' expert-usage std.
@@ -91,7 +98,7 @@ class EbssOptions(pydantic.BaseModel):
     balance_on: Literal["parent", "child"] | None = None
     child_top_m: int = pydantic.Field(8, ge=1)
     preset: Literal["moequant_paper"] | None = None
-    no_repeat_ngram: int | None = pydantic.Field(None, ge=1)
+    no_repeat_ngram: int | None = pydantic.Field(None, ge=0)
     seed: int | None = None
     batch_size: int = pydantic.Field(8, ge=1)
     cache_dir: str | None = None
@@ -100,8 +107,8 @@ class EbssOptions(pydantic.BaseModel):
     @pydantic.model_validator(mode="before")
     @classmethod
     def _preset_and_defaults(cls, values):
-        """Fill ``sigma``, ``balance_on`` and ``tau`` from the preset, else from :data:`DEFAULTS` (a value the
-        preset fixes may be repeated, not contradicted)."""
+        """Fill ``sigma``, ``balance_on``, ``tau`` and ``no_repeat_ngram`` from the preset, else from
+        :data:`DEFAULTS` (the balance form a preset fixes may be repeated, not contradicted)."""
         if not isinstance(values, dict):
             return values
         values = dict(values)
@@ -135,7 +142,7 @@ class EbssOptions(pydantic.BaseModel):
         resolved = self.resolved()
         fields = {"num_samples": resolved.num_samples, "seq_len": resolved.seq_len,
                   "tau": "inf" if math.isinf(self.tau) else self.tau, "beam": self.beam, "top_m": self.top_m,
-                  "no_repeat_ngram": self.no_repeat_ngram, "seed": resolved.seed}
+                  "no_repeat_ngram": self.no_repeat_ngram or None, "seed": resolved.seed}  # 0 and None: off
         if (self.sigma, self.balance_on) != ("frequency", "parent"):  # older caches keep their keys
             fields.update(sigma=self.sigma, balance_on=self.balance_on)
             if self.balance_on == "child":
