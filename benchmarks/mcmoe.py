@@ -190,7 +190,7 @@ def stages_for(args, config: str, pmq_widths, num_experts: int) -> tuple[list, d
         return [GPTQStage({**gptq_options, "bits": int(config[7]),
                            "cold_damping": not config.endswith("_nocold")})], calibration
     if config == "uniform2_ebss":
-        return [gptq], {**calibration, "ebss": {"tau": 1.2, "beam": 4, "compare_text": True}}
+        return [gptq], {**calibration, "ebss": {"tau": 1.2, "beam": 4, "no_repeat_ngram": 0, "compare_text": True}}
     if config == "uniform2_ebss_balanced":
         return [gptq], {**calibration, "ebss": {"tau": 0.001, "beam": 4, "no_repeat_ngram": 4, "compare_text": True}}
     if config in ("uniform2_ebss_paper", "uniform2_ebss_paper_ng4"):
