@@ -21,6 +21,7 @@ against its paper preset, each against frequency) with 95% bootstrap intervals:
     python benchmarks/pruning.py --compare results/pruning_fix_mx.json
 
 Method names are stage methods, or variants: ``prune_reap_paper`` / ``merge_hcsmoe_paper`` (the paper presets),
+``prune_reap_freq`` / ``merge_hcsmoe_freq`` (frequency-weighted score / frequency seeds on every layer),
 ``prune_reap_progressive`` (``progressive: true``). ``--folder LABEL=PATH`` also scores a model folder made
 elsewhere (e.g. llm-compressor's REAP) with the same tasks.
 
@@ -53,11 +54,10 @@ VARIANTS = {"prune_reap_paper": ("prune_reap", {"preset": "reap_paper"}),
             "prune_reap_progressive": ("prune_reap", {"progressive": True}),
             "prune_reap_paper_progressive": ("prune_reap", {"preset": "reap_paper", "progressive": True}),
             "merge_hcsmoe_paper": ("merge_hcsmoe", {"preset": "hcsmoe_paper"}),
-            "prune_reap_floor": ("prune_reap", {"score": "usage_floor"}),
-            "merge_hcsmoe_floor": ("merge_hcsmoe", {"clustering": "used_average_linkage"})}
+            "prune_reap_freq": ("prune_reap", {"score": "frequency_weighted"}),
+            "merge_hcsmoe_freq": ("merge_hcsmoe", {"clustering": "frequency_seeds"})}
 PAIRS = (("prune_reap", "prune_reap_paper"), ("merge_hcsmoe", "merge_hcsmoe_paper"),
-         ("prune_reap_floor", "prune_reap"), ("prune_reap_floor", "prune_reap_paper"),
-         ("merge_hcsmoe_floor", "merge_hcsmoe"), ("merge_hcsmoe_floor", "merge_hcsmoe_paper"),
+         ("prune_reap", "prune_reap_freq"), ("merge_hcsmoe", "merge_hcsmoe_freq"),
          ("prune_reap", "prune_frequency"), ("prune_reap_paper", "prune_frequency"),
          ("merge_hcsmoe", "prune_frequency"), ("merge_hcsmoe_paper", "prune_frequency"),
          ("prune_reap_progressive", "prune_reap_paper_progressive"))

@@ -13,7 +13,6 @@ from moecompress.analysis.alignment import align_cluster, alignment_permutation,
 from moecompress.analysis.clustering import (
     average_linkage_clusters,
     frequency_seeded_clusters,
-    used_average_linkage_clusters,
     dominant_expert_groups,
     router_logit_affinity,
     spectral_clusters,
@@ -110,34 +109,13 @@ def test_frequency_seeds_keep_busy_experts_apart_and_merge_dead_ones_into_them()
         for expert in members:
             assert distance[expert, seed] == distance[expert, [0, 1, 2, 3]].min()
     assert [7] in frequency_seeded_clusters(outputs, counts, 4, singletons=[7])  # a super expert stays alone
-    assert HcSmoeMerging({"num_experts_to_keep": 4}).options.clustering == "frequency_seeds"
+    default = HcSmoeMerging({"num_experts_to_keep": 4})
+    assert default.options.clustering == "balance_aware"
+    # the default: frequency seeds on this starved layer, the paper's average linkage once the counts are balanced
+    assert default.layer_clusters(outputs, counts, 4, []) == seeded
+    balanced = torch.tensor([110.0, 100.0, 90.0, 100.0, 105.0, 95.0, 100.0, 100.0])
+    assert default.layer_clusters(outputs, balanced, 4, []) == paper != seeded
     assert HcSmoeMerging({"num_experts_to_keep": 4, "preset": "hcsmoe_paper"}).options.clustering == "average_linkage"
-
-
-def test_used_average_linkage_is_the_papers_clustering_of_used_experts_and_merges_dead_ones():
-    """The same layout (5 busy alike experts, 3 dead far ones): the dead experts no longer take clusters; the busy
-    ones are split by the paper's average linkage among themselves, and each dead one joins the cluster nearest to
-    it on average. With every expert used it is the paper's clustering."""
-    generator = torch.Generator().manual_seed(1)
-    centers = 3 * torch.randn(4, 64, generator=generator, dtype=torch.float64)
-    busy = torch.cat([centers[[0, 0, 1, 2, 3]] + 0.1 * torch.randn(5, 64, generator=generator, dtype=torch.float64)])
-    dead = 10 + torch.randn(3, 64, generator=generator, dtype=torch.float64)
-    outputs = torch.cat([busy, dead])
-    counts = torch.tensor([900.0, 800.0, 700.0, 600.0, 500.0, 0.0, 2.0, 0.0])
-    clusters = used_average_linkage_clusters(outputs, counts, 4)
-    assert sorted(sorted(e for e in members if e < 5) for members in clusters) == sorted(
-        average_linkage_clusters(busy, 4))  # the busy experts are clustered as the paper would cluster them alone
-    assert [[0, 1], [2], [3], [4]] == sorted(sorted(e for e in members if e < 5) for members in clusters)
-    distance = torch.cdist(outputs, outputs)
-    for expert in (5, 6, 7):  # each dead expert sits in the cluster at the smallest mean distance
-        home = next(members for members in clusters if expert in members)
-        busy_of = [[e for e in members if e < 5] for members in clusters]
-        assert min(float(distance[expert, b].mean()) for b in busy_of) == float(
-            distance[expert, [e for e in home if e < 5]].mean())
-    used = torch.full((8,), 100.0)
-    assert used_average_linkage_clusters(outputs, used, 4) == average_linkage_clusters(outputs, 4)
-    assert [7] in used_average_linkage_clusters(outputs, counts, 4, singletons=[7])
-    assert HcSmoeMerging({"num_experts_to_keep": 4, "clustering": "used_average_linkage"}).options.usage_floor == 0.5
 
 
 def test_dominant_groups_join_the_most_similar_dominant():

@@ -14,7 +14,8 @@ from moecompress.analysis.expert_scores import (
     frequency_scores,
     reap_frequency_weighted_scores,
     reap_scores,
-    reap_usage_floor_scores,
+    reap_balance_aware_scores,
+    routing_is_balanced,
     tcess_scores,
     usage_shares,
 )
@@ -89,46 +90,51 @@ def test_frequency_ean_and_reap_scores_match_a_hooked_hf_forward(q3_model_and_to
         torch.testing.assert_close(reap_frequency_weighted_scores(statistics[layer]).double(), reap * counts,
                                    rtol=1e-4, atol=1e-4)
         shares = counts * len(counts) / counts.sum()  # routed tokens over a uniform expert's
-        torch.testing.assert_close(reap_usage_floor_scores(statistics[layer], 0.5).double(),
-                                   reap * torch.clamp(shares / 0.5, max=1.0), rtol=1e-4, atol=1e-5)
+        balanced = bool(shares.std() <= 0.5)  # q3's layers are not (variation 0.7-0.9 on real text)
+        torch.testing.assert_close(reap_balance_aware_scores(statistics[layer], 0.5).double(),
+                                   reap if balanced else reap * shares, rtol=1e-4, atol=1e-5)
 
 
 def test_frequency_weighted_reap_never_keeps_a_rare_expert_over_a_busy_one_unless_it_earns_it(tmp_path):
     """Layer statistics where expert 0 is busy (1000 tokens, mean g*||E|| 1.0), expert 1 rare (10 tokens, mean
-    5.0: the paper's score keeps it) and expert 2 dead; the recommended score keeps the busy one, the paper's the
-    rare one."""
+    5.0: the paper's score keeps it) and expert 2 dead; the frequency-weighted score keeps the busy one, the paper's
+    the rare one, and the default (balance-aware: this layer is far from balanced) ranks as the frequency-weighted."""
     counts = torch.tensor([1000.0, 10.0, 0.0, 500.0])
     sums = torch.tensor([1000.0, 50.0, 0.0, 400.0])
     statistics = {"expert_token_counts": counts, "reap_sums": sums}
     paper = ReapPruning({"num_experts_to_keep": 2, "preset": "reap_paper"})
-    recommended = ReapPruning({"num_experts_to_keep": 2})
-    assert recommended.options.score == "frequency_weighted" and paper.options.score == "mean"
+    weighted = ReapPruning({"num_experts_to_keep": 2, "score": "frequency_weighted"})
+    default = ReapPruning({"num_experts_to_keep": 2})
+    assert default.options.score == "balance_aware" and paper.options.score == "mean"
     assert torch.topk(paper.layer_scores(None, statistics), 2).indices.tolist() == [1, 0]
-    assert torch.topk(recommended.layer_scores(None, statistics), 2).indices.tolist() == [0, 3]
+    assert torch.topk(weighted.layer_scores(None, statistics), 2).indices.tolist() == [0, 3]
+    assert torch.topk(default.layer_scores(None, statistics), 2).indices.tolist() == [0, 3]
     with pytest.raises(ValueError, match="preset 'reap_paper' fixes score"):
         ReapPruning({"num_experts_to_keep": 2, "preset": "reap_paper", "score": "frequency_weighted"})
 
 
-def test_usage_floor_reap_is_the_papers_score_on_a_balanced_router_and_drops_starved_experts():
-    """Balanced counts (every share within 0.8-1.2, as DeepSeek-V3's bias makes them): the usage-floor score ranks
-    exactly as the paper's mean while the frequency-weighted one does not. Starved counts: an expert routed a tenth
-    of a fair share loses to busy ones that the paper's mean would drop, and a dead one scores 0."""
+def test_balance_aware_reap_is_the_papers_mean_on_a_balanced_layer_and_frequency_weighted_elsewhere():
+    """Balanced counts (variation 0.16, as DeepSeek-V3's bias makes them): the default ranks exactly as the paper's
+    mean, which differs from the frequency-weighted ranking. Starved counts (variation 1.1): it is the frequency-weighted
+    sum in the mean's units (mean x usage share), so a dead expert scores 0."""
     balanced = {"expert_token_counts": torch.tensor([120.0, 100.0, 80.0, 100.0]),
                 "reap_sums": torch.tensor([120.0, 110.0, 96.0, 90.0])}  # means 1.0, 1.1, 1.2, 0.9
-    floor = ReapPruning({"num_experts_to_keep": 2, "score": "usage_floor"})
-    assert torch.topk(floor.layer_scores(None, balanced), 2).indices.tolist() == [2, 1]
-    assert torch.topk(reap_scores(balanced), 2).indices.tolist() == [2, 1]
+    assert routing_is_balanced(balanced["expert_token_counts"], 0.5)
+    default = ReapPruning({"num_experts_to_keep": 2})
+    torch.testing.assert_close(default.layer_scores(None, balanced), reap_scores(balanced))
+    assert torch.topk(default.layer_scores(None, balanced), 2).indices.tolist() == [2, 1]
     assert torch.topk(reap_frequency_weighted_scores(balanced), 2).indices.tolist() == [0, 1]
     starved = {"expert_token_counts": torch.tensor([1000.0, 40.0, 0.0, 960.0]),
                "reap_sums": torch.tensor([1000.0, 100.0, 0.0, 900.0])}  # means 1, 2.5, 0, 0.94; shares 2, .08, 0, 1.92
     torch.testing.assert_close(usage_shares(starved["expert_token_counts"]),
                                torch.tensor([2.0, 0.08, 0.0, 1.92], dtype=torch.float64))
-    assert torch.topk(reap_scores(starved), 2).indices.tolist() == [1, 0]
-    scores = floor.layer_scores(None, starved)
-    assert torch.topk(scores, 2).indices.tolist() == [0, 3] and scores[2] == 0
-    torch.testing.assert_close(scores[1], torch.tensor(2.5 * 0.08 / 0.5))
-    with pytest.raises(ValueError, match="usage_floor"):
-        ReapPruning({"num_experts_to_keep": 2, "score": "usage_floor", "usage_floor": 0.0})
+    assert not routing_is_balanced(starved["expert_token_counts"], 0.5)
+    assert routing_is_balanced(starved["expert_token_counts"], 2.0)  # the threshold is an option
+    torch.testing.assert_close(default.layer_scores(None, starved), torch.tensor([2.0, 0.2, 0.0, 1.8]))
+    strict = ReapPruning({"num_experts_to_keep": 2, "balanced_variation": 2.0})
+    torch.testing.assert_close(strict.layer_scores(None, starved), reap_scores(starved))
+    with pytest.raises(ValueError, match="balanced_variation"):
+        ReapPruning({"num_experts_to_keep": 2, "balanced_variation": 0.0})
 
 
 def test_tcess_markers_follow_the_premoe_formula_on_hand_made_logits():

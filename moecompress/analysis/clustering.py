@@ -7,9 +7,7 @@ a sorted list of expert ids, clusters ordered by their smallest member.
 * :func:`average_linkage_clusters`: HC-SMoE's agglomerative average linkage on Euclidean distances (scikit-learn);
 * :func:`dominant_expert_groups`: M-SMoE's grouping of every other expert with its most similar dominant expert;
 * :func:`frequency_seeded_clusters`: the most used experts seed the clusters, every other expert joins the seed
-  nearest to it (Euclidean, on the same representations as average linkage);
-* :func:`used_average_linkage_clusters`: average linkage over the experts the router uses (at least a floor of a
-  fair share of the routed tokens); every rarely used expert then joins the cluster nearest to it on average.
+  nearest to it (Euclidean, on the same representations as average linkage).
 
 Super experts (``singletons``) are left out of the clustering and returned as clusters of their own.
 scikit-learn is imported lazily (it is only needed by these merges).
@@ -104,32 +102,3 @@ def frequency_seeded_clusters(representations: torch.Tensor, token_counts: torch
     distance = torch.cdist(representations.double(), representations.double())
     return dominant_expert_groups(-distance, by_use[:free_clusters], singletons)
 
-
-def used_average_linkage_clusters(representations: torch.Tensor, token_counts: torch.Tensor, num_clusters: int,
-                                  singletons: list[int] = (), usage_floor: float = 0.5) -> list[list[int]]:
-    """Average linkage (as :func:`average_linkage_clusters`) over the experts whose routed tokens
-    (``token_counts [E]``) are at least ``usage_floor`` of a fair share (``sum / E``); every other expert then joins
-    the cluster whose used members are at the smallest mean Euclidean distance (``representations [E, d]``). If
-    fewer experts are used than there are clusters, the busiest rarely used ones fill the missing clusters.
-
-    Why: an expert nothing trained sits far from the others, so plain average linkage keeps it as a cluster of its
-    own and crowds the used experts together (moe-ref-mx); excluding it keeps the paper's clustering wherever the
-    router spreads its tokens (moe-ref-ds, where every expert is used)."""
-    free, free_clusters = _split(representations.shape[0], num_clusters, list(singletons))
-    counts = token_counts.double()
-    fair_share = counts.sum() / max(1, len(counts))
-    by_use = sorted(free, key=lambda e: (-float(counts[e]), e))
-    used = [e for e in by_use if counts[e] >= usage_floor * fair_share]
-    if len(used) < free_clusters:
-        used = by_use[:free_clusters]
-    clusters = average_linkage_clusters(representations[used], free_clusters)
-    used_members = [[used[i] for i in cluster] for cluster in clusters]
-    members = [list(cluster) for cluster in used_members]
-    distance = torch.cdist(representations.double(), representations.double())
-    for expert in free:
-        if expert not in used:  # distances to the used members only, so the order of joining does not matter
-            nearest = min(range(len(used_members)),
-                          key=lambda c: (float(distance[expert, used_members[c]].mean()), c))
-            members[nearest].append(expert)
-    return _with_singletons({expert: index for index, cluster in enumerate(members) for expert in cluster},
-                            sorted(set(singletons)))

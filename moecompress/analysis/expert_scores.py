@@ -8,9 +8,9 @@ Each function takes a :class:`moecompress.calibration.statistics.LayerStatistics
   model's actual combine weight ``g`` (``reap_sums / expert_token_counts``; an unused expert scores 0);
 * :func:`reap_frequency_weighted_scores`: the same sum without the division, ``n_e`` times REAP's mean (the expert's
   total router-weighted output over the calibration tokens): a rare expert must make up for every token it misses;
-* :func:`reap_usage_floor_scores`: REAP's mean times ``min(1, share_e / floor)``, ``share_e`` the expert's routed
-  tokens over a uniform expert's (:func:`usage_shares`): the paper's score wherever the router uses an expert at
-  least ``floor`` times a fair share, and scaled down by its usage where it does not;
+* :func:`reap_balance_aware_scores`: REAP's mean on a layer whose router spreads its tokens evenly
+  (:func:`routing_is_balanced`), the frequency-weighted score (in the mean's units: mean times usage share) on one
+  that starves some experts;
 * :func:`tcess_scores`: PreMoe's TCESS (methods.md 1), the mean PreMoe marker over all tokens (``tcess_markers``).
 """
 
@@ -25,7 +25,7 @@ STATISTICS_FOR = {
     "ean": ("ean_sums",),
     "reap": ("reap_sums", "expert_token_counts"),
     "reap_frequency_weighted": ("reap_sums",),
-    "reap_usage_floor": ("reap_sums", "expert_token_counts"),
+    "reap_balance_aware": ("reap_sums", "expert_token_counts"),
     "tcess": ("tcess_markers",),
 }
 
@@ -58,15 +58,26 @@ def usage_shares(token_counts: torch.Tensor) -> torch.Tensor:
     return counts * len(counts) / total
 
 
-def reap_usage_floor_scores(statistics: LayerStatistics, floor: float) -> torch.Tensor:
-    """REAP's mean scaled by ``min(1, share / floor)`` (``floor > 0``, in fair shares).
+def routing_is_balanced(token_counts: torch.Tensor, max_variation: float) -> bool:
+    """Whether the coefficient of variation (std / mean) of a layer's routed-token counts ``[E]`` is at most
+    ``max_variation``. The test bed splits cleanly: DeepSeek-V3's balancing bias keeps it at 0.12-0.17 on every layer
+    of moe-ref-ds, while the softmax routers of moe-ref-mx / moe-ref-q3 starve some experts (0.69-1.38)."""
+    shares = usage_shares(token_counts)
+    return bool(shares.std() <= max_variation)  # the shares' mean is 1, so their std is the variation
 
-    Why: on a router that spreads its tokens (DeepSeek-V3's balancing bias, every share 0.5-1.4 on moe-ref-ds) the
-    frequency factor is noise and the paper's mean ranks better; on one that starves some experts (moe-ref-mx,
-    shares 0-3.6) the mean keeps experts routed a fifth of a fair share over busy ones. Below the floor an expert's
-    score falls with its usage, so a dead one scores 0."""
-    shares = usage_shares(statistics["expert_token_counts"])
-    return (reap_scores(statistics).double() * (shares / floor).clamp(max=1.0)).float()
+
+def reap_balance_aware_scores(statistics: LayerStatistics, max_variation: float) -> torch.Tensor:
+    """REAP's mean where the layer's routing is balanced (:func:`routing_is_balanced`), else the mean times each
+    expert's usage share (the frequency-weighted sum, ranked the same, scaled to the mean's units so that layers stay
+    comparable under a global budget).
+
+    Why: measured on the calibration text (README, Quality review, fix 4), frequency weighting wins by 0.07-0.47 bits
+    per byte where some experts are nearly dead (mx, q3) and loses by 0.04-0.10 where the router spreads its tokens
+    (ds): there the frequency factor is the balancing bias's noise, not a signal."""
+    mean = reap_scores(statistics)
+    if routing_is_balanced(statistics["expert_token_counts"], max_variation):
+        return mean
+    return (mean.double() * usage_shares(statistics["expert_token_counts"])).float()
 
 
 def tcess_scores(statistics: LayerStatistics) -> torch.Tensor:

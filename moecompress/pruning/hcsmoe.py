@@ -11,13 +11,13 @@ Two groupings (``clustering``):
 * ``average_linkage`` (``preset: hcsmoe_paper``): agglomerative average linkage on Euclidean distance. On an
   8-expert model (moe-ref-mx at 4 of 8) it leaves one giant cluster and keeps dead experts (0-6 picks) as
   singletons: an expert the router never picks is far from the others precisely because nothing trained it;
-* ``frequency_seeds`` (default): the most used experts seed the clusters and every other expert joins the nearest
+* ``frequency_seeds``: the most used experts seed the clusters and every other expert joins the nearest
   seed (:func:`moecompress.analysis.clustering.frequency_seeded_clusters`), so a dead expert is merged (with weight
   ~0) into a busy one instead of taking a cluster of its own;
-* ``used_average_linkage``: the paper's average linkage over the experts routed at least ``usage_floor`` (default
-  0.5) of a fair share; each rarely used expert then joins its nearest cluster
-  (:func:`moecompress.analysis.clustering.used_average_linkage_clusters`). Where the router uses every expert
-  (DeepSeek-V3's balancing bias) this is the paper's clustering.
+* ``balance_aware`` (default): per layer, average linkage where the router spreads its tokens evenly (coefficient of
+  variation of the routed-token counts at most ``balanced_variation``, default 0.5: DeepSeek-V3's balancing bias,
+  no dead experts to isolate), frequency seeds where it starves some experts. Each loses clearly where the other
+  wins (README, Quality review, fix 4).
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ from typing import Literal
 
 import pydantic
 
-from moecompress.analysis.clustering import (
-    average_linkage_clusters,
-    frequency_seeded_clusters,
-    used_average_linkage_clusters,
-)
+from moecompress.analysis.clustering import average_linkage_clusters, frequency_seeded_clusters
+from moecompress.analysis.expert_scores import routing_is_balanced
 from moecompress.models import find_moe_blocks
 from moecompress.pruning.merging import ExpertMergingStage, MergeOptions, protected_experts
 from moecompress.stages import register_stage
@@ -40,12 +37,13 @@ PRESETS = {"hcsmoe_paper": {"clustering": "average_linkage"}}
 
 
 class HcSmoeOptions(MergeOptions):
-    clustering: Literal["average_linkage", "frequency_seeds", "used_average_linkage"] | None = pydantic.Field(
-        None, description="frequency_seeds (default): the most used experts seed the clusters; average_linkage: "
-                          "the paper's agglomerative clustering; used_average_linkage: the paper's clustering of "
-                          "the experts routed at least usage_floor of a fair share, the rest join their nearest")
-    usage_floor: float = pydantic.Field(0.5, gt=0.0, le=1.0, description="used_average_linkage: the share of a "
-                                                                         "uniform expert's tokens that counts as used")
+    clustering: Literal["average_linkage", "frequency_seeds", "balance_aware"] | None = pydantic.Field(
+        None, description="balance_aware (default): average linkage on a layer with balanced routing, frequency seeds "
+                          "elsewhere; frequency_seeds: the most used experts seed the clusters; average_linkage: the "
+                          "paper's agglomerative clustering")
+    balanced_variation: float = pydantic.Field(
+        0.5, gt=0.0, description="balance_aware: a layer whose routed-token counts vary by at most this (std / mean) "
+                                 "counts as balanced")
     preset: Literal["hcsmoe_paper"] | None = pydantic.Field(None, description="hcsmoe_paper: average linkage")
 
     @pydantic.model_validator(mode="after")
@@ -57,7 +55,7 @@ class HcSmoeOptions(MergeOptions):
                                  "preset or the clustering")
             self.clustering = fixed["clustering"]
         if self.clustering is None:
-            self.clustering = "frequency_seeds"
+            self.clustering = "balance_aware"
         return self
 
 
@@ -77,16 +75,18 @@ class MergeHcsmoeStage(ExpertMergingStage):
             layer = view.layer_index
             outputs, counts = (statistics[layer]["mean_expert_output_all_tokens"],
                                statistics[layer]["expert_token_counts"])
-            if self.options.clustering == "average_linkage":
-                clusters[layer] = average_linkage_clusters(outputs, self.num_clusters(view), protected.get(layer, []))
-            elif self.options.clustering == "used_average_linkage":
-                clusters[layer] = used_average_linkage_clusters(outputs, counts, self.num_clusters(view),
-                                                                protected.get(layer, []), self.options.usage_floor)
-            else:
-                clusters[layer] = frequency_seeded_clusters(outputs, counts, self.num_clusters(view),
-                                                            protected.get(layer, []))
+            clusters[layer] = self.layer_clusters(outputs, counts, self.num_clusters(view), protected.get(layer, []))
             scores[layer] = counts.float()
         return clusters, scores
+
+
+    def layer_clusters(self, outputs, counts, num_clusters: int, protected: list[int]) -> list[list[int]]:
+        """One layer's partition from its experts' mean outputs ``[E, d]`` and routed-token counts ``[E]``."""
+        linkage = self.options.clustering == "average_linkage" or (
+            self.options.clustering == "balance_aware" and routing_is_balanced(counts, self.options.balanced_variation))
+        if linkage:
+            return average_linkage_clusters(outputs, num_clusters, protected)
+        return frequency_seeded_clusters(outputs, counts, num_clusters, protected)
 
 
 # The name before one naming scheme for stage classes (the recipe method in CamelCase + Stage,

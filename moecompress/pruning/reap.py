@@ -7,13 +7,13 @@ Two scores (``score``):
   (renormalised, scaled: whatever the family does). A conditional mean, decoupled from frequency: with few experts a
   layer (moe-ref-mx, 8) it keeps rare experts with large outputs over busy ones, and halving the experts collapses
   (61% of the full model's accuracy);
-* ``frequency_weighted`` (default): the same sum without the division, ``n_e * S_e``, the expert's total
-  router-weighted output over the calibration tokens. An expert that is rarely or never routed scores (near) 0, so
-  it cannot be kept over a busy one unless its outputs are larger by the ratio of their token counts.
-* ``usage_floor``: the paper's mean wherever the router gives an expert at least ``usage_floor`` (default 0.5) of a
-  fair share of its tokens, scaled down by its usage below that. On a balanced router (DeepSeek-V3's bias keeps
-  every share within 0.5-1.4) this is the paper's score, where the frequency factor only adds noise; a dead expert
-  scores 0.
+* ``frequency_weighted``: the same sum without the division, ``n_e * S_e``, the expert's total router-weighted
+  output over the calibration tokens. An expert that is rarely or never routed scores (near) 0, so it cannot be kept
+  over a busy one unless its outputs are larger by the ratio of their token counts;
+* ``balance_aware`` (default): per layer, the paper's mean where the router spreads its tokens evenly (coefficient of
+  variation of the experts' routed-token counts at most ``balanced_variation``, default 0.5: DeepSeek-V3's balancing
+  bias), the frequency-weighted score where it starves some experts (softmax routers: Mixtral, Qwen). Each form
+  loses clearly where the other wins (README, Quality review, fix 4).
 
 Top-k is unchanged by default: the next surviving expert fills the slot.
 """
@@ -25,7 +25,7 @@ from typing import Literal
 import pydantic
 import torch
 
-from moecompress.analysis.expert_scores import reap_frequency_weighted_scores, reap_scores, reap_usage_floor_scores
+from moecompress.analysis.expert_scores import reap_balance_aware_scores, reap_frequency_weighted_scores, reap_scores
 from moecompress.pruning.base import ProgressiveOptions, ProgressivePruningStage
 from moecompress.stages import register_stage
 
@@ -34,12 +34,13 @@ PRESETS = {"reap_paper": {"score": "mean"}}
 
 
 class ReapOptions(ProgressiveOptions):
-    score: Literal["mean", "frequency_weighted", "usage_floor"] | None = pydantic.Field(
-        None, description="frequency_weighted (default): sum of g*||E(x)|| over routed tokens; mean: the paper's "
-                          "mean over routed tokens; usage_floor: the mean, scaled down for experts routed less than "
-                          "usage_floor of a fair share")
-    usage_floor: float = pydantic.Field(0.5, gt=0.0, le=1.0, description="score usage_floor: the share of a uniform "
-                                                                         "expert's tokens below which the score falls")
+    score: Literal["mean", "frequency_weighted", "balance_aware"] | None = pydantic.Field(
+        None, description="balance_aware (default): the mean on a layer with balanced routing, the frequency-weighted "
+                          "sum elsewhere; frequency_weighted: sum of g*||E(x)|| over routed tokens; mean: the paper's "
+                          "mean over routed tokens")
+    balanced_variation: float = pydantic.Field(
+        0.5, gt=0.0, description="balance_aware: a layer whose routed-token counts vary by at most this (std / mean) "
+                                 "counts as balanced")
     preset: Literal["reap_paper"] | None = pydantic.Field(None, description="reap_paper: the paper's mean score")
 
     @pydantic.model_validator(mode="after")
@@ -51,14 +52,14 @@ class ReapOptions(ProgressiveOptions):
                                  "the score")
             self.score = fixed["score"]
         if self.score is None:
-            self.score = "frequency_weighted"
+            self.score = "balance_aware"
         return self
 
 
 @register_stage
 class PruneReapStage(ProgressivePruningStage):
-    """``method: prune_reap``: keep the experts with the largest router-weighted activation (``score``: its sum over
-    the routed tokens, default, or the paper's mean)."""
+    """``method: prune_reap``: keep the experts with the largest router-weighted activation (``score``: its mean over
+    the routed tokens, or its sum, or per layer whichever fits the layer's routing balance, the default)."""
 
     method = "prune_reap"
     Options = ReapOptions
@@ -67,13 +68,13 @@ class PruneReapStage(ProgressivePruningStage):
     @property
     def score_name(self) -> str:
         return {"mean": "REAP (mean g*||E_e(x)||)", "frequency_weighted": "REAP x frequency (sum g*||E_e(x)||)",
-                "usage_floor": f"REAP x min(1, usage / {self.options.usage_floor:g})"}[self.options.score]
+                "balance_aware": "REAP (mean; x usage share on unbalanced layers)"}[self.options.score]
 
     def layer_scores(self, view, layer_statistics) -> torch.Tensor:
         if self.options.score == "mean":
             return reap_scores(layer_statistics)
-        if self.options.score == "usage_floor":
-            return reap_usage_floor_scores(layer_statistics, self.options.usage_floor)
+        if self.options.score == "balance_aware":
+            return reap_balance_aware_scores(layer_statistics, self.options.balanced_variation)
         return reap_frequency_weighted_scores(layer_statistics)
 
 
