@@ -146,6 +146,11 @@ def test_the_recommended_recipes_budget_per_original_expert_parameter():
         per_kept = float(pmq.options.target_size.removesuffix("bpp-experts"))
         assert abs(prune.options.keep_ratio * per_kept - size) < 1e-3, name
         assert pmq.options.eps_mode == "hessian" and 0 not in pmq.options.candidates  # drops: REAP's, not PMQ's
+    for name, size in (("pmqH_3p0.yaml", 3.0), ("pmqH_2p5.yaml", 2.5)):  # the same chain without pruning (ds)
+        recipe = load_recipe(REPO / "recipes" / "candidates" / name)
+        pmq, gptq = recipe.stages
+        assert (pmq.method, gptq.method) == ("mcmoe_pmq", "gptq") and recipe.calibration.files == ["bundled"]
+        assert pmq.options.target_size == f"{size}bpp-experts" and pmq.options.eps_mode == "hessian"
 
 
 @pytest.mark.slow
