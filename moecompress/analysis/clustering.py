@@ -101,4 +101,3 @@ def frequency_seeded_clusters(representations: torch.Tensor, token_counts: torch
     by_use = sorted(free, key=lambda e: (-float(token_counts[e]), e))
     distance = torch.cdist(representations.double(), representations.double())
     return dominant_expert_groups(-distance, by_use[:free_clusters], singletons)
-

@@ -6,7 +6,7 @@ token), grouped into ``num_experts_to_keep`` clusters, and merged by a frequency
 alignment, as in the paper; ``align: true`` adds it). The router is unchanged (R1, ``remap``) unless
 ``router_rule: collapse``.
 
-Two groupings (``clustering``):
+Three groupings (``clustering``):
 
 * ``average_linkage`` (``preset: hcsmoe_paper``): agglomerative average linkage on Euclidean distance. On an
   8-expert model (moe-ref-mx at 4 of 8) it leaves one giant cluster and keeps dead experts (0-6 picks) as
@@ -78,7 +78,6 @@ class MergeHcsmoeStage(ExpertMergingStage):
             clusters[layer] = self.layer_clusters(outputs, counts, self.num_clusters(view), protected.get(layer, []))
             scores[layer] = counts.float()
         return clusters, scores
-
 
     def layer_clusters(self, outputs, counts, num_clusters: int, protected: list[int]) -> list[list[int]]:
         """One layer's partition from its experts' mean outputs ``[E, d]`` and routed-token counts ``[E]``."""

@@ -1,6 +1,6 @@
 """REAP pruning (Lasby et al. 2025, methods.md 6.2): keep the experts with the largest router-weighted activation.
 
-Two scores (``score``):
+Three scores (``score``):
 
 * ``mean`` (``preset: reap_paper``, the paper and its code): ``S_e = (1/|X_e|) sum over x in X_e of
   g_e(x) ||E_e(x)||_2``, ``X_e`` the calibration tokens routed to ``e`` and ``g`` the model's actual combine weight
@@ -12,8 +12,8 @@ Two scores (``score``):
   over a busy one unless its outputs are larger by the ratio of their token counts;
 * ``balance_aware`` (default): per layer, the paper's mean where the router spreads its tokens evenly (coefficient of
   variation of the experts' routed-token counts at most ``balanced_variation``, default 0.5: DeepSeek-V3's balancing
-  bias), the frequency-weighted score where it starves some experts (softmax routers: Mixtral, Qwen). Each form
-  loses clearly where the other wins (README, Quality review, fix 4).
+  bias), the frequency-weighted score where it starves some experts (the softmax routers of moe-ref-mx and
+  moe-ref-q3). Each form loses clearly where the other wins (README, Quality review, fix 4).
 
 Top-k is unchanged by default: the next surviving expert fills the slot.
 """
