@@ -255,6 +255,15 @@ class ProgressiveOptions(ExpertBudgetOptions):
                                                           "were pruned, in one streamed sweep (uniform budget only)")
 
 
+class BalanceAwareOptions(StageOptions):
+    """The threshold of the stages whose default form is chosen per layer by its routing balance (REAP's score,
+    HC-SMoE's clustering; :func:`moecompress.analysis.expert_scores.routing_is_balanced`)."""
+
+    balanced_variation: float = pydantic.Field(
+        0.5, gt=0.0, description="balance_aware: a layer whose routed-token counts vary by at most this (std / mean) "
+                                 "counts as balanced")
+
+
 class ProgressivePruningStage(ExpertPruningStage):
     """A pruner whose scores come from each layer's calibration statistics (``layer_scores``), with a
     ``progressive`` mode (methods.md 7.1): one layer-by-layer sweep over the model being pruned in which layer

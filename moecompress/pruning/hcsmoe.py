@@ -29,6 +29,7 @@ import pydantic
 from moecompress.analysis.clustering import average_linkage_clusters, frequency_seeded_clusters
 from moecompress.analysis.expert_scores import routing_is_balanced
 from moecompress.models import find_moe_blocks
+from moecompress.pruning.base import BalanceAwareOptions
 from moecompress.pruning.merging import ExpertMergingStage, MergeOptions, protected_experts
 from moecompress.stages import register_stage
 
@@ -36,14 +37,11 @@ from moecompress.stages import register_stage
 PRESETS = {"hcsmoe_paper": {"clustering": "average_linkage"}}
 
 
-class HcSmoeOptions(MergeOptions):
+class HcSmoeOptions(MergeOptions, BalanceAwareOptions):
     clustering: Literal["average_linkage", "frequency_seeds", "balance_aware"] | None = pydantic.Field(
         None, description="balance_aware (default): average linkage on a layer with balanced routing, frequency seeds "
                           "elsewhere; frequency_seeds: the most used experts seed the clusters; average_linkage: the "
                           "paper's agglomerative clustering")
-    balanced_variation: float = pydantic.Field(
-        0.5, gt=0.0, description="balance_aware: a layer whose routed-token counts vary by at most this (std / mean) "
-                                 "counts as balanced")
     preset: Literal["hcsmoe_paper"] | None = pydantic.Field(None, description="hcsmoe_paper: average linkage")
 
     @pydantic.model_validator(mode="after")

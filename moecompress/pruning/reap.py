@@ -26,21 +26,18 @@ import pydantic
 import torch
 
 from moecompress.analysis.expert_scores import reap_balance_aware_scores, reap_frequency_weighted_scores, reap_scores
-from moecompress.pruning.base import ProgressiveOptions, ProgressivePruningStage
+from moecompress.pruning.base import BalanceAwareOptions, ProgressiveOptions, ProgressivePruningStage
 from moecompress.stages import register_stage
 
 # preset reap_paper: the paper's score (the conditional mean), as its code computes it
 PRESETS = {"reap_paper": {"score": "mean"}}
 
 
-class ReapOptions(ProgressiveOptions):
+class ReapOptions(ProgressiveOptions, BalanceAwareOptions):
     score: Literal["mean", "frequency_weighted", "balance_aware"] | None = pydantic.Field(
         None, description="balance_aware (default): the mean on a layer with balanced routing, the frequency-weighted "
                           "sum elsewhere; frequency_weighted: sum of g*||E(x)|| over routed tokens; mean: the paper's "
                           "mean over routed tokens")
-    balanced_variation: float = pydantic.Field(
-        0.5, gt=0.0, description="balance_aware: a layer whose routed-token counts vary by at most this (std / mean) "
-                                 "counts as balanced")
     preset: Literal["reap_paper"] | None = pydantic.Field(None, description="reap_paper: the paper's mean score")
 
     @pydantic.model_validator(mode="after")
